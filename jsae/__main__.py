@@ -1,0 +1,5 @@
+import sys
+
+from jsae.cli import main
+
+sys.exit(main())

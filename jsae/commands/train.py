@@ -1,0 +1,33 @@
+"""`jsae train CONFIG [--set section.key=value ...]`: train SAEs as the config says."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train sparse autoencoders from a YAML config")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (overrides run_dir in the config)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore checkpoints in the run directory and start over")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not save checkpoints")
+    return p
+
+
+def run(args) -> int:
+    from jsae import config as config_lib
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = config_lib.load(args.config, overrides)
+    if args.no_checkpoint:
+        cfg.checkpoint.enabled = False
+
+    from jsae.runner import run_training
+
+    run_training(cfg, fresh=args.fresh)
+    return 0

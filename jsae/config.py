@@ -1,0 +1,345 @@
+"""Run configuration: typed dataclasses <-> YAML, with validation that names the bad key.
+
+A config file has the sections ``model``, ``data``, ``sae``, ``train``, ``checkpoint``,
+``eval``, ``mesh`` plus the top-level keys ``seed`` and ``run_dir``.  Every key has a default,
+so a config file only states what differs.  ``--set section.key=value`` overrides apply on
+top of the file, parsed as YAML scalars (``--set train.lr=3e-4``, ``--set model.hooks=[a,b]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, of the wrong type, or impossible."""
+
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # "gemma-3-270m" is the offline default (GGUF from PyPI); also an HF id or local folder.
+    name: str = "gemma-3-270m"
+    path: Optional[str] = None  # explicit file/folder overriding the name's default location
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    hooks: list[str] = dataclasses.field(default_factory=lambda: ["blocks.6.hook_resid_post"])
+    batch_size: int = 8  # contexts per LM forward pass when harvesting
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # synthetic: a known sparse dictionary; array: .npy [N, d_in] files; text: an LM over text;
+    # cache: activations harvested earlier to disk.
+    source: Literal["synthetic", "array", "text", "cache"] = "synthetic"
+    path: Optional[str] = None  # .npy file/glob (array), cache dir (cache), text files (text)
+    dataset: str = "offline"  # text: offline | tfds:NAME | hf:NAME | files
+    data_dir: Optional[str] = None  # TFDS data_dir (gs:// allowed)
+    split: str = "train"
+    text_field: str = "text"
+    context_length: int = 128
+    prepend_bos: bool = True
+    exclude_bos: bool = True  # drop BOS/pad positions from SAE training batches
+    exclude_norm_outliers: Optional[float] = None  # drop tokens with ||x|| > this x median
+    shuffle_buffer: int = 65536  # tokens mixed before batching
+    holdout_fraction: float = 0.02  # documents kept out of training, for evaluation
+    # synthetic source: a ground-truth dictionary of n_features unit directions in d_in
+    d_in: int = 64
+    n_features: int = 512
+    active_per_sample: int = 4
+    noise_std: float = 0.0
+
+
+@dataclasses.dataclass
+class SAEConfig:
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated"] = "topk"
+    d_sae: Optional[int] = None  # number of latents; or give expansion
+    expansion: Optional[int] = None  # d_sae = expansion * d_in
+    k: Optional[int] = 32  # topk/batchtopk: active latents per token
+    l1_coef: float = 5.0  # relu/gated sparsity coefficient (after normalisation)
+    l1_variant: Literal["standard", "anthropic"] = "anthropic"  # relu only
+    l0_coef: float = 1e-3  # jumprelu sparsity coefficient
+    jumprelu_bandwidth: float = 1e-3
+    jumprelu_init_threshold: float = 1e-3
+    aux_k: Optional[int] = None  # AuxK latents (default d_in // 2)
+    aux_coef: float = 1.0 / 32.0
+    dead_after_tokens: int = 10_000_000  # a latent not firing for this many tokens is dead
+    normalize: bool = True  # scale inputs so that E||x||^2 = d_in
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    init_sample: int = 4096  # tokens used for normalisation and b_dec init
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmuls
+    fast_path: bool = True  # sparse decoder / fused top-k where available
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # give steps or tokens
+    tokens: Optional[int] = None
+    batch_size: int = 4096  # tokens (activation vectors) per step
+    lr: float = 2e-4
+    lr_warmup_steps: int = 100
+    lr_decay: Literal["constant", "cosine", "linear"] = "linear"
+    lr_decay_start: float = 0.8  # fraction of training after which the LR decays to 0
+    sparsity_warmup_steps: int = 0
+    grad_clip: Optional[float] = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    log_every: int = 50
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_steps: int = 1000
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every_steps: Optional[int] = None  # periodic evaluation during training
+    tokens: int = 16384
+    batch_size: int = 8  # contexts per LM pass for downstream metrics
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by model
+    model: int = 1
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sae: SAEConfig = dataclasses.field(default_factory=SAEConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    seed: int = 0
+    run_dir: str = "runs/default"
+
+    # ---- derived values -------------------------------------------------------------
+    def resolved_d_sae(self, d_in: int) -> int:
+        if self.sae.d_sae is not None:
+            return self.sae.d_sae
+        if self.sae.expansion is None:
+            raise ConfigError("sae.d_sae: give sae.d_sae or sae.expansion")
+        return self.sae.expansion * d_in
+
+    def resolved_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        assert self.train.tokens is not None
+        return max(1, self.train.tokens // self.train.batch_size)
+
+
+# ---- dict -> dataclass with type checking --------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"config key '{key}': {value!r} is not allowed; expected one of "
+                + ", ".join(repr(a) for a in allowed)
+            )
+        return value
+    if origin is list:
+        if isinstance(value, str):  # a single item where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        where = f"section '{prefix}'" if prefix else "config file"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check values that are individually well-typed but impossible together."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    s, t = cfg.sae, cfg.train
+    need(s.d_sae is None or s.d_sae > 0, "sae.d_sae", "must be a positive integer")
+    need(s.expansion is None or s.expansion > 0, "sae.expansion", "must be a positive integer")
+    need(
+        s.d_sae is not None or s.expansion is not None,
+        "sae.d_sae",
+        "give sae.d_sae or sae.expansion",
+    )
+    if s.architecture in ("topk", "batchtopk"):
+        need(s.k is not None and s.k > 0, "sae.k", f"must be a positive integer for {s.architecture}")
+        if s.d_sae is not None:
+            need(s.k <= s.d_sae, "sae.k", f"k={s.k} exceeds sae.d_sae={s.d_sae}")
+    need(s.l1_coef >= 0, "sae.l1_coef", "must be >= 0")
+    need(s.l0_coef >= 0, "sae.l0_coef", "must be >= 0")
+    need(s.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
+    need(s.aux_k is None or s.aux_k > 0, "sae.aux_k", "must be a positive integer")
+    need(s.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
+    need(s.init_sample > 0, "sae.init_sample", "must be > 0")
+    need(t.steps is not None or t.tokens is not None, "train.steps", "give train.steps or train.tokens")
+    need(t.steps is None or t.steps > 0, "train.steps", "must be a positive integer")
+    need(t.tokens is None or t.tokens > 0, "train.tokens", "must be a positive integer")
+    need(t.batch_size > 0, "train.batch_size", "must be a positive integer")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
+    need(0.0 <= t.lr_decay_start <= 1.0, "train.lr_decay_start", "must be in [0, 1]")
+    need(t.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", "must be >= 0")
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+    need(0 <= t.adam_b1 < 1, "train.adam_b1", "must be in [0, 1)")
+    need(0 <= t.adam_b2 < 1, "train.adam_b2", "must be in [0, 1)")
+    need(t.log_every > 0, "train.log_every", "must be a positive integer")
+    need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be a positive integer")
+    need(cfg.checkpoint.keep > 0, "checkpoint.keep", "must be a positive integer")
+    need(
+        cfg.eval.every_steps is None or cfg.eval.every_steps > 0,
+        "eval.every_steps",
+        "must be a positive integer or null",
+    )
+    need(cfg.mesh.data == -1 or cfg.mesh.data > 0, "mesh.data", "must be -1 (all) or positive")
+    need(cfg.mesh.model > 0, "mesh.model", "must be a positive integer")
+    d = cfg.data
+    need(d.context_length > 1, "data.context_length", "must be > 1")
+    need(d.shuffle_buffer > 0, "data.shuffle_buffer", "must be a positive integer")
+    need(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
+    need(d.d_in > 0, "data.d_in", "must be a positive integer")
+    need(d.n_features > 0, "data.n_features", "must be a positive integer")
+    need(
+        0 < d.active_per_sample <= d.n_features,
+        "data.active_per_sample",
+        "must be in [1, data.n_features]",
+    )
+    need(d.source not in ("array", "cache") or d.path is not None, "data.path",
+         f"is required when data.source is {d.source!r}")
+    need(len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
+    need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
+    if d.exclude_norm_outliers is not None:
+        need(d.exclude_norm_outliers > 1.0, "data.exclude_norm_outliers", "must be > 1 (a multiple of the median norm)")
+    return cfg
+
+
+def from_dict(raw: dict) -> RunConfig:
+    return validate(_from_dict(RunConfig, raw))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text != "" else None
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section")
+            node[p] = dict(child)
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply overrides, and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw)
+
+
+def dump(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

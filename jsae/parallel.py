@@ -1,0 +1,132 @@
+"""Device mesh and partition specs: the one place that decides how things are sharded.
+
+Mesh axes are ``("data", "model")``: activation batches split over ``data``; dictionary
+latents (W_enc columns, b_enc, W_dec rows, per-latent state and their optimizer state)
+split over ``model``.  The same code runs on 1 CPU, simulated CPU devices, a GPU, a TPU
+slice, and several hosts (each feeding its own rows of the global batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+# Per-latent parameters/state and where their latent axis is.
+_LATENT_SPECS = {
+    "W_enc": P(None, MODEL),
+    "W_dec": P(MODEL, None),
+    "b_enc": P(MODEL),
+    "threshold": P(MODEL),
+    "log_threshold": P(MODEL),
+    "r_mag": P(MODEL),
+    "b_mag": P(MODEL),
+    "fired_ago": P(MODEL),
+}
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
+    """Mesh of shape (data, model); ``data=-1`` takes every device not used by ``model``."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if model <= 0 or n % model:
+        raise ValueError(f"mesh.model={model} does not divide the {n} available devices")
+    if data == -1:
+        data = n // model
+    if data * model != n:
+        raise ValueError(
+            f"mesh data={data} x model={model} = {data * model} devices, but {n} are available"
+        )
+    # Auto axes: jax>=0.7's make_mesh defaults to Explicit, which breaks sharding constraints.
+    return Mesh(np.array(devices).reshape(data, model), (DATA, MODEL))
+
+
+def spec_for_path(path) -> P:
+    """PartitionSpec for a leaf of an SAE / train-state / optimizer-state pytree."""
+    for entry in reversed(path):
+        name = getattr(entry, "key", None) or getattr(entry, "name", None)
+        if name in _LATENT_SPECS:
+            return _LATENT_SPECS[name]
+    return P()
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """NamedShardings for every leaf of ``tree`` (params, optimizer state, train state)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, spec_for_path(path)), tree
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Activation batches [B, d_in]: rows over ``data``."""
+    return NamedSharding(mesh, P(DATA, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_divisible(mesh: Mesh, *, batch_size: int, d_sae: int) -> None:
+    """Clear errors for shapes that the mesh cannot split evenly."""
+    d, m = mesh.shape[DATA], mesh.shape[MODEL]
+    if batch_size % (d * jax.process_count() if jax.process_count() > 1 else d):
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by mesh data={d}")
+    if d_sae % m:
+        raise ValueError(f"sae.d_sae={d_sae} is not divisible by mesh model={m}")
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assemble the global batch from each process's local rows [B_local, d_in]."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
+    """Exact top-k over latents sharded on ``model``: local top-k, all-gather, merge.
+
+    Returns ``fn(pre [B, d_sae], k) -> z [B, d_sae]`` (kept values, zeros elsewhere), or None
+    when the mesh has a single model shard (the plain path is then used). Ties go to the
+    lower latent index, as in `jax.lax.top_k`, so the result equals the unsharded one.
+    """
+    m = mesh.shape[MODEL]
+    if m == 1:
+        return None
+
+    def fn(pre: jax.Array, k: int) -> jax.Array:
+        width = pre.shape[-1] // m
+        k_local = min(k, width)
+
+        def local(pre_shard):  # [b, width]
+            vals, idx = jax.lax.top_k(pre_shard, k_local)
+            shard = jax.lax.axis_index(MODEL)
+            idx = idx + shard * width
+            all_vals = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # [b, m*k_local]
+            all_idx = jax.lax.all_gather(idx, MODEL, axis=1, tiled=True)
+            top_vals, pos = jax.lax.top_k(all_vals, k)
+            top_idx = jnp.take_along_axis(all_idx, pos, axis=1)
+            mine = (top_idx >= shard * width) & (top_idx < (shard + 1) * width)
+            local_idx = jnp.where(mine, top_idx - shard * width, 0)
+            rows = jnp.arange(pre_shard.shape[0])[:, None]
+            out = jnp.zeros_like(pre_shard)
+            return out.at[rows, local_idx].add(jnp.where(mine, top_vals, 0.0))
+
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=P(DATA, MODEL), out_specs=P(DATA, MODEL),
+            check_vma=False,
+        )(pre)
+
+    return fn
+
+
+def n_devices(mesh: Mesh) -> int:
+    return math.prod(mesh.shape.values())

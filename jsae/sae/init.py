@@ -1,0 +1,77 @@
+"""SAE initialisation from a data sample: normalisation scale, geometric-median b_dec."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.sae.core import SAE, SAESpec
+
+
+def norm_scale_for(x: np.ndarray) -> float:
+    """Scalar s with E||s x||^2 = d_in, estimated from ``x [N, d_in]``."""
+    x = np.asarray(x, np.float64)
+    mean_sq = float(np.mean(np.sum(x * x, axis=-1)))
+    if not np.isfinite(mean_sq) or mean_sq <= 0:
+        raise ValueError(f"cannot normalise activations with mean squared norm {mean_sq}")
+    return float(np.sqrt(x.shape[-1] / mean_sq))
+
+
+def geometric_median(
+    x: np.ndarray, *, max_iter: int = 200, tol: float = 1e-7, eps: float = 1e-8
+) -> np.ndarray:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to ``x [N, d]``."""
+    x = np.asarray(x, np.float64)
+    y = x.mean(axis=0)
+    for _ in range(max_iter):
+        dist = np.maximum(np.linalg.norm(x - y, axis=-1), eps)
+        w = 1.0 / dist
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if np.linalg.norm(y_new - y) <= tol * max(1.0, np.linalg.norm(y)):
+            y = y_new
+            break
+        y = y_new
+    return y
+
+
+def init_sae(
+    key: jax.Array,
+    spec: SAESpec,
+    sample: np.ndarray | None = None,
+    *,
+    normalize: bool = True,
+    b_dec_init: str = "geometric_median",
+    jumprelu_init_threshold: float = 1e-3,
+) -> SAE:
+    """A fresh SAE. ``sample [N, d_in]`` (raw activations) sets norm_scale and b_dec.
+
+    Decoder rows are random unit directions (norm 0.1 for the anthropic relu variant,
+    which has no norm constraint); W_enc = W_dec^T; b_enc = 0.
+    """
+    d_in, d_sae = spec.d_in, spec.d_sae
+    if sample is not None and np.asarray(sample).shape[-1] != d_in:
+        raise ValueError(f"init sample has d_in={np.asarray(sample).shape[-1]}, SAE expects {d_in}")
+    w = jax.random.normal(key, (d_sae, d_in), jnp.float32)
+    w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    if not spec.unit_decoder:
+        w = 0.1 * w
+    scale = norm_scale_for(sample) if (normalize and sample is not None) else 1.0
+    b_dec = np.zeros((d_in,), np.float32)
+    if sample is not None and b_dec_init != "zeros":
+        xs = np.asarray(sample, np.float64) * scale
+        b_dec = geometric_median(xs) if b_dec_init == "geometric_median" else xs.mean(0)
+    params = {
+        "W_enc": w.T,
+        "b_enc": jnp.zeros((d_sae,), jnp.float32),
+        "W_dec": w,
+        "b_dec": jnp.asarray(b_dec, jnp.float32),
+    }
+    if spec.architecture == "jumprelu":
+        params["log_threshold"] = jnp.full((d_sae,), np.log(jumprelu_init_threshold), jnp.float32)
+    elif spec.architecture == "batchtopk":
+        params["threshold"] = jnp.full((d_sae,), -1.0, jnp.float32)  # set by the first batch
+    elif spec.architecture == "gated":
+        params["r_mag"] = jnp.zeros((d_sae,), jnp.float32)
+        params["b_mag"] = jnp.zeros((d_sae,), jnp.float32)
+    return SAE(params=params, norm_scale=jnp.asarray(scale, jnp.float32), spec=spec)

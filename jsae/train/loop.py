@@ -1,0 +1,271 @@
+"""The training loop: one jitted, sharded step over one SAE per hook point.
+
+``Trainer`` owns the mesh, the jitted step and the states; ``Trainer.fit`` pulls batches
+from an ActivationSource, steps, logs, evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jsae import parallel
+from jsae.config import RunConfig, dump
+from jsae.evals.reconstruction import ReconstructionStats
+from jsae.sae.core import SAESpec
+from jsae.sae.init import init_sae
+from jsae.sae.io import save_sae
+from jsae.train.metrics_log import MetricsLogger, plot_metrics
+from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
+from jsae.train.state import TrainState, init_state
+from jsae.train.step import make_train_step
+
+States = dict[str, TrainState]
+
+
+class Checkpointer(Protocol):
+    """What the loop needs from a checkpoint manager (see jsae.train.checkpoint)."""
+
+    def restore(self, template: States) -> tuple[States, dict] | None: ...
+    def save(self, step: int, states: States, data_state: dict, *, force: bool = False) -> None: ...
+    def close(self) -> None: ...
+
+
+def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
+    s = cfg.sae
+    d_sae = cfg.resolved_d_sae(d_in)
+    if s.architecture in ("topk", "batchtopk") and s.k > d_sae:
+        raise ValueError(f"sae.k={s.k} exceeds d_sae={d_sae}")
+    return SAESpec(
+        architecture=s.architecture, d_in=d_in, d_sae=d_sae, k=s.k, l1_variant=s.l1_variant,
+        jumprelu_bandwidth=s.jumprelu_bandwidth, aux_k=s.aux_k, dtype=s.dtype,
+    )
+
+
+def _sparsity_coef(cfg: RunConfig) -> float:
+    arch = cfg.sae.architecture
+    if arch == "jumprelu":
+        return cfg.sae.l0_coef
+    if arch in ("relu", "gated"):
+        return cfg.sae.l1_coef
+    return 0.0
+
+
+def _gather_sample(local: np.ndarray) -> np.ndarray:
+    """Every process initialises from the same sample (the union of local samples)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, source, *, mesh=None):
+        self.cfg, self.source = cfg, source
+        self.hooks: list[str] = list(source.hooks)
+        self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
+        self.total_steps = cfg.resolved_steps()
+        self.specs = {h: spec_from_config(cfg, source.d_in[h]) for h in self.hooks}
+        for spec in self.specs.values():
+            parallel.check_divisible(self.mesh, batch_size=cfg.train.batch_size, d_sae=spec.d_sae)
+        self.local_batch = cfg.train.batch_size // jax.process_count()
+        self.optimizer = make_optimizer(cfg, self.total_steps)
+        self.lr = lr_schedule(cfg, self.total_steps)
+        self.sparsity = sparsity_schedule(_sparsity_coef(cfg), cfg.train.sparsity_warmup_steps)
+        step_fn = make_train_step(
+            self.optimizer, self.sparsity, self.lr,
+            dead_after_tokens=cfg.sae.dead_after_tokens, aux_coef=cfg.sae.aux_coef,
+            topk_fn=parallel.sharded_topk_fn(self.mesh),
+        )
+
+        def multi_step(states: States, batches: dict[str, jax.Array]):
+            out = {h: step_fn(states[h], batches[h]) for h in states}
+            return {h: o[0] for h, o in out.items()}, {h: o[1] for h, o in out.items()}
+
+        self._multi_step = multi_step
+        self._jitted = None
+        self.states: States | None = None
+
+    # ---- state ------------------------------------------------------------------------
+    def init_states(self) -> States:
+        """Fresh states: normalisation and b_dec from a sample of the source's data."""
+        cfg = self.cfg
+        sample = self.source.next_batch(max(cfg.sae.init_sample // jax.process_count(), 1))
+        key = jax.random.key(cfg.seed)
+        states = {}
+        for i, h in enumerate(self.hooks):
+            k_init, k_state = jax.random.split(jax.random.fold_in(key, i))
+            sae = init_sae(
+                k_init, self.specs[h], _gather_sample(sample[h]), normalize=cfg.sae.normalize,
+                b_dec_init=cfg.sae.b_dec_init,
+                jumprelu_init_threshold=cfg.sae.jumprelu_init_threshold,
+            )
+            states[h] = init_state(sae, self.optimizer, k_state)
+        return self.place(states)
+
+    def state_shardings(self, states: States):
+        return parallel.tree_shardings(states, self.mesh)
+
+    def place(self, states: States) -> States:
+        """Put states on the mesh with the shardings from `jsae.parallel`."""
+        return jax.device_put(states, self.state_shardings(states))
+
+    def _compiled(self, states: States):
+        if self._jitted is None:
+            st_sh = self.state_shardings(states)
+            b_sh = {h: parallel.batch_sharding(self.mesh) for h in self.hooks}
+            self._jitted = jax.jit(
+                self._multi_step,
+                in_shardings=(st_sh, b_sh),
+                out_shardings=(st_sh, parallel.replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
+        return self._jitted
+
+    def step(self, states: States, local_batches: dict[str, np.ndarray]):
+        batches = {h: parallel.global_batch(local_batches[h], self.mesh) for h in self.hooks}
+        return self._compiled(states)(states, batches)
+
+    # ---- evaluation -------------------------------------------------------------------
+    def evaluate(self, states: States, n_tokens: int | None = None) -> dict[str, dict[str, float]]:
+        """Held-out reconstruction metrics per hook (FVU, L0, ...)."""
+        n_tokens = n_tokens or self.cfg.eval.tokens
+        stats = {h: ReconstructionStats() for h in self.hooks}
+        saes = {h: jax.device_get(states[h].sae) for h in self.hooks}
+        for batch in self.source.eval_batches(n_tokens, min(self.local_batch, 4096)):
+            for h in self.hooks:
+                stats[h].add(saes[h], batch[h])
+        return {h: s.result() for h, s in stats.items()}
+
+    # ---- the loop ---------------------------------------------------------------------
+    def fit(
+        self,
+        *,
+        checkpointer: Checkpointer | None = None,
+        eval_fn: Callable[[Trainer, States], dict[str, float]] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        run_dir = Path(cfg.run_dir)
+        is_main = jax.process_index() == 0
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump(cfg, run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir) if is_main else None
+
+        states = None
+        if checkpointer is not None:
+            restored = checkpointer.restore(self._template())
+            if restored is not None:
+                states, data_state = restored
+                self.source.restore(data_state)
+                log(f"resuming from step {int(states[self.hooks[0]].step)} "
+                    f"(checkpoint in {run_dir})")
+        if states is None:
+            states = self.init_states()
+        start = int(jax.device_get(states[self.hooks[0]].step))
+
+        multi = len(self.hooks) > 1
+        bar = tqdm(
+            total=self.total_steps, initial=start, unit="step", dynamic_ncols=True,
+            disable=not (cfg.train.progress and is_main), desc="train",
+        )
+        t_last, step_last = time.perf_counter(), start
+        metrics = None
+        for step in range(start, self.total_steps):
+            batch = self.source.next_batch(self.local_batch)
+            states, metrics = self.step(states, batch)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == self.total_steps:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                tok_s = (done - step_last) * cfg.train.batch_size / max(now - t_last, 1e-9)
+                t_last, step_last = now, done
+                flat = _flatten(m, multi)
+                flat["tokens_per_s"] = tok_s
+                if not all(np.isfinite(v) for v in flat.values()):
+                    bad = [k for k, v in flat.items() if not np.isfinite(v)]
+                    raise FloatingPointError(
+                        f"non-finite {', '.join(bad)} at step {done}; "
+                        "lower train.lr or check the input activations"
+                    )
+                if logger:
+                    logger.log(done, flat)
+                h0 = m[self.hooks[0]]
+                bar.set_postfix(
+                    loss=f"{float(h0['loss']):.4g}", fvu=f"{float(h0['fvu']):.3f}",
+                    l0=f"{float(h0['l0']):.1f}", dead=f"{float(h0['dead_frac']):.2f}",
+                    tok_s=f"{tok_s:,.0f}",
+                )
+            if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < self.total_steps:
+                ev = eval_fn(self, states) if eval_fn else _flatten(self.evaluate(states), multi)
+                if logger:
+                    logger.log(done, {f"eval_{k}": v for k, v in ev.items()})
+            if checkpointer is not None:
+                checkpointer.save(done, states, self.source.state())
+        bar.close()
+        if checkpointer is not None:
+            checkpointer.save(self.total_steps, states, self.source.state(), force=True)
+        self.states = states
+
+        final = self.evaluate(states)
+        summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
+        if is_main:
+            for h in self.hooks:
+                save_sae(
+                    jax.device_get(states[h].sae), run_dir / "saes" / _dirname(h),
+                    metadata={"hook_name": h, "model_name": cfg.model.name,
+                              "steps": self.total_steps, "heldout": final[h]},
+                )
+            if logger:
+                logger.log(self.total_steps, {f"eval_{k}": v for k, v in _flatten(final, multi).items()})
+                logger.close()
+                png = plot_metrics(logger.csv_path, run_dir / "plots" / "training.png")
+                summary["plot"] = str(png) if png else None
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _template(self) -> States:
+        """Abstract states (shapes, dtypes, shardings) for restoring a checkpoint."""
+        key = jax.random.key(self.cfg.seed)
+
+        def make():
+            out = {}
+            for h in self.hooks:
+                sae = init_sae(key, self.specs[h], None)
+                out[h] = init_state(sae, self.optimizer, key)
+            return out
+
+        shapes = jax.eval_shape(make)
+        shardings = self.state_shardings(shapes)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+        )
+
+
+def _dirname(hook: str) -> str:
+    return hook.replace("/", "_")
+
+
+def _flatten(per_hook: dict[str, dict], multi: bool) -> dict[str, float]:
+    out = {}
+    for h, m in per_hook.items():
+        for k, v in m.items():
+            out[f"{h}/{k}" if multi else k] = float(np.asarray(v))
+    return out
+
+
+def sae_of(states: States, hook: str):
+    return jax.device_get(states[hook].sae)
+
+
+__all__ = ["Checkpointer", "Trainer", "sae_of", "spec_from_config"]

@@ -1,0 +1,107 @@
+"""The pure training step: loss, gradients, decoder-norm handling, optimizer, bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jsae.sae.core import SAE
+from jsae.sae.losses import sae_loss
+from jsae.train.state import TrainState
+
+Array = jax.Array
+
+# EMA rate of batchtopk's inference threshold (as in dictionary_learning).
+THRESHOLD_EMA = 0.999
+
+
+def _remove_parallel_grad(g_dec: Array, w_dec: Array) -> Array:
+    """Drop the gradient component along each (unit) decoder row: rows stay on the sphere."""
+    w_unit = w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
+    return g_dec - jnp.sum(g_dec * w_unit, axis=-1, keepdims=True) * w_unit
+
+
+def _unit_rows(w: Array) -> Array:
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+
+
+def batch_metrics(x_n: Array, x_hat: Array, z: Array) -> dict[str, Array]:
+    """L0, FVU and normalised MSE of one batch (all scalars)."""
+    resid = jnp.sum((x_n - x_hat) ** 2)
+    total = jnp.sum((x_n - x_n.mean(0)) ** 2)
+    return {
+        "l0": jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32)),
+        "fvu": resid / jnp.maximum(total, 1e-12),
+        "mse": resid / x_n.size,
+    }
+
+
+def make_train_step(
+    optimizer: optax.GradientTransformation,
+    sparsity_schedule: optax.Schedule,
+    lr_schedule: optax.Schedule,
+    *,
+    dead_after_tokens: int,
+    aux_coef: float = 1.0 / 32.0,
+    topk_fn: Callable | None = None,
+) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+    """Build ``train_step(state, x [B, d_in] raw activations) -> (state, metrics)`` (pure)."""
+
+    def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
+        sae: SAE = state.sae
+        spec = sae.spec
+        x_n = x.astype(jnp.float32) * sae.norm_scale
+        dead = state.fired_ago >= dead_after_tokens
+        coef = sparsity_schedule(state.step)
+
+        def loss_of(params):
+            return sae_loss(
+                sae.replace(params=params), x_n, sparsity_coef=coef, dead_mask=dead,
+                aux_coef=aux_coef, topk_fn=topk_fn,
+            )
+
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(sae.params)
+        if spec.unit_decoder:
+            grads = {**grads, "W_dec": _remove_parallel_grad(grads["W_dec"], sae.params["W_dec"])}
+        if "threshold" in grads:  # batchtopk's threshold follows an EMA, not the gradient
+            grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, sae.params)
+        params = optax.apply_updates(sae.params, updates)
+        if spec.unit_decoder:
+            params["W_dec"] = _unit_rows(params["W_dec"])
+        z = aux["z"]
+        if spec.architecture == "batchtopk":
+            pos = z > 0
+            min_act = jnp.min(jnp.where(pos, z, jnp.inf))
+            min_act = jnp.where(jnp.isfinite(min_act), min_act, 0.0)
+            old = params["threshold"]
+            params["threshold"] = jnp.where(
+                old < 0, min_act, THRESHOLD_EMA * old + (1 - THRESHOLD_EMA) * min_act
+            )
+        fired = jnp.any(z > 0, axis=0)
+        n_tok = jnp.int32(x.shape[0])
+        fired_ago = jnp.where(
+            fired, 0, jnp.minimum(state.fired_ago + n_tok, jnp.iinfo(jnp.int32).max - n_tok)
+        )
+        metrics = {
+            "loss": loss,
+            **{k: v for k, v in aux.items() if k not in ("z", "x_hat", "pre")},
+            **batch_metrics(x_n, aux["x_hat"], z),
+            "dead_frac": jnp.mean((fired_ago >= dead_after_tokens).astype(jnp.float32)),
+            "grad_norm": grad_norm,
+            "lr": lr_schedule(state.step),
+            "sparsity_coef": jnp.asarray(coef, jnp.float32),
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            sae=sae.replace(params=params),
+            opt_state=opt_state,
+            fired_ago=fired_ago,
+        )
+        return new_state, metrics
+
+    return train_step
