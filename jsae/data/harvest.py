@@ -1,0 +1,111 @@
+"""Harvest LM activations: one jitted forward, stopped after the last hook needed, captures
+every requested hook at once; positions outside the mask are dropped on the host.
+
+Several SAEs (e.g. on layers 3, 6 and 9) therefore train from a single model pass, and the
+unembedding is never computed. Rows are aligned across hooks: row i of every hook is the
+same token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _default_forward():
+    from jsae.models import forward  # imported lazily: jsae.models pulls in the LM ports
+
+    return forward
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _harvest_jit(model_cfg, params, tokens, hooks: tuple, forward: Callable):
+    out = forward(model_cfg, params, tokens, capture=hooks, stop_after_capture=True)
+    acts = {h: out.activations[h].astype(jnp.float32) for h in hooks}
+    norms = {h: jnp.linalg.norm(a, axis=-1) for h, a in acts.items()}
+    return acts, norms
+
+
+def norm_outlier_keep(norms: dict[str, np.ndarray], multiple: float | None) -> np.ndarray | None:
+    """Rows to keep: norm <= multiple x median norm, for every hook (None: keep all).
+
+    ``norms``: hook -> [n] norms of the candidate rows (already masked)."""
+    if multiple is None:
+        return None
+    keep = None
+    for v in norms.values():
+        if len(v) == 0:
+            continue
+        k = v <= multiple * np.median(v)
+        keep = k if keep is None else keep & k
+    return keep
+
+
+class Harvester:
+    """``harvester(tokens [B, T], mask [B, T]) -> {hook: float32 [n_kept, d]}``.
+
+    ``model`` is a ``jsae.models`` LanguageModel (``.cfg``, ``.params``). ``forward`` defaults to
+    ``jsae.models.forward`` (``forward(cfg, params, tokens, capture=, stop_after_capture=)``);
+    pass another function of the same signature to harvest from a stand-in.
+    """
+
+    def __init__(
+        self,
+        model,
+        hooks: Sequence[str],
+        *,
+        forward: Callable | None = None,
+        exclude_norm_outliers: float | None = None,
+    ):
+        if not hooks:
+            raise ValueError("harvesting needs at least one hook name")
+        self.model = model
+        self.hooks = tuple(hooks)
+        self.forward = forward or _default_forward()
+        self.exclude_norm_outliers = exclude_norm_outliers
+
+    def activations(self, tokens: np.ndarray) -> tuple[dict, dict]:
+        """Device arrays: ({hook: [B, T, d] float32}, {hook: [B, T] norms})."""
+        return _harvest_jit(
+            self.model.cfg,
+            self.model.params,
+            jnp.asarray(tokens, jnp.int32),
+            self.hooks,
+            self.forward,
+        )
+
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        acts, norms = self.activations(tokens)
+        acts = {h: np.asarray(a) for h, a in acts.items()}
+        B, T = np.shape(tokens)
+        if mask is None:
+            mask = np.ones((B, T), bool)
+        mask = np.asarray(mask, bool)
+        rows = {h: a[mask] for h, a in acts.items()}
+        keep = norm_outlier_keep(
+            {h: np.asarray(n)[mask] for h, n in norms.items()}, self.exclude_norm_outliers
+        )
+        if keep is not None:
+            rows = {h: r[keep] for h, r in rows.items()}
+        return rows
+
+
+def make_global_batch(local: dict[str, np.ndarray], mesh) -> dict:
+    """Global ``jax.Array`` batch (rows over the mesh's ``data`` axis) from each process's
+    local rows, with ``jax.make_array_from_process_local_data``.
+
+    Every process calls this with its own ``{hook: [B_local, d]}``; the result has
+    ``B_local * process_count`` rows, process p's rows at ``[p * B_local, (p + 1) * B_local)``."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    sharding = NamedSharding(mesh, P(mesh.axis_names[0], None))
+    out = {}
+    for h, x in local.items():
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        out[h] = jax.make_array_from_process_local_data(sharding, x, global_shape)
+    return out
