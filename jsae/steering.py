@@ -1,0 +1,215 @@
+"""Steering: pure activation transforms for a hook point, and steered generation.
+
+Every constructor returns a function ``fn(act[..., d_model]) -> act`` to hand to the LM forward
+or to generation as ``interventions={hook: fn}``:
+
+- :func:`clamp` sets features to values, :func:`scale` multiplies them, :func:`ablate` zeroes
+  them. The SAE error term is kept: the model sees
+  ``x - decode(encode(x)) + decode(z_edited)``. Because ``decode`` is affine this equals
+  ``x + (z_edited - z) @ W_dec / norm_scale``, which is how it is computed (exact, and it never
+  rounds x through the reconstruction); pass ``keep_error=False`` to replace x by the edited
+  reconstruction instead.
+- :func:`add` adds a fixed direction (e.g. a feature's decoder row, :func:`feature_direction`).
+- :func:`compose` chains transforms; :func:`at_positions` applies one only where a mask is set.
+
+Several features at once: ``features`` and ``values`` may be lists (a scalar value is broadcast).
+Values are in the SAE's code units, the units of ``jsae.sae.encode``.
+
+The transforms are ``jax.tree_util.Partial`` pytrees: their arrays (SAE weights, feature ids,
+values) travel as traced arguments of the jitted forward, so changing a value or a feature does
+not recompile, and no weight is baked into the program as a constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from jsae.sae.core import SAE, activate, decode, encode, pre_activations
+
+Array = jax.Array
+Transform = Callable[[Array], Array]
+
+# architectures whose code for a latent depends on that latent's pre-activation alone
+_ELEMENTWISE = ("relu", "jumprelu", "gated", "batchtopk")
+
+
+def _as_features(sae: SAE, features) -> Array:
+    f = np.atleast_1d(np.asarray(features))
+    if f.ndim != 1 or f.size == 0 or not np.issubdtype(f.dtype, np.integer):
+        raise ValueError(f"features must be an int or a non-empty list of ints; got {features!r}")
+    if (f < 0).any() or (f >= sae.spec.d_sae).any():
+        raise ValueError(f"feature ids {f.tolist()} out of range for an SAE with {sae.spec.d_sae} latents")
+    if len(set(f.tolist())) != f.size:
+        raise ValueError(f"feature ids must be distinct; got {f.tolist()}")
+    return jnp.asarray(f, jnp.int32)
+
+
+def _as_values(values, n: int, name: str) -> Array:
+    v = np.atleast_1d(np.asarray(values, np.float32))
+    if v.ndim != 1 or v.size not in (1, n):
+        raise ValueError(f"{name} must be a scalar or a list of {n} numbers; got {values!r}")
+    return jnp.asarray(np.broadcast_to(v, (n,)), jnp.float32)
+
+
+def sub_sae(sae: SAE, features: Array) -> SAE:
+    """An SAE restricted to ``features`` (encoder columns, decoder rows, per-latent params).
+
+    Only for architectures whose codes are elementwise in the pre-activations (not topk)."""
+    p = sae.params
+    q = {"W_enc": p["W_enc"][:, features], "b_enc": p["b_enc"][features],
+         "W_dec": p["W_dec"][features], "b_dec": p["b_dec"]}
+    for name in ("threshold", "log_threshold", "r_mag", "b_mag"):
+        if name in p:
+            q[name] = p[name][features]
+    spec = dataclasses.replace(sae.spec, d_sae=int(features.shape[0]))
+    return SAE(params=q, norm_scale=sae.norm_scale, spec=spec)
+
+
+def feature_codes(sae: SAE, x: Array, features: Array) -> Array:
+    """Codes of ``features`` for raw activations ``x [..., d_in] -> [..., n_features]``.
+
+    Equals ``encode(sae, x)[..., features]``; computes only those latents when the
+    architecture allows it (all but topk), so a steered forward does not pay for the whole
+    dictionary."""
+    if sae.spec.architecture in _ELEMENTWISE:
+        small = sub_sae(sae, features)
+        x_n = x.astype(jnp.float32) * sae.norm_scale
+        return activate(small, pre_activations(small, x_n), x_n)
+    return jnp.take(encode(sae, x), features, axis=-1)
+
+
+def _edit(sae: SAE, features: Array, new_codes: Callable, keep_error: bool, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    if keep_error:
+        z_f = feature_codes(sae, xf, features)
+        delta = jnp.matmul(new_codes(z_f) - z_f, sae.params["W_dec"][features]) / sae.norm_scale
+        return (xf + delta).astype(x.dtype)
+    z = encode(sae, xf)
+    z = z.at[..., features].set(new_codes(z[..., features]))
+    return decode(sae, z).astype(x.dtype)
+
+
+# module-level so that a transform's pytree structure (and the jit cache key) is stable; the
+# error-term choice is part of the function, never a traced argument
+def _clamp(sae, features, values, x):
+    return _edit(sae, features, lambda z: jnp.broadcast_to(values, z.shape), True, x)
+
+
+def _clamp_replace(sae, features, values, x):
+    return _edit(sae, features, lambda z: jnp.broadcast_to(values, z.shape), False, x)
+
+
+def _scale(sae, features, factors, x):
+    return _edit(sae, features, lambda z: z * factors, True, x)
+
+
+def _scale_replace(sae, features, factors, x):
+    return _edit(sae, features, lambda z: z * factors, False, x)
+
+
+def clamp(sae: SAE, feature, value, *, keep_error: bool = True) -> Transform:
+    """Set feature(s) to ``value`` at every position the transform is applied to."""
+    f = _as_features(sae, feature)
+    return Partial(_clamp if keep_error else _clamp_replace, sae, f, _as_values(value, f.shape[0], "value"))
+
+
+def scale(sae: SAE, feature, factor, *, keep_error: bool = True) -> Transform:
+    """Multiply feature(s) by ``factor`` (``0``: ablate, ``2``: double)."""
+    f = _as_features(sae, feature)
+    return Partial(_scale if keep_error else _scale_replace, sae, f, _as_values(factor, f.shape[0], "factor"))
+
+
+def ablate(sae: SAE, feature, *, keep_error: bool = True) -> Transform:
+    """Remove feature(s): ``x - z_f * W_dec[f] / norm_scale`` (their whole contribution)."""
+    return scale(sae, feature, 0.0, keep_error=keep_error)
+
+
+def _add(direction, coefficient, x):
+    return (x.astype(jnp.float32) + coefficient * direction).astype(x.dtype)
+
+
+def add(direction, coefficient=1.0) -> Transform:
+    """Add ``coefficient * direction`` (``[d_model]``, raw activation units) to the activation."""
+    d = jnp.asarray(direction, jnp.float32)
+    if d.ndim != 1:
+        raise ValueError(f"direction must be a vector [d_model]; got shape {d.shape}")
+    return Partial(_add, d, jnp.asarray(coefficient, jnp.float32))
+
+
+def feature_direction(sae: SAE, feature: int, *, unit: bool = False) -> Array:
+    """The raw-activation change per unit of a feature's code: ``W_dec[f] / norm_scale``
+    (``unit=True``: that vector normalised to length 1)."""
+    d = sae.params["W_dec"][int(feature)] / sae.norm_scale
+    return d / jnp.linalg.norm(d) if unit else d
+
+
+def _compose(fns, x):
+    for fn in fns:
+        x = fn(x)
+    return x
+
+
+def compose(*fns: Transform) -> Transform:
+    """Apply ``fns`` in order (the first one sees the original activation)."""
+    if not fns:
+        raise ValueError("compose needs at least one transform")
+    return Partial(_compose, tuple(fns))
+
+
+def _at_positions(fn, mask, x):
+    m = jnp.asarray(mask, bool)
+    while m.ndim < x.ndim:
+        m = m[..., None]
+    return jnp.where(m, fn(x), x)
+
+
+def at_positions(fn: Transform, mask) -> Transform:
+    """Apply ``fn`` only where ``mask [B, T]`` is true (``x`` elsewhere)."""
+    return Partial(_at_positions, fn, jnp.asarray(mask, bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+def generate(model, prompts: Sequence[str] | str, max_new_tokens: int = 32, **kw) -> list[str]:
+    """``jsae.models.generate`` (KV cache, jitted, batched); same arguments:
+    ``temperature``, ``top_p``, ``key``, ``interventions={hook: fn}``,
+    ``intervene_on="all"|"prompt"|"generated"``."""
+    from jsae.models import generate as _generate
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return _generate(model, list(prompts), max_new_tokens, **kw)
+
+
+def generate_pair(
+    model,
+    prompts: Sequence[str] | str,
+    interventions: dict[str, Transform],
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    intervene_on: str = "all",
+) -> tuple[list[str], list[str]]:
+    """(baseline, steered) continuations of each prompt with the same sampling key."""
+    key = jax.random.PRNGKey(seed)
+    kw = dict(temperature=temperature, top_p=top_p, key=key)
+    base = generate(model, prompts, max_new_tokens, **kw)
+    steered = generate(model, prompts, max_new_tokens, interventions=interventions,
+                       intervene_on=intervene_on, **kw)
+    return base, steered
+
+
+__all__ = [
+    "ablate", "add", "at_positions", "clamp", "compose", "feature_codes", "feature_direction",
+    "generate", "generate_pair", "scale", "sub_sae",
+]
