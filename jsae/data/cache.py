@@ -1,0 +1,407 @@
+"""Activation cache on disk: harvest once, train many SAEs (``data.source: cache``).
+
+Layout (any ``etils.epath`` path: local, ``gs://`` ...)::
+
+    DIR/manifest.json
+    DIR/train/shard-000000.safetensors   {hook: [rows, d_in]} (rows aligned across hooks)
+    DIR/eval/shard-000000.safetensors    held-out documents' tokens
+
+``manifest.json`` records the model, hooks, d_in, dtype, context length, the text source and
+its settings, token counts, the shard list, per-hook normalisation statistics (mean squared
+norm, mean norm, mean vector, and ``norm_scale = sqrt(d_in / E||x||^2)``), and the data
+position to resume harvesting from.
+
+Writes are atomic per shard: a shard goes to a temporary name and is renamed, and only then
+is the manifest (itself written tmp + rename) updated to list it. An interrupted harvest
+restarts after its last listed shard, restores the text source's saved position, and so
+writes exactly the shards an uninterrupted harvest would have written.
+
+Training rows are written already mixed (they pass through the shuffle buffer of the text
+source); reading permutes the shard order per epoch (seeded), gives each process every
+P-th shard, and mixes across shards again with a :class:`~jsae.data.shuffle.ShuffleMixer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jsae.data.shuffle import ShuffleMixer
+
+FORMAT = "jsae-activation-cache"
+VERSION = 1
+DEFAULT_SHARD_ROWS = 32768
+
+
+def _path(p):
+    from etils import epath
+
+    s = str(p)
+    return epath.Path(os.path.expanduser(s) if "://" not in s else s)
+
+
+def _atomic_write(path, data: bytes) -> None:
+    path = _path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_bytes(data)
+    tmp.replace(path)  # overwrites (a shard rewritten after a crash, the manifest)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def save_shard(path, rows: dict[str, np.ndarray], dtype: str = "float32") -> None:
+    from safetensors.numpy import save
+
+    dt = _np_dtype(dtype)
+    _atomic_write(path, save({h: np.ascontiguousarray(v.astype(dt)) for h, v in rows.items()}))
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def parse_safetensors(buf: bytes, hooks=None) -> dict[str, np.ndarray]:
+    """Decode safetensors bytes (F32/F16/BF16/F64) as float32 arrays (no copy of the rest)."""
+    n = int.from_bytes(buf[:8], "little")
+    header = json.loads(buf[8 : 8 + n])
+    base = 8 + n
+    out = {}
+    for name in hooks if hooks is not None else [k for k in header if k != "__metadata__"]:
+        if name not in header:
+            raise KeyError(f"shard has no tensor {name!r} (it has {', '.join(header)})")
+        t = header[name]
+        a, b = t["data_offsets"]
+        arr = np.frombuffer(
+            buf, _np_dtype(_ST_DTYPES[t["dtype"]]), (b - a) // _itemsize(t["dtype"]), base + a
+        )
+        out[name] = arr.reshape(t["shape"]).astype(np.float32)
+    return out
+
+
+def _itemsize(st_dtype: str) -> int:
+    return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[st_dtype]
+
+
+def load_shard(path, hooks=None) -> dict[str, np.ndarray]:
+    """A shard as float32 arrays (all hooks, or the given ones)."""
+    return parse_safetensors(_path(path).read_bytes(), hooks)
+
+
+def read_manifest(path) -> dict:
+    m = _path(path) / "manifest.json"
+    if not m.exists():
+        raise FileNotFoundError(f"no activation cache at {path} (missing manifest.json)")
+    man = json.loads(m.read_text())
+    if man.get("format") != FORMAT:
+        raise ValueError(f"{m} is not a jsae activation cache manifest")
+    return man
+
+
+class _Stats:
+    """Running per-hook statistics (float64 sums, resumable through the manifest)."""
+
+    def __init__(self, d_in: dict[str, int], saved: dict | None = None):
+        self.d_in = d_in
+        self.acc = {
+            h: {"count": 0, "sum_sq_norm": 0.0, "sum_norm": 0.0, "sum": [0.0] * d}
+            for h, d in d_in.items()
+        }
+        if saved:
+            for h, s in saved.items():
+                if h in self.acc:
+                    self.acc[h] = {k: s[k] for k in ("count", "sum_sq_norm", "sum_norm", "sum")}
+
+    def update(self, rows: dict[str, np.ndarray]) -> None:
+        for h, x in rows.items():
+            x = np.asarray(x, np.float64)
+            n = np.linalg.norm(x, axis=-1)
+            a = self.acc[h]
+            a["count"] += len(x)
+            a["sum_sq_norm"] += float((n**2).sum())
+            a["sum_norm"] += float(n.sum())
+            a["sum"] = (np.asarray(a["sum"]) + x.sum(0)).tolist()
+
+    def to_json(self) -> dict:
+        out = {}
+        for h, a in self.acc.items():
+            c = max(a["count"], 1)
+            msq = a["sum_sq_norm"] / c
+            out[h] = dict(
+                a,
+                mean_sq_norm=msq,
+                mean_norm=a["sum_norm"] / c,
+                norm_scale=math.sqrt(self.d_in[h] / msq) if msq > 0 else 1.0,
+                mean=(np.asarray(a["sum"]) / c).tolist(),
+            )
+        return out
+
+
+class CacheWriter:
+    """Writes shards and keeps ``manifest.json`` current after each one (resumable)."""
+
+    def __init__(self, path, meta: dict, *, overwrite: bool = False):
+        self.path = _path(path)
+        self.meta = meta
+        if (self.path / "manifest.json").exists() and not overwrite:
+            man = read_manifest(self.path)
+            diff = [k for k in meta if k in man and man[k] != meta[k]]
+            if diff:
+                raise ValueError(
+                    f"{self.path} holds a cache made with different settings ("
+                    + ", ".join(f"{k}: {man[k]!r} vs {meta[k]!r}" for k in diff)
+                    + "); choose another --out or delete it"
+                )
+            self.manifest = man
+        else:
+            self.manifest = dict(
+                format=FORMAT,
+                version=VERSION,
+                **meta,
+                splits={
+                    s: {"shards": [], "rows": 0, "complete": False, "resume": None}
+                    for s in ("train", "eval")
+                },
+                stats={},
+            )
+        self.stats = _Stats(meta["d_in"], self.manifest.get("stats", {}).get("_acc"))
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def split(self, name: str) -> dict:
+        return self.manifest["splits"][name]
+
+    def write_shard(self, split: str, rows: dict[str, np.ndarray], resume: Any = None) -> None:
+        sp = self.split(split)
+        name = f"{split}/shard-{len(sp['shards']):06d}.safetensors"
+        n = len(next(iter(rows.values())))
+        save_shard(self.path / name, rows, self.meta.get("dtype", "float32"))
+        if split == "train":
+            self.stats.update(rows)
+        sp["shards"].append({"file": name, "rows": n})
+        sp["rows"] += n
+        sp["resume"] = resume
+        self._flush()
+
+    def mark_complete(self, split: str) -> None:
+        self.split(split)["complete"] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        stats = self.stats.to_json()
+        self.manifest["stats"] = {
+            **{h: {k: v for k, v in s.items() if k not in ("sum",)} for h, s in stats.items()},
+            "_acc": {h: self.stats.acc[h] for h in self.stats.acc},
+        }
+        self.manifest["tokens"] = self.split("train")["rows"]
+        _atomic_write(self.path / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+
+
+def cache_meta(cfg, model_name: str, d_in: dict[str, int], shard_rows: int) -> dict:
+    d = cfg.data
+    return {
+        "model": model_name,
+        "hooks": list(cfg.model.hooks),
+        "d_in": d_in,
+        "dtype": cfg.model.dtype,
+        "context_length": d.context_length,
+        "shard_rows": shard_rows,
+        "source": {
+            "dataset": d.dataset,
+            "path": d.path,
+            "data_dir": d.data_dir,
+            "split": d.split,
+            "text_field": d.text_field,
+            "seed": cfg.seed,
+            "holdout_fraction": d.holdout_fraction,
+            "prepend_bos": d.prepend_bos,
+            "exclude_bos": d.exclude_bos,
+            "exclude_norm_outliers": d.exclude_norm_outliers,
+            "shuffle_buffer": d.shuffle_buffer,
+            "lm_batch": cfg.model.batch_size,
+        },
+    }
+
+
+def harvest_to_cache(
+    cfg,
+    out,
+    n_tokens: int | None = None,
+    *,
+    model=None,
+    shard_rows: int | None = None,
+    eval_tokens: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    documents=None,
+    forward=None,
+    on_shard=None,
+) -> dict:
+    """Harvest ``n_tokens`` training rows (and ``eval_tokens`` held-out rows) into ``out``.
+
+    Resumes a partial cache in ``out`` made with the same settings. Returns the manifest.
+    ``n_tokens`` defaults to the training budget of ``cfg`` (``train.tokens`` or steps x batch),
+    ``eval_tokens`` to ``eval.tokens``.
+    """
+    from jsae.data.lm_source import TextActivationSource
+
+    if n_tokens is None:
+        n_tokens = cfg.train.tokens or cfg.resolved_steps() * cfg.train.batch_size
+    eval_tokens = cfg.eval.tokens if eval_tokens is None else eval_tokens
+    shard_rows = int(shard_rows or DEFAULT_SHARD_ROWS)
+    if model is None:
+        from jsae.models import load
+
+        model = load(cfg.model.path or cfg.model.name, dtype=cfg.model.dtype)
+    src = TextActivationSource(cfg, model, 0, 1, documents=documents, forward=forward)
+    meta = cache_meta(cfg, getattr(model, "name", cfg.model.name), src.d_in, shard_rows)
+    w = CacheWriter(out, meta, overwrite=overwrite)
+    train, ev = w.split("train"), w.split("eval")
+    if train["complete"] and train["rows"] < n_tokens:  # asked for more than last time
+        train["complete"] = False
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=n_tokens + eval_tokens,
+            initial=min(train["rows"], n_tokens) + ev["rows"],
+            unit="tok",
+            desc="harvest",
+            smoothing=0.1,
+        )
+    try:
+        if not ev["complete"]:
+            batches = src.eval_batches(eval_tokens, shard_rows)
+            for i, rows in enumerate(batches):
+                if i < len(ev["shards"]):
+                    continue
+                w.write_shard("eval", rows)
+                if bar:
+                    bar.update(len(rows[src.hooks[0]]))
+            w.mark_complete("eval")
+        if train["resume"] is not None:
+            src.restore(train["resume"])
+        while train["rows"] < n_tokens:
+            k = min(shard_rows, n_tokens - train["rows"])
+            rows = src.next_batch(k)
+            w.write_shard("train", rows, resume=src.state())
+            if bar:
+                bar.update(k)
+            if on_shard is not None:
+                on_shard(w)
+        w.mark_complete("train")
+    finally:
+        if bar:
+            bar.close()
+    return w.manifest
+
+
+class CacheActivationSource:
+    """ActivationSource over a cache directory (``data.source: cache``, ``data.path: DIR``)."""
+
+    def __init__(self, cfg, process_index: int = 0, process_count: int = 1):
+        self.path = _path(cfg.data.path)
+        self.manifest = read_manifest(self.path)
+        avail = self.manifest["hooks"]
+        hooks = [h for h in cfg.model.hooks if h in avail]
+        missing = [h for h in cfg.model.hooks if h not in avail]
+        if missing:
+            raise ValueError(
+                f"model.hooks {missing} are not in the cache at {cfg.data.path} "
+                f"(it holds {', '.join(avail)})"
+            )
+        self.hooks = hooks
+        self.d_in = {h: int(self.manifest["d_in"][h]) for h in hooks}
+        self.shards = [s["file"] for s in self.manifest["splits"]["train"]["shards"]]
+        self.eval_shards = [s["file"] for s in self.manifest["splits"]["eval"]["shards"]]
+        if len(self.shards) < process_count:
+            raise ValueError(
+                f"the cache at {cfg.data.path} has {len(self.shards)} training shards, fewer "
+                f"than the {process_count} processes reading it (harvest with smaller shards)"
+            )
+        self.stats = self.manifest.get("stats", {})
+        self.seed = int(cfg.seed)
+        self.process_index, self.process_count = process_index, process_count
+        cap = max(int(cfg.data.shuffle_buffer), 2)
+        self.mixer = ShuffleMixer(cap, seed=(self.seed * 1_000_003 + process_index) & 0x7FFFFFFF)
+        self._epoch, self._i = 0, 0  # next shard to read: position i of this epoch's share
+
+    def _order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, 0xCAC4E])
+        order = rng.permutation(len(self.shards))
+        return order[self.process_index :: self.process_count].tolist()
+
+    def _push_next(self) -> None:
+        order = self._order(self._epoch)
+        if self._i >= len(order):
+            self._epoch, self._i = self._epoch + 1, 0
+            order = self._order(self._epoch)
+        pos = {"epoch": self._epoch, "i": self._i}
+        rows = load_shard(self.path / self.shards[order[self._i]], self.hooks)
+        self._i += 1
+        self.mixer.push(rows, pos)
+
+    def next_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        while True:
+            b = self.mixer.pop(batch_size)
+            if b is not None:
+                return b
+            self._push_next()
+
+    def eval_batches(self, n_tokens: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Held-out rows, in order; each process reads its own shards (or rows, if too few)."""
+        P, p = self.process_count, self.process_index
+        by_shard = len(self.eval_shards) >= P
+        files = self.eval_shards[p::P] if by_shard else self.eval_shards
+        left: dict[str, np.ndarray] = {}
+        sent = 0
+        for f in files:
+            rows = load_shard(self.path / f, self.hooks)
+            if not by_shard:
+                rows = {h: v[p::P] for h, v in rows.items()}
+            if left:
+                rows = {h: np.concatenate([left[h], rows[h]]) for h in self.hooks}
+            n, s = len(rows[self.hooks[0]]), 0
+            while n - s >= batch_size and sent < n_tokens:
+                k = min(batch_size, n_tokens - sent)
+                yield {h: v[s : s + k] for h, v in rows.items()}
+                s, sent = s + k, sent + k
+            if sent >= n_tokens:
+                return
+            left = {h: v[s:] for h, v in rows.items()}
+        if left and len(left[self.hooks[0]]) and sent < n_tokens:
+            k = min(len(left[self.hooks[0]]), n_tokens - sent)
+            yield {h: v[:k] for h, v in left.items()}
+
+    def state(self) -> dict:
+        return {
+            "kind": "cache",
+            "mixer": self.mixer.state(),
+            "n_shards": len(self.shards),
+            "process": [self.process_index, self.process_count],
+        }
+
+    def restore(self, state: dict) -> None:
+        if state.get("kind") != "cache":
+            raise ValueError(
+                f"saved data position is for a {state.get('kind')!r} source, but data.source is 'cache'"
+            )
+        if state["n_shards"] != len(self.shards):
+            raise ValueError(
+                f"the cache now has {len(self.shards)} training shards, the run was saved with "
+                f"{state['n_shards']}; cannot resume exactly"
+            )
+        replay = self.mixer.restore(state["mixer"])
+        pos = replay["pos"] if replay else {"epoch": 0, "i": 0}
+        self._epoch, self._i = int(pos["epoch"]), int(pos["i"])
