@@ -40,10 +40,11 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
         raise ValueError(f"mesh.model={model} does not divide the {n} available devices")
     if data == -1:
         data = n // model
-    if data * model != n:
+    if data * model > n:
         raise ValueError(
             f"mesh data={data} x model={model} = {data * model} devices, but {n} are available"
         )
+    devices = devices[: data * model]  # an explicit smaller mesh uses the first devices
     # Auto axes: jax>=0.7's make_mesh defaults to Explicit, which breaks sharding constraints.
     return Mesh(np.array(devices).reshape(data, model), (DATA, MODEL))
 

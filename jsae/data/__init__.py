@@ -11,13 +11,22 @@ def make_source(cfg: RunConfig, process_index: int = 0, process_count: int = 1, 
     d = cfg.data
     if d.source == "synthetic":
         return SyntheticSource(
-            d.d_in, d.n_features, d.active_per_sample, noise_std=d.noise_std, seed=cfg.seed,
-            process_index=process_index, process_count=process_count,
+            d.d_in,
+            d.n_features,
+            d.active_per_sample,
+            noise_std=d.noise_std,
+            seed=cfg.seed,
+            process_index=process_index,
+            process_count=process_count,
         )
     if d.source == "array":
         return ArraySource(
-            d.path, cfg.model.hooks[0], seed=cfg.seed, holdout_fraction=d.holdout_fraction,
-            process_index=process_index, process_count=process_count,
+            d.path,
+            cfg.model.hooks[0],
+            seed=cfg.seed,
+            holdout_fraction=d.holdout_fraction,
+            process_index=process_index,
+            process_count=process_count,
         )
     if d.source == "text":
         from jsae.data.lm_source import TextActivationSource

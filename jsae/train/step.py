@@ -68,7 +68,7 @@ def make_train_step(
             grads = {**grads, "W_dec": _remove_parallel_grad(grads["W_dec"], sae.params["W_dec"])}
         if "threshold" in grads:  # batchtopk's threshold follows an EMA, not the gradient
             grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
         updates, opt_state = optimizer.update(grads, state.opt_state, sae.params)
         params = optax.apply_updates(sae.params, updates)
         if spec.unit_decoder:
