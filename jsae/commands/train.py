@@ -14,10 +14,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="ignore checkpoints in the run directory and start over")
     p.add_argument("--no-checkpoint", action="store_true", help="do not save checkpoints")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host run (TPU pod slice, several GPU nodes): call "
+                        "jax.distributed.initialize() first; run the same command on every host")
     return p
 
 
 def run(args) -> int:
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
     from jsae import config as config_lib
 
     overrides = list(args.overrides)
