@@ -1,0 +1,31 @@
+"""`jsae export RUN_DIR --format saelens OUT`: write a run's SAEs in another tool's format."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export", help="export trained SAEs (SAELens folder, Gemma Scope params.npz, jsae)",
+        description="Write the SAEs of a run directory for other tools. saelens: cfg.json + "
+        "sae_weights.safetensors as SAELens 6 (and Neuronpedia, SAEBench) load them, with the "
+        "normalisation folded into the weights; gemmascope: params.npz (JumpReLU SAEs); "
+        "jsae: jsae's own folder. The newest of the final SAE and the latest checkpoint is used.",
+    )
+    p.add_argument("run_dir", help="run directory of `jsae train`")
+    p.add_argument("out", help="output folder (one sub-folder per hook when there are several)")
+    p.add_argument("--format", default="saelens", choices=["saelens", "gemmascope", "jsae"])
+    p.add_argument("--hook", action="append", default=None,
+                   help="hook to export (repeatable; default: all)")
+    p.add_argument("--step", type=int, default=None, help="export this checkpoint step")
+    return p
+
+
+def run(args) -> int:
+    from jsae.export import export_run
+
+    for path in export_run(args.run_dir, args.out, format=args.format, hooks=args.hook,
+                           step=args.step):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,296 @@
+"""SAELens 6 folders: ``cfg.json`` + ``sae_weights.safetensors``, written and read.
+
+What SAELens 6 (``SAE.load_from_disk``) reads, checked against sae_lens 6.54 source
+(``saes/sae.py``, ``loading/pretrained_sae_loaders.py``, ``saes/*_sae.py``):
+
+- ``cfg.json``: ``architecture`` (``standard`` | ``topk`` | ``jumprelu`` | ``gated``), ``d_in``,
+  ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
+  ``reshape_activations``, ``k`` and ``rescale_acts_by_decoder_norm`` (topk only), and
+  ``metadata`` with ``model_name``, ``hook_name``, ``sae_lens_version`` (>= 6 selects the
+  6.x reader; older files are translated from top-level ``hook_point`` etc.).
+- ``sae_weights.safetensors``: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec
+  [d_in]``, and ``b_enc [d_sae]`` (standard, topk, jumprelu), ``threshold [d_sae]``
+  (jumprelu), ``b_gate, r_mag, b_mag [d_sae]`` (gated, no b_enc).
+
+SAELens encodes ``f((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc)`` on raw activations,
+so the jsae normalisation scale is folded into the weights first (`jsae.sae.fold_norm`).
+jsae architectures map as: relu -> standard, topk -> topk, jumprelu -> jumprelu (threshold =
+exp(log_threshold)), batchtopk -> jumprelu (its learned inference threshold; the same rule
+``pre > threshold``), gated -> gated (b_gate = b_enc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.sae.core import SAE, SAESpec, fold_norm
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+# The cfg.json layout version we write: SAELens treats < 6 as the old flat format.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
+               "batchtopk": "jumprelu", "gated": "gated"}
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def saelens_tensors(sae: SAE) -> tuple[str, dict[str, np.ndarray]]:
+    """(SAELens architecture name, tensors) of ``sae`` with its normalisation folded in."""
+    arch = sae.spec.architecture
+    if arch not in _TO_SAELENS:
+        raise ValueError(f"cannot export architecture {arch!r} to SAELens")
+    p = fold_norm(sae).params
+    t = {"W_enc": _np(p["W_enc"]), "W_dec": _np(p["W_dec"]), "b_dec": _np(p["b_dec"])}
+    if arch == "gated":
+        t.update(b_gate=_np(p["b_enc"]), r_mag=_np(p["r_mag"]), b_mag=_np(p["b_mag"]))
+    else:
+        t["b_enc"] = _np(p["b_enc"])
+    if arch == "jumprelu":
+        t["threshold"] = _np(jnp.exp(p["log_threshold"]))
+    elif arch == "batchtopk":
+        # SAELens's jumprelu is relu(pre) * (pre > threshold); jsae's batchtopk inference is
+        # pre * (pre > threshold). They agree for threshold >= 0 (a trained threshold is the
+        # smallest positive activation; an untrained one is -1).
+        t["threshold"] = np.maximum(_np(p["threshold"]), 0.0)
+    return _TO_SAELENS[arch], {k: np.ascontiguousarray(v) for k, v in t.items()}
+
+
+def saelens_config(
+    sae: SAE,
+    *,
+    hook_name: str,
+    model_name: str,
+    context_size: int | None = None,
+    prepend_bos: bool | None = None,
+    dataset_path: str | None = None,
+    exclude_special_tokens: bool | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The cfg.json dict SAELens 6 reads for ``sae``."""
+    arch = _TO_SAELENS[sae.spec.architecture]
+    meta: dict[str, Any] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_head_index": None,
+        "prepend_bos": prepend_bos,
+        "context_size": context_size,
+        "dataset_path": dataset_path,
+        "exclude_special_tokens": exclude_special_tokens,
+        "neuronpedia_id": None,
+        "model_from_pretrained_kwargs": {},
+        "trained_with": "jsae",
+        "jsae_spec": {
+            "architecture": sae.spec.architecture, "k": sae.spec.k,
+            "l1_variant": sae.spec.l1_variant,
+            "jumprelu_bandwidth": sae.spec.jumprelu_bandwidth,
+            "norm_scale_folded": float(np.asarray(jax.device_get(sae.norm_scale))),
+        },
+    }
+    meta.update(metadata or {})
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": sae.spec.d_in,
+        "d_sae": sae.spec.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
+        "metadata": meta,
+        # Top-level copies for readers of the pre-6 flat layout (Neuronpedia / SAEBench tools).
+        "model_name": model_name,
+        "hook_name": hook_name,
+    }
+    if arch == "topk":
+        cfg["k"] = int(sae.spec.k)
+        cfg["rescale_acts_by_decoder_norm"] = False
+    return cfg
+
+
+def save_saelens(sae: SAE, out: str | Path, *, hook_name: str, model_name: str,
+                 **cfg_fields: Any) -> Path:
+    """Write ``sae`` as a SAELens 6 folder (cfg.json + sae_weights.safetensors) at ``out``."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _, tensors = saelens_tensors(sae)
+    cfg = saelens_config(sae, hook_name=hook_name, model_name=model_name, **cfg_fields)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors as float32 numpy (bfloat16 / float16 files included)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="flax") as f:
+        for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+    return out
+
+
+def _normalise_keys(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``w_enc`` / ``w_dec`` (Gemma Scope) -> ``W_enc`` / ``W_dec``."""
+    return {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in t.items()}
+
+
+def sae_from_tensors(
+    arch: str,
+    tensors: dict[str, np.ndarray],
+    *,
+    k: int | None = None,
+    apply_b_dec_to_input: bool = True,
+    source: str = "tensors",
+) -> SAE:
+    """A jsae SAE (norm_scale 1) from SAELens-named tensors of a SAELens architecture.
+
+    ``arch``: standard | topk | jumprelu | gated. Without ``apply_b_dec_to_input`` (Gemma
+    Scope) the encoder computes ``x @ W_enc + b_enc``; jsae always subtracts b_dec, so the
+    encoder biases absorb ``b_dec @ W_enc``.
+    """
+    t = {k_: np.asarray(v, np.float32) for k_, v in _normalise_keys(tensors).items()}
+    need = {"standard": ["b_enc"], "topk": ["b_enc"], "jumprelu": ["b_enc", "threshold"],
+            "gated": ["b_gate", "r_mag", "b_mag"]}
+    if arch not in need:
+        raise ValueError(f"{source}: SAELens architecture {arch!r} is not supported by jsae "
+                         "(supported: standard, topk, jumprelu, gated)")
+    for name in ["W_enc", "W_dec", "b_dec", *need[arch]]:
+        if name not in t:
+            raise ValueError(f"{source}: tensor {name!r} is missing (found {sorted(t)})")
+    d_in, d_sae = t["W_enc"].shape
+    shapes = {"W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    shapes.update({n: (d_sae,) for n in need[arch]})
+    for name, shape in shapes.items():
+        if t[name].shape != shape:
+            raise ValueError(f"{source}: {name} has shape {t[name].shape}, expected {shape} "
+                             f"(W_enc is {t['W_enc'].shape})")
+    w_dec = t["W_dec"]
+    if "scaling_factor" in t and not np.allclose(t["scaling_factor"], 1.0):
+        w_dec = w_dec * t["scaling_factor"][:, None]  # old finetuning scaling: z * s @ W_dec
+    params = {"W_enc": t["W_enc"], "W_dec": w_dec, "b_dec": t["b_dec"]}
+    shift = np.zeros((d_sae,), np.float32)
+    if not apply_b_dec_to_input:
+        shift = (t["b_dec"].astype(np.float64) @ t["W_enc"].astype(np.float64)).astype(np.float32)
+    if arch == "gated":
+        params["b_enc"] = t["b_gate"] + shift
+        params["r_mag"] = t["r_mag"]
+        mag_shift = 0.0
+        if not apply_b_dec_to_input:
+            w_mag = t["W_enc"].astype(np.float64) * np.exp(t["r_mag"].astype(np.float64))
+            mag_shift = (t["b_dec"].astype(np.float64) @ w_mag).astype(np.float32)
+        params["b_mag"] = t["b_mag"] + mag_shift
+        jarch = "gated"
+    else:
+        params["b_enc"] = t["b_enc"] + shift
+        jarch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
+    if arch == "jumprelu":
+        thr = t["threshold"]
+        if np.any(thr < 0):
+            raise ValueError(f"{source}: negative JumpReLU thresholds are not supported")
+        with np.errstate(divide="ignore"):
+            params["log_threshold"] = np.log(thr).astype(np.float32)
+    if arch == "topk" and (k is None or k <= 0):
+        raise ValueError(f"{source}: a topk SAE needs k")
+    unit = bool(np.allclose(np.linalg.norm(w_dec, axis=-1), 1.0, atol=1e-3))
+    spec = SAESpec(
+        architecture=jarch, d_in=int(d_in), d_sae=int(d_sae), k=int(k) if arch == "topk" else None,
+        l1_variant="standard" if (arch != "standard" or unit) else "anthropic",
+    )
+    return SAE(params={n: jnp.asarray(v) for n, v in params.items()},
+               norm_scale=jnp.ones((), jnp.float32), spec=spec)
+
+
+def _upgrade_old_cfg(cfg: dict) -> dict:
+    """Pre-6 flat cfg.json -> 6.x layout (as SAELens's handle_pre_6_0_config does)."""
+    ren = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+           "activation_fn_str": "activation_fn"}
+    new = {ren.get(k, k): v for k, v in cfg.items()}
+    new.setdefault("architecture", "standard")
+    new.setdefault("apply_b_dec_to_input", True)
+    kw = new.get("activation_fn_kwargs") or {}
+    if new.get("activation_fn") == "topk" and kw.get("k") is not None:
+        new["architecture"], new["k"] = "topk", kw["k"]
+    if isinstance(new.get("normalize_activations"), bool):
+        new["normalize_activations"] = ("expected_average_only_in"
+                                        if new["normalize_activations"] else "none")
+    meta = dict(new.get("metadata") or {})
+    for key in ("model_name", "hook_name", "hook_head_index", "prepend_bos", "context_size",
+                "dataset_path", "neuronpedia_id", "exclude_special_tokens"):
+        if key in new and key not in meta:
+            meta[key] = new[key]
+    new["metadata"] = meta
+    return new
+
+
+def load_saelens(path: str | Path) -> tuple[SAE, dict[str, Any]]:
+    """A SAELens folder (cfg.json + sae_weights.safetensors) as ``(jsae SAE, metadata)``.
+
+    ``metadata`` holds ``model_name``, ``hook_name`` and the rest of cfg.json's metadata.
+    """
+    path = Path(path)
+    cfg_file, weights = path / CFG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise FileNotFoundError(f"not a SAELens SAE folder: {f} is missing")
+    cfg = json.loads(cfg_file.read_text())
+    meta = cfg.get("metadata") or {}
+    version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+    if not version or int(str(version).split(".")[0]) < 6:
+        cfg = _upgrade_old_cfg(cfg)
+    arch = cfg.get("architecture", "standard")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm != "none":
+        raise ValueError(
+            f"{cfg_file}: normalize_activations={norm!r} rescales inputs at run time; jsae "
+            "imports only SAEs with fixed weights (normalize_activations='none')"
+        )
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"{cfg_file}: rescale_acts_by_decoder_norm=true is not supported")
+    if arch == "jumprelu" and cfg.get("activation_fn", "relu") not in ("relu", None):
+        raise ValueError(f"{cfg_file}: jumprelu with activation_fn={cfg['activation_fn']!r}")
+    tensors = _read_safetensors(weights)
+    sae = sae_from_tensors(arch, tensors, k=cfg.get("k"),
+                           apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+                           source=str(weights))
+    for key in ("d_in", "d_sae"):
+        if key in cfg and int(cfg[key]) != getattr(sae.spec, key):
+            raise ValueError(f"{cfg_file}: {key}={cfg[key]} but the weights have "
+                             f"{getattr(sae.spec, key)}")
+    out = dict(cfg.get("metadata") or {})
+    out.setdefault("model_name", cfg.get("model_name"))
+    out.setdefault("hook_name", cfg.get("hook_name"))
+    out["saelens_architecture"] = arch
+    return sae, out
+
+
+__all__ = ["load_saelens", "sae_from_tensors", "save_saelens", "saelens_config",
+           "saelens_tensors"]

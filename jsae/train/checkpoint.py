@@ -1,0 +1,405 @@
+"""Orbax checkpoints of a training run: exact resume after a crash or preemption.
+
+``RunCheckpointer(cfg, trainer)`` implements the loop's ``Checkpointer`` protocol with an
+Orbax ``CheckpointManager`` in ``<run_dir>/checkpoints``:
+
+- ``save(step, states, data_state)`` writes asynchronously every ``checkpoint.every_steps``
+  steps (``force=True`` always writes: the final save), keeping the last ``checkpoint.keep``.
+  One checkpoint holds four items: ``states`` (every hook's TrainState: SAE params,
+  norm_scale, optimizer state, step, fired_ago, rng), ``data`` (each process's
+  ``source.state()``), ``config`` (the resolved RunConfig) and ``meta`` (SAE specs and a
+  fingerprint of every array, to tell a damaged checkpoint from a good one).
+- ``restore(template)`` loads the newest checkpoint that is complete and intact onto the
+  shardings that ``template`` carries (so a run saved on mesh (8, 1) resumes on (2, 4)).
+  A damaged newest checkpoint is reported, moved to ``checkpoints_corrupt/`` and skipped in
+  favour of the previous one; a checkpoint of a different SAE (d_in, d_sae, architecture,
+  hooks) is an error that names the difference.
+- SIGTERM (how Colab / TPU preemption arrives) sets a flag; ``stop_requested`` tells the
+  loop to save and stop at the end of the current step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.config import RunConfig, to_dict
+
+ITEMS = ("states", "data", "config", "meta")
+FORMAT = "jsae-checkpoint-v1"
+# Spec fields that must agree for a checkpoint to fit the run.
+_SHAPE_FIELDS = ("architecture", "d_in", "d_sae")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in the run directory belongs to a different SAE than the config."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose files are missing, truncated or altered."""
+
+
+# ---- fingerprints ---------------------------------------------------------------------
+
+
+def _leaf_hash(x: jax.Array) -> jax.Array:
+    """Order-independent uint32 hash of an array's bits (same on every mesh)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    bits = x.dtype.itemsize * 8
+    if bits < 32:
+        u = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16}[bits]).astype(jnp.uint32)
+    elif bits == 32:
+        u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:  # 64-bit: split into two uint32 words
+        u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    u = u.reshape(-1)
+    pos = jnp.arange(u.shape[0], dtype=jnp.uint32)
+    # Position-weighted sums mod 2^32: exact in any reduction order, so mesh-independent.
+    return jnp.sum(u * (pos * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32) ^ jnp.sum(
+        u, dtype=jnp.uint32
+    )
+
+
+@jax.jit
+def _tree_hashes(tree) -> list[jax.Array]:
+    return [_leaf_hash(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprint(tree) -> list[int]:
+    """One uint32 per array leaf of ``tree`` (exact, independent of sharding)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return []
+    return [int(h) for h in jax.device_get(_tree_hashes(tree))]
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
+
+
+# ---- multi-process data state ---------------------------------------------------------
+
+
+def _gather_json(obj: dict) -> list[dict]:
+    """Every process's JSON-able ``obj``, in process order (one element on one host)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    buf = np.zeros((n,), np.uint8)
+    buf[: raw.size] = raw
+    allb = np.asarray(multihost_utils.process_allgather(buf[None], tiled=True))
+    return [json.loads(bytes(b).rstrip(b"\0").decode()) for b in allb]
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+# ---- the checkpointer -----------------------------------------------------------------
+
+
+def _spec_dict(spec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+class RunCheckpointer:
+    """Orbax checkpoints for one run directory (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, trainer=None, *, install_signal_handler: bool = True,
+                 directory: str | Path | None = None, log_fn=print):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.cfg = cfg
+        self.every = cfg.checkpoint.every_steps
+        self.directory = Path(directory or Path(cfg.run_dir) / "checkpoints").absolute()
+        self.specs = dict(trainer.specs) if trainer is not None else {}
+        self.hooks = list(trainer.hooks) if trainer is not None else list(self.specs)
+        self._log = log_fn
+        self._last_saved: int | None = None
+        self._stop = threading.Event()
+        self._prev_handler = None
+        self._mngr = self._new_manager()
+        if install_signal_handler:
+            self._install_sigterm()
+
+    def _new_manager(self):
+        ocp = self._ocp
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.cfg.checkpoint.keep,
+            save_interval_steps=1,  # the decision is ours (`_due`), made the same on every host
+            enable_async_checkpointing=True,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that a crash interrupted
+            enable_should_save_is_saving_in_progress_check=False,
+        )
+        return ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=ITEMS,
+            item_handlers={
+                "states": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    # ---- SIGTERM ----------------------------------------------------------------------
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self._stop.set()
+
+        try:
+            self._prev_handler = signal.signal(signal.SIGTERM, handler)
+        except (ValueError, OSError):  # not in the main interpreter thread
+            self._prev_handler = None
+
+    def request_stop(self) -> None:
+        """What SIGTERM does: ask the loop to save and stop after the current step."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return _any_process(self._stop.is_set())
+
+    # ---- queries ----------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    @property
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint (waits for a save in flight)."""
+        self._mngr.wait_until_finished()
+        return self._mngr.latest_step()
+
+    def describe_last_good(self) -> str:
+        step = self.latest_step
+        if step is None:
+            return "no checkpoint has been saved yet"
+        return f"the last good checkpoint is step {step} in {self.directory / str(step)}"
+
+    def _due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    # ---- save -------------------------------------------------------------------------
+    def save(self, step: int, states, data_state: dict, *, force: bool = False) -> None:
+        step = int(step)
+        if not (force or self._due(step)) or self._last_saved == step:
+            return
+        if not bool(_all_finite(states)):
+            raise FloatingPointError(
+                f"non-finite parameters or optimizer state at step {step}; not saving them. "
+                f"{self.describe_last_good()}. Lower train.lr or check the input activations, "
+                "then resume (jsae train restarts from that checkpoint)."
+            )
+        ocp = self._ocp
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "hooks": self.hooks or list(states),
+            "specs": {h: _spec_dict(s) for h, s in self.specs.items()},
+            "fingerprint": fingerprint(states),
+            "jax_process_count": jax.process_count(),
+        }
+        args = ocp.args.Composite(
+            states=ocp.args.StandardSave(states),
+            data=ocp.args.JsonSave({"processes": _gather_json(data_state)}),
+            config=ocp.args.JsonSave(to_dict(self.cfg)),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self._mngr.save(step, args=args, force=True)
+        self._last_saved = step
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    # ---- restore ----------------------------------------------------------------------
+    def _read_json(self, step: int, item: str) -> dict:
+        path = self.directory / str(step) / item / "metadata"
+        if not path.exists():
+            raise CorruptCheckpointError(f"{path} is missing")
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(f"{path} is not valid JSON ({e})") from e
+
+    def check_fits(self, step: int) -> dict:
+        """The checkpoint's meta; raises CheckpointMismatchError if it is another SAE."""
+        meta = self._read_json(step, "meta")
+        if meta.get("format") != FORMAT:
+            raise CorruptCheckpointError(f"unknown checkpoint format {meta.get('format')!r}")
+        where = self.directory / str(step)
+        saved_hooks = list(meta.get("hooks", []))
+        if self.hooks and saved_hooks != self.hooks:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} trains hooks {saved_hooks} but the config asks for "
+                f"{self.hooks}; use another run_dir or `jsae train --fresh` to start over"
+            )
+        for h, spec in self.specs.items():
+            saved = meta.get("specs", {}).get(h, {})
+            diffs = [
+                f"{f}={saved.get(f)!r} in the checkpoint but {getattr(spec, f)!r} in the config"
+                for f in _SHAPE_FIELDS if saved.get(f) != getattr(spec, f)
+            ]
+            if spec.architecture in ("topk", "batchtopk") and saved.get("k") != spec.k:
+                diffs.append(f"k={saved.get('k')!r} in the checkpoint but {spec.k!r} in the config")
+            if diffs:
+                raise CheckpointMismatchError(
+                    f"checkpoint {where} does not fit the config for hook {h!r}: "
+                    + "; ".join(diffs)
+                    + ". Use another run_dir or `jsae train --fresh` to start over."
+                )
+        return meta
+
+    def _restore_step(self, step: int, template) -> tuple[Any, dict, dict]:
+        ocp = self._ocp
+        meta = self.check_fits(step)
+        states_dir = self.directory / str(step) / "states"
+        for name in ("_METADATA", "manifest.ocdbt"):
+            if not (states_dir / name).exists():
+                raise CorruptCheckpointError(f"{states_dir / name} is missing")
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                states=ocp.args.StandardRestore(template),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        states = out["states"]
+        if fingerprint(states) != list(meta["fingerprint"]):
+            raise CorruptCheckpointError("array contents do not match the saved fingerprint")
+        procs = out["data"]["processes"]
+        if len(procs) != jax.process_count():
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} was written by {len(procs)} processes but this run has "
+                f"{jax.process_count()}; the data position cannot be split differently"
+            )
+        return states, procs[jax.process_index()], meta
+
+    def _quarantine(self, step: int) -> Path | None:
+        src = self.directory / str(step)
+        if jax.process_index() != 0 or not src.exists():
+            return None
+        dst_root = self.directory.parent / "checkpoints_corrupt"
+        dst_root.mkdir(parents=True, exist_ok=True)
+        dst = dst_root / str(step)
+        n = 1
+        while dst.exists():
+            dst, n = dst_root / f"{step}.{n}", n + 1
+        shutil.move(str(src), str(dst))
+        return dst
+
+    def restore(self, template):
+        """(states, data_state) from the newest good checkpoint, or None when there is none."""
+        self._mngr.wait_until_finished()
+        self._mngr.reload()
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        bad: list[int] = []
+        result = None
+        for step in steps:
+            try:
+                states, data_state, _ = self._restore_step(step, template)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                self._log(f"warning: checkpoint step {step} in {self.directory} is damaged "
+                          f"({msg}); trying the previous one")
+                bad.append(step)
+                continue
+            result = (states, data_state)
+            break
+        for step in bad:
+            moved = self._quarantine(step)
+            if moved is not None:
+                self._log(f"moved damaged checkpoint step {step} to {moved}")
+        if bad:
+            self._mngr.reload()
+        if result is None:
+            if bad:
+                self._log("warning: no intact checkpoint left; starting from scratch")
+            return None
+        self._last_saved = int(max(self._mngr.all_steps() or [0]))
+        return result
+
+    # ---- shutdown ---------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            self._mngr.wait_until_finished()
+            self._mngr.close()
+        finally:
+            if self._prev_handler is not None:
+                try:
+                    signal.signal(signal.SIGTERM, self._prev_handler)
+                except (ValueError, OSError):
+                    pass
+                self._prev_handler = None
+
+
+# ---- reading a run's checkpoint outside training ----------------------------------------
+
+
+def latest_checkpoint(run_dir: str | Path) -> int | None:
+    """Step number of the newest finished checkpoint in ``run_dir`` (None if there is none)."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return None
+    steps = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()
+             and (p / "meta").exists()]
+    return max(steps) if steps else None
+
+
+def read_checkpoint(run_dir: str | Path, step: int | None = None) -> dict:
+    """A run's checkpoint as plain data: ``{"step", "states", "data", "meta", "config"}``.
+
+    ``states`` is a nested dict of numpy arrays (hook -> TrainState fields), read without a
+    template, for export and inspection; ``step=None`` takes the newest checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    d = Path(run_dir) / "checkpoints"
+    if step is None:
+        step = latest_checkpoint(run_dir)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {d}")
+    root = (d / str(step)).absolute()
+    out = {"step": int(step)}
+    for item in ("data", "meta", "config"):
+        out[item] = json.loads((root / item / "metadata").read_text())
+    with ocp.StandardCheckpointer() as ckptr:
+        out["states"] = jax.tree.map(np.asarray, ckptr.restore(root / "states"))
+    return out
+
+
+__all__ = [
+    "CheckpointMismatchError", "CorruptCheckpointError", "RunCheckpointer", "fingerprint",
+    "latest_checkpoint", "read_checkpoint",
+]
