@@ -11,7 +11,7 @@ from jsae.config import RunConfig
 from jsae.data import make_source
 from jsae.data.sources import SyntheticSource
 from jsae.evals.reconstruction import dictionary_recovery
-from jsae.train.loop import Trainer
+from jsae.train.loop import Trainer, TrainingStopped
 
 
 def _make_checkpointer(cfg: RunConfig, trainer: Trainer):
@@ -40,6 +40,10 @@ def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict
     checkpointer = _make_checkpointer(cfg, trainer)
     try:
         summary = trainer.fit(checkpointer=checkpointer, log=print_fn)
+    except TrainingStopped as stop:
+        print_fn(f"stopped at step {stop.step} (SIGTERM): checkpoint saved in "
+                 f"{run_dir / 'checkpoints'}; run the same command again to resume")
+        return {"stopped_at": stop.step}
     finally:
         if checkpointer is not None:
             checkpointer.close()

@@ -194,9 +194,11 @@ class Trainer:
                 flat["tokens_per_s"] = tok_s
                 if not all(np.isfinite(v) for v in flat.values()):
                     bad = [k for k, v in flat.items() if not np.isfinite(v)]
+                    last_good = getattr(checkpointer, "describe_last_good", None)
                     raise FloatingPointError(
                         f"non-finite {', '.join(bad)} at step {done}; "
                         "lower train.lr or check the input activations"
+                        + (f"; {last_good()}" if last_good else "")
                     )
                 if logger:
                     logger.log(done, flat)
@@ -212,6 +214,11 @@ class Trainer:
                     logger.log(done, {f"eval_{k}": v for k, v in ev.items()})
             if checkpointer is not None:
                 checkpointer.save(done, states, self.source.state())
+                if done < self.total_steps and getattr(checkpointer, "stop_requested", False):
+                    checkpointer.save(done, states, self.source.state(), force=True)
+                    bar.close()
+                    self.states = states
+                    raise TrainingStopped(done)
         bar.close()
         if checkpointer is not None:
             checkpointer.save(self.total_steps, states, self.source.state(), force=True)
@@ -252,6 +259,14 @@ class Trainer:
         )
 
 
+class TrainingStopped(Exception):
+    """The run was asked to stop (SIGTERM) and saved a checkpoint at ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} on request (SIGTERM); checkpoint saved")
+        self.step = step
+
+
 def _dirname(hook: str) -> str:
     return hook.replace("/", "_")
 
@@ -268,4 +283,4 @@ def sae_of(states: States, hook: str):
     return jax.device_get(states[hook].sae)
 
 
-__all__ = ["Checkpointer", "Trainer", "sae_of", "spec_from_config"]
+__all__ = ["Checkpointer", "Trainer", "TrainingStopped", "sae_of", "spec_from_config"]
