@@ -32,7 +32,7 @@ def test_several_hooks_one_pass_equals_separate_passes():
         one = Harvester(model, [h], forward=stub_forward)(toks, mask)
         np.testing.assert_array_equal(both[h], one[h])
         assert both[h].shape == (mask.sum(), 16) and both[h].dtype == np.float32
-    acts, _ = Harvester(model, hooks, forward=stub_forward).activations(toks)
+    acts = Harvester(model, hooks, forward=stub_forward).activations(toks)
     np.testing.assert_array_equal(both[hooks[0]], np.asarray(acts[hooks[0]])[mask])
 
 

@@ -25,9 +25,7 @@ def _default_forward():
 @partial(jax.jit, static_argnums=(0, 3, 4))
 def _harvest_jit(model_cfg, params, tokens, hooks: tuple, forward: Callable):
     out = forward(model_cfg, params, tokens, capture=hooks, stop_after_capture=True)
-    acts = {h: out.activations[h].astype(jnp.float32) for h in hooks}
-    norms = {h: jnp.linalg.norm(a, axis=-1) for h, a in acts.items()}
-    return acts, norms
+    return {h: out.activations[h].astype(jnp.float32) for h in hooks}
 
 
 def norm_outlier_keep(norms: dict[str, np.ndarray], multiple: float | None) -> np.ndarray | None:
@@ -68,8 +66,8 @@ class Harvester:
         self.forward = forward or _default_forward()
         self.exclude_norm_outliers = exclude_norm_outliers
 
-    def activations(self, tokens: np.ndarray) -> tuple[dict, dict]:
-        """Device arrays: ({hook: [B, T, d] float32}, {hook: [B, T] norms})."""
+    def activations(self, tokens: np.ndarray) -> dict:
+        """Device arrays ``{hook: [B, T, d] float32}``."""
         return _harvest_jit(
             self.model.cfg,
             self.model.params,
@@ -79,18 +77,17 @@ class Harvester:
         )
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        acts, norms = self.activations(tokens)
-        acts = {h: np.asarray(a) for h, a in acts.items()}
+        acts = {h: np.asarray(a) for h, a in self.activations(tokens).items()}
         B, T = np.shape(tokens)
         if mask is None:
             mask = np.ones((B, T), bool)
         mask = np.asarray(mask, bool)
         rows = {h: a[mask] for h, a in acts.items()}
-        keep = norm_outlier_keep(
-            {h: np.asarray(n)[mask] for h, n in norms.items()}, self.exclude_norm_outliers
-        )
-        if keep is not None:
-            rows = {h: r[keep] for h, r in rows.items()}
+        if self.exclude_norm_outliers is not None:
+            norms = {h: np.linalg.norm(r, axis=-1) for h, r in rows.items()}
+            keep = norm_outlier_keep(norms, self.exclude_norm_outliers)
+            if keep is not None:
+                rows = {h: r[keep] for h, r in rows.items()}
         return rows
 
 
