@@ -224,3 +224,45 @@ def test_offline_corpus_real_files(tmp_path, monkeypatch):
     sources = [ds[i]["source"] for i in range(0, len(ds), 50)]
     assert b"wikipedia" in sources and b"sotu" in sources
     assert list(tmp_path.glob("tfds/jsae_offline_text/1.0.0/*.array_record*"))
+
+
+def test_stream_documents_holdout_shares_and_resume():
+    from jsae.data.text import StreamDocuments, _with_timeout
+
+    texts = [doc(i) for i in range(200)]
+    docs = StreamDocuments(lambda: iter({"text": t} for t in texts), name="fake-stream")
+    shares = []
+    for p in range(3):
+        s = DocumentStream(
+            docs, split="train", holdout_fraction=0.1, process_index=p, process_count=3, epochs=1
+        )
+        shares.append([t for _, _, t in s.iterate()])
+    hold = [t for _, _, t in DocumentStream(docs, split="holdout", holdout_fraction=0.1).iterate()]
+    union = [t for sh in shares for t in sh]
+    assert sorted(union + hold) == sorted(texts) and len(set(union + hold)) == 200
+    assert 5 < len(hold) < 40
+    s = DocumentStream(docs, split="train", holdout_fraction=0.1, epochs=2)
+    full = list(s.iterate())
+    assert full[len(full) // 2 + 3 :] == list(s.iterate(*full[len(full) // 2 + 3][:2]))
+    # a source that hangs is abandoned after the timeout
+    import time
+
+    with pytest.raises(DataSourceError, match="no answer"):
+        _with_timeout(lambda: time.sleep(30), 0.2, "hanging")
+    with pytest.raises(ZeroDivisionError):
+        _with_timeout(lambda: 1 / 0, 5, "failing")
+
+
+def test_hf_without_datasets_fails_fast():
+    import importlib.util
+    from types import SimpleNamespace
+
+    from jsae.data.text import open_documents
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed")
+    cfg = SimpleNamespace(
+        dataset="hf:org/name", path=None, text_field="text", data_dir=None, split="train"
+    )
+    with pytest.raises(DataSourceError, match="pip install"):
+        open_documents(cfg)

@@ -21,7 +21,6 @@ process its strided share.
 
 from __future__ import annotations
 
-import concurrent.futures
 import glob
 import json
 import os
@@ -289,15 +288,26 @@ class DocumentStream:
 
 
 def _with_timeout(fn, seconds: float, what: str):
-    """Run ``fn()`` in a thread; raise DataSourceError if it takes longer than ``seconds``."""
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    fut = ex.submit(fn)
-    try:
-        return fut.result(timeout=seconds)
-    except concurrent.futures.TimeoutError:
-        raise DataSourceError(f"{what}: no answer within {seconds:.0f} s (offline?)") from None
-    finally:
-        ex.shutdown(wait=False)
+    """Run ``fn()`` in a daemon thread; DataSourceError if it takes longer than ``seconds``
+    (a hung network call is abandoned, and does not keep the process alive at exit)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True, name=f"jsae-open:{what}")
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise DataSourceError(f"{what}: no answer within {seconds:.0f} s (offline?)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def open_hf_stream(name: str, split: str = "train", text_field: str = "text") -> StreamDocuments:
