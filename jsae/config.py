@@ -108,6 +108,8 @@ class EvalConfig:
     every_steps: Optional[int] = None  # periodic evaluation during training
     tokens: int = 16384
     batch_size: int = 8  # contexts per LM pass for downstream metrics
+    show_features: int = 6  # after training on text: print snippets of this many features
+    show_features_contexts: int = 512  # corpus contexts scanned for those snippets
 
 
 @dataclasses.dataclass

@@ -57,5 +57,42 @@ def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict
         rec = dictionary_recovery(jax.device_get(trainer.states[hook].sae), source.features)
         summary["recovery"] = rec
         print_fn(f"ground-truth recovery (mean best cosine of true features): {rec:.3f}")
+    model = getattr(source, "model", None)
+    if model is not None and cfg.eval.show_features > 0 and jax.process_index() == 0:
+        for hook in trainer.hooks:
+            show_features(cfg, model, jax.device_get(trainer.states[hook].sae), hook, print_fn)
+    for hook, m in summary["heldout"].items():
+        print_fn(f"final held-out FVU [{hook}]: {m['fvu']:.4f} (L0 {m['l0']:.1f}, "
+                 f"dead {m['dead_frac']:.3f})")
     print_fn(f"saved SAEs under {run_dir / 'saes'}; metrics in {run_dir / 'metrics.csv'}")
     return summary
+
+
+def show_features(cfg: RunConfig, model, sae, hook: str, print_fn=print) -> list[int]:
+    """Print top-activating snippets (activating token in «») for a few live features.
+
+    Features are drawn at random (seeded) among those that fire on 0.01%-2% of the analysed
+    tokens, so what is shown is typical, not hand-picked. Returns the feature ids shown.
+    """
+    import numpy as np
+
+    from jsae.analysis.corpus import corpus_contexts
+    from jsae.analysis.render import render_snippets
+    from jsae.analysis.top import top_activations
+
+    n_ctx = cfg.eval.show_features_contexts
+    contexts, mask = corpus_contexts(model.tokenizer, n_ctx, 64, seed=cfg.seed + 1)
+    top = top_activations(model, sae, hook, contexts, mask, top_n=5, batch_size=16)
+    freq = top.frequency
+    live = np.flatnonzero((freq > 1e-4) & (freq < 0.02))
+    if len(live) == 0:
+        live = np.flatnonzero(freq > 0)
+    rng = np.random.default_rng(cfg.seed)
+    shown = sorted(rng.choice(live, min(cfg.eval.show_features, len(live)), replace=False).tolist())
+    print_fn(f"\nWhat some features of {hook} mean (top-activating snippets over "
+             f"{len(contexts)} contexts of the offline corpus; activating token in «»):")
+    for f in shown:
+        print_fn(f"\nfeature {f}  (fires on {100 * freq[f]:.2f}% of tokens)")
+        for line in render_snippets(model.tokenizer, contexts, top, f, n=4, left=10, right=3):
+            print_fn("  " + line)
+    return shown
