@@ -62,7 +62,8 @@ def random_sae(arch: str, d_in: int, d_sae: int, *, seed: int = 0, k: int = 4, s
 
 
 class TinyTokenizer:
-    """Byte-level stand-in tokenizer: id = 3 + (byte % (vocab - 3)); bos 2, eos 1, pad 0."""
+    """Character-level stand-in tokenizer: id = 3 + (ord(c) - 32) % (vocab - 3); bos 2, eos 1, pad 0
+    (printable ASCII round-trips)."""
 
     bos_id, eos_id, pad_id = 2, 1, 0
 
@@ -70,11 +71,14 @@ class TinyTokenizer:
         self.vocab = vocab
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = [3 + (b % (self.vocab - 3)) for b in text.encode()]
+        ids = [3 + (ord(c) - 32) % (self.vocab - 3) for c in text]
         return ([self.bos_id] if add_bos else []) + ids
 
     def decode(self, ids) -> str:
-        return "".join(chr(32 + (int(i) - 3) % 95) if int(i) >= 3 else "" for i in ids)
+        return "".join(chr(32 + int(i) - 3) if int(i) >= 3 else "" for i in ids)
+
+    def encode_batch(self, texts, add_bos: bool = True) -> list[list[int]]:
+        return [self.encode(t, add_bos) for t in texts]
 
 
 class TinyModel:

@@ -1,0 +1,102 @@
+"""Open a training run folder for analysis: its model, its SAEs, and cached corpus statistics.
+
+A run folder (what ``jsae train`` writes) has ``config.yaml`` (model name, hooks) and
+``saes/<hook>/`` folders (``jsae.sae.io``). Corpus statistics (top activations of every feature
+over a sample of the offline corpus, with the contexts) are cached under
+``analysis/<hook>/`` and recomputed when the SAE file changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jsae.analysis.top import TopActivations, top_activations
+from jsae.sae.core import SAE
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    model: object  # jsae.models.LanguageModel
+    sae: SAE
+    hook: str
+    model_name: str
+
+
+def run_hooks(run_dir: str | Path) -> list[str]:
+    """Hooks that have a saved SAE in the run folder."""
+    saes = Path(run_dir) / "saes"
+    return sorted(p.name for p in saes.iterdir() if (p / "sae.json").exists()) if saes.is_dir() else []
+
+
+def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run:
+    """Load the model and the SAE at ``hook`` (default: the first hook in the config that has a
+    saved SAE). ``model`` skips loading the LM (pass one already in memory)."""
+    from jsae.sae.io import load_sae
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder not found: {path}")
+    hooks = run_hooks(path)
+    if not hooks:
+        raise FileNotFoundError(f"{path}: no saved SAEs under {path / 'saes'} (train first: jsae train CONFIG)")
+    cfg = None
+    if (path / "config.yaml").exists():
+        from jsae.config import load as load_config
+
+        cfg = load_config(path / "config.yaml")
+    if hook is None:
+        wanted = [h for h in (cfg.model.hooks if cfg else []) if h in hooks]
+        hook = (wanted or hooks)[0]
+    if hook not in hooks:
+        raise FileNotFoundError(f"{path}: no SAE for hook {hook!r}; saved: {', '.join(hooks)}")
+    sae, meta = load_sae(path / "saes" / hook)
+    name = (cfg.model.path or cfg.model.name) if cfg else meta.get("model_name")
+    if model is None:
+        if not name:
+            raise ValueError(f"{path}: no config.yaml and no model_name in the SAE metadata")
+        from jsae.models import load
+
+        model = load(name, dtype=cfg.model.dtype if cfg else "float32")
+    return Run(path, model, sae, hook, str(name or getattr(model, "name", "")))
+
+
+def _sae_fingerprint(run: Run) -> str:
+    f = run.path / "saes" / run.hook / "sae.safetensors"
+    st = f.stat()
+    return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+
+
+def corpus_stats(run: Run, n_contexts: int = 256, context_length: int = 64, *, seed: int = 0,
+                 top_n: int = 10, batch_size: int = 8, cache: bool = True, log=None
+                 ) -> tuple[TopActivations, np.ndarray]:
+    """(top activations of every feature, contexts [N, T]) over a sample of the offline corpus,
+    cached in ``RUN_DIR/analysis/<hook>/``."""
+    from jsae.analysis.corpus import corpus_contexts
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    d = run.path / "analysis" / run.hook
+    key = f"top{top_n}_{n_contexts}x{context_length}_seed{seed}_{_sae_fingerprint(run)}"
+    f_top, f_ctx = d / f"{key}.npz", d / f"{key}.contexts.npy"
+    if cache and f_top.exists() and f_ctx.exists():
+        return TopActivations.load(f_top), np.load(f_ctx)
+    tokens, mask = corpus_contexts(run.model.tokenizer, n_contexts, context_length, seed=seed)
+    log(f"scanning {len(tokens)} contexts x {context_length} tokens of the offline corpus "
+        f"for {run.sae.spec.d_sae} features at {run.hook} ...")
+
+    def progress(done, total):
+        if done == total or done % (batch_size * 16) == 0:
+            log(f"  {done}/{total} contexts")
+
+    top = top_activations(run.model, run.sae, run.hook, tokens, mask, top_n=top_n,
+                          batch_size=batch_size, progress=progress)
+    if cache:
+        d.mkdir(parents=True, exist_ok=True)
+        top.save(f_top)
+        np.save(f_ctx, tokens)
+    return top, tokens
