@@ -253,16 +253,19 @@ def test_stream_documents_holdout_shares_and_resume():
         _with_timeout(lambda: 1 / 0, 5, "failing")
 
 
-def test_hf_without_datasets_fails_fast():
+def test_hf_unreachable_fails_fast(monkeypatch):
     import importlib.util
+    import time
     from types import SimpleNamespace
 
     from jsae.data.text import open_documents
 
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     cfg = SimpleNamespace(
         dataset="hf:org/name", path=None, text_field="text", data_dir=None, split="train"
     )
-    with pytest.raises(DataSourceError, match="pip install"):
+    want = "cannot reach" if importlib.util.find_spec("datasets") else "pip install"
+    t = time.time()
+    with pytest.raises(DataSourceError, match=want):
         open_documents(cfg)
+    assert time.time() - t < 10

@@ -310,6 +310,20 @@ def _with_timeout(fn, seconds: float, what: str):
     return box.get("value")
 
 
+def _check_reachable(url: str, what: str, timeout: float = 5.0) -> None:
+    """DataSourceError at once if ``url``'s host does not resolve or accept a connection
+    (instead of a client library retrying for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise DataSourceError(f"{what}: cannot reach {host} ({e}); no network?") from None
+
+
 def open_hf_stream(name: str, split: str = "train", text_field: str = "text") -> StreamDocuments:
     """A Hugging Face ``datasets`` dataset in streaming mode (``pip install jsae[hf]``)."""
     try:
@@ -319,6 +333,8 @@ def open_hf_stream(name: str, split: str = "train", text_field: str = "text") ->
             f"hf:{name} needs the 'datasets' package: pip install 'jsae[hf]'"
         ) from e
     path, _, config = name.partition(":")  # hf:ORG/NAME[:CONFIG]
+    if not os.path.isdir(path):  # a hub dataset: check that the hub answers at all, fast
+        _check_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), f"hf:{name}")
 
     def make_iter():
         import datasets
