@@ -129,12 +129,27 @@ def scan(model, sae: SAE, hook: str, texts: Sequence[str] | str, features, thres
 
 
 def render(result: ScanResult, index: int = 0, *, style: str = "plain") -> str:
-    """Text ``index`` with every span marked and labelled with its feature: ``«Golden Gate»[f123]``."""
+    """Text ``index`` with firing tokens marked and labelled with the features firing there:
+    ``the «Golden Gate»[f123] «Bridge»[f123,f7]`` (runs of tokens with the same set of
+    features form one mark)."""
     from jsae.analysis.render import highlight
 
-    spans = result.spans[index]
-    return highlight(result.pieces[index], [(s.start, s.end) for s in spans], style=style,
-                     labels=[f"f{s.feature}" for s in spans])
+    n = len(result.pieces[index])
+    active: list[tuple[int, ...]] = [()] * n
+    for sp in result.spans[index]:
+        for t in range(sp.start, sp.end):
+            active[t] = tuple(sorted({*active[t], sp.feature}))
+    marks, labels, t = [], [], 0
+    while t < n:
+        if active[t]:
+            s = t
+            while t < n and active[t] == active[s]:
+                t += 1
+            marks.append((s, t))
+            labels.append(",".join(f"f{f}" for f in active[s]))
+        else:
+            t += 1
+    return highlight(result.pieces[index], marks, style=style, labels=labels)
 
 
 __all__ = ["ScanResult", "Span", "firing", "render", "runs", "scan", "span_edges"]
