@@ -1,7 +1,24 @@
 """Reconstruction and sparsity metrics over many batches (exact totals, not batch means).
 
-FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all evaluated tokens, in raw units
-(the normalisation scale cancels); explained variance = 1 - FVU.
+Every metric is a ratio of sums over *all* evaluated tokens, accumulated in float64 on the
+host, so the result does not depend on how the tokens were split into batches. Formulas and
+sources are in ``docs/metrics.md``; in short, over tokens ``x`` (raw activations) with
+reconstruction ``x_hat = decode(encode(x))`` and codes ``z``:
+
+- FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (the normalisation scale cancels);
+  explained variance = 1 - FVU;
+- MSE = sum ||x - x_hat||^2 / (n d_in) (per element);
+- L0 = mean #{z != 0}; L1 = mean sum z;
+- cos_sim = mean cos(x, x_hat);
+- rel_recon_bias = sum ||x_hat||^2 / sum <x, x_hat> (SAEBench; Rajamanoharan et al. 2024
+  eq. 10): < 1 means shrinkage;
+- l2_ratio = mean ||x_hat|| / ||x|| (SAEBench/SAELens; ||x|| < 1e-4 counts as 1);
+- dead_frac = fraction of latents that never fired; dense_frac = fraction firing on more
+  than ``dense_threshold`` (10%) of tokens.
+
+``ReconstructionStats.add(sae, x, mask)`` takes ``x [..., d_in]`` and an optional boolean
+``mask [...]`` (True = evaluate this token), so fixed-shape batches with masked positions do
+not recompile.
 """
 
 from __future__ import annotations
@@ -14,58 +31,125 @@ import numpy as np
 
 from jsae.sae.core import SAE, decode, encode
 
+DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
+
 
 @jax.jit
-def _batch_sums(sae: SAE, x: jax.Array) -> dict[str, jax.Array]:
+def _batch_sums(sae: SAE, x: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the rows of ``x [N, d]`` weighted by ``w [N]`` (0/1)."""
     x = x.astype(jnp.float32)
+    w = w.astype(jnp.float32)
     z = encode(sae, x)
     x_hat = decode(sae, z)
     err = x - x_hat
+    n = jnp.sum(w)
+    mean = jnp.sum(x * w[:, None], 0) / jnp.maximum(n, 1.0)
+    centred = (x - mean) * w[:, None]
     dot = jnp.sum(x * x_hat, -1)
-    cos = dot / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(x_hat, axis=-1), 1e-12)
+    nx = jnp.linalg.norm(x, axis=-1)
+    nxh = jnp.linalg.norm(x_hat, axis=-1)
+    cos = dot / jnp.maximum(nx * nxh, 1e-12)
+    ratio = nxh / jnp.where(jnp.abs(nx) < 1e-4, 1.0, nx)  # SAEBench's guard
+    fired = (z != 0).astype(jnp.float32) * w[:, None]
+
+    def wsum(v):
+        return jnp.sum(v * w)
+
     return {
-        "n": jnp.asarray(x.shape[0], jnp.float32),
-        "sum_x": x.sum(0),
-        "sum_x2": jnp.sum(x * x),
-        "resid": jnp.sum(err * err),
-        "l0": jnp.sum(jnp.sum(z > 0, -1).astype(jnp.float32)),
-        "cos": jnp.sum(cos),
-        "fired": jnp.sum((z > 0).astype(jnp.float32), 0),
+        "n": n,
+        "mean": mean,
+        "m2": jnp.sum(centred * centred),  # sum ||x - batch mean||^2 (merged with Chan's rule)
+        "resid": wsum(jnp.sum(err * err, -1)),
+        "xhat2": wsum(nxh * nxh),
+        "dot": wsum(dot),
+        "l2_in": wsum(nx),
+        "l2_out": wsum(nxh),
+        "l2_ratio": wsum(ratio),
+        "l0": jnp.sum(fired),
+        "l1": wsum(jnp.sum(jnp.abs(z), -1)),
+        "cos": wsum(cos),
+        "fired": jnp.sum(fired, 0),
     }
 
 
 class ReconstructionStats:
-    """Streaming accumulator; ``add(sae, x [B, d_in])`` per batch, ``result()`` at the end."""
+    """Streaming accumulator; ``add(sae, x [..., d_in], mask=None)`` per batch, ``result()``.
 
-    def __init__(self):
+    The mean and centred sum of squares are merged across batches with Chan et al.'s
+    parallel update, in float64, so FVU stays exact for activations with a large mean.
+    """
+
+    def __init__(self, dense_threshold: float = DENSE_THRESHOLD):
         self.tot: dict[str, np.ndarray] | None = None
+        self.dense_threshold = dense_threshold
 
-    def add(self, sae: SAE, x) -> None:
-        sums = jax.device_get(_batch_sums(sae, jnp.asarray(x)))
+    def add(self, sae: SAE, x, mask=None) -> None:
+        x = jnp.asarray(x)
+        d = x.shape[-1]
+        x = x.reshape(-1, d)
+        w = jnp.ones(x.shape[0], bool) if mask is None else jnp.asarray(mask, bool).reshape(-1)
+        if w.shape[0] != x.shape[0]:
+            raise ValueError(f"mask has {w.shape[0]} entries for {x.shape[0]} tokens")
+        sums = jax.device_get(_batch_sums(sae, x, w))
         sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
-        self.tot = sums if self.tot is None else {k: self.tot[k] + sums[k] for k in sums}
+        if sums["n"] == 0:
+            return
+        if self.tot is None:
+            self.tot = sums
+            return
+        t = self.tot
+        na, nb = t["n"], sums["n"]
+        n = na + nb
+        delta = sums["mean"] - t["mean"]
+        merged = {k: t[k] + sums[k] for k in sums if k not in ("mean", "m2")}
+        merged["mean"] = t["mean"] + delta * (nb / n)
+        merged["m2"] = t["m2"] + sums["m2"] + float(delta @ delta) * na * nb / n
+        self.tot = merged
 
     def result(self) -> dict[str, float]:
         t = self.tot
         if t is None or t["n"] == 0:
             raise ValueError("no tokens were evaluated")
         n = t["n"]
-        mean = t["sum_x"] / n
-        total_var = t["sum_x2"] - n * float(mean @ mean)
-        fvu = float(t["resid"] / max(total_var, 1e-12))
+        d = len(t["mean"])
+        fvu = float(t["resid"] / max(t["m2"], 1e-30))
+        density = t["fired"] / n
         return {
             "fvu": fvu,
             "explained_variance": 1.0 - fvu,
-            "mse": float(t["resid"] / (n * len(mean))),
+            "mse": float(t["resid"] / (n * d)),
             "l0": float(t["l0"] / n),
+            "l1": float(t["l1"] / n),
             "cos_sim": float(t["cos"] / n),
+            "rel_recon_bias": float(t["xhat2"] / t["dot"]) if t["dot"] != 0 else float("nan"),
+            "l2_ratio": float(t["l2_ratio"] / n),
+            "l2_norm_in": float(t["l2_in"] / n),
+            "l2_norm_out": float(t["l2_out"] / n),
             "dead_frac": float(np.mean(t["fired"] == 0)),
+            "dense_frac": float(np.mean(density > self.dense_threshold)),
             "tokens": float(n),
         }
 
     @property
     def feature_counts(self) -> np.ndarray:
+        """How many evaluated tokens each latent fired on ([d_sae], float64)."""
         return np.zeros(0) if self.tot is None else self.tot["fired"]
+
+    @property
+    def n_tokens(self) -> int:
+        return 0 if self.tot is None else int(self.tot["n"])
+
+    @property
+    def feature_density(self) -> np.ndarray:
+        """Fraction of evaluated tokens on which each latent fired ([d_sae])."""
+        if self.tot is None or self.tot["n"] == 0:
+            return np.zeros(0)
+        return self.tot["fired"] / self.tot["n"]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean activation over the evaluated tokens ([d_in], float64)."""
+        return np.zeros(0) if self.tot is None else self.tot["mean"]
 
 
 def reconstruction_metrics(sae: SAE, batches: Iterable) -> dict[str, float]:

@@ -1,0 +1,43 @@
+"""`jsae eval PATH [--tokens N] [--json OUT.json]`: the metrics papers and SAEBench report.
+
+PATH is a jsae run directory (``saes/<hook>/`` + ``config.yaml``), one jsae SAE folder, or an
+imported SAELens / Gemma Scope folder (give ``--model`` and ``--hook`` when its files do not
+say). Prints a table and writes ``eval.json``, ``feature_density.png`` and per-hook density
+arrays (default folder: ``PATH/eval/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval", help="evaluate SAEs: L0, FVU, CE loss recovered, KL, dead/dense latents",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="run directory, SAE folder, or SAELens / Gemma Scope folder")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="evaluation tokens (positions an SAE trains on; default eval.tokens)")
+    p.add_argument("--json", dest="json_path", default=None, metavar="OUT.json",
+                   help="where to write the metrics (default PATH/eval/eval.json)")
+    p.add_argument("--out-dir", default=None, help="folder for plots (default: beside the JSON)")
+    p.add_argument("--model", default=None, help="LM name or path (default: the run's model)")
+    p.add_argument("--hook", default=None, help="hook of an imported SAE, e.g. blocks.6.hook_resid_post")
+    p.add_argument("--batch-size", type=int, default=None, help="contexts per LM pass (default eval.batch_size)")
+    p.add_argument("--no-downstream", action="store_true",
+                   help="skip the spliced-model CE/KL metrics (reconstruction and sparsity only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.context_length=256 (repeatable)")
+    return p
+
+
+def run(args) -> int:
+    from jsae.evals.evaluate import evaluate_path
+
+    evaluate_path(
+        args.path, n_tokens=args.tokens, batch_size=args.batch_size, model_name=args.model,
+        hook=args.hook, json_path=args.json_path, out_dir=args.out_dir,
+        downstream=not args.no_downstream, overrides=args.overrides,
+    )
+    return 0

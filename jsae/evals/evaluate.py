@@ -1,0 +1,498 @@
+"""Evaluate dictionaries on a language model: reconstruction, sparsity, latent health and
+downstream loss, per hook, from held-out text.
+
+Two passes over the same evaluation contexts:
+
+1. one early-stopped forward per batch captures every hook (the activations are cached on
+   the host when they fit in ``cache_bytes``); it gives the reconstruction and sparsity
+   metrics, the feature densities and the mean activation used for mean ablation;
+2. one jitted program per batch runs the LM clean and with each hook spliced / zero-ablated /
+   mean-ablated (:mod:`jsae.evals.downstream`).
+
+Positions evaluated are those the SAE trains on (``mask``: no padding, no BOS when
+``data.exclude_bos``). ``Evaluator`` is reusable: the periodic evaluation during training
+(:func:`make_eval_fn`) builds it once and calls :meth:`Evaluator.evaluate` with new SAEs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.evals.downstream import downstream_metrics
+from jsae.evals.health import latent_health, plot_feature_density
+from jsae.evals.reconstruction import ReconstructionStats
+from jsae.sae.core import SAE
+
+# ---- evaluation contexts ----------------------------------------------------------------
+
+
+def eval_contexts(
+    model,
+    data_cfg,
+    n_tokens: int,
+    *,
+    seed: int = 0,
+    documents=None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out contexts ``(tokens [N, T], mask [N, T])`` with at least ``n_tokens`` masked
+    positions (fewer if the held-out documents run out), packed exactly as for training.
+
+    ``data_cfg`` is a ``DataConfig`` (``dataset``, ``context_length``, ``prepend_bos``,
+    ``exclude_bos``, ``holdout_fraction``); ``documents`` overrides ``data_cfg.dataset``.
+    """
+    from jsae.data.packing import Packer, tokenizer_fn
+    from jsae.data.text import DataSourceError, DocumentStream, open_documents
+
+    docs = documents if documents is not None else open_documents(data_cfg)
+    split = "holdout" if data_cfg.holdout_fraction > 0 else "train"
+    try:
+        stream = DocumentStream(
+            docs, split=split, holdout_fraction=data_cfg.holdout_fraction, seed=seed,
+            process_index=process_index, process_count=process_count, epochs=1,
+        )
+    except DataSourceError:  # too few documents to hold any out: evaluate on the training split
+        stream = DocumentStream(docs, split="train", seed=seed, process_index=process_index,
+                                process_count=process_count, epochs=1)
+    tok = model.tokenizer
+    packer = Packer(
+        stream, tokenizer_fn(tok), context_length=data_cfg.context_length, bos_id=tok.bos_id,
+        pad_id=tok.pad_id if tok.pad_id is not None else 0, prepend_bos=data_cfg.prepend_bos,
+        exclude_bos=data_cfg.exclude_bos,
+    )
+    rows, masks, have = [], [], 0
+    while have < n_tokens:
+        c = packer.next_context()
+        if c is None:
+            break
+        rows.append(c[0])
+        masks.append(c[1])
+        have += int(c[1].sum())
+    if not rows:
+        raise ValueError("no evaluation text: the held-out documents are empty")
+    return np.stack(rows), np.stack(masks)
+
+
+def texts_to_contexts(
+    model, texts: Sequence[str], context_length: int, *, prepend_bos: bool = True,
+    exclude_bos: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pack a list of texts (in order) into ``(tokens [N, T], mask [N, T])``."""
+    from jsae.data.packing import pack_documents, tokenizer_fn
+
+    tok = model.tokenizer
+    return pack_documents(
+        list(texts), tokenizer_fn(tok), context_length, bos_id=tok.bos_id,
+        pad_id=tok.pad_id if tok.pad_id is not None else 0, prepend_bos=prepend_bos,
+        exclude_bos=exclude_bos,
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _capture(model_cfg, params, tokens, hooks: tuple, forward: Callable) -> dict:
+    """Activations at ``hooks`` ([B, T, d] float32), the forward stopped after the last one."""
+    out = forward(model_cfg, params, tokens, capture=hooks, stop_after_capture=True)
+    return {h: out.activations[h].astype(jnp.float32) for h in hooks}
+
+
+# ---- the evaluator ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, dict[str, float]]  # hook -> metric -> value
+    density: dict[str, np.ndarray]  # hook -> [d_sae] fraction of tokens each latent fired on
+    n_tokens: int  # masked positions evaluated
+
+    def flat(self) -> dict[str, float]:
+        """``metric`` (one hook) or ``hook/metric`` (several): the training loop's naming."""
+        multi = len(self.metrics) > 1
+        return {(f"{h}/{k}" if multi else k): float(v)
+                for h, m in self.metrics.items() for k, v in m.items()}
+
+
+class Evaluator:
+    """Metrics of SAEs at ``hooks`` of ``model`` over fixed contexts ``tokens``/``mask``.
+
+    ``forward`` defaults to ``jsae.models.forward``; ``batch_size`` is contexts per LM pass.
+    """
+
+    def __init__(
+        self,
+        model,
+        hooks: Sequence[str],
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        *,
+        forward: Callable | None = None,
+        batch_size: int = 8,
+        cache_bytes: int = 1 << 30,
+    ):
+        if forward is None:
+            from jsae.models import forward
+        self.model, self.forward = model, forward
+        self.hooks = list(hooks)
+        self.tokens = np.asarray(tokens, np.int32)
+        self.mask = np.asarray(mask, bool)
+        if self.tokens.shape != self.mask.shape or self.tokens.ndim != 2:
+            raise ValueError(f"tokens {self.tokens.shape} and mask {self.mask.shape} must be [N, T]")
+        self.batch_size = max(1, min(int(batch_size), len(self.tokens)))
+        n, T = self.tokens.shape
+        d = int(model.cfg.d_model)
+        self._cache_ok = n * T * d * 4 * len(self.hooks) <= cache_bytes
+        self._acts: list[dict[str, np.ndarray]] | None = None
+        self._means: dict[str, np.ndarray] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def batches(self):
+        """``(tokens [B, T], mask [B, T])``; the last batch is padded with masked-out rows so
+        every batch has the same shape (one compilation)."""
+        B = self.batch_size
+        n, T = self.tokens.shape
+        for s in range(0, n, B):
+            t, m = self.tokens[s : s + B], self.mask[s : s + B]
+            if len(t) < B:
+                pad = B - len(t)
+                t = np.concatenate([t, np.full((pad, T), self.tokens[0, 0], np.int32)])
+                m = np.concatenate([m, np.zeros((pad, T), bool)])
+            yield t, m
+
+    def activation_batches(self):
+        """``({hook: [B, T, d] float32}, mask [B, T])`` per batch (cached when small)."""
+        if self._acts is not None:
+            yield from zip(self._acts, (m for _, m in self.batches()))
+            return
+        cache = [] if self._cache_ok else None
+        for t, m in self.batches():
+            acts = _capture(self.model.cfg, self.model.params, jnp.asarray(t), tuple(self.hooks),
+                            self.forward)
+            acts = {h: np.asarray(a) for h, a in acts.items()}
+            if cache is not None:
+                cache.append(acts)
+            yield acts, m
+        if cache is not None:
+            self._acts = cache
+
+    def means(self) -> dict[str, np.ndarray]:
+        """Mean activation per hook over the masked positions (for mean ablation)."""
+        if self._means is None:
+            sums = {h: 0.0 for h in self.hooks}
+            for acts, m in self.activation_batches():
+                for h in self.hooks:
+                    sums[h] = sums[h] + np.asarray(acts[h], np.float64)[m].sum(0)
+            self._means = {h: np.asarray(sums[h] / max(self.n_tokens, 1)) for h in self.hooks}
+        return self._means
+
+    def reconstruction(self, saes: Mapping[str, SAE]) -> dict[str, ReconstructionStats]:
+        stats = {h: ReconstructionStats() for h in saes}
+        for acts, m in self.activation_batches():
+            for h, sae in saes.items():
+                stats[h].add(sae, acts[h], m)
+        return stats
+
+    def evaluate(self, saes: Mapping[str, SAE], *, downstream: bool = True) -> EvalResult:
+        """All metrics for ``saes`` (hook -> SAE; hooks must be among ``self.hooks``)."""
+        unknown = [h for h in saes if h not in self.hooks]
+        if unknown:
+            raise ValueError(f"no evaluation activations for hooks {unknown}; have {self.hooks}")
+        d_model = int(self.model.cfg.d_model)
+        for h, sae in saes.items():
+            if sae.spec.d_in != d_model:
+                raise ValueError(f"SAE at {h} has d_in={sae.spec.d_in}, the model has d_model={d_model}")
+        saes = {h: jax.device_get(s) for h, s in saes.items()}
+        stats = self.reconstruction(saes)
+        metrics = {h: s.result() for h, s in stats.items()}
+        density = {h: s.feature_density for h, s in stats.items()}
+        for h, s in stats.items():
+            health = latent_health(s.feature_counts, s.n_tokens)
+            metrics[h].update({k: v for k, v in health.items() if k.startswith("log10")})
+        if downstream:
+            means = self.means()
+            ds = downstream_metrics(self.model, saes, self.batches(), means, forward=self.forward)
+            for h in saes:
+                metrics[h].update(ds[h])
+        return EvalResult(metrics, density, self.n_tokens)
+
+
+# ---- during training --------------------------------------------------------------------
+
+
+def make_eval_fn(
+    cfg,
+    model=None,
+    *,
+    n_tokens: int | None = None,
+    downstream: bool = True,
+    forward: Callable | None = None,
+    documents=None,
+):
+    """``eval_fn(trainer, states) -> dict[str, float]`` for ``Trainer.fit(eval_fn=...)``.
+
+    With an LM (``model``, or the text source's ``trainer.source.model``) it computes every
+    metric of :class:`Evaluator` on ``cfg.eval.tokens`` held-out tokens (contexts built once,
+    activations cached); without one (synthetic / array sources) the reconstruction metrics
+    of ``trainer.evaluate``. Keys follow the loop: ``metric`` or ``hook/metric``.
+    """
+    holder: dict = {}
+
+    def eval_fn(trainer, states) -> dict[str, float]:
+        lm = model if model is not None else getattr(trainer.source, "model", None)
+        if lm is None:
+            per_hook = trainer.evaluate(states, n_tokens)
+            return EvalResult(per_hook, {}, 0).flat()
+        if "ev" not in holder:
+            toks, mask = eval_contexts(
+                lm, cfg.data, n_tokens or cfg.eval.tokens, seed=cfg.seed, documents=documents,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+            )
+            holder["ev"] = Evaluator(lm, trainer.hooks, toks, mask, forward=forward,
+                                     batch_size=cfg.eval.batch_size)
+        saes = {h: jax.device_get(states[h].sae) for h in trainer.hooks}
+        return holder["ev"].evaluate(saes, downstream=downstream).flat()
+
+    return eval_fn
+
+
+# ---- a run directory ----------------------------------------------------------------------
+
+
+def load_run_saes(run_dir: str | Path) -> dict[str, SAE]:
+    """hook -> SAE from ``RUN_DIR/saes/*/`` (written by ``jsae.sae.io.save_sae``)."""
+    from jsae.sae.io import load_sae
+
+    root = Path(run_dir) / "saes"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist: is {run_dir} a finished jsae run?")
+    out = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        sae, meta = load_sae(d)
+        out[meta.get("hook_name") or d.name] = sae
+    if not out:
+        raise FileNotFoundError(f"no SAEs under {root}")
+    return out
+
+
+def write_outputs(
+    result: EvalResult, out_dir: str | Path, *, json_path: str | Path | None = None,
+    info: dict | None = None,
+) -> dict[str, str]:
+    """``eval.json`` (metrics + info), ``feature_density.png`` and ``feature_density_<hook>.npy``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if result.density:
+        files["plot"] = str(plot_feature_density(
+            result.density, out_dir / "feature_density.png",
+            n_tokens={h: result.n_tokens for h in result.density},
+        ))
+        for h, d in result.density.items():
+            p = out_dir / f"feature_density_{h.replace('/', '_')}.npy"
+            np.save(p, np.asarray(d, np.float32))
+            files[f"density:{h}"] = str(p)
+    json_path = Path(json_path) if json_path else out_dir / "eval.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"info": info or {}, "tokens": result.n_tokens, "metrics": _jsonable(result.metrics),
+           "files": files}
+    json_path.write_text(json.dumps(doc, indent=2))
+    files["json"] = str(json_path)
+    return files
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+TABLE_ROWS = [
+    ("tokens", "tokens evaluated", "{:.0f}"),
+    ("l0", "L0 (active latents / token)", "{:.2f}"),
+    ("l1", "L1", "{:.4g}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("explained_variance", "explained variance", "{:.4f}"),
+    ("mse", "MSE (per element)", "{:.4g}"),
+    ("cos_sim", "cosine similarity", "{:.4f}"),
+    ("rel_recon_bias", "relative reconstruction bias", "{:.4f}"),
+    ("l2_ratio", "L2 norm ratio", "{:.4f}"),
+    ("dead_frac", "dead latents", "{:.2%}"),
+    ("dense_frac", "dense latents (>10%)", "{:.2%}"),
+    ("log10_density_median", "median log10 density (alive)", "{:.2f}"),
+    ("ce_clean", "CE clean", "{:.4f}"),
+    ("ce_spliced", "CE with SAE", "{:.4f}"),
+    ("ce_delta", "CE increase", "{:.4f}"),
+    ("ce_zero_abl", "CE zero-ablated", "{:.4f}"),
+    ("ce_mean_abl", "CE mean-ablated", "{:.4f}"),
+    ("ce_recovered_zero", "CE loss recovered (zero abl.)", "{:.4f}"),
+    ("ce_recovered_mean", "CE loss recovered (mean abl.)", "{:.4f}"),
+    ("kl_spliced", "KL(clean || SAE) / token", "{:.4f}"),
+    ("kl_score_zero", "KL score (zero abl.)", "{:.4f}"),
+]
+
+
+def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """A plain-text table: one row per metric, one column per hook."""
+    hooks = list(metrics)
+    rows = [("metric", *hooks)]
+    for key, label, fmt in TABLE_ROWS:
+        if not any(key in metrics[h] for h in hooks):
+            continue
+        vals = []
+        for h in hooks:
+            v = metrics[h].get(key)
+            vals.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        rows.append((label, *vals))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---- a path on disk: a run directory, a jsae SAE, an SAELens / Gemma Scope folder ------------
+
+
+def detect_kind(path: str | Path) -> str:
+    """``run`` | ``jsae`` | ``saelens`` | ``gemmascope`` for a folder (or ``.npz`` file)."""
+    p = Path(path)
+    if p.is_dir() and (p / "saes").is_dir():
+        return "run"
+    if p.is_dir() and (p / "sae.json").exists():
+        return "jsae"
+    if p.is_dir() and (p / "cfg.json").exists():
+        return "saelens"
+    if p.suffix == ".npz" or (p.is_dir() and ((p / "params.npz").exists() or any(p.glob("*.safetensors")))):
+        return "gemmascope"
+    raise FileNotFoundError(
+        f"{p}: not a jsae run (saes/), a jsae SAE (sae.json), an SAELens folder (cfg.json) or a "
+        "Gemma Scope folder (params.npz / *.safetensors)"
+    )
+
+
+def _external(kind: str, path: Path) -> tuple[SAE, dict]:
+    try:
+        from jsae import export
+    except ImportError as e:
+        raise RuntimeError(f"reading {kind} dictionaries needs jsae.export ({e})") from e
+    fn = getattr(export, "load_saelens" if kind == "saelens" else "load_gemmascope")
+    out = fn(path)
+    if isinstance(out, tuple):
+        sae, meta = out[0], (out[1] if len(out) > 1 and isinstance(out[1], dict) else {})
+    else:
+        sae, meta = out, {}
+    return sae, dict(meta)
+
+
+def _run_config_file(path: Path, kind: str) -> Path | None:
+    """The run's config.yaml: in the run directory, or two levels up from ``saes/<hook>/``."""
+    if kind == "run" and (path / "config.yaml").exists():
+        return path / "config.yaml"
+    if kind == "jsae" and path.parent.name == "saes" and (path.parent.parent / "config.yaml").exists():
+        return path.parent.parent / "config.yaml"
+    return None
+
+
+def _eval_config(path: Path, kind: str, overrides: Sequence[str], d_sae: int):
+    from jsae import config as config_lib
+
+    run_cfg = _run_config_file(path, kind)
+    if run_cfg is not None:
+        return config_lib.load(run_cfg, list(overrides))
+    # no training config: defaults (offline text, 128-token contexts), made valid for loading
+    raw = config_lib.apply_overrides({"train": {"steps": 1}, "sae": {"d_sae": d_sae}}, list(overrides))
+    return config_lib.from_dict(raw)
+
+
+def evaluate_path(
+    path: str | Path,
+    *,
+    n_tokens: int | None = None,
+    batch_size: int | None = None,
+    model_name: str | None = None,
+    hook: str | None = None,
+    json_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    downstream: bool = True,
+    overrides: Sequence[str] = (),
+    model=None,
+    forward: Callable | None = None,
+    documents=None,
+    print_fn: Callable[[str], None] | None = print,
+) -> dict:
+    """``jsae eval``: evaluate the SAEs at ``path``; write JSON and plots; return the JSON doc.
+
+    ``model`` / ``forward`` / ``documents`` replace the loaded LM, its forward and the text
+    (tests and notebooks)."""
+    path = Path(path)
+    kind = detect_kind(path)
+    meta: dict = {}
+    if kind == "run":
+        saes = load_run_saes(path)
+    elif kind == "jsae":
+        from jsae.sae.io import load_sae
+
+        sae, meta = load_sae(path)
+        saes = {hook or meta.get("hook_name") or "": sae}
+    else:
+        sae, meta = _external(kind, path)
+        saes = {hook or meta.get("hook_name") or "": sae}
+    if "" in saes:
+        raise ValueError(f"{path}: the hook is unknown; pass --hook (e.g. blocks.6.hook_resid_post)")
+    first = next(iter(saes.values()))
+    cfg = _eval_config(path, kind, overrides, first.spec.d_sae)
+    run_cfg = _run_config_file(path, kind) is not None
+    n_tokens = int(n_tokens or cfg.eval.tokens)
+    info = {"path": str(path), "kind": kind, "hooks": list(saes), "n_tokens_requested": n_tokens}
+
+    lm_needed = not run_cfg or cfg.data.source in ("text", "cache")
+    if not lm_needed:  # synthetic / array activations: reconstruction metrics only
+        from jsae.data import make_source
+
+        source = make_source(cfg)
+        stats = {h: ReconstructionStats() for h in saes}
+        for batch in source.eval_batches(n_tokens, 4096):
+            for h, sae in saes.items():
+                stats[h].add(sae, batch[h])
+        metrics = {h: s.result() for h, s in stats.items()}
+        result = EvalResult(metrics, {h: s.feature_density for h, s in stats.items()},
+                            int(next(iter(stats.values())).n_tokens))
+        info["data"] = cfg.data.source
+    else:
+        if model is None:
+            from jsae.models import load
+
+            if kind == "run" or run_cfg:
+                name = model_name or cfg.model.path or cfg.model.name
+            else:
+                name = model_name or meta.get("model_name")
+            if not name:
+                raise ValueError(f"{path}: the model is unknown; pass --model (e.g. gemma-3-270m)")
+            model = load(name, dtype=cfg.model.dtype)
+        tokens, mask = eval_contexts(model, cfg.data, n_tokens, seed=cfg.seed, documents=documents)
+        ev = Evaluator(model, list(saes), tokens, mask, forward=forward,
+                       batch_size=batch_size or cfg.eval.batch_size)
+        result = ev.evaluate(saes, downstream=downstream)
+        info.update(model=getattr(model, "name", None), dataset=cfg.data.dataset,
+                    context_length=int(tokens.shape[1]), contexts=int(tokens.shape[0]),
+                    exclude_bos=cfg.data.exclude_bos)
+    out_dir = Path(out_dir) if out_dir else (
+        Path(json_path).parent if json_path else (path if path.is_dir() else path.parent) / "eval")
+    files = write_outputs(result, out_dir, json_path=json_path, info=info)
+    if print_fn is not None:
+        print_fn(format_table(result.metrics))
+        print_fn(f"wrote {files['json']}" + (f" and {files['plot']}" if "plot" in files else ""))
+    return {"info": info, "tokens": result.n_tokens, "metrics": result.metrics, "files": files}
