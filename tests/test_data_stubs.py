@@ -26,6 +26,9 @@ class StubTokenizer:
         ids = [3 + (b % 290) for b in text.encode("utf-8")]
         return ([self.bos_id] if add_bos else []) + ids
 
+    def encode_batch(self, texts, add_bos=True):
+        return [self.encode(t, add_bos) for t in texts]
+
     def decode(self, ids):
         return "".join(chr(i - 3) for i in ids if i > 2)
 

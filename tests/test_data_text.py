@@ -269,3 +269,38 @@ def test_hf_unreachable_fails_fast(monkeypatch):
     with pytest.raises(DataSourceError, match=want):
         open_documents(cfg)
     assert time.time() - t < 10
+
+
+def test_batched_tokenisation_with_read_ahead_matches_single():
+    texts = [
+        doc(*range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate([7, 3, 9, 1, 5, 0] * 5)
+    ]
+    texts[5] = ""  # an empty document is skipped
+
+    def run(restore_at=None, **kw):
+        mk = lambda: Packer(
+            DocumentStream(ListDocuments(texts), seed=2, epochs=2),
+            tok,
+            context_length=6,
+            bos_id=BOS,
+            **kw,
+        )
+        p, out = mk(), []
+        while (b := p.next_batch(2)) is not None:
+            out.append(b.tokens)
+            if restore_at is not None and len(out) == restore_at:
+                st = p.state()
+                p = mk()
+                p.restore(st)
+        return np.concatenate(out)
+
+    calls = []
+
+    def batch(ts):
+        calls.append(len(ts))
+        return [tok(t) for t in ts]
+
+    single = run()
+    np.testing.assert_array_equal(run(tokenize_batch=batch, prefetch_docs=4), single)
+    assert max(calls) == 4
+    np.testing.assert_array_equal(run(restore_at=5, tokenize_batch=batch, prefetch_docs=4), single)

@@ -77,10 +77,14 @@ class Harvester:
         )
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        acts = {h: np.asarray(a) for h, a in self.activations(tokens).items()}
-        B, T = np.shape(tokens)
+        return self.select(self.activations(tokens), mask)
+
+    def select(self, acts: dict, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Host rows ``{hook: [n_kept, d]}`` from ``activations()`` output: masked positions
+        dropped, then norm outliers (if configured)."""
+        acts = {h: np.asarray(a) for h, a in acts.items()}
         if mask is None:
-            mask = np.ones((B, T), bool)
+            mask = np.ones(next(iter(acts.values())).shape[:2], bool)
         mask = np.asarray(mask, bool)
         rows = {h: a[mask] for h, a in acts.items()}
         if self.exclude_norm_outliers is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jsae.data.harvest import Harvester, make_global_batch
-from jsae.data.packing import Packer, tokenizer_fn
+from jsae.data.packing import Packer, tokenizer_batch_fn, tokenizer_fn
 from jsae.data.shuffle import ShuffleMixer
 from jsae.data.text import DocumentStream, open_documents
 
@@ -66,6 +66,7 @@ class TextActivationSource:
             pad_id=tok.pad_id if tok.pad_id is not None else 0,
             prepend_bos=d.prepend_bos,
             exclude_bos=d.exclude_bos,
+            tokenize_batch=tokenizer_batch_fn(tok),
         )
         self.stream = DocumentStream(
             self.docs,
@@ -80,15 +81,30 @@ class TextActivationSource:
             max(int(d.shuffle_buffer), 2), seed=_mix_seed(cfg.seed, process_index)
         )
         self._eval_cache: dict[int, dict[str, np.ndarray]] = {}
+        self._pending = None  # (PackedBatch, device activations) dispatched ahead
         self.tokens_harvested = 0  # LM tokens run through the model (including replays)
 
     # ---- training stream ------------------------------------------------------------
-    def _harvest_step(self) -> bool:
+    def _dispatch(self):
+        """Pack the next LM batch and start its forward (asynchronously): (step, device acts)."""
         step = self.packer.next_batch(self.lm_batch)
-        if step is None:  # a finite stream ran out
+        if step is None:
+            return None
+        return step, self.harvester.activations(step.tokens)
+
+    def _harvest_step(self) -> bool:
+        # One LM batch of lookahead: the next forward is queued before this one's results are
+        # copied to the host, so packing/tokenising and device compute overlap. Positions are
+        # those recorded with each batch, so the lookahead never changes what state() says.
+        if self._pending is None:
+            self._pending = self._dispatch()
+        cur = self._pending
+        if cur is None:  # a finite stream ran out
             self.mixer.finish()
             return False
-        rows = self.harvester(step.tokens, step.mask)
+        self._pending = self._dispatch()
+        step, acts = cur
+        rows = self.harvester.select(acts, step.mask)
         self.tokens_harvested += step.tokens.size
         self.mixer.push(rows, step.start)
         return True
@@ -164,4 +180,5 @@ class TextActivationSource:
                 + ", ".join(f"{k} {sig[k]!r} -> {now[k]!r}" for k in changed)
             )
         replay = self.mixer.restore(state["mixer"])
+        self._pending = None
         self.packer.restore(replay["pos"] if replay else {"epoch": 0, "pos": 0, "offset": 0})

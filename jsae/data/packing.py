@@ -38,6 +38,13 @@ def tokenizer_fn(tokenizer) -> Callable[[str], list[int]]:
     return lambda text: tokenizer.encode(text, add_bos=False)
 
 
+def tokenizer_batch_fn(tokenizer) -> Callable[[list[str]], list[list[int]]] | None:
+    """``texts -> ids lists`` without BOS (parallel in HF tokenizers), or None if unsupported."""
+    if not hasattr(tokenizer, "encode_batch"):
+        return None
+    return lambda texts: tokenizer.encode_batch(list(texts), add_bos=False)
+
+
 class Packer:
     def __init__(
         self,
@@ -50,6 +57,8 @@ class Packer:
         prepend_bos: bool = True,
         separator_id: int | None | str = "bos",
         exclude_bos: bool = True,
+        tokenize_batch: Callable[[list[str]], list[list[int]]] | None = None,
+        prefetch_docs: int = 32,
     ):
         if context_length < 2:
             raise ValueError("context_length must be >= 2")
@@ -57,6 +66,8 @@ class Packer:
             raise ValueError("prepend_bos needs a bos_id")
         self.stream = stream
         self.tokenize = tokenize
+        self.tokenize_batch = tokenize_batch
+        self.prefetch_docs = max(int(prefetch_docs), 1) if tokenize_batch else 1
         self.T = int(context_length)
         self.bos_id = bos_id
         self.pad_id = int(pad_id)
@@ -72,12 +83,13 @@ class Packer:
     def restore(self, state: dict) -> None:
         self._epoch, self._pos, self._offset = state["epoch"], state["pos"], state["offset"]
         self._docs: Iterator | None = None
+        self._ahead: list = []  # tokenised documents read ahead: (epoch, pos, ids, special)
         self._cur: np.ndarray | None = None  # stream tokens of document (epoch, pos)
         self._cur_special: np.ndarray | None = None
         self._done = False
 
-    def _doc_tokens(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = list(self.tokenize(text))
+    def _doc_tokens(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        ids = list(ids)
         if not ids:
             return np.zeros(0, np.int32), np.zeros(0, bool)
         special = [False] * len(ids)
@@ -93,15 +105,30 @@ class Packer:
                 self._cur = None
                 self._pos += 1
                 self._offset = 0
-            if self._docs is None:
-                self._docs = self.stream.iterate(self._epoch, self._pos)
-            try:
-                epoch, pos, text = next(self._docs)
-            except StopIteration:
+            if not self._ahead and not self._read_ahead():
                 self._done = True
                 return False
-            self._epoch, self._pos = epoch, pos
-            self._cur, self._cur_special = self._doc_tokens(text)
+            self._epoch, self._pos, self._cur, self._cur_special = self._ahead.pop(0)
+        return True
+
+    def _read_ahead(self) -> bool:
+        """Tokenise the next few documents (in one batch call when possible)."""
+        if self._docs is None:
+            self._docs = self.stream.iterate(self._epoch, self._pos)
+        got = []
+        for item in self._docs:
+            got.append(item)
+            if len(got) >= self.prefetch_docs:
+                break
+        if not got:
+            return False
+        texts = [t for _, _, t in got]
+        if self.tokenize_batch is not None and len(texts) > 1:
+            ids = self.tokenize_batch(texts)
+        else:
+            ids = [self.tokenize(t) for t in texts]
+        for (epoch, pos, _), x in zip(got, ids):
+            self._ahead.append((epoch, pos, *self._doc_tokens(x)))
         return True
 
     # ---- contexts -----------------------------------------------------------------
