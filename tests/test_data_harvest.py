@@ -86,6 +86,7 @@ def test_text_source_batches_and_exact_resume():
     cont = [a.next_batch(50) for _ in range(40)]  # crosses into the next epoch
     b = source(cfg, docs)
     b.restore(state)
+    assert b.state() == state
     for x, y in zip(cont, [b.next_batch(50) for _ in range(40)]):
         for h in cfg.model.hooks:
             np.testing.assert_array_equal(x[h], y[h])

@@ -88,6 +88,7 @@ def test_resume_reproduces_exact_batches(stop_at):
     assert any(s["replay"]["offset"] > 0 for s in states)  # replays start mid-push too
     m2 = ShuffleMixer(800, seed=7)
     replay = m2.restore(states[stop_at])
+    assert m2.state() == states[stop_at]  # restored, nothing read yet: the same position
     start = 0 if replay is None else replay["pos"]["push"]
     rest, _ = drain(m2, up, 64, start_push=start)
     assert len(rest) == len(full) - stop_at - 1

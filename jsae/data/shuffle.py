@@ -69,6 +69,7 @@ class ShuffleMixer:
         self._skip_rows = 0  # restore: rows to drop from the next pushes
         self._discard_round: int | None = None  # restore: rebuild only the carry of this round
         self._resume: tuple[int, int] | None = None  # restore: (round, rows already emitted)
+        self._restored: dict | None = None  # restore: the state itself, until a row is emitted
 
     # ---- input ----------------------------------------------------------------------
     def push(self, rows: Rows, pos: Any) -> None:
@@ -163,13 +164,19 @@ class ShuffleMixer:
             need -= k
             if item[2] >= _n(rows):
                 self._queue.pop(0)
+        front = self._queue[0][0] if self._queue else self._round + 1
+        for r in [r for r in self._chunk_starts if r < front - 1]:
+            del self._chunk_starts[r]  # only the chunk before the front round is ever replayed
         out = _cat(parts)
+        self._restored = None
         return {key: np.ascontiguousarray(v) for key, v in out.items()}
 
     # ---- resume ---------------------------------------------------------------------
     def state(self) -> dict:
         """JSON-able position: the first round with rows not yet emitted, how many of its
         rows were emitted, and the upstream position to replay from to rebuild it."""
+        if self._restored is not None:  # nothing emitted since restore(): same position
+            return dict(self._restored)
         if self._queue:
             front, emitted = self._queue[0][0], self._queue[0][2]
         else:
@@ -178,8 +185,6 @@ class ShuffleMixer:
             replay = self._chunk_starts.get(0, self._chunk_start)
         else:
             replay = self._chunk_starts[front - 1]
-        for r in [r for r in self._chunk_starts if r < front - 1]:
-            del self._chunk_starts[r]
         return {
             "round": int(front),
             "emitted": int(emitted),
@@ -206,6 +211,7 @@ class ShuffleMixer:
         if r >= 1:
             self._discard_round = r - 1
         self._resume = (r, int(state["emitted"]))
+        self._restored = dict(state)
         if replay is not None:
             self._skip_rows = int(replay["offset"])
         return replay
