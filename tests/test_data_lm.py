@@ -120,3 +120,69 @@ def test_gemma_270m_offline_corpus_harvest(tmp_path):
     assert x.shape == (300, 640) and np.isfinite(x).all()
     n = np.linalg.norm(x, axis=1)
     assert n.max() < 20 * np.median(n)  # BOS (attention-sink) rows were excluded
+
+
+@pytest.mark.slow  # ~15 s of CPU: two trainer compilations
+def test_training_from_text_resumes_bitwise_after_crash(tmp_path, monkeypatch):
+    """Checkpointed training on the text source: crash, resume, end where the uninterrupted
+    run ends (SAE, optimizer state and data position)."""
+    import jax
+
+    from jsae.config import from_dict
+    from jsae.train.checkpoint import RunCheckpointer
+    from jsae.train.loop import Trainer
+
+    monkeypatch.setattr("jsae.train.loop.plot_metrics", lambda *a, **k: None)
+    lm = tiny_llama()
+    docs = ListDocuments(corpus(80))
+
+    def cfg(run_dir):
+        return from_dict(
+            {
+                "run_dir": str(run_dir),
+                "model": {"hooks": ["blocks.2.hook_resid_post"], "batch_size": 4},
+                "data": {"source": "text", "context_length": 16, "shuffle_buffer": 256},
+                "sae": {"architecture": "topk", "d_sae": 64, "k": 4, "init_sample": 64},
+                "train": {
+                    "steps": 10,
+                    "batch_size": 32,
+                    "lr_warmup_steps": 2,
+                    "log_every": 5,
+                    "progress": False,
+                },
+                "checkpoint": {"every_steps": 3, "keep": 2},
+                "eval": {"tokens": 64},
+            }
+        )
+
+    class Crash(Exception):
+        pass
+
+    def run(c, crash_at=None):
+        tr = Trainer(c, TextActivationSource(c, lm, documents=docs))
+        ck = RunCheckpointer(c, tr, install_signal_handler=False, log_fn=lambda *_: None)
+        if crash_at:
+            orig, n = tr.step, [0]
+
+            def step(states, batch):
+                n[0] += 1
+                if n[0] == crash_at:
+                    raise Crash
+                return orig(states, batch)
+
+            tr.step = step
+        try:
+            tr.fit(checkpointer=ck, log=lambda *_: None)
+        finally:
+            ck.close()
+        return tr
+
+    ref = run(cfg(tmp_path / "ref"))
+    with pytest.raises(Crash):
+        run(cfg(tmp_path / "b"), crash_at=8)  # last checkpoint: step 6
+    resumed = run(cfg(tmp_path / "b"))
+    a = jax.tree_util.tree_leaves(jax.device_get(ref.states))
+    b = jax.tree_util.tree_leaves(jax.device_get(resumed.states))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert resumed.source.state() == ref.source.state()
