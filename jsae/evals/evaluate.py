@@ -406,14 +406,16 @@ def _run_config_file(path: Path, kind: str) -> Path | None:
     return None
 
 
-def _eval_config(path: Path, kind: str, overrides: Sequence[str], d_sae: int):
+def _eval_config(path: Path, kind: str, overrides: Sequence[str]):
     from jsae import config as config_lib
 
     run_cfg = _run_config_file(path, kind)
     if run_cfg is not None:
         return config_lib.load(run_cfg, list(overrides))
-    # no training config: defaults (offline text, 128-token contexts), made valid for loading
-    raw = config_lib.apply_overrides({"train": {"steps": 1}, "sae": {"d_sae": d_sae}}, list(overrides))
+    # no training config: defaults (offline text, 128-token contexts); the train/sae values
+    # below only make the config valid, evaluation does not use them
+    raw = config_lib.apply_overrides({"train": {"steps": 1}, "sae": {"expansion": 1, "k": 1}},
+                                     list(overrides))
     return config_lib.from_dict(raw)
 
 
@@ -452,8 +454,7 @@ def evaluate_path(
         saes = {hook or meta.get("hook_name") or "": sae}
     if "" in saes:
         raise ValueError(f"{path}: the hook is unknown; pass --hook (e.g. blocks.6.hook_resid_post)")
-    first = next(iter(saes.values()))
-    cfg = _eval_config(path, kind, overrides, first.spec.d_sae)
+    cfg = _eval_config(path, kind, overrides)
     run_cfg = _run_config_file(path, kind) is not None
     n_tokens = int(n_tokens or cfg.eval.tokens)
     info = {"path": str(path), "kind": kind, "hooks": list(saes), "n_tokens_requested": n_tokens}
