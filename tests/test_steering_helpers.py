@@ -87,3 +87,4 @@ class TinyModel:
         self.params = tiny_params(self.cfg, seed)
         self.tokenizer = TinyTokenizer(self.cfg.vocab_size)
         self.name = "tiny"
+        self.pad_id = 0

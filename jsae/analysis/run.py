@@ -45,25 +45,35 @@ def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run
     hooks = run_hooks(path)
     if not hooks:
         raise FileNotFoundError(f"{path}: no saved SAEs under {path / 'saes'} (train first: jsae train CONFIG)")
-    cfg = None
-    if (path / "config.yaml").exists():
-        from jsae.config import load as load_config
-
-        cfg = load_config(path / "config.yaml")
+    mcfg = _model_section(path / "config.yaml")
     if hook is None:
-        wanted = [h for h in (cfg.model.hooks if cfg else []) if h in hooks]
+        wanted = [h for h in mcfg.get("hooks") or [] if h in hooks]
         hook = (wanted or hooks)[0]
     if hook not in hooks:
         raise FileNotFoundError(f"{path}: no SAE for hook {hook!r}; saved: {', '.join(hooks)}")
     sae, meta = load_sae(path / "saes" / hook)
-    name = (cfg.model.path or cfg.model.name) if cfg else meta.get("model_name")
+    name = mcfg.get("path") or mcfg.get("name") or meta.get("model_name")
     if model is None:
         if not name:
-            raise ValueError(f"{path}: no config.yaml and no model_name in the SAE metadata")
+            raise ValueError(f"{path}: no model name in config.yaml or in the SAE metadata")
         from jsae.models import load
 
-        model = load(name, dtype=cfg.model.dtype if cfg else "float32")
+        model = load(name, dtype=mcfg.get("dtype") or "float32")
     return Run(path, model, sae, hook, str(name or getattr(model, "name", "")))
+
+
+def _model_section(config_file: Path) -> dict:
+    """The ``model`` section of a run's config.yaml (only what analysis needs: name, path,
+    dtype, hooks), without validating the rest of the file."""
+    if not config_file.exists():
+        return {}
+    import yaml
+
+    raw = yaml.safe_load(config_file.read_text()) or {}
+    m = raw.get("model") or {}
+    if isinstance(m.get("hooks"), str):
+        m["hooks"] = [m["hooks"]]
+    return m
 
 
 def _sae_fingerprint(run: Run) -> str:

@@ -1,0 +1,82 @@
+"""`jsae features RUN_DIR --search TEXT` (or `--feature I`): features with their top-activating
+snippets over the offline corpus and their logit effects."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "features", help="search features by text; show snippets and logit effects",
+        description="List the features that fire most on the tokens of a text (--search), or "
+        "describe given features (--feature): top-activating snippets from a sample of the offline "
+        "corpus (activating token marked) and the tokens the decoder direction promotes/suppresses.")
+    p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
+    p.add_argument("--search", help="text whose tokens the features should fire on")
+    p.add_argument("--feature", type=int, action="append", default=[], help="feature id (repeatable)")
+    p.add_argument("--hook", help="hook point (default: the run's first hook)")
+    p.add_argument("--top", type=int, default=8, help="features listed for --search (default 8)")
+    p.add_argument("--snippets", type=int, default=5, help="snippets per feature (default 5)")
+    p.add_argument("--logits", type=int, default=8, help="logit-effect tokens per side (default 8)")
+    p.add_argument("--rank", choices=["auto", "specific", "max", "mean"], default="auto",
+                   help="search ranking (default auto: specific, see jsae.analysis.rank_scores)")
+    p.add_argument("--contexts", type=int, default=512,
+                   help="corpus contexts (64 tokens) scanned; cached in RUN_DIR/analysis (default 512)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    return p
+
+
+def describe(model, sae, feature: int, corpus, contexts, *, snippets: int, logits: int, style: str,
+             header: str = "") -> str:
+    """Text block for one feature: frequency, logit effects, snippets."""
+    from jsae.analysis.cli_utils import token_repr
+    from jsae.analysis.logits import logit_effects
+    from jsae.analysis.render import render_snippets
+
+    tok = model.tokenizer
+    row = corpus.row(feature)
+    lines = [f"feature {feature}{header}  |  fires on {100 * corpus.frequency[row]:.3f}% of corpus tokens, "
+             f"max {corpus.max[row]:.2f}"]
+    le = logit_effects(model, sae, [feature], k=logits)
+    lines.append("  promotes:   " + " ".join(token_repr(tok, i) for i in le.top_ids[0]))
+    lines.append("  suppresses: " + " ".join(token_repr(tok, i) for i in le.bottom_ids[0]))
+    snips = render_snippets(tok, contexts, corpus, feature, n=snippets, left=12, right=4, style=style)
+    lines.append("  top-activating snippets:" if snips else "  (did not fire on the corpus sample)")
+    lines += ["    " + s for s in snips]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from jsae.analysis.cli_utils import log, use_color
+    from jsae.analysis.render import highlight
+    from jsae.analysis.run import corpus_stats, load_run
+    from jsae.analysis.search import search_features
+
+    if not args.search and not args.feature:
+        raise SystemExit("jsae features: give --search TEXT or --feature I")
+    style = "ansi" if use_color(args.color) else "plain"
+    log(f"loading {args.run_dir} ...")
+    r = load_run(args.run_dir, args.hook)
+    corpus, contexts = corpus_stats(r, args.contexts, log=log)
+    kw = dict(snippets=args.snippets, logits=args.logits, style=style)
+    if args.search:
+        res = search_features(r.model, r.sae, r.hook, args.search, k=args.top, corpus=corpus, rank=args.rank)
+        from jsae.analysis.render import token_pieces
+
+        pieces = token_pieces(r.model.tokenizer, res.ids)
+        print(f"features at {r.hook} that fire on {args.search!r} (ranked {args.rank}; "
+              f"corpus: {len(contexts)} contexts x {contexts.shape[1]} tokens)\n")
+        for j, f in enumerate(res.features):
+            fired = [t for t in range(len(res.ids)) if res.counted[t] and res.codes[t, j] > 0]
+            on = highlight(pieces, [(t, t + 1) for t in fired], style=style)
+            hdr = f"  score {res.scores[j]:.3g}, max on text {res.text_max[j]:.2f}"
+            print(describe(r.model, r.sae, int(f), corpus, contexts, header=hdr, **kw))
+            print(f"  on the text: {on}\n")
+        if not len(res.features):
+            print("no feature fires on that text")
+    for f in args.feature:
+        if not 0 <= f < r.sae.spec.d_sae:
+            raise SystemExit(f"jsae features: feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
+        print(describe(r.model, r.sae, f, corpus, contexts, **kw) + "\n")
+    return 0

@@ -1,0 +1,98 @@
+"""`jsae steer RUN_DIR --feature I --value V --prompt TEXT`: baseline and steered continuations
+side by side (same sampling key)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "steer", help="generate with features clamped, scaled or ablated, next to the baseline",
+        description="Continue prompts with and without an intervention on SAE features at a hook "
+        "(the SAE error term is kept), printed side by side; both use the same sampling key.")
+    p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
+    p.add_argument("--feature", type=int, action="append", required=True,
+                   help="feature id (repeat for several)")
+    p.add_argument("--value", action="append", default=[],
+                   help="clamp value in code units, or NUMx for NUM times the feature's largest "
+                   "activation on the corpus (one for all features, or one per --feature)")
+    p.add_argument("--mode", choices=["clamp", "scale", "ablate", "add"], default="clamp",
+                   help="clamp: set to value; scale: multiply by value; ablate: remove; "
+                   "add: add value x the decoder direction (default clamp)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens to generate (default 32)")
+    p.add_argument("--hook", help="hook point (default: the run's first hook)")
+    p.add_argument("--on", choices=["all", "prompt", "generated"], default="all",
+                   help="positions the intervention acts on (default all)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both runs")
+    p.add_argument("--no-error-term", action="store_true",
+                   help="replace the activation by the edited SAE reconstruction")
+    p.add_argument("--contexts", type=int, default=256,
+                   help="corpus contexts scanned to resolve NUMx values (cached in the run folder)")
+    return p
+
+
+def build_interventions(run, features, values, mode: str, keep_error: bool, corpus=None):
+    """(interventions {hook: fn}, description) for the command's arguments."""
+    import numpy as np
+
+    from jsae import steering
+    from jsae.analysis.cli_utils import parse_value
+
+    if mode == "ablate":
+        return {run.hook: steering.ablate(run.sae, features, keep_error=keep_error)}, \
+            ", ".join(f"f{f} ablated" for f in features)
+    if not values:
+        raise SystemExit(f"jsae steer: --mode {mode} needs --value")
+    if len(values) not in (1, len(features)):
+        raise SystemExit("jsae steer: give one --value, or one per --feature")
+    parsed = [parse_value(v) for v in values] * (len(features) if len(values) == 1 else 1)
+    resolved = []
+    for f, (kind, v) in zip(features, parsed):
+        if kind == "max":
+            if corpus is None:
+                raise SystemExit("jsae steer: NUMx values need corpus statistics")
+            peak = float(corpus.max[corpus.row(f)])
+            if peak <= 0:
+                raise SystemExit(f"jsae steer: feature {f} never fired on the corpus sample; give an absolute value")
+            v = v * peak
+        resolved.append(v)
+    vals = np.asarray(resolved, np.float32)
+    if mode == "clamp":
+        fn = steering.clamp(run.sae, features, vals, keep_error=keep_error)
+        desc = ", ".join(f"f{f} := {v:.3g}" for f, v in zip(features, vals))
+    elif mode == "scale":
+        fn = steering.scale(run.sae, features, vals, keep_error=keep_error)
+        desc = ", ".join(f"f{f} x {v:.3g}" for f, v in zip(features, vals))
+    else:
+        fns = [steering.add(steering.feature_direction(run.sae, f), v) for f, v in zip(features, vals)]
+        fn = steering.compose(*fns)
+        desc = ", ".join(f"+{v:.3g} x dir(f{f})" for f, v in zip(features, vals))
+    return {run.hook: fn}, desc
+
+
+def run(args) -> int:
+    from jsae.analysis.cli_utils import log, parse_value, side_by_side
+    from jsae.analysis.run import corpus_stats, load_run
+    from jsae.steering import generate_pair
+
+    log(f"loading {args.run_dir} ...")
+    r = load_run(args.run_dir, args.hook)
+    for f in args.feature:
+        if not 0 <= f < r.sae.spec.d_sae:
+            raise SystemExit(f"jsae steer: feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
+    corpus = None
+    if args.mode in ("clamp", "scale", "add") and any(parse_value(v)[0] == "max" for v in args.value):
+        corpus, _ = corpus_stats(r, args.contexts, log=log)
+    fns, desc = build_interventions(r, args.feature, args.value, args.mode, not args.no_error_term, corpus)
+    log(f"generating {args.tokens} tokens for {len(args.prompt)} prompt(s) on {r.model_name}, "
+        f"{desc} at {r.hook} (positions: {args.on}) ...")
+    base, steered = generate_pair(r.model, args.prompt, fns, args.tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed, intervene_on=args.on)
+    for prompt, b, s in zip(args.prompt, base, steered):
+        print(f"\nprompt: {prompt!r}\n")
+        print(side_by_side("baseline", prompt + b, f"steered ({desc})", prompt + s))
+    return 0
