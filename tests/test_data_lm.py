@@ -186,3 +186,44 @@ def test_training_from_text_resumes_bitwise_after_crash(tmp_path, monkeypatch):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert resumed.source.state() == ref.source.state()
+
+
+@pytest.mark.slow
+def test_jsae_harvest_command(tmp_path, capsys):
+    try:
+        M.load("gemma-3-270m")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"gemma-3-270m not available: {e}")
+    from jsae.cli import main
+    from jsae.data.cache import read_manifest
+
+    cfg = tmp_path / "h.yaml"
+    cfg.write_text(
+        "model: {hooks: [blocks.2.hook_resid_post], batch_size: 4}\n"
+        "data: {source: text, dataset: offline, context_length: 32, shuffle_buffer: 512}\n"
+        "sae: {expansion: 2}\ntrain: {tokens: 100000}\n"
+    )
+    out = tmp_path / "cache"
+    args = [
+        "harvest",
+        str(cfg),
+        "--out",
+        str(out),
+        "--tokens",
+        "300",
+        "--eval-tokens",
+        "100",
+        "--shard-rows",
+        "128",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    man = read_manifest(out)
+    assert man["tokens"] == 300 and [s["rows"] for s in man["splits"]["train"]["shards"]] == [
+        128,
+        128,
+        44,
+    ]
+    assert "300 training + 100 held-out tokens" in capsys.readouterr().out
+    assert main(args[:5] + ["600"] + args[6:]) == 0  # asking for more extends the cache
+    assert read_manifest(out)["tokens"] == 600
