@@ -32,6 +32,8 @@ class SAESpec:
     jumprelu_bandwidth: float = 1e-3
     aux_k: int | None = None
     dtype: str = "float32"  # matmul compute dtype; params stay float32
+    fast_path: bool = False  # topk/batchtopk: sparse decoder + sparse encoder backward (jsae.sae.fast)
+    topk_recall: float = 1.0  # < 1: fast-path top-k via lax.approx_max_k (approximate on TPU only)
 
     @property
     def unit_decoder(self) -> bool:

@@ -61,6 +61,10 @@ def sae_loss(
     ``pre [B, d_sae]`` for metrics and dead-latent tracking.
     """
     spec, p = sae.spec, sae.params
+    from jsae.sae import fast
+
+    if fast.fast_applies(sae, topk_fn):  # same values/gradients; aux["z"] is SparseCodes
+        return fast.fast_sae_loss(sae, x_n, dead_mask=dead_mask, aux_coef=aux_coef)
     pre = pre_activations(sae, x_n)
     z = activate(sae, pre, x_n, train=True, topk_fn=topk_fn)
     x_hat = decode_normalized(sae, z)

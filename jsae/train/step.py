@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jsae.sae import fast
 from jsae.sae.core import SAE
 from jsae.sae.losses import sae_loss
 from jsae.train.state import TrainState
@@ -33,7 +34,7 @@ def batch_metrics(x_n: Array, x_hat: Array, z: Array) -> dict[str, Array]:
     resid = jnp.sum((x_n - x_hat) ** 2)
     total = jnp.sum((x_n - x_n.mean(0)) ** 2)
     return {
-        "l0": jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32)),
+        "l0": fast.l0(z),  # z: dense codes or fast.SparseCodes
         "fvu": resid / jnp.maximum(total, 1e-12),
         "mse": resid / x_n.size,
     }
@@ -75,14 +76,13 @@ def make_train_step(
             params["W_dec"] = _unit_rows(params["W_dec"])
         z = aux["z"]
         if spec.architecture == "batchtopk":
-            pos = z > 0
-            min_act = jnp.min(jnp.where(pos, z, jnp.inf))
+            min_act = fast.min_positive(z)
             min_act = jnp.where(jnp.isfinite(min_act), min_act, 0.0)
             old = params["threshold"]
             params["threshold"] = jnp.where(
                 old < 0, min_act, THRESHOLD_EMA * old + (1 - THRESHOLD_EMA) * min_act
             )
-        fired = jnp.any(z > 0, axis=0)
+        fired = fast.fired(z)
         n_tok = jnp.int32(x.shape[0])
         fired_ago = jnp.where(
             fired, 0, jnp.minimum(state.fired_ago + n_tok, jnp.iinfo(jnp.int32).max - n_tok)

@@ -1,0 +1,355 @@
+"""Time one SAE training step: jsae (fast and reference paths) next to PyTorch peers.
+
+    python benchmarks/sae_step.py --batch 4096 --d-in 768 --d-sae 12288 --k 64
+    python benchmarks/sae_step.py --arch topk batchtopk relu jumprelu gated --rounds 3
+
+For each architecture it times the jitted, donated jsae train step (Adam, grad clipping,
+decoder-norm handling and dead-latent bookkeeping included: the step `jsae train` runs) and,
+in the same process and interleaved round by round (so that load from other processes hits
+all of them alike), the PyTorch peers on the same device:
+
+- ``saelens``: SAELens's training SAE for that architecture (``training_forward_pass``,
+  backward, grad clipping, Adam: the body of ``SAETrainer._train_step``), when installed;
+  for topk also with ``use_sparse_activations=True`` (``saelens-sparse``).
+- ``torch``: a plain PyTorch TopK step (encoder matmul, ``torch.topk``, ``embedding_bag``
+  decoder, MSE, backward, clipping, Adam); bf16 autocast on GPU, fp32 on CPU.
+
+It prints the hardware, ms/step and tokens/s of each, the ratio jsae/peer, and the dense-FLOP
+floor (12 B d_in d_sae FLOPs at the matmul rate measured on this device), and ends with
+``ratio jsae/peer tokens_per_s: X`` for the first architecture against its best peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+# ---- jsae -------------------------------------------------------------------------------------
+
+
+def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, fast: bool):
+    """(step, state, x): a jitted, donated jsae train step and its initial state."""
+    from jsae.config import RunConfig
+    from jsae.sae import SAESpec, init_sae
+    from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
+    from jsae.train.state import init_state
+    from jsae.train.step import make_train_step
+
+    cfg = RunConfig()
+    cfg.train.steps = 1000
+    cfg.train.lr_warmup_steps = 10
+    spec = SAESpec(arch, d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None,
+                   dtype=dtype, fast_path=fast)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, d_in)).astype(np.float32)
+    sae = init_sae(jax.random.key(0), spec, x[:1024], b_dec_init="mean")
+    opt = make_optimizer(cfg, 1000)
+    coef = 5.0 if arch in ("relu", "gated") else (1e-3 if arch == "jumprelu" else 0.0)
+    step = make_train_step(opt, sparsity_schedule(coef, 0), lr_schedule(cfg, 1000),
+                           dead_after_tokens=10_000_000)
+    state = init_state(sae, opt, jax.random.key(1))
+    return jax.jit(step, donate_argnums=(0,)), state, jnp.asarray(x)
+
+
+class JsaeRunner:
+    def __init__(self, *a, **kw):
+        self.step, self.state, self.x = jsae_step(*a, **kw)
+        self.state, m = self.step(self.state, self.x)  # compile + first step
+        jax.block_until_ready(m)
+
+    def run(self, n: int) -> float:
+        t0 = _now()
+        for _ in range(n):
+            self.state, m = self.step(self.state, self.x)
+        jax.block_until_ready((self.state, m))
+        return (_now() - t0) / n
+
+
+# ---- PyTorch peers ----------------------------------------------------------------------------
+
+
+def _torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class SAELensRunner:
+    """SAELens's training SAE, stepped as ``SAETrainer._train_step`` does."""
+
+    CLASSES = {
+        "topk": ("TopKTrainingSAE", "TopKTrainingSAEConfig"),
+        "batchtopk": ("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig"),
+        "relu": ("StandardTrainingSAE", "StandardTrainingSAEConfig"),
+        "jumprelu": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"),
+        "gated": ("GatedTrainingSAE", "GatedTrainingSAEConfig"),
+    }
+
+    def __init__(self, arch, batch, d_in, d_sae, k, *, sparse=False):
+        import sae_lens
+        import torch
+
+        dev = _torch_device()
+        cls_name, cfg_name = self.CLASSES[arch]
+        kw = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": str(dev)}
+        if arch in ("topk", "batchtopk"):
+            kw["k"] = k
+        if sparse:
+            kw["use_sparse_activations"] = True
+        cfg = getattr(sae_lens, cfg_name)(**kw)
+        self.sae = getattr(sae_lens, cls_name)(cfg)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4)
+        self.x = torch.randn(batch, d_in, device=dev)
+        self.dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
+        self.since_fired = torch.zeros(d_sae, device=dev)
+        self.autocast = dev.type == "cuda"
+        self.dev = dev
+        self.run(1)
+
+    def run(self, n: int) -> float:
+        import torch
+        from sae_lens.saes.sae import TrainStepInput
+
+        self._sync()
+        t0 = _now()
+        for i in range(n):
+            with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
+                out = self.sae.training_forward_pass(TrainStepInput(
+                    sae_in=self.x, coefficients=self._coefficients(),
+                    dead_neuron_mask=self.dead, n_training_steps=i, is_logging_step=False,
+                ))
+                with torch.no_grad():
+                    did_fire = out.feature_acts.bool().float().sum(-2).bool()
+                    if did_fire.is_sparse:
+                        did_fire = did_fire.to_dense()
+                    self.since_fired += 1
+                    self.since_fired[did_fire] = 0
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad()
+        self._sync()
+        return (_now() - t0) / n
+
+    def _coefficients(self):
+        from sae_lens.saes.sae import TrainCoefficientConfig
+
+        out = {}
+        for name, c in self.sae.get_coefficients().items():
+            out[name] = c.value if isinstance(c, TrainCoefficientConfig) else c
+        return out
+
+    def _sync(self):
+        import torch
+
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class TorchTopKRunner:
+    """A plain PyTorch TopK SAE step with an embedding_bag (gather) decoder."""
+
+    def __init__(self, batch, d_in, d_sae, k):
+        import torch
+
+        dev = _torch_device()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        w = torch.randn(d_sae, d_in, generator=g)
+        w = w / w.norm(dim=-1, keepdim=True)
+        self.W_enc = torch.nn.Parameter(w.T.contiguous().to(dev))
+        self.W_dec = torch.nn.Parameter(w.clone().to(dev))
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=dev))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, device=dev))
+        self.params = [self.W_enc, self.W_dec, self.b_enc, self.b_dec]
+        self.opt = torch.optim.Adam(self.params, lr=1e-4)
+        self.x = torch.randn(batch, d_in, device=dev)
+        self.k, self.dev = k, dev
+        self.autocast = dev.type == "cuda"
+        self.since_fired = torch.zeros(d_sae, device=dev)
+        self.run(1)
+
+    def run(self, n: int) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        self._sync()
+        t0 = _now()
+        for _ in range(n):
+            with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
+                pre = (self.x - self.b_dec) @ self.W_enc + self.b_enc
+                vals, idx = torch.topk(pre, self.k, dim=-1, sorted=False)
+                vals = vals.relu().float()
+                x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+                x_hat = x_hat + self.b_dec
+                loss = (x_hat.float() - self.x).pow(2).sum(-1).mean()
+            with torch.no_grad():
+                fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+                fired[idx.reshape(-1)] = True
+                self.since_fired += 1
+                self.since_fired[fired] = 0
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad()
+            with torch.no_grad():
+                self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True)
+        self._sync()
+        return (_now() - t0) / n
+
+    def _sync(self):
+        import torch
+
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+
+# ---- hardware ---------------------------------------------------------------------------------
+
+
+def hardware() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"jax {jax.__version__} backend={jax.default_backend()} device={dev.device_kind}",
+             f"cpu={cpu} x{os.cpu_count()}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} threads={torch.get_num_threads()}"
+                     + (f" gpu={torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+def matmul_rate(dtype: str, n: int = 2048, reps: int = 3) -> float:
+    """Measured FLOP/s of a square matmul on the default JAX device."""
+    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    a = jnp.ones((n, n), dt)
+    f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
+    f(a).block_until_ready()
+    best = 1e9
+    for _ in range(reps):
+        t0 = _now()
+        f(a).block_until_ready()
+        best = min(best, _now() - t0)
+    return 2 * n**3 / best
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Entry:
+    name: str
+    runner: object
+    times: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * statistics.median(self.times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["topk"],
+                    choices=["topk", "batchtopk", "relu", "jumprelu", "gated"])
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--d-in", type=int, default=768)
+    ap.add_argument("--d-sae", type=int, default=12288)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument("--peers", nargs="*", default=["saelens", "torch"],
+                    help="saelens, torch (empty: none)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the jsae reference (dense) path for topk/batchtopk")
+    args = ap.parse_args(argv)
+
+    B, d, F, k = args.batch, args.d_in, args.d_sae, args.k
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"hardware: {hardware()}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"shape: batch={B} d_in={d} d_sae={F} k={k} dtype={args.dtype}")
+    load0 = os.getloadavg()
+    rate = matmul_rate(args.dtype)
+    dense_flops = 12 * B * d * F  # encoder + decoder, forward and both backward matmuls
+    enc_flops = 2 * B * d * F
+    print(f"matmul rate measured: {rate / 1e9:.1f} GFLOP/s ({args.dtype}); "
+          f"dense-FLOP floor {1e3 * dense_flops / rate:.1f} ms/step "
+          f"(encoder-forward-only floor {1e3 * enc_flops / rate:.1f} ms)")
+    print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+
+    headline = None
+    for arch in args.arch:
+        print(f"\n== {arch} ==")
+        entries: list[Entry] = []
+        sparse_arch = arch in ("topk", "batchtopk")
+        entries.append(Entry("jsae" + ("-fast" if sparse_arch else ""),
+                             JsaeRunner(arch, B, d, F, k, args.dtype, fast=sparse_arch)))
+        if sparse_arch and not args.no_reference:
+            entries.append(Entry("jsae-reference", JsaeRunner(arch, B, d, F, k, args.dtype,
+                                                              fast=False)))
+        n_jsae = len(entries)
+        peers_wanted = []
+        if "saelens" in args.peers:
+            peers_wanted.append(("saelens", lambda a=arch: SAELensRunner(a, B, d, F, k)))
+            if arch == "topk":
+                peers_wanted.append(("saelens-sparse",
+                                     lambda a=arch: SAELensRunner(a, B, d, F, k, sparse=True)))
+        if "torch" in args.peers and arch == "topk":
+            peers_wanted.append(("torch-topk-embbag", lambda: TorchTopKRunner(B, d, F, k)))
+        for name, make in peers_wanted:
+            try:
+                entries.append(Entry(name, make()))
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                print(f"({name} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        for _ in range(args.rounds):
+            for e in entries:
+                e.times.append(e.runner.run(args.steps))
+        best_jsae = min(entries[:n_jsae], key=lambda e: e.ms)
+        for e in entries:
+            tok = B / (e.ms / 1e3)
+            rel = f"  jsae/this {e.ms / best_jsae.ms:.2f}x" if e is not best_jsae else ""
+            print(f"{e.name:20s} {e.ms:9.1f} ms/step  {tok:12,.0f} tokens/s"
+                  f"  (rounds: {', '.join(f'{1e3 * t:.0f}' for t in e.times)} ms){rel}")
+        peers = entries[n_jsae:]
+        if peers:
+            best_peer = min(peers, key=lambda e: e.ms)
+            ratio = best_peer.ms / entries[0].ms
+            print(f"{arch}: ratio jsae/{best_peer.name} tokens_per_s: {ratio:.2f}")
+            if headline is None:
+                headline = ratio
+        for e in entries:  # free memory before the next architecture
+            e.runner = None
+    load1 = os.getloadavg()
+    print(f"\nload average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    if headline is not None:
+        print(f"ratio jsae/peer tokens_per_s: {headline:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

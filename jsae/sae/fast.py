@@ -1,0 +1,354 @@
+"""Fast path for TopK and BatchTopK training: sparse decoder and sparse encoder backward.
+
+The reference path (`jsae.sae.losses.sae_loss`) builds dense codes ``z [B, d_sae]`` and pays
+for three dense ``[B, d_sae] x d_in`` matmuls after the encoder (decoder forward, decoder
+backward for ``dW_dec`` and ``dz``, encoder backward ``dW_enc = xc^T dpre``).  Only ``k``
+entries per row are non-zero, so this module keeps the codes sparse:
+
+- ``SparseCodes(vals, rows, cols)``: COO codes laid out as ``m`` slabs of ``c`` entries
+  (``[m, c]`` each).  TopK uses ``m = k`` slabs of ``c = B`` entries where slab ``j`` holds the
+  j-th largest latent of every row (``rows is None`` then means ``rows[j] = arange(B)``);
+  BatchTopK uses ``k * B`` (row, latent) pairs in ``k`` slabs of ``B``.
+- `sparse_decode` (custom VJP): ``x_hat[r] = sum vals * W_dec[col]``, one gathered slab at a
+  time; its backward gives ``d_vals`` by a gathered dot and scatter-adds into only the active
+  rows of ``dW_dec``.
+- `encoder_hook` (custom VJP): identity on the selected pre-activations; its backward turns
+  their cotangents into ``dW_enc`` (scatter-add into the active columns), ``db_enc``
+  (segment sum) and ``db_dec = -W_enc db_enc``, never forming a dense ``[B, d_sae]`` gradient.
+
+Work per step after the encoder matmul drops from ``3 * 2 B d_sae d_in`` FLOPs to
+``~4 * 2 B k d_in`` (gathers and scatter-adds), which is what makes the step faster on CPU;
+on GPU/TPU the same formulation removes the three big matmuls from the roofline.  Values
+and gradients equal the reference path's within float32 rounding (same ``lax.top_k``
+selection, so ties go to the lower latent index in both).  Sparse parts always compute in
+float32; ``spec.dtype="bfloat16"`` only changes the encoder matmul.
+
+The fast path is used by `sae_loss` when ``spec.fast_path`` is true, the architecture is
+topk/batchtopk, and no sharded top-k is in use (a mesh with ``model > 1`` falls back to the
+reference path, whose sharded top-k is exact).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jsae.sae.core import SAE, _mm, pre_activations
+
+Array = jax.Array
+
+# AuxK uses the sparse decoder when aux_k is at most d_sae / this: gathers and scatter-adds
+# cost far more per multiply-add than a dense matmul (about 30-60x on CPU), so for a large
+# aux_k relative to d_sae the dense AuxK decoder is faster.
+AUXK_SPARSE_RATIO = 48
+
+
+@struct.dataclass
+class SparseCodes:
+    """COO latent codes in ``m`` slabs of ``c`` entries (see the module docstring).
+
+    vals [m, c] float32 (the codes, already rectified), rows [m, c] int32 or None (row of each
+    entry; None: slab j covers rows 0..c-1 in order), cols [m, c] int32 (latent index),
+    n_rows (static) and d_sae (static).
+    """
+
+    vals: Array
+    rows: Array | None
+    cols: Array
+    n_rows: int = struct.field(pytree_node=False)
+    d_sae: int = struct.field(pytree_node=False)
+
+    def dense(self) -> Array:
+        """The dense codes ``z [n_rows, d_sae]`` (for tests and small batches)."""
+        rows = _rows(self)
+        z = jnp.zeros((self.n_rows, self.d_sae), self.vals.dtype)
+        return z.at[rows.reshape(-1), self.cols.reshape(-1)].add(self.vals.reshape(-1))
+
+
+def _rows(codes: SparseCodes) -> Array:
+    if codes.rows is not None:
+        return codes.rows
+    m, c = codes.cols.shape
+    return jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (m, c))
+
+
+# ---- selection ----------------------------------------------------------------------------
+
+
+def select_topk(pre: Array, k: int, *, recall: float = 1.0) -> tuple[Array, Array]:
+    """Top-k of each row of ``pre [B, d_sae]`` -> (vals [B, k], idx [B, k]), no gradient.
+
+    ``recall < 1`` uses `jax.lax.approx_max_k` (approximate only on TPU; exact elsewhere).
+    """
+    pre = jax.lax.stop_gradient(pre)
+    if recall < 1.0:
+        return jax.lax.approx_max_k(pre, k, recall_target=recall)
+    return jax.lax.top_k(pre, k)
+
+
+def topk_codes(pre: Array, k: int, *, recall: float = 1.0, rectify: bool = True) -> SparseCodes:
+    """TopK codes of ``pre [B, d_sae]``: relu of each row's k largest entries (no gradient).
+
+    ``rectify=False`` keeps the raw pre-activation values.
+    """
+    vals, idx = select_topk(pre, k, recall=recall)
+    vals = jax.nn.relu(vals) if rectify else vals
+    return SparseCodes(vals.T, None, idx.T.astype(jnp.int32), pre.shape[0], pre.shape[1])
+
+
+def batch_topk_codes(pre: Array, k: int) -> SparseCodes:
+    """BatchTopK codes: the k * B largest entries of relu(pre) over the whole batch."""
+    b, f = pre.shape
+    flat = jax.nn.relu(jax.lax.stop_gradient(pre)).reshape(-1)
+    n_keep = min(k * b, flat.shape[0])
+    vals, idx = jax.lax.top_k(flat, n_keep)
+    m, c = _slabs(n_keep, b)
+    idx = idx.astype(jnp.int32)
+    return SparseCodes(vals.reshape(m, c), (idx // f).reshape(m, c), (idx % f).reshape(m, c), b, f)
+
+
+def _slabs(n: int, preferred: int) -> tuple[int, int]:
+    """Split n entries into m slabs of c (c divides n, as close to ``preferred`` as possible)."""
+    c = min(preferred, n)
+    while n % c:
+        c -= 1
+    return n // c, c
+
+
+# ---- the sparse decoder ------------------------------------------------------------------
+
+
+def sparse_decode(codes: SparseCodes, w_dec: Array) -> Array:
+    """``codes @ W_dec`` -> [n_rows, d_in] without forming dense codes (no bias)."""
+    return _sparse_decode(codes.vals, codes.rows, codes.cols, w_dec, codes.n_rows)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sparse_decode(vals, rows, cols, w_dec, n_rows):
+    return _decode_fwd_impl(vals, rows, cols, w_dec, n_rows)
+
+
+def _decode_fwd_impl(vals, rows, cols, w_dec, n_rows):
+    acc0 = jnp.zeros((n_rows, w_dec.shape[1]), jnp.float32)
+    w = w_dec.astype(jnp.float32)
+    if rows is None:
+        def body(acc, vc):
+            v, c = vc
+            return acc + v[:, None] * w[c], None
+
+        return jax.lax.scan(body, acc0, (vals, cols))[0]
+
+    def body_rows(acc, vrc):
+        v, r, c = vrc
+        return acc.at[r].add(v[:, None] * w[c]), None
+
+    return jax.lax.scan(body_rows, acc0, (vals, rows, cols))[0]
+
+
+def _decode_fwd(vals, rows, cols, w_dec, n_rows):
+    return _decode_fwd_impl(vals, rows, cols, w_dec, n_rows), (vals, rows, cols, w_dec)
+
+
+def _decode_bwd(n_rows, res, g):
+    vals, rows, cols, w_dec = res
+    w = w_dec.astype(jnp.float32)
+    g = g.astype(jnp.float32)
+
+    def body(dw, slab):
+        if rows is None:
+            v, c = slab
+            gr = g
+        else:
+            v, r, c = slab
+            gr = g[r]
+        d_v = jnp.sum(gr * w[c], axis=-1)
+        return dw.at[c].add(v[:, None] * gr), d_v
+
+    slabs = (vals, cols) if rows is None else (vals, rows, cols)
+    dw, d_vals = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), slabs)
+    return d_vals.astype(vals.dtype), None, None, dw.astype(w_dec.dtype)
+
+
+_sparse_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+# ---- the sparse encoder backward --------------------------------------------------------
+
+
+def encoder_hook(codes: SparseCodes, pre_vals: Array, x_n: Array, params: dict) -> Array:
+    """Differentiable selected pre-activations.
+
+    ``pre_vals [m, c]`` must equal ``pre[rows, cols]`` with ``pre = (x_n - b_dec) W_enc + b_enc``
+    (computed without gradient).  Returns ``pre_vals`` unchanged; its VJP gives the exact
+    gradients of W_enc, b_enc, b_dec (and x_n) that the dense encoder would give for a
+    cotangent that is zero outside the selected entries.
+    """
+    return _encoder_hook(
+        pre_vals, codes.rows, codes.cols, x_n, params["b_dec"], params["W_enc"], params["b_enc"]
+    )
+
+
+@jax.custom_vjp
+def _encoder_hook(pre_vals, rows, cols, x_n, b_dec, w_enc, b_enc):
+    del rows, cols, x_n, b_dec, w_enc, b_enc
+    return pre_vals
+
+
+def _hook_fwd(pre_vals, rows, cols, x_n, b_dec, w_enc, b_enc):
+    return pre_vals, (rows, cols, x_n, b_dec, w_enc, b_enc)
+
+
+def _hook_bwd(res, d_vals):
+    rows, cols, x_n, b_dec, w_enc, b_enc = res
+    d_in, d_sae = w_enc.shape
+    d_vals = d_vals.astype(jnp.float32)
+    xc = (x_n - b_dec).astype(jnp.float32)
+    w_t = w_enc.T.astype(jnp.float32)  # [d_sae, d_in]; dropped by XLA unless dx is needed
+
+    def body(dw_t, slab):
+        dv, c = slab[0], slab[-1]
+        xr = xc if rows is None else xc[slab[1]]
+        return dw_t.at[c].add(dv[:, None] * xr), None
+
+    def body_dx(dx, slab):  # a separate loop: XLA drops it when x_n needs no gradient
+        dv, c = slab[0], slab[-1]
+        if rows is None:
+            return dx + dv[:, None] * w_t[c], None
+        return dx.at[slab[1]].add(dv[:, None] * w_t[c]), None
+
+    slabs = (d_vals, cols) if rows is None else (d_vals, rows, cols)
+    dw_t = jax.lax.scan(body, jnp.zeros((d_sae, d_in), jnp.float32), slabs)[0]
+    dx = jax.lax.scan(body_dx, jnp.zeros(x_n.shape, jnp.float32), slabs)[0]
+    db_enc = jnp.zeros((d_sae,), jnp.float32).at[cols.reshape(-1)].add(d_vals.reshape(-1))
+    db_dec = -(w_enc.astype(jnp.float32) @ db_enc)
+    return (
+        jnp.zeros_like(d_vals), None, None, dx.astype(x_n.dtype), db_dec.astype(b_dec.dtype),
+        dw_t.T.astype(w_enc.dtype), db_enc.astype(b_enc.dtype),
+    )
+
+
+_encoder_hook.defvjp(_hook_fwd, _hook_bwd)
+
+
+# ---- statistics of codes (dense z or SparseCodes) ------------------------------------------
+
+
+def l0(z) -> Array:
+    """Mean number of active latents per row."""
+    if isinstance(z, SparseCodes):
+        return jnp.sum(z.vals > 0).astype(jnp.float32) / z.n_rows
+    return jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
+
+
+def fired(z) -> Array:
+    """[d_sae] bool: which latents were active in any row."""
+    if isinstance(z, SparseCodes):
+        return jnp.zeros((z.d_sae,), bool).at[z.cols.reshape(-1)].max(z.vals.reshape(-1) > 0)
+    return jnp.any(z > 0, axis=0)
+
+
+def min_positive(z) -> Array:
+    """Smallest positive code (inf when none)."""
+    v = z.vals if isinstance(z, SparseCodes) else z
+    return jnp.min(jnp.where(v > 0, v, jnp.inf))
+
+
+# ---- the loss -----------------------------------------------------------------------------
+
+
+def fast_applies(sae: SAE, topk_fn=None) -> bool:
+    """Whether `sae_loss` routes this SAE through the fast path."""
+    spec = sae.spec
+    return bool(getattr(spec, "fast_path", False)) and topk_fn is None and (
+        spec.architecture in ("topk", "batchtopk")
+    )
+
+
+def sparse_codes(sae: SAE, pre: Array, x_n: Array) -> SparseCodes:
+    """Training codes of a topk/batchtopk SAE, differentiable w.r.t. its parameters."""
+    spec = sae.spec
+    if spec.architecture == "topk":
+        sel = topk_codes(pre, spec.k, recall=getattr(spec, "topk_recall", 1.0), rectify=False)
+        raw = sel.vals  # pre values (before relu)
+    elif spec.architecture == "batchtopk":
+        sel = batch_topk_codes(pre, spec.k)
+        raw = sel.vals  # already relu(pre); relu(relu(p)) has the reference gradient
+    else:
+        raise ValueError(f"the fast path does not apply to {spec.architecture!r}")
+    vals = jax.nn.relu(encoder_hook(sel, raw, x_n, sae.params))
+    return sel.replace(vals=vals)
+
+
+def fast_auxk_loss(sae: SAE, pre: Array, x_n: Array, residual: Array, dead_mask: Array) -> Array:
+    """`jsae.sae.losses.auxk_loss` with the sparse decoder and sparse encoder backward."""
+    spec = sae.spec
+    k_aux = spec.aux_k_resolved
+    use_sparse = k_aux * AUXK_SPARSE_RATIO <= spec.d_sae
+    params = sae.params
+
+    def compute(operands):
+        pre, residual, dead_mask, x_n, params = operands
+        pre = jax.lax.stop_gradient(pre)
+        masked = jnp.where(dead_mask, pre, -jnp.inf)
+        sel_vals, idx = jax.lax.top_k(masked, k_aux)
+        ok = jnp.isfinite(sel_vals)
+        if use_sparse:
+            codes = SparseCodes(
+                jnp.where(ok, sel_vals, 0.0).T, None, idx.T.astype(jnp.int32), pre.shape[0],
+                pre.shape[1],
+            )
+            v = encoder_hook(codes, codes.vals, x_n, params)
+            codes = codes.replace(vals=jnp.where(ok.T, jax.nn.relu(v), 0.0))
+            e_hat = sparse_decode(codes, params["W_dec"])
+        else:  # dense AuxK decoder (as the reference), encoder recomputed for its gradient
+            live = pre_activations(sae.replace(params=params), x_n)
+            v = jnp.take_along_axis(live, idx, axis=1)
+            v = jnp.where(ok, jax.nn.relu(v), 0.0)
+            rows = jnp.arange(pre.shape[0])[:, None]
+            z_aux = jnp.zeros_like(pre).at[rows, idx].set(v)
+            e_hat = _mm(z_aux, params["W_dec"], spec.compute_dtype)
+        return jnp.sum((e_hat - jax.lax.stop_gradient(residual)) ** 2, axis=-1).mean()
+
+    return jax.lax.cond(
+        jnp.any(dead_mask), compute, lambda _: jnp.zeros((), jnp.float32),
+        (pre, residual, dead_mask, x_n, params),
+    )
+
+
+def fast_sae_loss(
+    sae: SAE,
+    x_n: Array,
+    *,
+    dead_mask: Array | None = None,
+    aux_coef: float = 1.0 / 32.0,
+) -> tuple[Array, dict]:
+    """`sae_loss` for topk/batchtopk on the fast path.
+
+    Same loss terms and gradients as the reference; ``aux["z"]`` is a `SparseCodes` instead of
+    a dense array (use `l0`, `fired`, `min_positive`, or ``.dense()``).
+    """
+    spec, p = sae.spec, sae.params
+    pre = jax.lax.stop_gradient(pre_activations(sae, x_n))
+    codes = sparse_codes(sae, pre, x_n)
+    x_hat = sparse_decode(codes, p["W_dec"]) + p["b_dec"]
+    recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
+    if dead_mask is None:
+        dead_mask = jnp.zeros((spec.d_sae,), bool)
+    terms = {"recon": recon, "auxk": aux_coef * fast_auxk_loss(sae, pre, x_n, x_n - x_hat, dead_mask)}
+    loss = sum(terms.values())
+    return loss, {**terms, "z": codes, "x_hat": x_hat, "pre": pre}
+
+
+def decode_codes(sae: SAE, codes: SparseCodes) -> Array:
+    """Raw-activation reconstruction from sparse codes (inference; see `jsae.sae.decode`)."""
+    return (sparse_decode(codes, sae.params["W_dec"]) + sae.params["b_dec"]) / sae.norm_scale
+
+
+__all__ = [
+    "SparseCodes", "batch_topk_codes", "decode_codes", "encoder_hook", "fast_applies",
+    "fast_auxk_loss", "fast_sae_loss", "fired", "l0", "min_positive", "select_topk",
+    "sparse_codes", "sparse_decode", "topk_codes",
+]
