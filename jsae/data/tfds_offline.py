@@ -146,7 +146,14 @@ def build_offline_corpus(data_dir: str | None = None, local_files: dict | None =
     builder = cls(data_dir=data_dir, file_format="array_record", local_files=local_files)
     if not builder.is_prepared():
         os.makedirs(data_dir, exist_ok=True)
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except Exception:
+            # another process may have finished the same build first (the final rename of
+            # TFDS's incomplete directory then fails here): use its result if it is complete
+            builder = cls(data_dir=data_dir, file_format="array_record", local_files=local_files)
+            if not builder.is_prepared():
+                raise
     return builder
 
 
