@@ -70,7 +70,7 @@ def load_gemmascope(
             pass
     raw_model = meta.get("config", {}).get("model_name") if "config" in meta else None
     meta["model_name"] = model_name or raw_model
-    meta["hook_name"] = hook_name or _guess_hook(str(f.parent))
+    meta["hook_name"] = hook_name or _guess_hook("/".join(f.parent.parts[-4:]))
     return sae, meta
 
 
