@@ -146,3 +146,10 @@ def test_make_global_batch_single_process():
     g = make_global_batch(local, mesh)
     assert isinstance(g["h"], jax.Array) and g["h"].shape == (8 * jax.process_count(), 3)
     np.testing.assert_array_equal(np.asarray(g["h"]), local["h"])
+
+
+def test_text_source_without_holdout_evaluates_on_training_text():
+    cfg = make_cfg(holdout_fraction=0.0)
+    with pytest.warns(UserWarning, match="no held-out"):
+        ev = list(source(cfg, corpus(20)).eval_batches(50, 64))
+    assert len(ev) == 1 and len(ev[0][cfg.model.hooks[0]]) == 50

@@ -17,6 +17,7 @@ Evaluation (``eval_batches``) reads the held-out documents, in a fixed order, un
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from jsae.data.harvest import Harvester, make_global_batch
 from jsae.data.packing import Packer, tokenizer_batch_fn, tokenizer_fn
 from jsae.data.shuffle import ShuffleMixer
-from jsae.data.text import DocumentStream, open_documents
+from jsae.data.text import DataSourceError, DocumentStream, open_documents
 
 __all__ = ["TextActivationSource", "make_global_batch"]
 
@@ -123,14 +124,20 @@ class TextActivationSource:
         for n, rows in self._eval_cache.items():
             if n >= n_tokens:
                 return {h: r[:n_tokens] for h, r in rows.items()}
-        stream = DocumentStream(
-            self.docs,
-            split="holdout",
+        kw = dict(
             holdout_fraction=self.cfg.data.holdout_fraction,
             seed=self.cfg.seed,
             process_index=self.process_index,
             process_count=self.process_count,
         )
+        try:
+            stream = DocumentStream(self.docs, split="holdout", **kw)
+        except DataSourceError:  # no held-out documents (data.holdout_fraction: 0)
+            warnings.warn(
+                "data.holdout_fraction leaves no held-out documents: evaluating on training text",
+                stacklevel=2,
+            )
+            stream = DocumentStream(self.docs, split="train", epochs=1, **kw)
         packer = Packer(stream, self._tokenize, **self._pack_kw)
         parts, have = [], 0
         while have < n_tokens:
