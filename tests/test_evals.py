@@ -371,12 +371,14 @@ def test_cli_eval_synthetic_run(tmp_path, capsys):
     assert (tmp_path / "feature_density.png").exists()
 
 
-def test_cli_help_lists_eval():
-    from jsae.cli import build_parser
+def test_cli_eval_arguments_and_errors(tmp_path, capsys):
+    from jsae.cli import build_parser, main
 
     p = build_parser()
     args = p.parse_args(["eval", "some/run", "--tokens", "100", "--hook", "blocks.3.hook_resid_post"])
     assert args.tokens == 100 and args.hook == "blocks.3.hook_resid_post"
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "not a jsae run" in capsys.readouterr().err
 
 
 def test_splice_intervention_in_forward(tiny):

@@ -33,11 +33,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    import sys
+
     from jsae.evals.evaluate import evaluate_path
 
-    evaluate_path(
-        args.path, n_tokens=args.tokens, batch_size=args.batch_size, model_name=args.model,
-        hook=args.hook, json_path=args.json_path, out_dir=args.out_dir,
-        downstream=not args.no_downstream, overrides=args.overrides,
-    )
+    try:
+        evaluate_path(
+            args.path, n_tokens=args.tokens, batch_size=args.batch_size, model_name=args.model,
+            hook=args.hook, json_path=args.json_path, out_dir=args.out_dir,
+            downstream=not args.no_downstream, overrides=args.overrides,
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if type(e).__name__ == "ConfigError":
+            raise  # the CLI reports config errors itself
+        print(f"jsae eval: {e}", file=sys.stderr)
+        return 2
     return 0
