@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import threading
@@ -36,6 +37,9 @@ from jsae.config import RunConfig, to_dict
 
 ITEMS = ("states", "data", "config", "meta")
 FORMAT = "jsae-checkpoint-v1"
+# Written beside a checkpoint once it is complete: every file and its size, so that a
+# truncated or deleted file is found before Orbax reads anything.
+LISTING = "jsae_files.json"
 # Spec fields that must agree for a checkpoint to fit the run.
 _SHAPE_FIELDS = ("architecture", "d_in", "d_sae")
 
@@ -121,6 +125,17 @@ def _any_process(flag: bool) -> bool:
 # ---- the checkpointer -----------------------------------------------------------------
 
 
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb, key = a.get(k), b.get(k), f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _dict_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append((key, va, vb))
+    return out
+
+
 def _spec_dict(spec) -> dict:
     return dataclasses.asdict(spec)
 
@@ -140,6 +155,7 @@ class RunCheckpointer:
         self.hooks = list(trainer.hooks) if trainer is not None else list(self.specs)
         self._log = log_fn
         self._last_saved: int | None = None
+        self._pending: int | None = None  # saved step whose file listing is not written yet
         self._stop = threading.Event()
         self._prev_handler = None
         self._mngr = self._new_manager()
@@ -196,8 +212,21 @@ class RunCheckpointer:
     @property
     def latest_step(self) -> int | None:
         """The newest finished checkpoint (waits for a save in flight)."""
-        self._mngr.wait_until_finished()
+        self._finish_pending()
         return self._mngr.latest_step()
+
+    def _finish_pending(self) -> None:
+        """Wait for the save in flight, then record its files and sizes."""
+        self._mngr.wait_until_finished()
+        step, self._pending = self._pending, None
+        d = self.directory / str(step)
+        if step is None or jax.process_index() != 0 or not d.is_dir():
+            return
+        files = {str(f.relative_to(d)): f.stat().st_size
+                 for f in sorted(d.rglob("*")) if f.is_file() and f.name != LISTING}
+        tmp = d / f".{LISTING}.tmp"
+        tmp.write_text(json.dumps(files, indent=0))
+        os.replace(tmp, d / LISTING)
 
     def describe_last_good(self) -> str:
         step = self.latest_step
@@ -219,6 +248,7 @@ class RunCheckpointer:
                 f"{self.describe_last_good()}. Lower train.lr or check the input activations, "
                 "then resume (jsae train restarts from that checkpoint)."
             )
+        self._finish_pending()
         ocp = self._ocp
         meta = {
             "format": FORMAT,
@@ -235,10 +265,10 @@ class RunCheckpointer:
             meta=ocp.args.JsonSave(meta),
         )
         self._mngr.save(step, args=args, force=True)
-        self._last_saved = step
+        self._last_saved = self._pending = step
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        self._finish_pending()
 
     # ---- restore ----------------------------------------------------------------------
     def _read_json(self, step: int, item: str) -> dict:
@@ -281,6 +311,15 @@ class RunCheckpointer:
     def _restore_step(self, step: int, template) -> tuple[Any, dict, dict]:
         ocp = self._ocp
         meta = self.check_fits(step)
+        listing = self.directory / str(step) / LISTING
+        if listing.exists():  # absent only if the run died right after the save finished
+            for rel, size in json.loads(listing.read_text()).items():
+                f = self.directory / str(step) / rel
+                if not f.exists():
+                    raise CorruptCheckpointError(f"{f} is missing")
+                if f.stat().st_size != size:
+                    raise CorruptCheckpointError(
+                        f"{f} has {f.stat().st_size} bytes, {size} were written")
         states_dir = self.directory / str(step) / "states"
         for name in ("_METADATA", "manifest.ocdbt"):
             if not (states_dir / name).exists():
@@ -304,6 +343,18 @@ class RunCheckpointer:
             )
         return states, procs[jax.process_index()], meta
 
+    def _note_config_changes(self, step: int) -> None:
+        try:
+            saved = self._read_json(step, "config")
+        except CorruptCheckpointError:
+            return
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in _dict_diff(saved, to_dict(self.cfg))
+                 if k != "run_dir"]
+        if diffs:
+            more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+            self._log("note: config changed since checkpoint step "
+                      f"{step}: {'; '.join(diffs[:8])}{more}")
+
     def _quarantine(self, step: int) -> Path | None:
         src = self.directory / str(step)
         if jax.process_index() != 0 or not src.exists():
@@ -319,7 +370,7 @@ class RunCheckpointer:
 
     def restore(self, template):
         """(states, data_state) from the newest good checkpoint, or None when there is none."""
-        self._mngr.wait_until_finished()
+        self._finish_pending()
         self._mngr.reload()
         steps = sorted(self._mngr.all_steps(), reverse=True)
         bad: list[int] = []
@@ -336,6 +387,7 @@ class RunCheckpointer:
                 bad.append(step)
                 continue
             result = (states, data_state)
+            self._note_config_changes(step)
             break
         for step in bad:
             moved = self._quarantine(step)
@@ -353,7 +405,7 @@ class RunCheckpointer:
     # ---- shutdown ---------------------------------------------------------------------
     def close(self) -> None:
         try:
-            self._mngr.wait_until_finished()
+            self._finish_pending()
             self._mngr.close()
         finally:
             if self._prev_handler is not None:
