@@ -304,3 +304,52 @@ def test_batched_tokenisation_with_read_ahead_matches_single():
     np.testing.assert_array_equal(run(tokenize_batch=batch, prefetch_docs=4), single)
     assert max(calls) == 4
     np.testing.assert_array_equal(run(restore_at=5, tokenize_batch=batch, prefetch_docs=4), single)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 1000, 4097])
+def test_feistel_permutation_is_a_bijection(n):
+    from jsae.data.text import FeistelPermutation
+
+    p = FeistelPermutation(n, key=123)
+    vals = [p[i] for i in range(n)]
+    assert sorted(vals) == list(range(n))
+    if n >= 64:
+        assert vals != list(range(n))
+        assert [FeistelPermutation(n, key=124)[i] for i in range(n)] != vals
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_lazy_order_for_huge_collections(P):
+    """Above LAZY_ABOVE documents: hash holdout + Feistel order; same guarantees."""
+    n = 997
+    docs = ListDocuments([doc(i) for i in range(n)])
+    want_hold = {doc(i) for i in range(n) if is_holdout(i, 0.1)}
+    for epoch in range(2):
+        got = []
+        for p in range(P):
+            s = DocumentStream(
+                docs, holdout_fraction=0.1, seed=3, process_index=p, process_count=P, lazy=True
+            )
+            assert s.lazy
+            got += [t for e, _, t in _take_epoch(s, epoch)]
+        assert len(got) == len(set(got)) and set(got) == {doc(i) for i in range(n)} - want_hold
+    hold = []
+    for p in range(P):
+        s = DocumentStream(
+            docs, split="holdout", holdout_fraction=0.1, process_index=p, process_count=P, lazy=True
+        )
+        hold += [t for _, _, t in s.iterate()]
+    assert len(hold) == len(set(hold)) and set(hold) == want_hold
+    # resume from a position gives the rest of the sequence
+    s = DocumentStream(docs, holdout_fraction=0.1, seed=3, lazy=True, epochs=1)
+    full = list(s.iterate())
+    assert list(s.iterate(*full[100][:2])) == full[100:]
+
+
+def _take_epoch(s, epoch):
+    out = []
+    for e, pos, t in s.iterate(epoch, 0):
+        if e != epoch:
+            break
+        out.append((e, pos, t))
+    return out

@@ -207,12 +207,72 @@ def process_share(ids: np.ndarray, process_index: int, process_count: int) -> np
     return np.asarray(ids)[process_index::process_count]
 
 
+LAZY_ABOVE = 1 << 22  # collections with more documents use lazy orders (no O(n) arrays)
+
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a well-mixed 64-bit hash of ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+class FeistelPermutation:
+    """A seeded bijection of ``[0, n)`` evaluated per index in O(1) memory: a 4-round
+    Feistel network on the smallest even-bit power of two >= n, with cycle walking."""
+
+    def __init__(self, n: int, key: int):
+        self.n = int(n)
+        bits = max(2, (self.n - 1).bit_length())
+        bits += bits % 2
+        self.half, self.mask = bits // 2, (1 << (bits // 2)) - 1
+        self.keys = [_mix64((int(key) & _M64) ^ (r * 0x632BE59BD9B4E019)) for r in range(4)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _once(self, x: int) -> int:
+        l, r = x >> self.half, x & self.mask
+        for k in self.keys:
+            l, r = r, l ^ (_mix64(r ^ k) & self.mask)
+        return (l << self.half) | r
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        x = self._once(int(i))
+        while x >= self.n:  # cycle walking: stays a bijection on [0, n)
+            x = self._once(x)
+        return x
+
+
+class _Strided:
+    """``seq[start::step]`` of a lazy sequence."""
+
+    def __init__(self, seq, start: int, step: int):
+        self.seq, self.start, self.step = seq, start, step
+
+    def __len__(self) -> int:
+        return max(0, (len(self.seq) - self.start + self.step - 1) // self.step)
+
+    def __getitem__(self, j: int) -> int:
+        return self.seq[self.start + int(j) * self.step]
+
+
 class DocumentStream:
     """This process's documents, epoch after epoch, with a resumable position.
 
     ``split='train'``: the non-held-out documents, reshuffled each epoch from ``seed``,
     infinite unless ``epochs`` is given. ``split='holdout'``: the held-out documents in a
     fixed order, one pass. Position = ``(epoch, pos)`` within this process's share.
+
+    Above ``LAZY_ABOVE`` documents (or with ``lazy=True``) nothing of size O(n) is built:
+    held-out documents are chosen by a hash of their index (:func:`is_holdout`), each epoch's
+    order is a :class:`FeistelPermutation`, and ``pos`` indexes this process's share of that
+    permutation (held-out documents in it are skipped).
     """
 
     def __init__(
@@ -225,6 +285,7 @@ class DocumentStream:
         process_index: int = 0,
         process_count: int = 1,
         epochs: int | None = None,
+        lazy: bool | None = None,
     ):
         if split not in ("train", "holdout"):
             raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
@@ -236,42 +297,69 @@ class DocumentStream:
         self.holdout_fraction = holdout_fraction
         self.epochs = 1 if split == "holdout" else epochs
         self.random_access = getattr(docs, "random_access", True)
+        self.lazy = False
         if self.random_access:
-            train, hold = split_holdout(len(docs), holdout_fraction)
-            self._ids = train if split == "train" else hold
-            if len(self._ids) < process_count:
-                raise DataSourceError(
-                    f"{docs.name}: {len(self._ids)} {split} documents for {process_count} processes"
-                )
+            n = len(docs)
+            self.lazy = n > LAZY_ABOVE if lazy is None else bool(lazy)
+            if self.lazy:
+                if n < process_count or (split == "holdout" and holdout_fraction <= 0):
+                    raise DataSourceError(
+                        f"{docs.name}: no {split} documents for {process_count} processes"
+                    )
+            else:
+                train, hold = split_holdout(n, holdout_fraction)
+                self._ids = train if split == "train" else hold
+                if len(self._ids) < process_count:
+                    raise DataSourceError(
+                        f"{docs.name}: {len(self._ids)} {split} documents for {process_count} processes"
+                    )
         self._cache: dict[int, np.ndarray] = {}
 
-    def order(self, epoch: int) -> np.ndarray:
-        """Document ids this process reads in ``epoch``."""
+    def order(self, epoch: int):
+        """Document ids this process reads in ``epoch`` (an array, or a lazy sequence)."""
+        if self.lazy:
+            key = _mix64(((int(self.seed) & 0xFFFFFFFF) << 32) ^ int(epoch) ^ 0xD0C5)
+            perm = FeistelPermutation(len(self.docs), key)
+            return _Strided(perm, self.process_index, self.process_count)
         ids = self._ids if self.split == "holdout" else epoch_order(self._ids, self.seed, epoch)
         return process_share(ids, self.process_index, self.process_count)
 
-    def _order_cached(self, epoch: int) -> np.ndarray:
+    def _order_cached(self, epoch: int):
         if epoch not in self._cache:
             self._cache = {epoch: self.order(epoch)}
         return self._cache[epoch]
 
     def iterate(self, epoch: int = 0, pos: int = 0) -> Iterator[tuple[int, int, str]]:
         """Yield ``(epoch, pos, text)`` from the given position on."""
-        if not self.random_access:
+        if not self.random_access or (self.lazy and self.split == "holdout"):
             yield from self._iterate_stream(epoch, pos)
             return
         while self.epochs is None or epoch < self.epochs:
             order = self._order_cached(epoch)
             while pos < len(order):
-                yield epoch, pos, self.docs[int(order[pos])]
+                i = int(order[pos])
+                if not (self.lazy and is_holdout(i, self.holdout_fraction)):
+                    yield epoch, pos, self.docs[i]
                 pos += 1
             epoch, pos = epoch + 1, 0
 
     def _iterate_stream(self, epoch: int, pos: int) -> Iterator[tuple[int, int, str]]:
         # pos counts this process's documents of this split in stream order.
+        if self.random_access:  # a lazy holdout split: the documents in index order
+            docs = self.docs
+
+            def items():
+                for i in range(len(docs)):
+                    if is_holdout(i, self.holdout_fraction):
+                        yield i, docs[i]
+        else:
+
+            def items():
+                return self.docs.iterate()
+
         while self.epochs is None or epoch < self.epochs:
             k = 0
-            for i, text in self.docs.iterate():
+            for i, text in items():
                 if is_holdout(i, self.holdout_fraction) != (self.split == "holdout"):
                     continue
                 if i % self.process_count != self.process_index:
