@@ -393,3 +393,36 @@ def test_splice_intervention_in_forward(tiny):
     zeroed = forward(model.cfg, model.params, tokens,
                      interventions={HOOK: splice_intervention(constant_sae(np.zeros(d)))}).logits
     assert not np.allclose(np.asarray(zeroed), np.asarray(clean), atol=1e-3)
+
+
+def test_eval_imported_saelens_and_gemmascope(tiny, tmp_path):
+    """SAELens / Gemma Scope folders (jsae.export) evaluate to the same numbers as the SAE."""
+    from jsae.data.text import ListDocuments
+    from jsae.evals import evaluate_path
+    from jsae.export import save_gemmascope, save_saelens
+
+    model, _, _ = tiny
+    d = model.cfg.d_model
+    docs = ListDocuments(TEXTS * 4)
+    common = dict(n_tokens=150, batch_size=BATCH, model=model, forward=forward, documents=docs,
+                  overrides=["data.context_length=32", "data.holdout_fraction=0.25"], print_fn=None)
+    sae = random_sae("jumprelu", d, 64, seed=7)
+    save_saelens(sae, tmp_path / "sl", hook_name=HOOK, model_name="tiny")
+    a = evaluate_path(tmp_path / "sl", **common)
+    assert a["info"]["kind"] == "saelens" and (tmp_path / "sl" / "eval" / "eval.json").exists()
+    save_gemmascope(sae, tmp_path / "gs" / "layer_1" / "width_64")
+    b = evaluate_path(tmp_path / "gs" / "layer_1" / "width_64", hook=HOOK, **common)
+    assert b["info"]["kind"] == "gemmascope"
+    # the reference: the original SAE on the same contexts
+    from jsae import config
+    from jsae.evals import eval_contexts
+
+    cfg = config.from_dict(
+        {"train": {"steps": 1}, "sae": {"expansion": 1, "k": 1},
+         "data": {"context_length": 32, "holdout_fraction": 0.25}})
+    toks, mask = eval_contexts(model, cfg.data, 150, documents=docs)
+    ref = Evaluator(model, [HOOK], toks, mask, forward=forward, batch_size=BATCH).evaluate(
+        {HOOK: sae}).metrics[HOOK]
+    for key in ("fvu", "l0", "ce_spliced", "ce_recovered_zero", "kl_spliced"):
+        assert a["metrics"][HOOK][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+        assert b["metrics"][HOOK][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
