@@ -63,7 +63,9 @@ class Packer:
         if context_length < 2:
             raise ValueError("context_length must be >= 2")
         if prepend_bos and bos_id is None:
-            raise ValueError("prepend_bos needs a bos_id")
+            raise ValueError(
+                "data.prepend_bos: the tokenizer has no BOS token; set data.prepend_bos: false"
+            )
         self.stream = stream
         self.tokenize = tokenize
         self.tokenize_batch = tokenize_batch
