@@ -1,0 +1,126 @@
+"""`jsae plan`: per-device bytes equal the compiled step's memory analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jsae import config, parallel
+from jsae.commands.plan import parse_bytes
+from jsae.data import make_source
+from jsae.plan import largest_d_sae, parse_mesh, plan
+from jsae.train.loop import Trainer
+
+RAW = {
+    "data": {"source": "synthetic", "d_in": 16, "n_features": 64},
+    "sae": {"d_sae": 128, "k": 4, "init_sample": 256},
+    "train": {"steps": 10, "batch_size": 64},
+}
+
+
+def _cfg(**sae):
+    raw = {**RAW, "sae": {**RAW["sae"], **sae}}
+    return config.from_dict(raw)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_plan_matches_memory_analysis_of_the_real_step(fast):
+    cfg = _cfg(fast_path=fast)
+    p = plan(cfg, 1, 1)
+    # independent: real states from a real source, the Trainer's step jitted by hand
+    tr = Trainer(cfg, make_source(cfg), mesh=parallel.make_mesh(1, 1, jax.devices()[:1]))
+    states = tr.init_states()
+    sh = tr.state_shardings(states)
+    batches = {h: parallel.global_batch(tr.source.next_batch(64)[h], tr.mesh) for h in tr.hooks}
+    mem = jax.jit(
+        tr._multi_step, in_shardings=(sh, {h: parallel.batch_sharding(tr.mesh) for h in tr.hooks}),
+        out_shardings=(sh, parallel.replicated(tr.mesh)), donate_argnums=(0,),
+    ).lower(states, batches).compile().memory_analysis()
+    assert p.argument == mem.argument_size_in_bytes
+    assert p.output == mem.output_size_in_bytes
+    assert p.alias == mem.alias_size_in_bytes
+    assert p.temp == mem.temp_size_in_bytes
+    assert p.peak == p.argument + p.output - p.alias + p.temp
+    (h,) = tr.hooks
+    assert p.params == sum(x.nbytes for x in jax.tree.leaves(states[h].sae))
+    assert p.opt_state == sum(x.nbytes for x in jax.tree.leaves(states[h].opt_state))
+    assert p.batch == 64 * 16 * 4
+    assert p.params + p.opt_state + p.other_state + p.batch == p.argument
+    # W_enc, W_dec, b_enc, b_dec, norm_scale in float32
+    assert p.params == 4 * (2 * 16 * 128 + 128 + 16 + 1)
+    assert p.temp > 64 * 128 * 4  # at least the pre-activations [B, d_sae]
+
+
+def test_sharded_plan_divides_latents_and_batch(tmp_path):
+    """2x2 simulated mesh: per-device bytes follow the partition specs, and match XLA."""
+    code = textwrap.dedent(f"""
+        import json, jax
+        from jsae import config
+        from jsae.plan import ensure_devices, plan, compile_step
+        assert ensure_devices(4)
+        cfg = config.from_dict({RAW!r})
+        p = plan(cfg, 2, 2)
+        mem = compile_step(cfg, 2, 2)[0].memory_analysis()
+        print(json.dumps({{**p.as_dict(), "xla_temp": mem.temp_size_in_bytes,
+                          "xla_arg": mem.argument_size_in_bytes}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (p["data"], p["model"], p["simulated"]) == (2, 2, True)
+    assert p["params"] == 4 * ((2 * 16 * 128 + 128) // 2 + 16 + 1)  # latents split over model
+    assert p["batch"] == 64 * 16 * 4 // 2  # rows split over data
+    assert p["argument"] == p["xla_arg"] == p["params"] + p["opt_state"] + p["other_state"] + p[
+        "batch"]
+    assert p["temp"] == p["xla_temp"]
+
+
+def test_largest_d_sae_solves_the_budget():
+    cfg = _cfg()
+    target = plan(_cfg(d_sae=2048), 1, 1)
+    best, p0, p1 = largest_d_sae(cfg, target.peak, probes=(512, 1024))
+    assert p0.d_sae == {h: 512 for h in p0.d_sae} and p1.peak > p0.peak
+    assert abs(best - 2048) <= 256, best
+    assert best % 256 == 0
+
+
+def test_parse_helpers():
+    assert parse_mesh("data=4,model=8") == (4, 8)
+    assert parse_mesh("model=2") == (1, 2)
+    with pytest.raises(ValueError):
+        parse_mesh("data=0")
+    with pytest.raises(ValueError):
+        parse_mesh("pipeline=2")
+    assert parse_bytes("80GB") == 80e9
+    assert parse_bytes("16GiB") == 16 * 1024**3
+    assert parse_bytes("7.5e10") == 7.5e10
+
+
+def test_cli_plan_prints_json(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(RAW))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run(
+        [sys.executable, "-m", "jsae", "plan", str(path), "--mesh", "data=2,model=2", "--json",
+         "--set", "sae.d_sae=256"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])["plan"]
+    assert (out["data"], out["model"]) == (2, 2)
+    assert list(out["d_sae"].values()) == [256]
+    assert out["params"] == 4 * ((2 * 16 * 256 + 256) // 2 + 16 + 1)
+    assert out["peak"] >= out["argument"]
+    assert math.isclose(out["batch"], 64 * 16 * 4 / 2)
+    assert np.isfinite(out["temp"])
