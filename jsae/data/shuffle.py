@@ -92,7 +92,8 @@ class ShuffleMixer:
         self._finished = True
 
     # ---- rounds ---------------------------------------------------------------------
-    def _take_chunk(self, k: int) -> Rows:
+    def _take_chunk(self, k: int) -> list[Rows]:
+        """The next ``k`` pending rows, as a list of pieces (no copy yet)."""
         parts, need = [], k
         while need > 0:
             rows, pos, off = self._segs[0]
@@ -109,31 +110,39 @@ class ShuffleMixer:
         self._chunk_start = (
             {"pos": self._segs[0][1], "offset": self._segs[0][2]} if self._segs else None
         )
-        return _cat(parts)
+        return parts
 
     def _form_round(self) -> bool:
         """Form the next round if possible; False if more input is needed or all is done."""
         start = self._chunk_start
         if self._n_pending >= self.K:
-            chunk, final = self._take_chunk(self.K), False
+            m, final = self.K, False
         elif self._finished and (self._n_pending > 0 or _n(self._carry) > 0):
-            chunk, final = (self._take_chunk(self._n_pending) if self._n_pending else {}), True
+            m, final = self._n_pending, True
         else:
             return False
+        parts = self._take_chunk(m) if m else []
         r = self._round + 1
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, r, 0x5FF1E])
-        m = _n(chunk)
+        # pool = [carry of the previous round | this chunk]; two gathers, no other copy:
+        # out = permute(carry_prev + now), carry = the other half of the chunk.
+        c = _n(self._carry)
+        pool = _cat([self._carry, *parts])
         if final:
-            now, carry = chunk, {}
+            now_idx, carry_idx = np.arange(m), np.arange(0)
         else:
             perm = rng.permutation(m)
-            now, carry = _take(chunk, perm[: m // 2]), _take(chunk, perm[m // 2 :])
-        out = _cat([self._carry, now])
-        out = _take(out, rng.permutation(_n(out))) if out else {}
+            now_idx, carry_idx = perm[: m // 2], perm[m // 2 :]
+        out_idx = np.concatenate([np.arange(c), c + now_idx])
+        out_idx = out_idx[rng.permutation(len(out_idx))]
+        carry = _take(pool, c + carry_idx) if len(carry_idx) else {}
+        discard = self._discard_round == r
+        out = _take(pool, out_idx) if (len(out_idx) and not discard) else {}
+        del pool
         self._carry = carry
         self._round = r
         self._chunk_starts[r] = start
-        if self._discard_round == r:  # restore: only the carry of this round was needed
+        if discard:  # restore: only the carry of this round was needed
             self._discard_round = None
             return True
         emitted = 0
