@@ -153,3 +153,21 @@ def test_text_source_without_holdout_evaluates_on_training_text():
     with pytest.warns(UserWarning, match="no held-out"):
         ev = list(source(cfg, corpus(20)).eval_batches(50, 64))
     assert len(ev) == 1 and len(ev[0][cfg.model.hooks[0]]) == 50
+
+
+def test_harvest_data_parallel_over_devices_matches_one_device():
+    import jax
+
+    if jax.device_count() < 2:
+        pytest.skip("needs several (simulated) devices")
+    model = make_stub()
+    toks, mask = pack_documents(corpus(12), lambda t: model.tokenizer.encode(t, False), 16, bos_id=2)
+    toks, mask = toks[:6], mask[:6]  # 6 rows over 4 devices: padded to 8, padding dropped
+    hooks = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+    one = Harvester(model, hooks, forward=stub_forward, devices=None)(toks, mask)
+    par = Harvester(model, hooks, forward=stub_forward, devices=jax.devices()[:4])
+    many = par(toks, mask)
+    assert len(par.activations(toks)[hooks[0]].sharding.device_set) == 4
+    for h in hooks:
+        np.testing.assert_allclose(many[h], one[h], rtol=1e-5, atol=1e-5)
+    assert Harvester(model, hooks, forward=stub_forward).devices is None  # CPU: one device

@@ -76,6 +76,12 @@ def test_one_pass_several_hooks_equals_separate_passes_real_forward():
         )
         assert together[h].shape == (mask.sum(), 32)
     assert mask.sum() < mask.size and not mask[:, 0].any()  # BOS positions dropped
+    import jax
+
+    if jax.device_count() >= 3:  # data parallel over devices (3 devices: 4 rows padded to 6)
+        par = Harvester(lm, HOOKS, devices=jax.devices()[:3])(toks, mask)
+        for h in HOOKS:
+            np.testing.assert_allclose(par[h], together[h], rtol=1e-5, atol=1e-5)
 
 
 def test_text_source_on_real_forward_resumes_exactly():

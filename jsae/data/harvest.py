@@ -49,6 +49,11 @@ class Harvester:
     ``model`` is a ``jsae.models`` LanguageModel (``.cfg``, ``.params``). ``forward`` defaults to
     ``jsae.models.forward`` (``forward(cfg, params, tokens, capture=, stop_after_capture=)``);
     pass another function of the same signature to harvest from a stand-in.
+
+    ``devices``: the LM batch is split over these (data parallel, parameters replicated).
+    ``"auto"`` (default) takes every local device on GPU/TPU (a TPU v3-8 host harvests on all
+    8 cores) and one device on CPU; ``None`` runs unsharded on the default device. The batch is
+    padded to a multiple of the device count (padding rows are dropped).
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class Harvester:
         *,
         forward: Callable | None = None,
         exclude_norm_outliers: float | None = None,
+        devices="auto",
     ):
         if not hooks:
             raise ValueError("harvesting needs at least one hook name")
@@ -65,16 +71,42 @@ class Harvester:
         self.hooks = tuple(hooks)
         self.forward = forward or _default_forward()
         self.exclude_norm_outliers = exclude_norm_outliers
+        if isinstance(devices, str):
+            if devices != "auto":
+                raise ValueError(f"devices: 'auto', None or a list of devices, not {devices!r}")
+            devices = jax.local_devices() if jax.default_backend() != "cpu" else None
+        self.devices = list(devices) if devices is not None and len(devices) > 1 else None
+        self._params = None
+        self._tok_sharding = None
+
+    def _placed_params(self):
+        if self._params is None:
+            if self.devices is None:
+                self._params = self.model.params
+            else:
+                from jax.sharding import Mesh, NamedSharding
+                from jax.sharding import PartitionSpec as P
+
+                mesh = Mesh(np.array(self.devices), ("batch",))
+                self._tok_sharding = NamedSharding(mesh, P("batch"))
+                self._params = jax.device_put(self.model.params, NamedSharding(mesh, P()))
+        return self._params
 
     def activations(self, tokens: np.ndarray) -> dict:
-        """Device arrays ``{hook: [B, T, d] float32}``."""
-        return _harvest_jit(
-            self.model.cfg,
-            self.model.params,
-            jnp.asarray(tokens, jnp.int32),
-            self.hooks,
-            self.forward,
-        )
+        """Device arrays ``{hook: [B', T, d] float32}`` (``B' >= B``: padded to a multiple of the
+        device count; rows past ``B`` are padding)."""
+        params = self._placed_params()
+        tokens = np.asarray(tokens, np.int32)
+        if self.devices is not None:
+            n = len(self.devices)
+            extra = (-tokens.shape[0]) % n
+            if extra:
+                pad = np.broadcast_to(tokens[-1:], (extra, tokens.shape[1]))
+                tokens = np.concatenate([tokens, pad])
+            tokens = jax.device_put(tokens, self._tok_sharding)
+        else:
+            tokens = jnp.asarray(tokens)
+        return _harvest_jit(self.model.cfg, params, tokens, self.hooks, self.forward)
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return self.select(self.activations(tokens), mask)
@@ -86,6 +118,7 @@ class Harvester:
         if mask is None:
             mask = np.ones(next(iter(acts.values())).shape[:2], bool)
         mask = np.asarray(mask, bool)
+        acts = {h: a[: mask.shape[0]] for h, a in acts.items()}  # drop device padding rows
         rows = {h: a[mask] for h, a in acts.items()}
         if self.exclude_norm_outliers is not None:
             norms = {h: np.linalg.norm(r, axis=-1) for h, r in rows.items()}
