@@ -161,7 +161,9 @@ def test_harvest_data_parallel_over_devices_matches_one_device():
     if jax.device_count() < 2:
         pytest.skip("needs several (simulated) devices")
     model = make_stub()
-    toks, mask = pack_documents(corpus(12), lambda t: model.tokenizer.encode(t, False), 16, bos_id=2)
+    toks, mask = pack_documents(
+        corpus(12), lambda t: model.tokenizer.encode(t, False), 16, bos_id=2
+    )
     toks, mask = toks[:6], mask[:6]  # 6 rows over 4 devices: padded to 8, padding dropped
     hooks = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
     one = Harvester(model, hooks, forward=stub_forward, devices=None)(toks, mask)
