@@ -67,23 +67,25 @@ def _assert_same(ref, got, rtol=2e-5, atol=2e-5):
 
 
 CASES = [
-    # arch, k, d_sae, ties, aux: AuxK off ("none") or on with its sparse / dense decoder
-    ("topk", 4, D_SAE, False, "none"),
-    ("topk", 4, D_SAE, True, "sparse"),  # exact ties: both paths keep the lower latent index
-    ("topk", D_SAE - 1, D_SAE, False, "dense"),  # k near d_sae
-    ("topk", D_SAE, D_SAE, False, "sparse"),  # k == d_sae
-    ("batchtopk", 3, D_SAE, False, "dense"),
-    ("batchtopk", 3, D_SAE, True, "sparse"),
-    ("batchtopk", D_SAE - 2, D_SAE, False, "none"),
+    # arch, k, d_sae, ties, aux: AuxK off ("none") or on with its sparse / dense decoder,
+    # group: slabs per loop iteration (1 on CPU; GPU/TPU use more)
+    ("topk", 4, D_SAE, False, "none", 1),
+    ("topk", 4, D_SAE, True, "sparse", 1),  # exact ties: both paths keep the lower latent index
+    ("topk", D_SAE - 1, D_SAE, False, "dense", 1),  # k near d_sae
+    ("topk", D_SAE, D_SAE, False, "sparse", 4),  # k == d_sae
+    ("batchtopk", 3, D_SAE, False, "dense", 1),
+    ("batchtopk", 3, D_SAE, True, "sparse", 3),
+    ("batchtopk", D_SAE - 2, D_SAE, False, "none", 8),
 ]
 
 
-@pytest.mark.parametrize("arch,k,d_sae,ties,aux", CASES)
-def test_fast_loss_and_grads_equal_reference(arch, k, d_sae, ties, aux, monkeypatch):
+@pytest.mark.parametrize("arch,k,d_sae,ties,aux,group", CASES)
+def test_fast_loss_and_grads_equal_reference(arch, k, d_sae, ties, aux, group, monkeypatch):
     sae, x = _sae(arch, k, d_sae=d_sae, aux_k=6, ties=ties)
     dead = jnp.zeros((d_sae,), bool) if aux == "none" else (jnp.arange(d_sae) % 3 == 0)
     # which AuxK decoder the fast path takes: sparse when aux_k * ratio <= d_sae
     monkeypatch.setattr(fast, "AUXK_SPARSE_RATIO", 1 if aux == "sparse" else 10**9)
+    monkeypatch.setitem(fast.SLABS_PER_STEP, "cpu", group)
     ref = _loss_and_grads(sae, x, dead)
     got = _loss_and_grads(_with_fast(sae), x, dead)
     assert not isinstance(ref[0][1]["z"], fast.SparseCodes)
@@ -107,7 +109,9 @@ def test_ties_really_tie():
     np.testing.assert_array_equal(np.sort(cols, -1), np.sort(ref, -1))
 
 
-def test_sparse_decode_matches_numpy_and_its_vjp():
+@pytest.mark.parametrize("group", [1, 2])
+def test_sparse_decode_matches_numpy_and_its_vjp(group, monkeypatch):
+    monkeypatch.setitem(fast.SLABS_PER_STEP, "cpu", group)
     rng = np.random.default_rng(1)
     n, f, d, k = 7, 30, 5, 4
     w = rng.normal(size=(f, d)).astype(np.float32)
