@@ -206,3 +206,28 @@ def test_cache_process_shares(tmp_path, P):
         [b[HOOKS[0]] for b in CacheActivationSource(cfg).eval_batches(10**6, 64)]
     )
     np.testing.assert_array_equal(np.sort(np.concatenate(evs), axis=0), np.sort(ev_all, axis=0))
+
+
+def test_cache_written_by_several_processes(tmp_path):
+    docs = corpus(60)
+    out = tmp_path / "c"
+    for p in range(2):  # two hosts harvesting into one directory
+        harvest(out, docs, process_index=p, process_count=2)
+        if p == 0:
+            with pytest.raises(ValueError, match="missing"):
+                read_manifest(out)
+    man = read_manifest(out)
+    assert man["tokens"] == 750 and man["splits"]["train"]["complete"]
+    assert man["splits"]["eval"]["rows"] == 130
+    files = [s["file"] for s in man["splits"]["train"]["shards"]]
+    assert len(files) == len(set(files)) == 8 and files[0].startswith("train/p00000-")
+    rows = np.concatenate([load_shard(out / f)[HOOKS[0]] for f in files])
+    assert len(rows) == 750
+    st = man["stats"][HOOKS[0]]
+    assert st["count"] == 750
+    np.testing.assert_allclose(
+        st["mean_sq_norm"], (np.linalg.norm(rows.astype(np.float64), axis=1) ** 2).mean()
+    )
+    # each process harvested its own documents: the two halves differ from a 1-process cache
+    src = CacheActivationSource(cache_cfg(out), 1, 2)
+    assert src.next_batch(100)[HOOKS[1]].shape == (100, 16)

@@ -38,6 +38,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="override a config value, e.g. --set model.hooks=[blocks.3.hook_resid_post] (repeatable)",
     )
     p.add_argument("--overwrite", action="store_true", help="start over even if DIR holds a cache")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host harvest: call jax.distributed.initialize() first and run the same "
+        "command on every host; each harvests its own documents and 1/N of the tokens into "
+        "its own shards of DIR (a shared path such as gs://...)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -45,6 +52,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     import time
 
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
     from jsae import config as config_lib
 
     cfg = config_lib.load(args.config, args.overrides)
@@ -59,12 +70,17 @@ def run(args) -> int:
         eval_tokens=args.eval_tokens,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     dt = time.time() - t0
     n_train = man["splits"]["train"]["rows"]
     n_eval = man["splits"]["eval"]["rows"]
+    who = (
+        f"process {jax.process_index()}/{jax.process_count()}: " if jax.process_count() > 1 else ""
+    )
     print(
-        f"jsae harvest: {n_train} training + {n_eval} held-out tokens of "
+        f"jsae harvest: {who}{n_train} training + {n_eval} held-out tokens of "
         f"{', '.join(man['hooks'])} from {man['model']} in {args.out} ({dt:.1f} s)"
     )
     for h in man["hooks"]:

@@ -99,14 +99,55 @@ def load_shard(path, hooks=None) -> dict[str, np.ndarray]:
     return parse_safetensors(_path(path).read_bytes(), hooks)
 
 
-def read_manifest(path) -> dict:
-    m = _path(path) / "manifest.json"
-    if not m.exists():
-        raise FileNotFoundError(f"no activation cache at {path} (missing manifest.json)")
+def manifest_name(process_index: int = 0, process_count: int = 1) -> str:
+    """``manifest.json`` for a single writer; ``manifest-00003-of-00008.json`` per process."""
+    if process_count == 1:
+        return "manifest.json"
+    return f"manifest-{process_index:05d}-of-{process_count:05d}.json"
+
+
+def _read_one(m) -> dict:
     man = json.loads(m.read_text())
     if man.get("format") != FORMAT:
         raise ValueError(f"{m} is not a jsae activation cache manifest")
     return man
+
+
+def read_manifest(path) -> dict:
+    """The cache's manifest; a cache written by P processes (one manifest each) is merged:
+    shards listed process after process, counts and statistics summed."""
+    root = _path(path)
+    if (root / "manifest.json").exists():
+        return _read_one(root / "manifest.json")
+    parts = sorted(root.glob("manifest-*-of-*.json")) if root.exists() else []
+    if not parts:
+        raise FileNotFoundError(f"no activation cache at {path} (missing manifest.json)")
+    mans = [_read_one(m) for m in parts]
+    P = mans[0]["process_count"]
+    if sorted(m["process_index"] for m in mans) != list(range(P)):
+        have = sorted(m["process_index"] for m in mans)
+        raise ValueError(f"{path}: manifests of processes {have} of {P}; some are missing")
+    merged = {k: v for k, v in mans[0].items() if k not in ("splits", "stats", "tokens")}
+    merged["process_index"], merged["process_count"] = 0, 1
+    merged["splits"] = {}
+    for sp in ("train", "eval"):
+        merged["splits"][sp] = {
+            "shards": [s for m in mans for s in m["splits"][sp]["shards"]],
+            "rows": sum(m["splits"][sp]["rows"] for m in mans),
+            "complete": all(m["splits"][sp]["complete"] for m in mans),
+            "resume": None,
+        }
+    stats = _Stats(merged["d_in"])
+    for m in mans:
+        for h, a in m.get("stats", {}).get("_acc", {}).items():
+            acc = stats.acc[h]
+            acc["count"] += a["count"]
+            acc["sum_sq_norm"] += a["sum_sq_norm"]
+            acc["sum_norm"] += a["sum_norm"]
+            acc["sum"] = (np.asarray(acc["sum"]) + np.asarray(a["sum"])).tolist()
+    merged["stats"] = stats.manifest_stats()
+    merged["tokens"] = merged["splits"]["train"]["rows"]
+    return merged
 
 
 class _Stats:
@@ -148,14 +189,35 @@ class _Stats:
         return out
 
 
+def _manifest_stats(self) -> dict:
+    stats = self.to_json()
+    return {
+        **{h: {k: v for k, v in st.items() if k != "sum"} for h, st in stats.items()},
+        "_acc": {h: self.acc[h] for h in self.acc},
+    }
+
+
+_Stats.manifest_stats = _manifest_stats
+
+
 class CacheWriter:
     """Writes shards and keeps ``manifest.json`` current after each one (resumable)."""
 
-    def __init__(self, path, meta: dict, *, overwrite: bool = False):
+    def __init__(
+        self,
+        path,
+        meta: dict,
+        *,
+        overwrite: bool = False,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         self.path = _path(path)
         self.meta = meta
-        if (self.path / "manifest.json").exists() and not overwrite:
-            man = read_manifest(self.path)
+        self.name = manifest_name(process_index, process_count)
+        self.prefix = "" if process_count == 1 else f"p{process_index:05d}-"
+        if (self.path / self.name).exists() and not overwrite:
+            man = _read_one(self.path / self.name)
             diff = [k for k in meta if k in man and man[k] != meta[k]]
             if diff:
                 raise ValueError(
@@ -168,6 +230,8 @@ class CacheWriter:
             self.manifest = dict(
                 format=FORMAT,
                 version=VERSION,
+                process_index=process_index,
+                process_count=process_count,
                 **meta,
                 splits={
                     s: {"shards": [], "rows": 0, "complete": False, "resume": None}
@@ -183,7 +247,7 @@ class CacheWriter:
 
     def write_shard(self, split: str, rows: dict[str, np.ndarray], resume: Any = None) -> None:
         sp = self.split(split)
-        name = f"{split}/shard-{len(sp['shards']):06d}.safetensors"
+        name = f"{split}/{self.prefix}shard-{len(sp['shards']):06d}.safetensors"
         n = len(next(iter(rows.values())))
         save_shard(self.path / name, rows, self.meta.get("dtype", "float32"))
         if split == "train":
@@ -198,13 +262,9 @@ class CacheWriter:
         self._flush()
 
     def _flush(self) -> None:
-        stats = self.stats.to_json()
-        self.manifest["stats"] = {
-            **{h: {k: v for k, v in s.items() if k not in ("sum",)} for h, s in stats.items()},
-            "_acc": {h: self.stats.acc[h] for h in self.stats.acc},
-        }
+        self.manifest["stats"] = self.stats.manifest_stats()
         self.manifest["tokens"] = self.split("train")["rows"]
-        _atomic_write(self.path / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+        _atomic_write(self.path / self.name, json.dumps(self.manifest, indent=1).encode())
 
 
 def cache_meta(cfg, model_name: str, d_in: dict[str, int], shard_rows: int) -> dict:
@@ -246,26 +306,33 @@ def harvest_to_cache(
     documents=None,
     forward=None,
     on_shard=None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> dict:
     """Harvest ``n_tokens`` training rows (and ``eval_tokens`` held-out rows) into ``out``.
 
     Resumes a partial cache in ``out`` made with the same settings. Returns the manifest.
     ``n_tokens`` defaults to the training budget of ``cfg`` (``train.tokens`` or steps x batch),
-    ``eval_tokens`` to ``eval.tokens``.
+    ``eval_tokens`` to ``eval.tokens``. With several processes (one per host, all writing to
+    the same ``out``) each harvests its own documents and ``1/process_count`` of the tokens
+    into its own shards and manifest; readers merge the manifests.
     """
     from jsae.data.lm_source import TextActivationSource
 
     if n_tokens is None:
         n_tokens = cfg.train.tokens or cfg.resolved_steps() * cfg.train.batch_size
     eval_tokens = cfg.eval.tokens if eval_tokens is None else eval_tokens
+    P, p = int(process_count), int(process_index)
+    n_tokens = n_tokens // P + (1 if p < n_tokens % P else 0)
+    eval_tokens = eval_tokens // P + (1 if p < eval_tokens % P else 0)
     shard_rows = int(shard_rows or DEFAULT_SHARD_ROWS)
     if model is None:
         from jsae.models import load
 
         model = load(cfg.model.path or cfg.model.name, dtype=cfg.model.dtype)
-    src = TextActivationSource(cfg, model, 0, 1, documents=documents, forward=forward)
+    src = TextActivationSource(cfg, model, p, P, documents=documents, forward=forward)
     meta = cache_meta(cfg, getattr(model, "name", cfg.model.name), src.d_in, shard_rows)
-    w = CacheWriter(out, meta, overwrite=overwrite)
+    w = CacheWriter(out, meta, overwrite=overwrite, process_index=p, process_count=P)
     train, ev = w.split("train"), w.split("eval")
     if train["complete"] and train["rows"] < n_tokens:  # asked for more than last time
         train["complete"] = False
