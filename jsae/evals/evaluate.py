@@ -241,7 +241,8 @@ def make_eval_fn(
 ):
     """``eval_fn(trainer, states) -> dict[str, float]`` for ``Trainer.fit(eval_fn=...)``.
 
-    With an LM (``model``, or the text source's ``trainer.source.model``) it computes every
+    With an LM (``model``, the text source's ``trainer.source.model``, or for a ``cache``
+    source the model the config names, loaded on first use) it computes every
     metric of :class:`Evaluator` on ``cfg.eval.tokens`` held-out tokens (contexts built once,
     activations cached); without one (synthetic / array sources) the reconstruction metrics
     of ``trainer.evaluate``. Keys follow the loop: ``metric`` or ``hook/metric``.
@@ -250,6 +251,12 @@ def make_eval_fn(
 
     def eval_fn(trainer, states) -> dict[str, float]:
         lm = model if model is not None else getattr(trainer.source, "model", None)
+        if lm is None and cfg.data.source == "cache":  # cached activations: load the LM once
+            if "lm" not in holder:
+                from jsae.models import load
+
+                holder["lm"] = load(cfg.model.path or cfg.model.name, dtype=cfg.model.dtype)
+            lm = holder["lm"]
         if lm is None:
             per_hook = trainer.evaluate(states, n_tokens)
             return EvalResult(per_hook, {}, 0).flat()
