@@ -273,3 +273,49 @@ def unflatten_params(flat: Mapping[str, np.ndarray], n_layers: int) -> dict:
             node = node.setdefault(k, {})
         node[parts[-1]] = a
     return out
+
+
+def params_to_hf(cfg: TransformerConfig, params: dict, prefix: str = "model.") -> dict[str, np.ndarray]:
+    """jsae params -> HF transformers state dict (float32 numpy), the inverse of `params_from_hf`
+    for the Gemma / Llama / Qwen / Mistral families (export, and building reference models)."""
+    if cfg.arch == "gpt2":
+        raise NotImplementedError("GPT-2 export is not implemented")
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    minus1 = 1.0 if cfg.arch in GEMMA_ARCHS else 0.0
+
+    def a(x):
+        return np.asarray(x, dtype=np.float32)
+
+    sd = {prefix + "embed_tokens.weight": a(params["embed"])}
+    for i, blk in enumerate(params["blocks"]):
+        b = f"{prefix}layers.{i}."
+        at = blk["attn"]
+        sd[b + "self_attn.q_proj.weight"] = a(at["q"]).reshape(D, H * Dh).T
+        sd[b + "self_attn.k_proj.weight"] = a(at["k"]).reshape(D, K * Dh).T
+        sd[b + "self_attn.v_proj.weight"] = a(at["v"]).reshape(D, K * Dh).T
+        sd[b + "self_attn.o_proj.weight"] = a(at["o"]).reshape(H * Dh, D).T
+        for k, hf in (("bq", "q_proj"), ("bk", "k_proj"), ("bv", "v_proj")):
+            if k in at:
+                sd[b + f"self_attn.{hf}.bias"] = a(at[k]).reshape(-1)
+        if "bo" in at:
+            sd[b + "self_attn.o_proj.bias"] = a(at["bo"])
+        if "q_norm" in at:
+            sd[b + "self_attn.q_norm.weight"] = a(at["q_norm"]) - minus1
+            sd[b + "self_attn.k_norm.weight"] = a(at["k_norm"]) - minus1
+        m = blk["mlp"]
+        sd[b + "mlp.gate_proj.weight"] = a(m["gate"]).T
+        sd[b + "mlp.up_proj.weight"] = a(m["up"]).T
+        sd[b + "mlp.down_proj.weight"] = a(m["down"]).T
+        for k, hf in (("b_gate", "gate_proj"), ("b_up", "up_proj"), ("b_down", "down_proj")):
+            if k in m:
+                sd[b + f"mlp.{hf}.bias"] = a(m[k])
+        sd[b + "input_layernorm.weight"] = a(blk["ln1"]["scale"]) - minus1
+        if cfg.post_norms:
+            sd[b + "post_attention_layernorm.weight"] = a(blk["ln1_post"]["scale"]) - minus1
+            sd[b + "pre_feedforward_layernorm.weight"] = a(blk["ln2"]["scale"]) - minus1
+            sd[b + "post_feedforward_layernorm.weight"] = a(blk["ln2_post"]["scale"]) - minus1
+        else:
+            sd[b + "post_attention_layernorm.weight"] = a(blk["ln2"]["scale"]) - minus1
+    sd[prefix + "norm.weight"] = a(params["final_norm"]["scale"]) - minus1
+    sd["lm_head.weight"] = a(params["embed"]) if cfg.tie_embeddings else a(params["unembed"]).T
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
