@@ -50,8 +50,8 @@ def plot_feature_density(
         alive = d[d > 0]
         dead = int(np.sum(d == 0))
         if alive.size:
-            lo = np.floor(np.log10(alive.min()))
-            bins = np.linspace(min(lo, -6.0), 0.0, 61)
+            lo = min(np.floor(np.log10(alive.min())), -1.0) - 0.25
+            bins = np.linspace(lo, 0.0, 61)
             ax.hist(np.log10(alive), bins=bins, color="tab:blue")
         ax.axvline(np.log10(DENSE_THRESHOLD), color="tab:red", ls="--", lw=1, label="dense (10%)")
         if n_tokens and h in n_tokens and n_tokens[h] > 0:
