@@ -130,9 +130,13 @@ def test_reconstruction_stats_batch_invariant_and_3d():
     b = ReconstructionStats()
     for i in range(4):
         b.add(sae, x[i], mask[i])
-    ra, rb = a.result(), b.result()
+    c = ReconstructionStats(max_elements=32 * 7)  # a "big dictionary": chunks of 7 rows
+    c.add(sae, x, mask)
+    ra, rb, rc = a.result(), b.result(), c.result()
     for k in ra:
         assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
+        assert ra[k] == pytest.approx(rc[k], rel=1e-5), k
+    np.testing.assert_array_equal(a.feature_counts, c.feature_counts)
     assert ra["tokens"] == mask.sum()
     with pytest.raises(ValueError):
         ReconstructionStats().result()

@@ -79,9 +79,10 @@ class ReconstructionStats:
     parallel update, in float64, so FVU stays exact for activations with a large mean.
     """
 
-    def __init__(self, dense_threshold: float = DENSE_THRESHOLD):
+    def __init__(self, dense_threshold: float = DENSE_THRESHOLD, max_elements: int = 1 << 27):
         self.tot: dict[str, np.ndarray] | None = None
         self.dense_threshold = dense_threshold
+        self.max_elements = max_elements  # rows x d_sae per jitted call (bounds memory)
 
     def add(self, sae: SAE, x, mask=None) -> None:
         x = jnp.asarray(x)
@@ -90,7 +91,18 @@ class ReconstructionStats:
         w = jnp.ones(x.shape[0], bool) if mask is None else jnp.asarray(mask, bool).reshape(-1)
         if w.shape[0] != x.shape[0]:
             raise ValueError(f"mask has {w.shape[0]} entries for {x.shape[0]} tokens")
-        sums = jax.device_get(_batch_sums(sae, x, w))
+        n = x.shape[0]
+        rows = max(1, min(n, self.max_elements // max(sae.spec.d_sae, 1)))
+        if rows < n:  # big dictionary: equal-sized chunks (the last padded with weight 0)
+            pad = -n % rows
+            x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)])
+            w = jnp.concatenate([w, jnp.zeros(pad, bool)])
+            for s in range(0, n + pad, rows):
+                self._merge(jax.device_get(_batch_sums(sae, x[s : s + rows], w[s : s + rows])))
+            return
+        self._merge(jax.device_get(_batch_sums(sae, x, w)))
+
+    def _merge(self, sums) -> None:
         sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
         if sums["n"] == 0:
             return
