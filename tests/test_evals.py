@@ -345,6 +345,9 @@ def test_make_eval_fn_in_training_loop(tmp_path):
     doc = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert doc["metrics"][HOOK]["ce_clean"] == pytest.approx(out["metrics"][HOOK]["ce_clean"])
     assert doc["info"]["kind"] == "run" and doc["tokens"] >= 150
+    sb = doc["saebench"][HOOK]
+    assert sb["model_performance_preservation"]["ce_loss_score"] == doc["metrics"][HOOK]["ce_recovered_zero"]
+    assert sb["shrinkage"]["relative_reconstruction_bias"] == doc["metrics"][HOOK]["rel_recon_bias"]
     assert (tmp_path / "run" / "eval" / "feature_density.png").exists()
     dens = np.load(tmp_path / "run" / "eval" / f"feature_density_{HOOK}.npy")
     assert dens.shape == (64,)

@@ -312,10 +312,37 @@ def write_outputs(
     json_path = Path(json_path) if json_path else out_dir / "eval.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"info": info or {}, "tokens": result.n_tokens, "metrics": _jsonable(result.metrics),
+           "saebench": _jsonable({h: saebench_view(m) for h, m in result.metrics.items()}),
            "files": files}
     json_path.write_text(json.dumps(doc, indent=2))
     files["json"] = str(json_path)
     return files
+
+
+SAEBENCH_KEYS = {  # SAEBench core-eval category -> its key -> jsae key (docs/metrics.md)
+    "model_behavior_preservation": {
+        "kl_div_score": "kl_score_zero", "kl_div_with_ablation": "kl_zero_abl",
+        "kl_div_with_sae": "kl_spliced"},
+    "model_performance_preservation": {
+        "ce_loss_score": "ce_recovered_zero", "ce_loss_with_ablation": "ce_zero_abl",
+        "ce_loss_with_sae": "ce_spliced", "ce_loss_without_sae": "ce_clean"},
+    "reconstruction_quality": {"explained_variance": "explained_variance", "cossim": "cos_sim"},
+    "shrinkage": {
+        "l2_norm_in": "l2_norm_in", "l2_norm_out": "l2_norm_out", "l2_ratio": "l2_ratio",
+        "relative_reconstruction_bias": "rel_recon_bias"},
+    "sparsity": {"l0": "l0", "l1": "l1"},
+}
+
+
+def saebench_view(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """One hook's metrics under SAEBench's core-eval names (jsae's definitions; the
+    explained variance is the pooled one, see docs/metrics.md)."""
+    out = {}
+    for cat, keys in SAEBENCH_KEYS.items():
+        vals = {k: metrics[j] for k, j in keys.items() if j in metrics}
+        if vals:
+            out[cat] = vals
+    return out
 
 
 def _jsonable(x):
