@@ -56,11 +56,15 @@ def feature_directions(sae: SAE, features) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "k"))
-def _chunk_effects(model_cfg, params, dirs, *, k):
+def _chunk_effects(model_cfg, params, dirs, vocab, *, k):
     model = _Model(model_cfg, params)
     logits = _unembed(model, _scaled(model, dirs))  # [F, V]
+    if vocab is not None:
+        logits = jnp.take(logits, vocab, axis=1)
     tv, ti = jax.lax.top_k(logits, k)
     bv, bi = jax.lax.top_k(-logits, k)
+    if vocab is not None:
+        ti, bi = vocab[ti], vocab[bi]
     return tv, ti, -bv, bi
 
 
@@ -70,16 +74,23 @@ class _Model:
     params: dict
 
 
-def logit_effects(model, sae: SAE, features: Sequence[int] | int, k: int = 10, *, chunk: int = 256) -> LogitEffects:
-    """Top-``k`` promoted and suppressed tokens of each feature's decoder direction."""
+def logit_effects(model, sae: SAE, features: Sequence[int] | int, k: int = 10, *,
+                  vocab: Sequence[int] | None = None, chunk: int = 256) -> LogitEffects:
+    """Top-``k`` promoted and suppressed tokens of each feature's decoder direction.
+
+    ``vocab``: rank only these token ids (e.g. the tokens seen in a corpus, which keeps the
+    rare tokens of a 262k vocabulary, whose unembeddings are poorly trained, out of the lists)."""
     feats = np.atleast_1d(np.asarray(features, np.int64))
+    voc = None if vocab is None else jnp.asarray(np.unique(np.asarray(vocab, np.int64)), jnp.int32)
+    if voc is not None and voc.shape[0] < k:
+        raise ValueError(f"vocab has {voc.shape[0]} tokens; need at least k={k}")
     params = {"embed" if model.cfg.tie_embeddings else "unembed":
               model.params["embed" if model.cfg.tie_embeddings else "unembed"],
               "final_norm": model.params["final_norm"]}
     out = [[], [], [], []]
     for s in range(0, len(feats), chunk):
         part = feats[s : s + chunk]
-        res = _chunk_effects(model.cfg, params, feature_directions(sae, part), k=int(k))
+        res = _chunk_effects(model.cfg, params, feature_directions(sae, part), voc, k=int(k))
         for lst, a in zip(out, res):
             lst.append(np.asarray(a))
     tv, ti, bv, bi = (np.concatenate(x) for x in out)
