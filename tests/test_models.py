@@ -479,3 +479,26 @@ def test_bf16_safetensors_folder(saved, tmp_path):
     ref = M.load(folder)
     w = np.asarray(lm.params["blocks"][0]["mlp"]["up"])
     np.testing.assert_allclose(w, np.asarray(ref.params["blocks"][0]["mlp"]["up"]), atol=1e-2)
+
+
+def test_generate_command(saved, tmp_path, capsys):
+    """`jsae generate` end to end on a tiny HF folder with a character-level tokenizer."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers.models import BPE
+
+    from jsae.cli import main
+
+    _, folder = saved["gemma3-small"]
+    d = tmp_path / "with_tok"
+    shutil.copytree(folder, d)
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [chr(c) for c in range(32, 127)])}
+    HFTok(BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}))
+    rc = main(["generate", "--model", str(d), "--prompt", "hello", "--prompt", "hi", "--max-new-tokens", "6",
+               "--show-prompt"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == 2 and lines[0].startswith("hello") and lines[1].startswith("hi")
+    assert main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
