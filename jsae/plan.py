@@ -199,13 +199,15 @@ def plan(cfg: RunConfig, data: int = 1, model: int = 1, d_in: int | None = None)
 
 def largest_d_sae(
     cfg: RunConfig, budget_bytes: float, data: int = 1, model: int = 1,
-    d_in: int | None = None, probes: tuple[int, int] = (4096, 8192),
+    d_in: int | None = None, probes: tuple[int, int] = (1 << 16, 1 << 17),
 ) -> tuple[int, Plan, Plan]:
     """Largest d_sae whose planned peak fits ``budget_bytes`` per device (computed, linear fit).
 
     The peak is affine in d_sae at fixed batch and d_in (every buffer is either independent
     of d_sae or proportional to it), so two compiles at ``probes`` give its slope and offset.
     Returns (d_sae rounded down to a multiple of 256 * model, plan at probe 0, plan at probe 1).
+    The probes (latents per model shard) should be in the regime of the answer: the fast
+    path's AuxK switches from a dense to a sparse decoder once d_sae >= 48 * aux_k.
     """
     plans = []
     for f in probes:

@@ -52,8 +52,11 @@ def run(args) -> int:
     out = {"plan": p.as_dict()}
     if args.fit:
         budget = parse_bytes(args.fit)
-        best, _, _ = plan_lib.largest_d_sae(cfg, budget, data, model, args.d_in)
-        out["fit"] = {"budget_bytes": budget, "largest_d_sae": best}
+        best, p0, p1 = plan_lib.largest_d_sae(cfg, budget, data, model, args.d_in)
+        f0, f1 = (sum(p.d_sae.values()) for p in (p0, p1))
+        per_latent = (p1.peak - p0.peak) / (f1 - f0)
+        out["fit"] = {"budget_bytes": budget, "largest_d_sae": best,
+                      "bytes_per_latent_per_device": per_latent, "probe_d_sae": [f0, f1]}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -63,6 +66,6 @@ def run(args) -> int:
               "backend, 'activations (temp)' is the CPU compiler's figure (a guide for TPU/GPU)")
     if args.fit:
         print(f"largest d_sae with planned peak <= {budget / 1e9:.1f} GB per device: "
-              f"{out['fit']['largest_d_sae']:,} (computed by a linear fit of two compiles, "
-              "not measured)")
+              f"{out['fit']['largest_d_sae']:,} (computed by a linear fit of two compiles at "
+              f"d_sae {f0:,} and {f1:,}: {per_latent:,.0f} B per latent per device; not measured)")
     return 0

@@ -294,55 +294,107 @@ def fast_applies(sae: SAE, topk_fn=None) -> bool:
     )
 
 
+# Rows of pre-activations alive at once in the fast TopK path: the encoder matmul, the
+# top-k and AuxK's selection run over row blocks, so no [B, d_sae] array is ever held (this
+# is what lets a big dictionary fit; the matmul per block is still large enough to be fast).
+ENCODE_BLOCK_ROWS = 1024
+
+
+def _block_rows(n: int) -> int:
+    b = max(1, min(ENCODE_BLOCK_ROWS, n))
+    while n % b:
+        b -= 1
+    return b
+
+
+def select_latents(
+    sae: SAE, x_n: Array, dead_mask: Array, *, k: int, k_aux: int, recall: float = 1.0
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """Per-row top-k of the pre-activations and AuxK's top-k_aux among dead latents.
+
+    Computed block by block over rows (`ENCODE_BLOCK_ROWS`), without gradient.  Returns
+    ``((vals [B, k], idx [B, k]), (aux_vals [B, k_aux], aux_idx [B, k_aux]))`` with raw
+    pre-activation values; AuxK's values are -inf where fewer than k_aux latents are dead and
+    everywhere when none is (its selection is then skipped).
+    """
+    params = jax.lax.stop_gradient(sae.params)
+    s = sae.replace(params=params)
+    n, d = x_n.shape
+    blk = _block_rows(n)
+    any_dead = jnp.any(dead_mask)
+
+    def body(_, xb):
+        pre = pre_activations(s, xb)
+        top = select_topk(pre, k, recall=recall)
+
+        def aux(pre):
+            v, i = jax.lax.top_k(jnp.where(dead_mask, pre, -jnp.inf), k_aux)
+            return v, i.astype(jnp.int32)
+
+        def no_aux(pre):
+            return (jnp.full((pre.shape[0], k_aux), -jnp.inf, pre.dtype),
+                    jnp.zeros((pre.shape[0], k_aux), jnp.int32))
+
+        return None, (top[0], top[1].astype(jnp.int32), *jax.lax.cond(any_dead, aux, no_aux, pre))
+
+    _, out = jax.lax.scan(body, None, jax.lax.stop_gradient(x_n).reshape(n // blk, blk, d))
+    v, i, av, ai = (o.reshape(n, o.shape[-1]) for o in out)
+    return (v, i), (av, ai)
+
+
 def sparse_codes(sae: SAE, pre: Array, x_n: Array) -> SparseCodes:
-    """Training codes of a topk/batchtopk SAE, differentiable w.r.t. its parameters."""
+    """Training codes of a topk/batchtopk SAE from ``pre`` (no gradient through ``pre``),
+    differentiable w.r.t. the SAE's parameters."""
     spec = sae.spec
     if spec.architecture == "topk":
         sel = topk_codes(pre, spec.k, recall=getattr(spec, "topk_recall", 1.0), rectify=False)
-        raw = sel.vals  # pre values (before relu)
     elif spec.architecture == "batchtopk":
-        sel = batch_topk_codes(pre, spec.k)
-        raw = sel.vals  # already relu(pre); relu(relu(p)) has the reference gradient
+        sel = batch_topk_codes(pre, spec.k)  # values already relu(pre): same gradient
     else:
         raise ValueError(f"the fast path does not apply to {spec.architecture!r}")
-    vals = jax.nn.relu(encoder_hook(sel, raw, x_n, sae.params))
+    return _differentiable(sae, sel, x_n)
+
+
+def _differentiable(sae: SAE, sel: SparseCodes, x_n: Array) -> SparseCodes:
+    vals = jax.nn.relu(encoder_hook(sel, sel.vals, x_n, sae.params))
     return sel.replace(vals=vals)
 
 
-def fast_auxk_loss(sae: SAE, pre: Array, x_n: Array, residual: Array, dead_mask: Array) -> Array:
-    """`jsae.sae.losses.auxk_loss` with the sparse decoder and sparse encoder backward."""
+def fast_auxk_loss(
+    sae: SAE, aux_sel: tuple[Array, Array], x_n: Array, residual: Array, dead_mask: Array
+) -> Array:
+    """`jsae.sae.losses.auxk_loss` from AuxK's selection ``(vals [B, k_aux], idx)`` (raw
+    pre-activations of dead latents, -inf where none), with the sparse decoder and sparse
+    encoder backward when aux_k is small next to d_sae."""
     spec = sae.spec
-    k_aux = spec.aux_k_resolved
-    use_sparse = k_aux * AUXK_SPARSE_RATIO <= spec.d_sae
-    params = sae.params
+    use_sparse = spec.aux_k_resolved * AUXK_SPARSE_RATIO <= spec.d_sae
 
     def compute(operands):
-        pre, residual, dead_mask, x_n, params = operands
-        pre = jax.lax.stop_gradient(pre)
-        masked = jnp.where(dead_mask, pre, -jnp.inf)
-        sel_vals, idx = jax.lax.top_k(masked, k_aux)
+        (sel_vals, idx), residual, x_n, params = operands
         ok = jnp.isfinite(sel_vals)
         if use_sparse:
-            codes = SparseCodes(
-                jnp.where(ok, sel_vals, 0.0).T, None, idx.T.astype(jnp.int32), pre.shape[0],
-                pre.shape[1],
-            )
+            codes = SparseCodes(jnp.where(ok, sel_vals, 0.0).T, None, idx.T, x_n.shape[0],
+                                spec.d_sae)
             v = encoder_hook(codes, codes.vals, x_n, params)
             codes = codes.replace(vals=jnp.where(ok.T, jax.nn.relu(v), 0.0))
             e_hat = sparse_decode(codes, params["W_dec"])
         else:  # dense AuxK decoder (as the reference), encoder recomputed for its gradient
             live = pre_activations(sae.replace(params=params), x_n)
-            v = jnp.take_along_axis(live, idx, axis=1)
-            v = jnp.where(ok, jax.nn.relu(v), 0.0)
-            rows = jnp.arange(pre.shape[0])[:, None]
-            z_aux = jnp.zeros_like(pre).at[rows, idx].set(v)
+            v = jnp.where(ok, jax.nn.relu(jnp.take_along_axis(live, idx, axis=1)), 0.0)
+            rows = jnp.arange(x_n.shape[0])[:, None]
+            z_aux = jnp.zeros_like(live).at[rows, idx].set(v)
             e_hat = _mm(z_aux, params["W_dec"], spec.compute_dtype)
         return jnp.sum((e_hat - jax.lax.stop_gradient(residual)) ** 2, axis=-1).mean()
 
     return jax.lax.cond(
         jnp.any(dead_mask), compute, lambda _: jnp.zeros((), jnp.float32),
-        (pre, residual, dead_mask, x_n, params),
+        (jax.lax.stop_gradient(aux_sel), residual, x_n, sae.params),
     )
+
+
+def _top_k_tuple(x: Array, k: int) -> tuple[Array, Array]:
+    v, i = jax.lax.top_k(x, k)
+    return v, i.astype(jnp.int32)
 
 
 def fast_sae_loss(
@@ -355,18 +407,35 @@ def fast_sae_loss(
     """`sae_loss` for topk/batchtopk on the fast path.
 
     Same loss terms and gradients as the reference; ``aux["z"]`` is a `SparseCodes` instead of
-    a dense array (use `l0`, `fired`, `min_positive`, or ``.dense()``).
+    a dense array (use `l0`, `fired`, `min_positive`, or ``.dense()``), and there is no
+    ``aux["pre"]`` for topk (its pre-activations are never held whole).
     """
     spec, p = sae.spec, sae.params
-    pre = jax.lax.stop_gradient(pre_activations(sae, x_n))
-    codes = sparse_codes(sae, pre, x_n)
-    x_hat = sparse_decode(codes, p["W_dec"]) + p["b_dec"]
-    recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
     if dead_mask is None:
         dead_mask = jnp.zeros((spec.d_sae,), bool)
-    terms = {"recon": recon, "auxk": aux_coef * fast_auxk_loss(sae, pre, x_n, x_n - x_hat, dead_mask)}
+    k_aux = spec.aux_k_resolved
+    extra = {}
+    if spec.architecture == "topk":
+        (v, i), aux_sel = select_latents(sae, x_n, dead_mask, k=spec.k, k_aux=k_aux,
+                                         recall=getattr(spec, "topk_recall", 1.0))
+        codes = _differentiable(sae, SparseCodes(v.T, None, i.T, x_n.shape[0], spec.d_sae), x_n)
+    else:
+        pre = jax.lax.stop_gradient(pre_activations(sae, x_n))
+        codes = sparse_codes(sae, pre, x_n)
+        aux_sel = jax.lax.cond(
+            jnp.any(dead_mask),
+            lambda pre: _top_k_tuple(jnp.where(dead_mask, pre, -jnp.inf), k_aux),
+            lambda pre: (jnp.full((pre.shape[0], k_aux), -jnp.inf, pre.dtype),
+                         jnp.zeros((pre.shape[0], k_aux), jnp.int32)),
+            pre,
+        )
+        extra["pre"] = pre
+    x_hat = sparse_decode(codes, p["W_dec"]) + p["b_dec"]
+    recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
+    auxk = fast_auxk_loss(sae, aux_sel, x_n, x_n - x_hat, dead_mask)
+    terms = {"recon": recon, "auxk": aux_coef * auxk}
     loss = sum(terms.values())
-    return loss, {**terms, "z": codes, "x_hat": x_hat, "pre": pre}
+    return loss, {**terms, "z": codes, "x_hat": x_hat, **extra}
 
 
 def decode_codes(sae: SAE, codes: SparseCodes) -> Array:
@@ -376,6 +445,7 @@ def decode_codes(sae: SAE, codes: SparseCodes) -> Array:
 
 __all__ = [
     "SparseCodes", "batch_topk_codes", "decode_codes", "encoder_hook", "fast_applies",
-    "fast_auxk_loss", "fast_sae_loss", "fired", "l0", "min_positive", "select_topk",
+    "fast_auxk_loss", "fast_sae_loss", "fired", "l0", "min_positive", "select_latents",
+    "select_topk",
     "sparse_codes", "sparse_decode", "topk_codes",
 ]
