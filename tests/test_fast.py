@@ -86,6 +86,8 @@ def test_fast_loss_and_grads_equal_reference(arch, k, d_sae, ties, aux, group, m
     # which AuxK decoder the fast path takes: sparse when aux_k * ratio <= d_sae
     monkeypatch.setattr(fast, "AUXK_SPARSE_RATIO", 1 if aux == "sparse" else 10**9)
     monkeypatch.setitem(fast.SLABS_PER_STEP, "cpu", group)
+    if group > 1:  # also select top-k in row blocks (5 rows each: 4 blocks of the batch)
+        monkeypatch.setattr(fast, "ENCODE_BLOCK_ROWS", 8)
     ref = _loss_and_grads(sae, x, dead)
     got = _loss_and_grads(_with_fast(sae), x, dead)
     assert not isinstance(ref[0][1]["z"], fast.SparseCodes)
