@@ -39,7 +39,12 @@ def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict
     trainer = Trainer(cfg, source)
     checkpointer = _make_checkpointer(cfg, trainer)
     try:
-        summary = trainer.fit(checkpointer=checkpointer, log=print_fn)
+        eval_fn = None
+        if cfg.eval.every_steps:
+            from jsae.evals import make_eval_fn
+
+            eval_fn = make_eval_fn(cfg)
+        summary = trainer.fit(checkpointer=checkpointer, eval_fn=eval_fn, log=print_fn)
     except TrainingStopped as stop:
         print_fn(f"stopped at step {stop.step} (SIGTERM): checkpoint saved in "
                  f"{run_dir / 'checkpoints'}; run the same command again to resume")

@@ -141,3 +141,16 @@ def test_topk_recovers_ground_truth_dictionary(tmp_path):
     for f in ("config.yaml", "metrics.csv", "summary.json", "plots/training.png",
               "saes/synthetic/sae.safetensors"):
         assert (run / f).exists(), f
+
+
+def test_metrics_logger_adds_columns_for_new_metrics(tmp_path):
+    from jsae.train.metrics_log import MetricsLogger, read_metrics
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log(10, {"loss": 1.0, "fvu": 0.5})
+    log.log(20, {"loss": 0.8, "fvu": 0.4, "eval_fvu": 0.45})
+    log.log(30, {"loss": 0.7, "fvu": 0.3})
+    cols = read_metrics(tmp_path / "metrics.csv")
+    assert cols["step"] == [10, 20, 30]
+    assert cols["loss"] == [1.0, 0.8, 0.7]
+    assert np.isnan(cols["eval_fvu"][0]) and cols["eval_fvu"][1] == 0.45

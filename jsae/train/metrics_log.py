@@ -37,12 +37,26 @@ class MetricsLogger:
             self._fields = list(row)
             with self.csv_path.open("w", newline="") as f:
                 csv.writer(f).writerow(self._fields)
+        elif any(k not in self._fields for k in row):
+            self._extend_columns([k for k in row if k not in self._fields])
         with self.csv_path.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self._fields])
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+
+    def _extend_columns(self, new: list[str]) -> None:
+        """New metric names (e.g. periodic eval_*): rewrite the file with a wider header."""
+        with self.csv_path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._fields = [*self._fields, *new]
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._fields, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(self.csv_path)
 
     def close(self) -> None:
         if self._tb is not None:
