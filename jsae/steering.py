@@ -170,7 +170,9 @@ def _at_positions(fn, mask, x):
 
 
 def at_positions(fn: Transform, mask) -> Transform:
-    """Apply ``fn`` only where ``mask [B, T]`` is true (``x`` elsewhere)."""
+    """Apply ``fn`` only where ``mask`` is true (``x`` elsewhere). ``mask [B, T]`` selects
+    positions; ``mask [B]`` selects whole rows of a batch (any sequence length, so it also
+    works inside cached generation)."""
     return Partial(_at_positions, fn, jnp.asarray(mask, bool))
 
 
@@ -200,9 +202,21 @@ def generate_pair(
     seed: int = 0,
     intervene_on: str = "all",
 ) -> tuple[list[str], list[str]]:
-    """(baseline, steered) continuations of each prompt with the same sampling key."""
+    """(baseline, steered) continuations of each prompt, with the same sampling key.
+
+    Greedy decoding runs both in one batch (the transforms masked to the steered rows: one
+    compiled program, one pass); sampling runs them as two calls with the same key, so the
+    two continuations see the same random draws."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     key = jax.random.PRNGKey(seed)
     kw = dict(temperature=temperature, top_p=top_p, key=key)
+    if float(temperature) == 0.0:
+        n = len(prompts)
+        rows = jnp.asarray(np.arange(2 * n) >= n)
+        fns = {h: at_positions(f, rows) for h, f in interventions.items()}
+        out = generate(model, prompts + prompts, max_new_tokens, interventions=fns,
+                       intervene_on=intervene_on, **kw)
+        return out[:n], out[n:]
     base = generate(model, prompts, max_new_tokens, **kw)
     steered = generate(model, prompts, max_new_tokens, interventions=interventions,
                        intervene_on=intervene_on, **kw)

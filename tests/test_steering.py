@@ -214,3 +214,18 @@ def test_steered_generation_with_cache_equals_without(intervene_on):
     base = generate_tokens(model.cfg, model.params, prompts, n_new, eos_id=None)
     if intervene_on != "prompt":
         assert (base != cached).any()  # the steering changes what is generated
+
+
+def test_generate_pair_equals_separate_runs():
+    """Greedy pairs run as one batch with the steering masked to the second half of the rows;
+    the result equals two separate generations (and sampling pairs share the key)."""
+    model = TinyModel()
+    hook = "blocks.1.hook_resid_post"
+    acts = forward(model.cfg, model.params, jnp.asarray([[5, 6, 7, 8, 9, 10]]), capture=(hook,)).activations[hook]
+    sae = random_sae("relu", model.cfg.d_model, 32, sample=np.asarray(acts)[0])
+    fns = {hook: steering.clamp(sae, [1, 4], [9.0, 3.0])}
+    prompts = ["the bridge", "fog"]
+    base, steered = steering.generate_pair(model, prompts, fns, 6)
+    assert base == steering.generate(model, prompts, 6)
+    assert steered == steering.generate(model, prompts, 6, interventions=fns)
+    assert base != steered

@@ -61,15 +61,16 @@ def test_steer_prints_baseline_and_steered_side_by_side(tiny, capsys):
                      "--prompt", "the bridge", "--tokens", "6"]) == 0
     out = capsys.readouterr().out
     r = load_run(d)
-    base, steered = steering.generate_pair(model, ["the bridge"], {HOOK: steering.clamp(r.sae, [3, 5], [40.0, -5.0])}, 6)
+    fns = {HOOK: steering.clamp(r.sae, [3, 5], [40.0, -5.0])}
+    (base,), (steered,) = steering.generate_pair(model, ["the bridge"], fns, 6)  # same program: no recompile
     assert base != steered
     lines = out.splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("baseline"))
     assert "steered (f3 := 40, f5 := -5)" in lines[row]
     left = "".join(line.split(" | ")[0].rstrip() for line in lines[row + 2 :] if " | " in line)
     right = "".join(line.split(" | ")[1] for line in lines[row + 2 :] if " | " in line)
-    assert left.replace(" ", "") == ("the bridge" + base[0]).replace(" ", "")
-    assert right.replace(" ", "") == ("the bridge" + steered[0]).replace(" ", "")
+    assert left.replace(" ", "") == ("the bridge" + base).replace(" ", "")
+    assert right.replace(" ", "") == ("the bridge" + steered).replace(" ", "")
 
 
 def test_steer_relative_value_uses_corpus_max(tiny, capsys):
