@@ -131,11 +131,12 @@ def _sparse_decode(vals, rows, cols, w_dec, n_rows):
     return _decode_fwd_impl(vals, rows, cols, w_dec, n_rows)
 
 
-# Slabs handled per loop iteration, by backend.  On CPU one slab at a time is fastest (the
-# gathered [c, d_in] block stays in cache; measured 72 ms vs 450 ms for one big gather at
-# B=4096, k=64, d_in=768).  On GPU/TPU fewer, larger gathers keep the device busy (not yet
-# measured: tune with benchmarks/sae_step.py on the device).
-SLABS_PER_STEP = {"cpu": 1, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+# Slabs handled per loop iteration, by backend.  Fewer, larger gathers/scatter-adds mean fewer
+# loop iterations and thread-pool round trips: on the shared 2-core CPU (load ~8) the sparse
+# decoder's forward+backward at B=4096, k=64, d_in=768 took 4.6-6.1 s with 1 slab per
+# iteration, 1.5-2.4 s with 4 or 16, 5.7-7.4 s with all 64 at once (see benchmarks/RESULTS.md).
+# On GPU/TPU 8 is a first guess (not measured yet: tune with benchmarks/sae_step.py there).
+SLABS_PER_STEP = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
 
 
 def _group(m: int) -> int:
