@@ -23,12 +23,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="search ranking (default auto: specific, see jsae.analysis.rank_scores)")
     p.add_argument("--contexts", type=int, default=512,
                    help="corpus contexts (64 tokens) scanned; cached in RUN_DIR/analysis (default 512)")
+    p.add_argument("--logit-vocab", choices=["corpus", "all"], default="corpus",
+                   help="rank logit effects among the tokens seen in the corpus sample (default), "
+                   "or the whole vocabulary (rare tokens with poorly trained embeddings then dominate)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     return p
 
 
 def describe(model, sae, feature: int, corpus, contexts, *, snippets: int, logits: int, style: str,
-             header: str = "") -> str:
+             header: str = "", vocab=None) -> str:
     """Text block for one feature: frequency, logit effects, snippets."""
     from jsae.analysis.cli_utils import token_repr
     from jsae.analysis.logits import logit_effects
@@ -38,7 +41,7 @@ def describe(model, sae, feature: int, corpus, contexts, *, snippets: int, logit
     row = corpus.row(feature)
     lines = [f"feature {feature}{header}  |  fires on {100 * corpus.frequency[row]:.3f}% of corpus tokens, "
              f"max {corpus.max[row]:.2f}"]
-    le = logit_effects(model, sae, [feature], k=logits)
+    le = logit_effects(model, sae, [feature], k=logits, vocab=vocab)
     lines.append("  promotes:   " + " ".join(token_repr(tok, i) for i in le.top_ids[0]))
     lines.append("  suppresses: " + " ".join(token_repr(tok, i) for i in le.bottom_ids[0]))
     snips = render_snippets(tok, contexts, corpus, feature, n=snippets, left=12, right=4, style=style)
@@ -59,7 +62,14 @@ def run(args) -> int:
     log(f"loading {args.run_dir} ...")
     r = load_run(args.run_dir, args.hook)
     corpus, contexts = corpus_stats(r, args.contexts, log=log)
-    kw = dict(snippets=args.snippets, logits=args.logits, style=style)
+    vocab = None
+    if args.logit_vocab == "corpus":
+        import numpy as np
+
+        tok = r.model.tokenizer
+        specials = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]
+        vocab = np.setdiff1d(np.unique(contexts), specials)
+    kw = dict(snippets=args.snippets, logits=args.logits, style=style, vocab=vocab)
     if args.search:
         res = search_features(r.model, r.sae, r.hook, args.search, k=args.top, corpus=corpus, rank=args.rank)
         from jsae.analysis.render import token_pieces
