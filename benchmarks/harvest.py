@@ -1,0 +1,153 @@
+"""Harvesting and full-forward throughput: the jsae JAX port vs transformers (PyTorch eager), same
+weights, same machine, same batch, in one run.
+
+    python benchmarks/harvest.py                       # Gemma 3 270M, batch 8 x 128, layer 6
+    python benchmarks/harvest.py --batch 32 --seq 256 --layer 8 --iters 5 --dtype bfloat16
+
+"harvest" runs the model up to `blocks.{layer}.hook_resid_post` and stops (jsae:
+`stop_after_capture=True`; transformers: the same model truncated to layer+1 blocks, as
+TransformerLens' `stop_at_layer` does). "body" is every block without the unembedding; "full" is
+the forward with logits. Prints the hardware and tokens/s and the ratios jsae / torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+
+
+def hardware() -> str:
+    import jax
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devs = jax.devices()
+    return (
+        f"{platform.system()} {platform.machine()}, CPU: {cpu}, {os.cpu_count()} logical cores; "
+        f"jax {jax.__version__} on {devs[0].platform} x{len(devs)} ({devs[0].device_kind})"
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--layer", type=int, default=6, help="harvest hook: blocks.LAYER.hook_resid_post")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jsae.models as M
+
+    print(hardware())
+    lm = M.load(args.model, dtype=args.dtype)
+    cfg = lm.cfg
+    B, T = args.batch, args.seq
+    ntok = B * T
+    rng = np.random.default_rng(0)
+    toks_np = rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32)
+    toks_np[:, 0] = cfg.bos_id if cfg.bos_id is not None else 0
+    toks = jnp.asarray(toks_np)
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    print(f"model {lm.name} ({cfg.arch}, {cfg.n_layers} layers, d={cfg.d_model}, vocab={cfg.vocab_size}), "
+          f"dtype {args.dtype}, batch {B} x {T} = {ntok} tokens, harvest hook {hook}")
+
+    harvest = jax.jit(lambda p, t: M.forward(cfg, p, t, capture=(hook,), stop_after_capture=True).activations[hook])
+    body = jax.jit(lambda p, t: M.forward(cfg, p, t, capture=("ln_final.hook_normalized",),
+                                          stop_after_capture=True).activations["ln_final.hook_normalized"])
+    full = jax.jit(lambda p, t: M.forward(cfg, p, t).logits)
+    runs: dict[str, dict] = {
+        name: {"jax": (lambda f=f: f(lm.params, toks).block_until_ready())}
+        for name, f in (("harvest", harvest), ("body", body), ("full", full))
+    }
+
+    if not args.no_torch:
+        import torch
+        import transformers
+
+        from jsae.models.convert import params_to_hf
+
+        torch.set_num_threads(args.threads or os.cpu_count())
+        if cfg.arch != "gemma3":
+            raise SystemExit("the torch reference is wired for Gemma 3 only; pass --no-torch")
+        hc = transformers.Gemma3TextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, query_pre_attn_scalar=round(cfg.scale**-2),
+            rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_position,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base}},
+        )
+        tdt = torch.float32 if args.dtype == "float32" else torch.bfloat16
+        model = transformers.Gemma3ForCausalLM(hc)
+        f32 = jax.device_get(lm.astype(jnp.float32).params)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_hf(cfg, f32).items()}, strict=False)
+        model = model.to(tdt).eval()
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"attn={model.config._attn_implementation}, threads={torch.get_num_threads()}")
+        short = copy.copy(model.model)  # the same modules, truncated after the harvest layer
+        short._modules = dict(short._modules)  # (a shallow copy would share the module dict)
+        short.layers = torch.nn.ModuleList(list(model.model.layers)[: args.layer + 1])
+        short.config = copy.deepcopy(model.config)
+        short.config.num_hidden_layers = args.layer + 1
+        short.config.layer_types = model.config.layer_types[: args.layer + 1]
+        assert len(model.model.layers) == cfg.n_layers and len(short.layers) == args.layer + 1
+        tt = torch.tensor(toks_np, dtype=torch.long)
+
+        def no_grad(f):
+            def g():
+                with torch.inference_mode():
+                    return f()
+            return g
+
+        runs["harvest"]["torch"] = no_grad(lambda: short(input_ids=tt, use_cache=False).last_hidden_state)
+        runs["body"]["torch"] = no_grad(lambda: model.model(input_ids=tt, use_cache=False).last_hidden_state)
+        runs["full"]["torch"] = no_grad(lambda: model(input_ids=tt, use_cache=False).logits)
+
+    print(f"load average before: {os.getloadavg()[0]:.2f}  (jax and torch calls are interleaved, so "
+          "both see the same background load)")
+    results: dict[str, dict[str, float]] = {}
+    for name, impls in runs.items():
+        first = {}
+        for impl, f in impls.items():  # compile / warm up
+            t = time.perf_counter()
+            f()
+            first[impl] = time.perf_counter() - t
+        times: dict[str, list] = {impl: [] for impl in impls}
+        for _ in range(args.iters):
+            for impl, f in impls.items():
+                t = time.perf_counter()
+                f()
+                times[impl].append(time.perf_counter() - t)
+        results[name] = {}
+        for impl, ts in times.items():
+            sec = sorted(ts)[len(ts) // 2]
+            results[name][impl] = ntok / sec
+            print(f"  {impl:5s} {name:8s} {ntok / sec:10.0f} tok/s   ({sec * 1e3:8.1f} ms/batch median of "
+                  f"{len(ts)}, first call {first[impl]:.1f}s)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if not args.no_torch:
+        print("ratios jax / torch:  " + ", ".join(
+            f"{k} {v['jax'] / v['torch']:.2f}x" for k, v in results.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
