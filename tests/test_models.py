@@ -502,3 +502,46 @@ def test_generate_command(saved, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().split("\n")
     assert len(lines) == 2 and lines[0].startswith("hello") and lines[1].startswith("hi")
     assert main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
+
+
+def test_multimodal_gemma3_checkpoint_layout(saved, tmp_path):
+    """Gemma 3 4B+ checkpoints nest the text config and prefix the text tower's weights."""
+    from safetensors.numpy import load_file, save_file
+
+    hf, folder = saved["gemma3"]
+    d = tmp_path / "mm"
+    d.mkdir()
+    text_cfg = json.loads((folder / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                                                "text_config": text_cfg, "vision_config": {"hidden_size": 8}}))
+    t = load_file(str(folder / "model.safetensors"))
+    t = {k.replace("model.", "model.language_model.", 1): v for k, v in t.items()}
+    t["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((8, 3, 2, 2), np.float32)
+    save_file(t, str(d / "model.safetensors"))
+    lm, ref = M.load(d), M.load(folder)
+    assert lm.cfg == ref.cfg
+    toks = _tokens()
+    np.testing.assert_array_equal(np.asarray(M.forward(lm.cfg, lm.params, toks).logits),
+                                  np.asarray(M.forward(ref.cfg, ref.params, toks).logits))
+
+
+def test_hub_id_goes_through_snapshot_download(saved, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    _, folder = saved["gpt2"]
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw.get("local_files_only")))
+        return str(folder)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    lm = M.load("someone/tiny-gpt2")
+    assert lm.cfg.arch == "gpt2" and lm.name == "someone/tiny-gpt2"
+    assert calls[0] == ("someone/tiny-gpt2", True)  # the local hub cache is tried first
+
+    def offline(repo_id, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="someone/other.*gemma-3-270m"):
+        M.load("someone/other")

@@ -171,6 +171,9 @@ def from_hf_config(hf: dict) -> TransformerConfig:
         )
     rope = get("rope_parameters") or {}
     if model_type in ("gemma3_text", "gemma3"):
+        # multimodal checkpoints' text_config omits values equal to Gemma3TextConfig's defaults
+        hf = {**GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
+        get = hf.get
         n = get("num_hidden_layers")
         lt = get("layer_types")
         layer_types = (
@@ -298,6 +301,19 @@ def from_hf_config(hf: dict) -> TransformerConfig:
         f"(architectures={hf.get('architectures')}); supported: gemma3, gemma2, gemma, gpt2, llama, "
         "qwen2, qwen3, mistral"
     )
+
+
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "sliding_window": 4096,
+    "max_position_embeddings": 131_072,
+}
 
 
 def _act(name: str) -> str:
