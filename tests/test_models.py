@@ -309,7 +309,8 @@ def test_partition_specs_and_sharded_forward(saved):
     assert specs["embed"] == P("model", None)
     dp = M.partition_specs(lm.params, tensor_parallel=False)
     assert all(s == P() for s in jax.tree_util.tree_leaves(dp, is_leaf=lambda x: isinstance(x, P)))
-    sharded = M.shard_params(lm.params, mesh)
+    sharded = lm.shard(mesh).params
+    assert sharded["blocks"][0]["mlp"]["up"].sharding.spec == P(None, "model")
     toks = jax.device_put(_tokens(4, 8), jax.sharding.NamedSharding(mesh, P("data", None)))
     out = M.forward(lm.cfg, sharded, toks).logits
     ref = M.forward(lm.cfg, lm.params, np.asarray(toks)).logits
@@ -338,8 +339,11 @@ def _write_gguf(path, arch, hf_model, permute_qk=False, vocab_tokens=None):
     w.add_context_length(cfg.max_position_embeddings)
     rope = cfg.rope_parameters
     w.add_rope_freq_base(float((rope.get("full_attention") or rope)["rope_theta"]))
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma2"):
         w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
+        w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
     toks = vocab_tokens or [f"<t{i}>" for i in range(cfg.vocab_size)]
     w.add_tokenizer_model("llama")
     w.add_token_list(toks)
@@ -356,7 +360,7 @@ def _write_gguf(path, arch, hf_model, permute_qk=False, vocab_tokens=None):
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down"}
     norms = {"input_layernorm": "attn_norm", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma2"):
         norms.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})
     else:
@@ -404,6 +408,26 @@ def test_gguf_gemma3_loader(tmp_path, monkeypatch):
     again = M.load(path)
     np.testing.assert_array_equal(np.asarray(M.forward(again.cfg, again.params, toks).logits), got)
     assert again.tokenizer.bos_id == 2 and again.tokenizer.eos_id == 1
+
+
+def test_gguf_gemma2_loader(tmp_path, monkeypatch):
+    monkeypatch.setenv("JSAE_CACHE", str(tmp_path / "cache"))
+    cfg = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=F, num_hidden_layers=4, num_attention_heads=HEADS,
+        num_key_value_heads=KV, head_dim=DH, sliding_window=5, query_pre_attn_scalar=DH, max_position_embeddings=128,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attn_implementation="eager")
+    torch.manual_seed(3)
+    hf = transformers.Gemma2ForCausalLM(cfg).eval()
+    _randomise_norms(hf, 3)
+    path = tmp_path / "tiny-gemma2.gguf"
+    _write_gguf(path, "gemma2", hf)
+    lm = M.load(path)
+    assert lm.cfg.layer_types == ("local", "global", "local", "global")
+    assert (lm.cfg.attn_softcap, lm.cfg.final_softcap) == (5.0, 3.0)
+    toks = _tokens()
+    with torch.no_grad():
+        ref = hf(torch.tensor(toks, dtype=torch.long)).logits.numpy()
+    assert np.abs(np.asarray(M.forward(lm.cfg, lm.params, toks).logits) - ref).max() <= 1e-4
 
 
 def test_gguf_llama_unpermutes_qk(tmp_path, monkeypatch):

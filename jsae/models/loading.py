@@ -96,6 +96,18 @@ class LanguageModel:
 
         return dataclasses.replace(self, params=jax.tree_util.tree_map_with_path(conv, self.params))
 
+    def partition_specs(self, mesh=None, *, tensor_parallel: bool = True):
+        """PartitionSpec pytree for `params` over a ("data", "model") mesh (see `jsae.models.sharding`)."""
+        from jsae.models.sharding import partition_specs
+
+        return partition_specs(self.params, mesh=mesh, tensor_parallel=tensor_parallel)
+
+    def shard(self, mesh, *, tensor_parallel: bool = True) -> LanguageModel:
+        """The same model with params placed on `mesh` (replicated, or tensor-parallel over "model")."""
+        from jsae.models.sharding import shard_params
+
+        return dataclasses.replace(self, params=shard_params(self.params, mesh, tensor_parallel=tensor_parallel))
+
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError(f"model {self.name!r} was loaded without a tokenizer")
