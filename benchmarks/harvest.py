@@ -3,6 +3,7 @@ weights, same machine, same batch, in one run.
 
     python benchmarks/harvest.py                       # Gemma 3 270M, batch 8 x 128, layer 6
     python benchmarks/harvest.py --batch 32 --seq 256 --layer 8 --iters 5 --dtype bfloat16
+    python benchmarks/harvest.py --single-thread       # one core each (fair on a busy machine)
 
 "harvest" runs the model up to `blocks.{layer}.hook_resid_post` and stops (jsae:
 `stop_after_capture=True`; transformers: the same model truncated to layer+1 blocks, as
@@ -48,7 +49,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--single-thread", action="store_true",
+                    help="one thread for both (XLA intra-op parallelism off, torch 1 thread): a fairer "
+                         "comparison on a machine shared with other work")
     args = ap.parse_args(argv)
+    if args.single_thread:  # must happen before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+        args.threads = 1
 
     import jax
     import jax.numpy as jnp
