@@ -85,7 +85,8 @@ def test_fast_loss_and_grads_equal_reference(arch, k, d_sae, ties, aux, group, m
     dead = jnp.zeros((d_sae,), bool) if aux == "none" else (jnp.arange(d_sae) % 3 == 0)
     # which AuxK decoder the fast path takes: sparse when aux_k * ratio <= d_sae
     monkeypatch.setattr(fast, "AUXK_SPARSE_RATIO", 1 if aux == "sparse" else 10**9)
-    monkeypatch.setitem(fast.SLABS_PER_STEP, "cpu", group)
+    monkeypatch.setitem(fast.SCATTER_SLABS_PER_STEP, "cpu", group)
+    monkeypatch.setitem(fast.GATHER_SLABS_PER_STEP, "cpu", group)
     if group > 1:  # also select top-k in row blocks (5 rows each: 4 blocks of the batch)
         monkeypatch.setattr(fast, "ENCODE_BLOCK_ROWS", 8)
     ref = _loss_and_grads(sae, x, dead)
@@ -113,7 +114,8 @@ def test_ties_really_tie():
 
 @pytest.mark.parametrize("group", [1, 2])
 def test_sparse_decode_matches_numpy_and_its_vjp(group, monkeypatch):
-    monkeypatch.setitem(fast.SLABS_PER_STEP, "cpu", group)
+    monkeypatch.setitem(fast.SCATTER_SLABS_PER_STEP, "cpu", group)
+    monkeypatch.setitem(fast.GATHER_SLABS_PER_STEP, "cpu", group)
     rng = np.random.default_rng(1)
     n, f, d, k = 7, 30, 5, 4
     w = rng.normal(size=(f, d)).astype(np.float32)

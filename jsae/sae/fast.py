@@ -131,28 +131,30 @@ def _sparse_decode(vals, rows, cols, w_dec, n_rows):
     return _decode_fwd_impl(vals, rows, cols, w_dec, n_rows)
 
 
-# Slabs handled per loop iteration, by backend.  Fewer, larger gathers/scatter-adds mean fewer
-# loop iterations and thread-pool round trips: on the shared 2-core CPU (load ~8) the sparse
-# decoder's forward+backward at B=4096, k=64, d_in=768 took 4.6-6.1 s with 1 slab per
-# iteration, 1.5-2.4 s with 4 or 16, 5.7-7.4 s with all 64 at once (see benchmarks/RESULTS.md).
-# On GPU/TPU 8 is a first guess (not measured yet: tune with benchmarks/sae_step.py there).
-SLABS_PER_STEP = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+# Slabs handled per loop iteration, by backend: for the loops that scatter-add into
+# [d_sae, d_in] gradients (SCATTER_...) and for the decoder's gather-only forward (GATHER_...).
+# Measured on the shared 2-core CPU at B=4096, k=64, d_in=768, d_sae=12288 (load ~5): the
+# scatter loops run fastest one slab at a time (decoder backward 0.55 s vs 0.75 s with 8),
+# the forward fastest 8 slabs at a time, unrolled (60 ms vs 125 ms).  GPU/TPU values are a
+# first guess (not measured yet: tune with benchmarks/sae_step.py on the device).
+SCATTER_SLABS_PER_STEP = {"cpu": 1, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+GATHER_SLABS_PER_STEP = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
 
 
-def _group(m: int) -> int:
-    g = max(1, min(SLABS_PER_STEP.get(jax.default_backend(), 8), m))
+def _group(m: int, table: dict[str, int]) -> int:
+    g = max(1, min(table.get(jax.default_backend(), 8), m))
     while m % g:
         g -= 1
     return g
 
 
-def _scan_slabs(body, init, *slabs):
+def _scan_slabs(body, init, *slabs, table=None):
     """``lax.scan`` over groups of slabs: each ``[m, c]`` array is fed as ``[g, c]`` blocks.
 
     ``None`` entries stay None.  Returns (carry, stacked outputs reshaped back to [m, ...]).
     """
     m = next(x for x in slabs if x is not None).shape[0]
-    g = _group(m)
+    g = _group(m, SCATTER_SLABS_PER_STEP if table is None else table)
     present = [x.reshape(m // g, g, *x.shape[1:]) for x in slabs if x is not None]
 
     def step(carry, xs):
@@ -175,12 +177,15 @@ def _decode_fwd_impl(vals, rows, cols, w_dec, n_rows):
     w = w_dec.astype(jnp.float32)
 
     def body(acc, v, r, c):
-        contrib = v[..., None] * w[c]  # [g, c, d]
-        if r is None:
-            return acc + jnp.sum(contrib, axis=0), None
-        return acc.at[r.reshape(-1)].add(contrib.reshape(-1, d)), None
+        if r is None:  # unrolled over the group: each gather fuses into its multiply-add
+            for j in range(c.shape[0]):
+                acc = acc + v[j][:, None] * w[c[j]]
+            return acc, None
+        return acc.at[r.reshape(-1)].add((v[..., None] * w[c]).reshape(-1, d)), None
 
-    return _scan_slabs(body, jnp.zeros((n_rows, d), jnp.float32), vals, rows, cols)[0]
+    acc0 = jnp.zeros((n_rows, d), jnp.float32)
+    table = GATHER_SLABS_PER_STEP if rows is None else SCATTER_SLABS_PER_STEP
+    return _scan_slabs(body, acc0, vals, rows, cols, table=table)[0]
 
 
 def _decode_fwd(vals, rows, cols, w_dec, n_rows):
@@ -195,7 +200,10 @@ def _decode_bwd(n_rows, res, g):
 
     def body(dw, v, r, c):
         gr = _rows_of(g, r)  # [g|1, c, d]
-        d_v = jnp.sum(gr * w[c], axis=-1)
+        if r is None:  # unrolled gathered dots (fused), one scatter-add for the whole group
+            d_v = jnp.stack([jnp.sum(g * w[c[j]], axis=-1) for j in range(c.shape[0])])
+        else:
+            d_v = jnp.sum(gr * w[c], axis=-1)
         return dw.at[c.reshape(-1)].add((v[..., None] * gr).reshape(-1, d)), d_v
 
     dw, d_vals = _scan_slabs(body, jnp.zeros(w.shape, jnp.float32), vals, rows, cols)
