@@ -47,13 +47,14 @@ def _generate_cached(
     key,
     temperature,
     top_p,
-    max_new: int,
+    max_new: int,  # static buffer size (bucketed)
     greedy: bool,
     use_top_p: bool,
     static_fns,
     intervene_on: str,
     eos_id: int,
     dyn_fns=(),
+    n_new=None,  # traced: tokens to generate (<= max_new)
 ):
     fns = merge_interventions(static_fns, dyn_fns)
     pre_fns = fns if intervene_on in ("all", "prompt") else None
@@ -65,9 +66,11 @@ def _generate_cached(
     out = jnp.full((B, max_new), -1, jnp.int32)
     done = jnp.zeros((B,), bool)
 
+    n_new = max_new if n_new is None else n_new
+
     def cond(state):
         i, _, _, _, done, _, _ = state
-        return (i < max_new) & ~jnp.all(done)
+        return (i < n_new) & ~jnp.all(done)
 
     def body(state):
         i, cache, logits, pos, done, out, key = state
@@ -146,15 +149,16 @@ def generate_tokens(
         key,
         jnp.float32(temperature if not greedy else 1.0),
         jnp.float32(top_p),
-        int(max_new_tokens),
+        _bucket(int(max_new_tokens), 32),  # one compiled program serves up to 32 lengths
         greedy,
         bool(top_p < 1.0),
         static,
         intervene_on,
         eos,
         dyn,
+        jnp.int32(max_new_tokens),
     )
-    return np.asarray(out)
+    return np.asarray(out)[:, :max_new_tokens]
 
 
 def _generate_uncached(cfg, params, tokens, mask, max_new, interventions, intervene_on, eos, pad_id):
