@@ -415,6 +415,8 @@ def forward(
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+    if cfg.pos == "learned" and tokens.shape[1] > cfg.max_position:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed the model's {cfg.max_position} learned positions")
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask)
     return _forward_jit(
