@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install jax[tpu] and jsae on every host of a TPU VM / pod slice.
-# Usage: tpu/setup.sh NAME ZONE [GIT_URL_OR_PATH]
+# Usage: tpu/setup.sh NAME ZONE GIT_URL
 set -euo pipefail
-NAME=${1:?name}; ZONE=${2:?zone}; REPO=${3:-https://github.com/jsae-dev/jsae.git}
+NAME=${1:?name}; ZONE=${2:?zone}; REPO=${3:?git URL of your jsae clone (or fork)}
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "
   set -e
   python3 -m pip install -U pip
