@@ -52,7 +52,7 @@ def run(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         key=jax.random.PRNGKey(args.seed),
-        add_bos=not args.no_bos,
+        add_bos=False if args.no_bos else None,  # None: what the model's tokenizer does
     )
     t2 = time.perf_counter()
     for prompt, text in zip(args.prompt, texts):

@@ -198,19 +198,22 @@ def generate(
     key: Optional[jax.Array] = None,
     interventions: Optional[Mapping[str, Callable]] = None,
     intervene_on: str = "all",
-    add_bos: bool = True,
+    add_bos: Optional[bool] = None,
     stop_at_eos: bool = True,
 ) -> list[str]:
     """Continue each prompt; returns the generated continuations (without the prompts).
 
     `interventions` (hook name -> fn(act) -> act) act during generation: `intervene_on="all"` in the
     prompt and every new token, `"prompt"` in the prefill only, `"generated"` in decode steps only.
+    `add_bos=None` follows the model's tokenizer (Gemma: yes; SmolLM2 / Qwen: no).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"model {model.name!r} has no tokenizer; use generate_tokens with ids")
+    if add_bos is None:
+        add_bos = getattr(tok, "add_bos_default", True)
     ids = tok.encode_batch(list(prompts), add_bos=add_bos)
     eos = tok.eos_id if tok.eos_id is not None else model.cfg.eos_id
     out = generate_tokens(
