@@ -273,3 +273,26 @@ def test_fast_path_on_a_data_parallel_mesh_equals_one_device(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["spread", "one_row_dominates", "ties", "mostly_zero"])
+def test_two_stage_batch_top_k_equals_flat_top_k(case):
+    rng = np.random.default_rng(6)
+    b, f, k = 16, 64, 3
+    a = rng.normal(size=(b, f)).astype(np.float32)
+    if case == "one_row_dominates":  # row 0 holds more than per_row of the top: fallback
+        a[0] += 100.0
+    if case == "ties":
+        a = rng.integers(0, 4, size=(b, f)).astype(np.float32)
+    if case == "mostly_zero":
+        a = np.where(rng.random((b, f)) < 0.97, 0.0, a)
+    a = np.maximum(a, 0.0)
+    n_keep, per_row = k * b, fast.BATCH_TOPK_CANDIDATES * k
+    v, rows, cols = jax.jit(fast.batch_top_k, static_argnums=(1, 2))(jnp.asarray(a), n_keep,
+                                                                      per_row)
+    ref_v, ref_i = jax.lax.top_k(jnp.asarray(a).reshape(-1), n_keep)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_v))
+    np.testing.assert_array_equal(np.asarray(rows) * f + np.asarray(cols), np.asarray(ref_i))
+    if case == "spread":  # the two-stage branch (not the fallback) produced it
+        rv = np.sort(a, axis=1)[:, -per_row]
+        assert (rv < np.asarray(v)[-1]).all()
