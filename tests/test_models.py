@@ -148,6 +148,18 @@ def test_hook_algebra_and_early_stop(saved):
         for c in (["blocks.1.hook_resid_post"], ["blocks.5.hook_resid_post"])
     ]
     assert n_dots[0] < n_dots[1]
+    # stopping inside a block: resid_pre skips the block, attn_out/resid_mid skip its MLP
+    for hook in ("blocks.3.hook_resid_pre", "blocks.3.hook_attn_out", "blocks.3.hook_resid_mid",
+                 "blocks.3.hook_mlp_out"):
+        got = M.forward(lm.cfg, lm.params, toks, capture=[hook], stop_after_capture=True).activations[hook]
+        np.testing.assert_allclose(np.asarray(got), a[hook], atol=1e-5)
+
+    def dots(c):
+        f = jax.jit(lambda p, t: M.forward(lm.cfg, p, t, capture=c, stop_after_capture=True).activations)
+        return f.lower(lm.params, toks).as_text().count("dot_general")
+
+    d = [dots([f"blocks.3.{k}"]) for k in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")]
+    assert d[0] < d[1] < d[2] and d[0] == dots(["blocks.2.hook_resid_post"])
 
 
 def test_add_vector_intervention_equals_by_hand(saved):

@@ -36,6 +36,8 @@ from jsae.models.config import FINAL_HOOK, TransformerConfig, parse_hook
 
 Array = jax.Array
 Params = dict
+# order of the hooks inside a block
+HOOK_KINDS_ORDER = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
 
 class ForwardOutput(NamedTuple):
@@ -223,10 +225,16 @@ def block(
     capture: frozenset,
     cache_kv: Optional[tuple] = None,
     cache_index: Optional[Array] = None,
+    upto: str = "hook_resid_post",
 ):
-    """One transformer block. Returns (x, (k, v) written into the cache or None)."""
+    """One transformer block. Returns (x, (k, v) written into the cache or None).
+
+    `upto` stops the block right after that hook (harvesting `hook_resid_pre` of the last layer
+    needed skips the block entirely, `hook_attn_out`/`hook_resid_mid` skip its MLP)."""
     pre = f"blocks.{layer}."
     x = _hook(pre + "hook_resid_pre", x, fns, acts, capture)
+    if upto == "hook_resid_pre":
+        return x, None
     a = p["attn"]
     h = norm(cfg, p["ln1"], x)
     q = jnp.einsum("btd,dhk->bthk", h, a["q"])
@@ -258,6 +266,8 @@ def block(
     attn_out = _hook(pre + "hook_attn_out", attn_out, fns, acts, capture)
     x = x + attn_out
     x = _hook(pre + "hook_resid_mid", x, fns, acts, capture)
+    if upto in ("hook_attn_out", "hook_resid_mid"):
+        return x, new_kv
     m = mlp(cfg, p["mlp"], norm(cfg, p["ln2"], x))
     if cfg.post_norms:
         m = norm(cfg, p["ln2_post"], m)
@@ -309,8 +319,13 @@ def run(
         positions = positions_from_mask(attention_mask, B, T)
     stopping = bool(stop_after_capture and capture)
     n_run = cfg.n_layers
+    upto = "hook_resid_post"  # how far the last block runs
     if stopping:
-        n_run = min(last_layer_needed(cfg, capture) + 1, cfg.n_layers)
+        last = last_layer_needed(cfg, capture)
+        n_run = min(last + 1, cfg.n_layers)
+        if last < cfg.n_layers:
+            kinds = [parse_hook(n, cfg)[1] for n in capture if parse_hook(n, cfg)[0] == last]
+            upto = max(kinds, key=HOOK_KINDS_ORDER.index)
     if cache is not None and n_run < cfg.n_layers:
         raise ValueError("a cached forward must run every layer (stop_after_capture is not allowed)")
     acts: dict = {}
@@ -324,7 +339,10 @@ def run(
     new_k, new_v = [], []
     for i in range(n_run):
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
-        x, nkv = block(cfg, i, params["blocks"][i], x, positions, k_pos, k_valid, fns, acts, capture, kv, idx)
+        x, nkv = block(
+            cfg, i, params["blocks"][i], x, positions, k_pos, k_valid, fns, acts, capture, kv, idx,
+            upto=upto if i == n_run - 1 else "hook_resid_post",
+        )
         if nkv is not None:
             new_k.append(nkv[0])
             new_v.append(nkv[1])
