@@ -581,3 +581,21 @@ def test_hub_id_goes_through_snapshot_download(saved, monkeypatch):
     monkeypatch.setattr(hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="someone/other.*gemma-3-270m"):
         M.load("someone/other")
+
+
+def test_center_writing_weights_gpt2(saved):
+    """TransformerLens-style centering: same logits, zero-mean residual stream."""
+    _, folder = saved["gpt2"]
+    lm = M.load(folder)
+    ccfg, centred = M.center_writing_weights(lm.cfg, lm.params)
+    assert not ccfg.tie_embeddings
+    toks = _tokens()
+    hooks = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_mid", "blocks.2.hook_mlp_out"]
+    a = M.forward(lm.cfg, lm.params, toks, capture=hooks)
+    b = M.forward(ccfg, centred, toks, capture=hooks)
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-4)
+    for h in hooks:
+        x, y = np.asarray(a.activations[h]), np.asarray(b.activations[h])
+        np.testing.assert_allclose(y, x - x.mean(-1, keepdims=True), atol=1e-4)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        M.center_writing_weights(M.load(saved["llama"][1]).cfg, {})

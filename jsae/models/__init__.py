@@ -10,7 +10,7 @@
 """
 
 from jsae.models.config import HOOK_KINDS, TransformerConfig, from_hf_config, parse_hook
-from jsae.models.convert import WeightError
+from jsae.models.convert import WeightError, center_writing_weights, params_to_hf
 from jsae.models.generate import generate, generate_tokens
 from jsae.models.loading import LanguageModel, cache_dir, load, load_gguf, load_hf_dir, pad_batch
 from jsae.models.sharding import partition_specs, shard_params
@@ -26,6 +26,7 @@ __all__ = [
     "TransformerConfig",
     "WeightError",
     "cache_dir",
+    "center_writing_weights",
     "forward",
     "from_hf_config",
     "generate",
@@ -34,6 +35,7 @@ __all__ = [
     "load_gguf",
     "load_hf_dir",
     "pad_batch",
+    "params_to_hf",
     "parse_hook",
     "partition_specs",
     "shard_params",

@@ -319,3 +319,37 @@ def params_to_hf(cfg: TransformerConfig, params: dict, prefix: str = "model.") -
     sd[prefix + "norm.weight"] = a(params["final_norm"]["scale"]) - minus1
     sd["lm_head.weight"] = a(params["embed"]) if cfg.tie_embeddings else a(params["unembed"]).T
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+def center_writing_weights(cfg: TransformerConfig, params: dict) -> tuple[TransformerConfig, dict]:
+    """TransformerLens' `center_writing_weights` for LayerNorm models (GPT-2): subtract from every
+    matrix/bias that writes to the residual stream its mean over d_model. The residual stream then
+    has zero mean in every position (what SAEs trained with TransformerLens' default GPT-2, e.g.
+    SAELens' gpt2-small ones, expect); LayerNorm removes the mean anyway, so logits are unchanged.
+    Tied embeddings are untied (the unembedding keeps the original matrix). Returns (cfg, params)."""
+    if cfg.norm != "layer":
+        raise ValueError(f"centering the writing weights needs LayerNorm; {cfg.arch} uses {cfg.norm}")
+    import jax
+
+    def c(a):
+        return a - a.mean(axis=-1, keepdims=True)
+
+    out = jax.tree_util.tree_map(lambda a: a, params)  # shallow structural copy
+    if cfg.tie_embeddings:
+        out["unembed"] = params["embed"].T
+        cfg = cfg.replace(tie_embeddings=False)
+    out["embed"] = c(params["embed"])
+    if "pos_embed" in out:
+        out["pos_embed"] = c(params["pos_embed"])
+    blocks = []
+    for blk in params["blocks"]:
+        blk = {**blk, "attn": dict(blk["attn"]), "mlp": dict(blk["mlp"])}
+        blk["attn"]["o"] = c(blk["attn"]["o"])
+        if "bo" in blk["attn"]:
+            blk["attn"]["bo"] = c(blk["attn"]["bo"])
+        blk["mlp"]["down"] = c(blk["mlp"]["down"])
+        if "b_down" in blk["mlp"]:
+            blk["mlp"]["b_down"] = c(blk["mlp"]["b_down"])
+        blocks.append(blk)
+    out["blocks"] = blocks
+    return cfg, out
