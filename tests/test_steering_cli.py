@@ -69,8 +69,11 @@ def test_steer_prints_baseline_and_steered_side_by_side(tiny, capsys):
     assert "steered (f3 := 40, f5 := -5)" in lines[row]
     left = "".join(line.split(" | ")[0].rstrip() for line in lines[row + 2 :] if " | " in line)
     right = "".join(line.split(" | ")[1] for line in lines[row + 2 :] if " | " in line)
-    assert left.replace(" ", "") == ("the bridge" + base).replace(" ", "")
-    assert right.replace(" ", "") == ("the bridge" + steered).replace(" ", "")
+    def squash(s):
+        return s.replace("\n", "⏎").replace(" ", "")
+
+    assert left.replace(" ", "") == squash("the bridge" + base)
+    assert right.replace(" ", "") == squash("the bridge" + steered)
 
 
 def test_steer_relative_value_uses_corpus_max(tiny, capsys):

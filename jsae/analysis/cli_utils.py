@@ -26,12 +26,16 @@ def token_repr(tokenizer, i: int) -> str:
     return repr(s if s else (tokenizer.id_to_token(int(i)) if hasattr(tokenizer, "id_to_token") else f"<{i}>"))
 
 
-def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int | None = None) -> str:
-    """Two texts in wrapped columns under their titles."""
+def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int | None = None,
+                 newline: str = "⏎") -> str:
+    """Two texts in wrapped columns under their titles (line breaks shown as ``newline``, so
+    the columns stay comparable; ``newline=None`` keeps them)."""
     width = width or min(shutil.get_terminal_size((120, 20)).columns, 160)
     col = max(20, (width - 3) // 2)
 
     def wrap(t: str) -> list[str]:
+        if newline is not None:
+            t = t.replace("\r", "").replace("\n", newline)
         out = []
         for para in t.split("\n"):
             out.extend(textwrap.wrap(para, col, replace_whitespace=False, drop_whitespace=False) or [""])
