@@ -21,8 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--logits", type=int, default=8, help="logit-effect tokens per side (default 8)")
     p.add_argument("--rank", choices=["auto", "specific", "max", "mean"], default="auto",
                    help="search ranking (default auto: specific, see jsae.analysis.rank_scores)")
-    p.add_argument("--contexts", type=int, default=512,
-                   help="corpus contexts (64 tokens) scanned; cached in RUN_DIR/analysis (default 512)")
+    p.add_argument("--contexts", type=int, default=1024,
+                   help="corpus contexts (64 tokens) scanned; cached in RUN_DIR/analysis (default 1024)")
     p.add_argument("--logit-vocab", choices=["corpus", "all"], default="corpus",
                    help="rank logit effects among the tokens seen in the corpus sample (default), "
                    "or the whole vocabulary (rare tokens with poorly trained embeddings then dominate)")

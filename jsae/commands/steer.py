@@ -30,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both runs")
     p.add_argument("--no-error-term", action="store_true",
                    help="replace the activation by the edited SAE reconstruction")
-    p.add_argument("--contexts", type=int, default=256,
+    p.add_argument("--contexts", type=int, default=1024,
                    help="corpus contexts scanned to resolve NUMx values (cached in the run folder)")
     return p
 
