@@ -70,8 +70,12 @@ def test_sharded_plan_divides_latents_and_batch(tmp_path):
         cfg = config.from_dict({RAW!r})
         p = plan(cfg, 2, 2)
         mem = compile_step(cfg, 2, 2)[0].memory_analysis()
+        raw = {RAW!r}
+        raw["sae"] = {{**raw["sae"], "d_sae": 8192, "fast_path": False}}
+        big = config.from_dict(raw)
+        temps = [plan(big, 1, m).temp for m in (1, 4)]
         print(json.dumps({{**p.as_dict(), "xla_temp": mem.temp_size_in_bytes,
-                          "xla_arg": mem.argument_size_in_bytes}}))
+                          "xla_arg": mem.argument_size_in_bytes, "temps": temps}}))
     """)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -84,6 +88,10 @@ def test_sharded_plan_divides_latents_and_batch(tmp_path):
     assert p["argument"] == p["xla_arg"] == p["params"] + p["opt_state"] + p["other_state"] + p[
         "batch"]
     assert p["temp"] == p["xla_temp"]
+    # latent sharding must shrink activations: no [B, d_sae] array may be gathered whole
+    # (the reference AuxK top-k over model-sharded pre-activations used to do that)
+    t1, t4 = p["temps"]
+    assert t4 < 0.5 * t1, (t1, t4)
 
 
 def test_largest_d_sae_solves_the_budget():

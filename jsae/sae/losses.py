@@ -24,19 +24,24 @@ from jsae.sae.topk import scatter_rows
 Array = jax.Array
 
 
-def auxk_loss(sae: SAE, pre: Array, residual: Array, dead_mask: Array) -> Array:
+def auxk_loss(sae: SAE, pre: Array, residual: Array, dead_mask: Array, topk_fn=None) -> Array:
     """AuxK: reconstruct ``residual [B, d_in]`` from the top aux_k dead latents of ``pre``.
 
-    Skipped (zero, no work) when no latent is dead.
+    Skipped (zero, no work) when no latent is dead.  ``topk_fn`` (the sharded top-k of
+    `jsae.parallel`) keeps the selection sharded over latents instead of gathering ``pre``.
     """
     k_aux = sae.spec.aux_k_resolved
 
     def compute(operands):
         pre, residual, dead_mask = operands
         masked = jnp.where(dead_mask, pre, -jnp.inf)
-        vals, idx = jax.lax.top_k(masked, k_aux)
-        vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
-        z_aux = scatter_rows(vals, idx, pre.shape[-1])
+        if topk_fn is not None:  # dense result, zeros outside the kept (finite) entries
+            kept = topk_fn(masked, k_aux)
+            z_aux = jnp.where(jnp.isfinite(kept), jax.nn.relu(kept), 0.0)
+        else:
+            vals, idx = jax.lax.top_k(masked, k_aux)
+            vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+            z_aux = scatter_rows(vals, idx, pre.shape[-1])
         e_hat = _mm(z_aux, sae.params["W_dec"], sae.spec.compute_dtype)
         return jnp.sum((e_hat - jax.lax.stop_gradient(residual)) ** 2, axis=-1).mean()
 
@@ -78,7 +83,7 @@ def sae_loss(
     elif arch in ("topk", "batchtopk"):
         if dead_mask is None:
             dead_mask = jnp.zeros((spec.d_sae,), bool)
-        terms["auxk"] = aux_coef * auxk_loss(sae, pre, x_n - x_hat, dead_mask)
+        terms["auxk"] = aux_coef * auxk_loss(sae, pre, x_n - x_hat, dead_mask, topk_fn)
     elif arch == "jumprelu":
         l0 = heaviside_ste(pre, jnp.exp(p["log_threshold"]), spec.jumprelu_bandwidth)
         terms["sparsity"] = sparsity_coef * jnp.sum(l0, axis=-1).mean()
