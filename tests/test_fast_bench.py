@@ -1,0 +1,23 @@
+"""benchmarks/sae_step.py runs end to end at a tiny shape and prints its summary line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+
+def test_sae_step_benchmark_smoke():
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run(
+        [sys.executable, "benchmarks/sae_step.py", "--batch", "64", "--d-in", "16", "--d-sae",
+         "128", "--k", "4", "--rounds", "1", "--steps", "1", "--peers", "torch"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "hardware:" in out and "dense-FLOP floor" in out
+    for name in ("jsae-fast", "jsae-reference", "torch-topk-embbag"):
+        assert re.search(rf"^{name}\s+[\d.]+ ms/step", out, re.M), out
+    assert re.search(r"^ratio jsae/peer tokens_per_s: \d+\.\d\d$", out.strip().splitlines()[-1]), out
