@@ -9,9 +9,12 @@ entries per row are non-zero, so this module keeps the codes sparse:
   (``[m, c]`` each).  TopK uses ``m = k`` slabs of ``c = B`` entries where slab ``j`` holds the
   j-th largest latent of every row (``rows is None`` then means ``rows[j] = arange(B)``);
   BatchTopK uses ``k * B`` (row, latent) pairs in ``k`` slabs of ``B``.
-- `sparse_decode` (custom VJP): ``x_hat[r] = sum vals * W_dec[col]``, one gathered slab at a
-  time; its backward gives ``d_vals`` by a gathered dot and scatter-adds into only the active
-  rows of ``dW_dec``.
+- `select_latents`: for TopK, the encoder matmul, the per-row top-k and AuxK's selection run
+  over row blocks (`ENCODE_BLOCK_ROWS`), so no ``[B, d_sae]`` array is held (this is what
+  lets ~2M latents fit one 80 GB device at d_in 768, see `jsae plan`).
+- `sparse_decode` (custom VJP): ``x_hat[r] = sum vals * W_dec[col]``, a few gathered slabs per
+  loop iteration; its backward gives ``d_vals`` by gathered dots and scatter-adds into only
+  the active rows of ``dW_dec``.
 - `encoder_hook` (custom VJP): identity on the selected pre-activations; its backward turns
   their cotangents into ``dW_enc`` (scatter-add into the active columns), ``db_enc``
   (segment sum) and ``db_dec = -W_enc db_enc``, never forming a dense ``[B, d_sae]`` gradient.
