@@ -75,7 +75,8 @@ class SAEConfig:
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     init_sample: int = 4096  # tokens used for normalisation and b_dec init
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmuls
-    fast_path: bool = True  # sparse decoder / fused top-k where available
+    fast_path: bool = True  # topk/batchtopk: sparse decoder + sparse encoder backward
+    topk_recall: float = 1.0  # < 1: approximate top-k (lax.approx_max_k; faster on TPU)
 
 
 @dataclasses.dataclass
@@ -260,6 +261,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(s.aux_k is None or s.aux_k > 0, "sae.aux_k", "must be a positive integer")
     need(s.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
     need(s.init_sample > 0, "sae.init_sample", "must be > 0")
+    need(0.0 < s.topk_recall <= 1.0, "sae.topk_recall", "must be in (0, 1]")
     need(t.steps is not None or t.tokens is not None, "train.steps", "give train.steps or train.tokens")
     need(t.steps is None or t.steps > 0, "train.steps", "must be a positive integer")
     need(t.tokens is None or t.tokens > 0, "train.tokens", "must be a positive integer")
