@@ -8,7 +8,6 @@ slice, and several hosts (each feeding its own rows of the global batch).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -128,6 +127,3 @@ def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
 
     return fn
 
-
-def n_devices(mesh: Mesh) -> int:
-    return math.prod(mesh.shape.values())

@@ -280,8 +280,4 @@ def _flatten(per_hook: dict[str, dict], multi: bool) -> dict[str, float]:
     return out
 
 
-def sae_of(states: States, hook: str):
-    return jax.device_get(states[hook].sae)
-
-
-__all__ = ["Checkpointer", "Trainer", "TrainingStopped", "sae_of", "spec_from_config"]
+__all__ = ["Checkpointer", "Trainer", "TrainingStopped", "spec_from_config"]
