@@ -76,8 +76,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_divisible(mesh: Mesh, *, batch_size: int, d_sae: int) -> None:
     """Clear errors for shapes that the mesh cannot split evenly."""
     d, m = mesh.shape[DATA], mesh.shape[MODEL]
-    if batch_size % (d * jax.process_count() if jax.process_count() > 1 else d):
+    if batch_size % d:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by mesh data={d}")
+    if batch_size % jax.process_count():  # each process feeds an equal share of rows
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes"
+        )
     if d_sae % m:
         raise ValueError(f"sae.d_sae={d_sae} is not divisible by mesh model={m}")
 
