@@ -42,8 +42,14 @@ def _now() -> float:
 # ---- jsae -------------------------------------------------------------------------------------
 
 
-def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, fast: bool):
-    """(step, state, x): a jitted, donated jsae train step and its initial state."""
+def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, fast: bool,
+              mesh=None):
+    """(step, state, x): a jitted, donated jsae train step and its initial state.
+
+    With a ``mesh`` the state and batch are sharded as `jsae train` shards them (latents over
+    ``model``, rows over ``data``) and the step gets the mesh's sharded top-k / fast path.
+    """
+    from jsae import parallel
     from jsae.config import RunConfig
     from jsae.sae import SAESpec, init_sae
     from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
@@ -61,9 +67,19 @@ def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, 
     opt = make_optimizer(cfg, 1000)
     coef = 5.0 if arch in ("relu", "gated") else (1e-3 if arch == "jumprelu" else 0.0)
     step = make_train_step(opt, sparsity_schedule(coef, 0), lr_schedule(cfg, 1000),
-                           dead_after_tokens=10_000_000)
+                           dead_after_tokens=10_000_000,
+                           topk_fn=None if mesh is None else parallel.sharded_topk_fn(mesh),
+                           mesh=mesh)
     state = init_state(sae, opt, jax.random.key(1))
-    return jax.jit(step, donate_argnums=(0,)), state, jnp.asarray(x)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,)), state, jnp.asarray(x)
+    parallel.check_divisible(mesh, batch_size=batch, d_sae=d_sae)
+    st_sh = parallel.tree_shardings(state, mesh)
+    state = jax.device_put(state, st_sh)
+    x = jax.device_put(x, parallel.batch_sharding(mesh))
+    jitted = jax.jit(step, in_shardings=(st_sh, parallel.batch_sharding(mesh)),
+                     out_shardings=(st_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+    return jitted, state, x
 
 
 class JsaeRunner:
@@ -286,13 +302,28 @@ def main(argv=None) -> int:
                     help="saelens, torch (empty: none)")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the jsae reference (dense) path for topk/batchtopk")
+    ap.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                    help="shard the jsae steps over a device mesh (latents over model)")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="simulate this many CPU devices (for --mesh on a CPU machine)")
     args = ap.parse_args(argv)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    mesh = None
+    if args.mesh:
+        from jsae import parallel
+        from jsae.plan import parse_mesh
+
+        mesh = parallel.make_mesh(*parse_mesh(args.mesh))
 
     B, d, F, k = args.batch, args.d_in, args.d_sae, args.k
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"hardware: {hardware()}")
     print(f"command: python {' '.join(sys.argv)}")
     print(f"shape: batch={B} d_in={d} d_sae={F} k={k} dtype={args.dtype}")
+    if mesh is not None:
+        print(f"mesh: data={mesh.shape['data']} model={mesh.shape['model']} "
+              f"({mesh.devices.size} x {mesh.devices.flat[0].device_kind}; peers use one device)")
     load0 = os.getloadavg()
     rate = matmul_rate(args.dtype)
     dense_flops = 12 * B * d * F  # encoder + decoder, forward and both backward matmuls
@@ -308,10 +339,11 @@ def main(argv=None) -> int:
         entries: list[Entry] = []
         sparse_arch = arch in ("topk", "batchtopk")
         entries.append(Entry("jsae" + ("-fast" if sparse_arch else ""),
-                             JsaeRunner(arch, B, d, F, k, args.dtype, fast=sparse_arch)))
+                             JsaeRunner(arch, B, d, F, k, args.dtype, fast=sparse_arch,
+                                        mesh=mesh)))
         if sparse_arch and not args.no_reference:
             entries.append(Entry("jsae-reference", JsaeRunner(arch, B, d, F, k, args.dtype,
-                                                              fast=False)))
+                                                              fast=False, mesh=mesh)))
         n_jsae = len(entries)
         peers_wanted = []
         if "saelens" in args.peers:

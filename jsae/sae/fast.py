@@ -27,8 +27,9 @@ selection, so ties go to the lower latent index in both).  Sparse parts always c
 float32; ``spec.dtype="bfloat16"`` only changes the encoder matmul.
 
 The fast path is used by `sae_loss` when ``spec.fast_path`` is true, the architecture is
-topk/batchtopk, and no sharded top-k is in use (a mesh with ``model > 1`` falls back to the
-reference path, whose sharded top-k is exact).
+topk/batchtopk, and the latents are not split over a mesh's ``model`` axis.  With ``model > 1``
+TopK takes `jsae.sae.fast_sharded` (the same sparse pieces with explicit collectives) and
+BatchTopK the reference path with the exact sharded top-k.
 """
 
 from __future__ import annotations

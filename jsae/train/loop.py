@@ -84,7 +84,7 @@ class Trainer:
         step_fn = make_train_step(
             self.optimizer, self.sparsity, self.lr,
             dead_after_tokens=cfg.sae.dead_after_tokens, aux_coef=cfg.sae.aux_coef,
-            topk_fn=parallel.sharded_topk_fn(self.mesh),
+            topk_fn=parallel.sharded_topk_fn(self.mesh), mesh=self.mesh,
         )
 
         def multi_step(states: States, batches: dict[str, jax.Array]):

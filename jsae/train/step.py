@@ -48,8 +48,13 @@ def make_train_step(
     dead_after_tokens: int,
     aux_coef: float = 1.0 / 32.0,
     topk_fn: Callable | None = None,
+    mesh=None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
-    """Build ``train_step(state, x [B, d_in] raw activations) -> (state, metrics)`` (pure)."""
+    """Build ``train_step(state, x [B, d_in] raw activations) -> (state, metrics)`` (pure).
+
+    ``topk_fn`` is the sharded top-k of `jsae.parallel` and ``mesh`` the training mesh; both
+    only matter when the latents are split over the mesh's ``model`` axis.
+    """
 
     def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
         sae: SAE = state.sae
@@ -61,7 +66,7 @@ def make_train_step(
         def loss_of(params):
             return sae_loss(
                 sae.replace(params=params), x_n, sparsity_coef=coef, dead_mask=dead,
-                aux_coef=aux_coef, topk_fn=topk_fn,
+                aux_coef=aux_coef, topk_fn=topk_fn, mesh=mesh,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(sae.params)
