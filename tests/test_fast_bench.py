@@ -21,3 +21,18 @@ def test_sae_step_benchmark_smoke():
     for name in ("jsae-fast", "jsae-reference", "torch-topk-embbag"):
         assert re.search(rf"^{name}\s+[\d.]+ ms/step", out, re.M), out
     assert re.search(r"^ratio jsae/peer tokens_per_s: \d+\.\d\d$", out.strip().splitlines()[-1]), out
+
+
+def test_sae_step_benchmark_on_a_simulated_mesh():
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("XLA_FLAGS", None)  # the benchmark asks for its own simulated devices
+    r = subprocess.run(
+        [sys.executable, "benchmarks/sae_step.py", "--batch", "64", "--d-in", "16", "--d-sae",
+         "128", "--k", "4", "--rounds", "1", "--steps", "1", "--peers", "--cpu-devices", "4",
+         "--mesh", "data=2,model=2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mesh: data=2 model=2 (4 x cpu" in r.stdout, r.stdout
+    for name in ("jsae-fast", "jsae-reference"):
+        assert re.search(rf"^{name}\s+[\d.]+ ms/step", r.stdout, re.M), r.stdout
