@@ -77,6 +77,7 @@ class SAEConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmuls
     fast_path: bool = True  # topk/batchtopk: sparse decoder + sparse encoder backward
     topk_recall: float = 1.0  # < 1: approximate top-k (lax.approx_max_k; faster on TPU)
+    topk_chunk: int = 0  # > 0: exact two-stage top-k over chunks of this many latents (GPU)
 
 
 @dataclasses.dataclass
@@ -262,6 +263,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(s.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
     need(s.init_sample > 0, "sae.init_sample", "must be > 0")
     need(0.0 < s.topk_recall <= 1.0, "sae.topk_recall", "must be in (0, 1]")
+    need(s.topk_chunk >= 0, "sae.topk_chunk", "must be >= 0 (0: one-stage top-k)")
     need(t.steps is not None or t.tokens is not None, "train.steps", "give train.steps or train.tokens")
     need(t.steps is None or t.steps > 0, "train.steps", "must be a positive integer")
     need(t.tokens is None or t.tokens > 0, "train.tokens", "must be a positive integer")

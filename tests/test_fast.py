@@ -296,3 +296,47 @@ def test_two_stage_batch_top_k_equals_flat_top_k(case):
     if case == "spread":  # the two-stage branch (not the fallback) produced it
         rv = np.sort(a, axis=1)[:, -per_row]
         assert (rv < np.asarray(v)[-1]).all()
+
+
+@pytest.mark.parametrize("case", ["spread", "ties", "one_chunk_holds_all", "neg_inf"])
+def test_chunked_top_k_equals_top_k(case):
+    rng = np.random.default_rng(7)
+    b, f, k, chunk = 6, 96, 5, 16
+    a = rng.normal(size=(b, f)).astype(np.float32)
+    if case == "ties":  # few distinct values: ties decided by the lower index
+        a = rng.integers(0, 3, size=(b, f)).astype(np.float32)
+    if case == "one_chunk_holds_all":  # every winner in one chunk
+        a[:, 32:48] += 100.0
+    if case == "neg_inf":  # AuxK-style masking: most entries -inf
+        a = np.where(rng.random((b, f)) < 0.9, -np.inf, a).astype(np.float32)
+    v, i = jax.jit(fast.chunked_top_k, static_argnums=(1, 2))(jnp.asarray(a), k, chunk)
+    ref_v, ref_i = jax.lax.top_k(jnp.asarray(a), k)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_v))
+    finite = np.isfinite(np.asarray(ref_v))
+    np.testing.assert_array_equal(np.asarray(i)[finite], np.asarray(ref_i)[finite])
+
+
+def test_select_topk_uses_chunks_only_where_they_fit():
+    a = jnp.asarray(np.random.default_rng(8).normal(size=(3, 40)), jnp.float32)
+    ref = jax.lax.top_k(a, 4)
+    for chunk in (0, 3, 4, 8, 40, 64):  # 3: does not divide; 4: not > k; 40/64: >= F
+        v, i = fast.select_topk(a, 4, chunk=chunk)
+        np.testing.assert_array_equal(np.asarray(i), np.asarray(ref[1]))
+
+
+def test_chunked_fast_path_equals_reference():
+    sae, x = _sae("topk", 4, ties=True)
+    dead = jnp.arange(D_SAE) % 3 == 0
+    ref = _loss_and_grads(sae, x, dead)
+    chunked = sae.replace(spec=dataclasses.replace(sae.spec, fast_path=True, topk_chunk=8))
+    _assert_same(ref, _loss_and_grads(chunked, x, dead))
+
+
+def test_config_topk_chunk_reaches_the_spec_and_rejects_negatives():
+    from jsae import config
+    from jsae.train.loop import spec_from_config
+
+    cfg = config.from_dict({"sae": {"d_sae": 64, "topk_chunk": 16}, "train": {"steps": 1}})
+    assert spec_from_config(cfg, 16).topk_chunk == 16
+    with pytest.raises(config.ConfigError, match="sae.topk_chunk"):
+        config.from_dict({"sae": {"d_sae": 64, "topk_chunk": -1}, "train": {"steps": 1}})

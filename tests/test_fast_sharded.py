@@ -83,6 +83,20 @@ def test_sharded_fast_loss_and_grads_equal_single_device(k, ties, dead, block, d
                                    atol=2e-5 * scale, err_msg=name)
 
 
+def test_sharded_fast_with_chunked_top_k_equals_single_device():
+    sae, x = _sae(4, ties=True)
+    dead = jnp.arange(D_SAE) % 3 == 0
+    (l_r, a_r), g_r = _loss_and_grads(sae, x, dead)
+    chunked = sae.replace(spec=dataclasses.replace(sae.spec, fast_path=True, topk_chunk=6))
+    (l_f, a_f), g_f = _loss_and_grads(chunked, x, dead, parallel.make_mesh(2, 2,
+                                                                          jax.devices()[:4]))
+    np.testing.assert_allclose(float(l_f), float(l_r), rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(a_f["z"].dense()) > 0, np.asarray(a_r["z"]) > 0)
+    for name, ref in g_r.items():
+        np.testing.assert_allclose(np.asarray(g_f[name]), np.asarray(ref), rtol=2e-5,
+                                   atol=2e-5 * max(float(jnp.abs(ref).max()), 1.0), err_msg=name)
+
+
 def test_sharded_fast_bfloat16_close_to_single_device():
     sae, x = _sae(4, dtype="bfloat16")
     dead = jnp.arange(D_SAE) % 4 == 0

@@ -34,6 +34,7 @@ class SAESpec:
     dtype: str = "float32"  # matmul compute dtype; params stay float32
     fast_path: bool = False  # topk/batchtopk: sparse decoder + sparse encoder backward (jsae.sae.fast)
     topk_recall: float = 1.0  # < 1: fast-path top-k via lax.approx_max_k (approximate on TPU only)
+    topk_chunk: int = 0  # > 0: fast-path top-k in two exact stages over chunks of this many latents
 
     @property
     def unit_decoder(self) -> bool:

@@ -82,23 +82,46 @@ def _rows(codes: SparseCodes) -> Array:
 # ---- selection ----------------------------------------------------------------------------
 
 
-def select_topk(pre: Array, k: int, *, recall: float = 1.0) -> tuple[Array, Array]:
-    """Top-k of each row of ``pre [B, d_sae]`` -> (vals [B, k], idx [B, k]), no gradient.
+def select_topk(pre: Array, k: int, *, recall: float = 1.0, chunk: int = 0
+                ) -> tuple[Array, Array]:
+    """Top-k of each row of ``pre [B, F]`` -> (vals [B, k], idx [B, k]), no gradient.
 
     ``recall < 1`` uses `jax.lax.approx_max_k` (approximate only on TPU; exact elsewhere).
+    ``chunk`` > 0 selects in two exact stages (`chunked_top_k`) when it divides F and exceeds k.
     """
     pre = jax.lax.stop_gradient(pre)
     if recall < 1.0:
         return jax.lax.approx_max_k(pre, k, recall_target=recall)
+    if chunk and k < chunk < pre.shape[-1] and pre.shape[-1] % chunk == 0:
+        return chunked_top_k(pre, k, chunk)
     return jax.lax.top_k(pre, k)
 
 
-def topk_codes(pre: Array, k: int, *, recall: float = 1.0, rectify: bool = True) -> SparseCodes:
+def chunked_top_k(pre: Array, k: int, chunk: int) -> tuple[Array, Array]:
+    """Exact `jax.lax.top_k` of each row of ``pre [B, F]`` in two stages.
+
+    Stage 1: the top k of each of the ``F / chunk`` chunks; stage 2: the top k of those
+    ``F / chunk * k`` candidates.  Every member of a row's top k is in its chunk's top k, so
+    the result is exact; candidates are laid out chunk by chunk and in index order within a
+    chunk, so equal values still go to the lower latent index.  Sorting many short rows can
+    be much cheaper than sorting one long row (GPU top-k is sort based for k > 16); whether it
+    is depends on the device: measure with ``benchmarks/sae_step.py --pieces``.
+    """
+    b, f = pre.shape
+    n = f // chunk
+    v1, i1 = jax.lax.top_k(pre.reshape(b, n, chunk), k)  # [B, n, k]
+    i1 = i1.astype(jnp.int32) + (jnp.arange(n, dtype=jnp.int32) * chunk)[:, None]
+    v, pos = jax.lax.top_k(v1.reshape(b, n * k), k)
+    return v, jnp.take_along_axis(i1.reshape(b, n * k), pos, axis=1)
+
+
+def topk_codes(pre: Array, k: int, *, recall: float = 1.0, rectify: bool = True,
+               chunk: int = 0) -> SparseCodes:
     """TopK codes of ``pre [B, d_sae]``: relu of each row's k largest entries (no gradient).
 
     ``rectify=False`` keeps the raw pre-activation values.
     """
-    vals, idx = select_topk(pre, k, recall=recall)
+    vals, idx = select_topk(pre, k, recall=recall, chunk=chunk)
     vals = jax.nn.relu(vals) if rectify else vals
     return SparseCodes(vals.T, None, idx.T.astype(jnp.int32), pre.shape[0], pre.shape[1])
 
@@ -361,7 +384,8 @@ def _block_rows(n: int) -> int:
 
 
 def select_latents(
-    sae: SAE, x_n: Array, dead_mask: Array, *, k: int, k_aux: int, recall: float = 1.0
+    sae: SAE, x_n: Array, dead_mask: Array, *, k: int, k_aux: int, recall: float = 1.0,
+    chunk: int = 0,
 ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     """Per-row top-k of the pre-activations and AuxK's top-k_aux among dead latents.
 
@@ -378,7 +402,7 @@ def select_latents(
 
     def body(_, xb):
         pre = pre_activations(s, xb)
-        top = select_topk(pre, k, recall=recall)
+        top = select_topk(pre, k, recall=recall, chunk=chunk)
 
         def aux(pre):
             v, i = jax.lax.top_k(jnp.where(dead_mask, pre, -jnp.inf), k_aux)
@@ -400,7 +424,8 @@ def sparse_codes(sae: SAE, pre: Array, x_n: Array) -> SparseCodes:
     differentiable w.r.t. the SAE's parameters."""
     spec = sae.spec
     if spec.architecture == "topk":
-        sel = topk_codes(pre, spec.k, recall=getattr(spec, "topk_recall", 1.0), rectify=False)
+        sel = topk_codes(pre, spec.k, recall=spec.topk_recall, rectify=False,
+                         chunk=spec.topk_chunk)
     elif spec.architecture == "batchtopk":
         sel = batch_topk_codes(pre, spec.k)  # values already relu(pre): same gradient
     else:
@@ -470,7 +495,7 @@ def fast_sae_loss(
     extra = {}
     if spec.architecture == "topk":
         (v, i), aux_sel = select_latents(sae, x_n, dead_mask, k=spec.k, k_aux=k_aux,
-                                         recall=getattr(spec, "topk_recall", 1.0))
+                                         recall=spec.topk_recall, chunk=spec.topk_chunk)
         codes = _differentiable(sae, SparseCodes(v.T, None, i.T, x_n.shape[0], spec.d_sae), x_n)
     else:
         pre = jax.lax.stop_gradient(pre_activations(sae, x_n))
@@ -497,7 +522,7 @@ def decode_codes(sae: SAE, codes: SparseCodes) -> Array:
 
 
 __all__ = [
-    "SparseCodes", "batch_top_k", "batch_topk_codes", "decode_codes", "encoder_hook", "fast_applies",
+    "SparseCodes", "batch_top_k", "batch_topk_codes", "chunked_top_k", "decode_codes", "encoder_hook", "fast_applies",
     "fast_auxk_loss", "fast_sae_loss", "fired", "l0", "min_positive", "select_latents",
     "select_topk",
     "sparse_codes", "sparse_decode", "topk_codes",

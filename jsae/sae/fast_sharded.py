@@ -3,20 +3,21 @@
 `jsae.sae.fast` keeps codes sparse on one latent shard.  With latents split over ``model``
 (W_enc columns, b_enc, W_dec rows: see `jsae.parallel`), GSPMD cannot run its top-k or its
 gathers without gathering the whole dictionary on every device, so this module writes the
-three sparse pieces with `jax.shard_map` and explicit collectives.  Device (d, s) holds rows
+sparse pieces with `jax.shard_map` and explicit collectives.  Device (d, s) holds rows
 ``B_d`` of the batch and latents ``[s * F, (s + 1) * F)`` with ``F = d_sae / model``:
 
-- selection (no gradient): row-blocked local encoder matmul, local top-k, then an exact merge
-  of the ``model`` local top-k lists (all-gather of ``[b, k]`` values and indices, top-k of
-  the ``model * k`` candidates; shard order keeps ties on the lower latent index, as
-  `jax.lax.top_k`).  AuxK's selection among dead latents is merged the same way.  No
-  ``[B, d_sae]`` array exists anywhere, only ``[block, F]`` per device.
-- sparse decoder: each device decodes the selected entries it owns (the others are masked to
-  zero) and the partial reconstructions are summed over ``model`` (one ``[B_d, d_in]``
-  all-reduce).  Backward: ``d_vals`` from the owner (all-reduce over ``model``), ``dW_dec``
-  scatter-added into the local rows and summed over ``data``.
-- sparse encoder backward: ``dW_enc``/``db_enc`` scatter-added into the local columns and
-  summed over ``data``; ``db_dec = -W_enc db_enc`` summed over ``model``.
+- selection (no gradient): row-blocked local encoder matmul and local top-k (no collective
+  inside the loop), then one exact merge of the ``model`` local top-k lists (all-gather of
+  ``[B_d, k]`` values and indices, top-k of the ``model * k`` candidates; shard order keeps
+  ties on the lower latent index, as `jax.lax.top_k`).  AuxK's selection among dead latents
+  is merged the same way.  No ``[B, d_sae]`` array exists anywhere, only ``[block, F]``.
+- decode (one op for the main codes and AuxK's): each device decodes the selected entries it
+  owns (the others are masked to zero) and the partial reconstructions are summed over
+  ``model`` (a ``[B_d, d_in]`` all-reduce each).  Its VJP gives every parameter's gradient:
+  on each device the owned entries' ``dW_dec`` rows, ``dW_enc`` columns and ``db_enc`` by
+  scatter-add, main and AuxK added locally, then one all-reduce over ``data`` per gradient;
+  ``db_dec = -W_enc db_enc`` summed over ``model``.  AuxK's work sits in a local
+  ``lax.cond`` (skipped when no latent is dead) with every collective outside it.
 
 Each device walks all ``k`` slabs of its rows with the unowned entries zeroed: ``k B_d d_in``
 gathered multiply-adds, small next to the local encoder matmul ``B_d d_in F`` whenever
@@ -72,10 +73,10 @@ def _merge_top(vals: Array, idx: Array, k: int, width: int) -> tuple[Array, Arra
 
 @functools.cache
 def _ops(mesh: Mesh):
-    """The shard_map'd selection, sparse decoder and encoder hook for ``mesh`` (cached)."""
+    """The shard_map'd selection and the fused sparse decode (with VJP) for ``mesh`` (cached)."""
     smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
 
-    def select(params, x_n, dead_mask, any_dead, *, spec, k, k_aux, recall):
+    def select(params, x_n, dead_mask, any_dead, *, spec, k, k_aux, recall, chunk):
         @functools.partial(
             smap,
             in_specs=(P(None, MODEL), P(MODEL), P(), ROWS, P(MODEL), P()),
@@ -87,93 +88,92 @@ def _ops(mesh: Mesh):
             n, d = x.shape
             blk = fast._block_rows(n)
 
+            # local selections per row block (no collectives inside the loop), then one
+            # exact merge over the model axis for the whole local batch
             def body(_, xb):
                 pre = pre_activations(s, xb)  # [blk, width]
-                v, i = fast.select_topk(pre, min(k, width), recall=recall)
-                top = _merge_top(v, i, k, width)
+                top = fast.select_topk(pre, min(k, width), recall=recall, chunk=chunk)
 
                 def aux(pre):
                     v, i = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(k_aux, width))
-                    return _merge_top(v, i, k_aux, width)
+                    return v, i.astype(jnp.int32)
 
                 def no_aux(pre):
-                    return (jnp.full((pre.shape[0], k_aux), -jnp.inf, pre.dtype),
-                            jnp.zeros((pre.shape[0], k_aux), jnp.int32))
+                    return (jnp.full((pre.shape[0], min(k_aux, width)), -jnp.inf, pre.dtype),
+                            jnp.zeros((pre.shape[0], min(k_aux, width)), jnp.int32))
 
                 return None, (*top, *jax.lax.cond(any_dead, aux, no_aux, pre))
 
             _, out = jax.lax.scan(body, None, x.reshape(n // blk, blk, d))
-            return tuple(o.reshape(n, o.shape[-1]) for o in out)
+            v, i, av, ai = (o.reshape(n, o.shape[-1]) for o in out)
+            return (*_merge_top(v, i, k, width), *_merge_top(av, ai, k_aux, width))
 
         p = jax.lax.stop_gradient(params)
         v, i, av, ai = local(p["W_enc"], p["b_enc"], p["b_dec"], jax.lax.stop_gradient(x_n),
                              dead_mask, any_dead)
         return (v, i), (av, ai)
 
-    # ---- sparse decoder: x_hat [B, d_in] = sum_j vals[j] * W_dec[cols[j]] ----------------
-    @functools.partial(smap, in_specs=(SLABS, SLABS, P(MODEL, None)), out_specs=ROWS)
-    def decode_fwd_local(vals, cols, w_dec):
+    # ---- both decodes and their sparse backward, as one op ---------------------------------
+    # x_part = sum_j codes[j] W_dec[cols[j]] (main codes, no bias) and e_hat (AuxK codes) with
+    # a VJP that also gives the encoder's gradients (codes = relu(pre[r, cols]) were selected
+    # from W_enc, b_enc, b_dec).  One op, so that the main and AuxK gradients are added on
+    # each device before a single all-reduce over data, and so that no collective sits inside
+    # a lax.cond (AuxK is skipped with a local cond; XLA:CPU crashed intermittently on
+    # collectives inside a differentiated cond).
+    def decode_part(codes, cols, w_dec):
         mine, lc = _owned(cols, w_dec.shape[0])
-        part = fast._decode_fwd_impl(jnp.where(mine, vals, 0.0), None, lc, w_dec, vals.shape[1])
-        return jax.lax.psum(part, MODEL)
+        return fast._decode_fwd_impl(jnp.where(mine, codes, 0.0), None, lc, w_dec,
+                                     codes.shape[1])
 
-    @functools.partial(smap, in_specs=(SLABS, SLABS, P(MODEL, None), ROWS),
-                       out_specs=(SLABS, P(MODEL, None)))
-    def decode_bwd_local(vals, cols, w_dec, g):
+    @functools.partial(smap, in_specs=(SLABS, SLABS, SLABS, SLABS, P(MODEL, None), P()),
+                       out_specs=(ROWS, ROWS))
+    def decode_local(codes, cols, acodes, acols, w_dec, any_dead):
+        x_part = decode_part(codes, cols, w_dec)
+        e_part = jax.lax.cond(any_dead, lambda: decode_part(acodes, acols, w_dec),
+                              lambda: jnp.zeros_like(x_part))
+        return jax.lax.psum(x_part, MODEL), jax.lax.psum(e_part, MODEL)
+
+    def local_grads(codes, cols, g, x_n, w_dec, w_enc, b_enc, b_dec):
+        """(dW_dec, dW_enc, db_enc) of this shard's latents from this shard's rows."""
         mine, lc = _owned(cols, w_dec.shape[0])
-        res = (jnp.where(mine, vals, 0.0), None, lc, w_dec)
-        d_vals, _, _, dw = fast._decode_bwd(vals.shape[1], res, g)
-        return jax.lax.psum(jnp.where(mine, d_vals, 0.0), MODEL), jax.lax.psum(dw, DATA)
+        res = (jnp.where(mine, codes, 0.0), None, lc, w_dec)
+        d_codes, _, _, dw_dec = fast._decode_bwd(codes.shape[1], res, g)
+        d_pre = jnp.where(mine & (codes > 0), d_codes, 0.0)  # through relu, owned only
+        grads = fast._hook_bwd((None, lc, x_n, b_dec, w_enc, b_enc), d_pre)  # dx: dropped
+        return dw_dec, grads[5], grads[6]
 
-    @jax.custom_vjp
-    def decode(vals, cols, w_dec):
-        return decode_fwd_local(vals, cols, w_dec)
-
-    def decode_fwd(vals, cols, w_dec):
-        return decode_fwd_local(vals, cols, w_dec), (vals, cols, w_dec)
-
-    def decode_bwd(res, g):
-        d_vals, dw = decode_bwd_local(*res, g)
-        return d_vals, None, dw
-
-    decode.defvjp(decode_fwd, decode_bwd)
-
-    # ---- encoder hook: identity on the selected pre-activations, sparse backward ---------
     @functools.partial(
         smap,
-        in_specs=(SLABS, SLABS, ROWS, P(), P(None, MODEL), P(MODEL)),
-        out_specs=(P(), P(None, MODEL), P(MODEL)),
+        in_specs=(SLABS, SLABS, SLABS, SLABS, ROWS, P(), P(MODEL, None), P(None, MODEL),
+                  P(MODEL), P(), ROWS, ROWS),
+        out_specs=(P(MODEL, None), P(None, MODEL), P(MODEL), P()),
     )
-    def hook_bwd_local(d_vals, cols, x_n, b_dec, w_enc, b_enc):
-        mine, lc = _owned(cols, w_enc.shape[1])
-        res = (None, lc, x_n, b_dec, w_enc, b_enc)
-        grads = fast._hook_bwd(res, jnp.where(mine, d_vals, 0.0))  # dx is dropped by XLA
-        dw_enc, db_enc = jax.lax.psum(grads[5], DATA), jax.lax.psum(grads[6], DATA)
+    def grads_local(codes, cols, acodes, acols, x_n, any_dead, w_dec, w_enc, b_enc, b_dec,
+                    gx, ge):
+        params = (x_n, w_dec, w_enc, b_enc, b_dec)
+        main = local_grads(codes, cols, gx, *params)
+        aux = jax.lax.cond(any_dead, lambda: local_grads(acodes, acols, ge, *params),
+                           lambda: jax.tree.map(jnp.zeros_like, main))
+        dw_dec, dw_enc, db_enc = (jax.lax.psum(a + b, DATA) for a, b in zip(main, aux))
         db_dec = -jax.lax.psum(w_enc.astype(jnp.float32) @ db_enc.astype(jnp.float32), MODEL)
-        return db_dec.astype(b_dec.dtype), dw_enc, db_enc
+        return dw_dec, dw_enc, db_enc, db_dec.astype(b_dec.dtype)
 
     @jax.custom_vjp
-    def hook(pre_vals, cols, x_n, b_dec, w_enc, b_enc):
-        del cols, x_n, b_dec, w_enc, b_enc
-        return pre_vals
+    def decode(codes, cols, acodes, acols, x_n, any_dead, w_dec, w_enc, b_enc, b_dec):
+        return decode_local(codes, cols, acodes, acols, w_dec, any_dead)
 
-    def hook_fwd(pre_vals, cols, x_n, b_dec, w_enc, b_enc):
-        return pre_vals, (cols, x_n, b_dec, w_enc, b_enc)
+    def decode_fwd(codes, cols, acodes, acols, x_n, any_dead, w_dec, w_enc, b_enc, b_dec):
+        out = decode_local(codes, cols, acodes, acols, w_dec, any_dead)
+        return out, (codes, cols, acodes, acols, x_n, any_dead, w_dec, w_enc, b_enc, b_dec)
 
-    def hook_bwd(res, d_vals):
-        cols, x_n, b_dec, w_enc, b_enc = res
-        db_dec, dw_enc, db_enc = hook_bwd_local(d_vals, cols, x_n, b_dec, w_enc, b_enc)
-        return jnp.zeros_like(d_vals), None, jnp.zeros_like(x_n), db_dec, dw_enc, db_enc
+    def decode_bwd(res, cot):
+        codes, cols, acodes, acols, x_n = res[:5]
+        dw_dec, dw_enc, db_enc, db_dec = grads_local(*res, *cot)
+        return (jnp.zeros_like(codes), None, jnp.zeros_like(acodes), None, jnp.zeros_like(x_n),
+                None, dw_dec, dw_enc, db_enc, db_dec)
 
-    hook.defvjp(hook_fwd, hook_bwd)
-    return select, decode, hook
-
-
-def _codes(hook, vals: Array, cols: Array, x_n: Array, params: dict) -> Array:
-    """Differentiable codes relu(pre[rows, cols]) from selected raw values ``[m, B]``."""
-    x_n = jax.lax.stop_gradient(x_n)
-    v = hook(vals, cols, x_n, params["b_dec"], params["W_enc"], params["b_enc"])
-    return jax.nn.relu(v)
+    decode.defvjp(decode_fwd, decode_bwd)
+    return select, decode
 
 
 def sharded_fast_sae_loss(
@@ -192,29 +192,22 @@ def sharded_fast_sae_loss(
     spec, p = sae.spec, sae.params
     if dead_mask is None:
         dead_mask = jnp.zeros((spec.d_sae,), bool)
-    select, decode, hook = _ops(mesh)
-    k_aux = spec.aux_k_resolved
+    select, decode = _ops(mesh)
     any_dead = jnp.any(dead_mask)
-    (v, i), (av, ai) = select(p, x_n, dead_mask, any_dead, spec=spec, k=spec.k, k_aux=k_aux,
-                              recall=spec.topk_recall)
-    cols = i.T
-    vals = _codes(hook, v.T, cols, x_n, p)
-    x_hat = decode(vals, cols, p["W_dec"]) + p["b_dec"]
+    (v, i), (av, ai) = select(p, x_n, dead_mask, any_dead, spec=spec, k=spec.k,
+                              k_aux=spec.aux_k_resolved, recall=spec.topk_recall,
+                              chunk=spec.topk_chunk)
+    codes, cols = jax.nn.relu(v.T), i.T  # the selection carries no gradient itself
+    acodes = jnp.where(jnp.isfinite(av.T), jax.nn.relu(av.T), 0.0)
+    x_part, e_hat = decode(codes, cols, acodes, ai.T, jax.lax.stop_gradient(x_n), any_dead,
+                           p["W_dec"], p["W_enc"], p["b_enc"], p["b_dec"])
+    x_hat = x_part + p["b_dec"]
     recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
     residual = jax.lax.stop_gradient(x_n - x_hat)
-
-    def auxk(operands):
-        (av, ai), residual, params = operands
-        ok = jnp.isfinite(av.T)
-        codes = jnp.where(ok, _codes(hook, jnp.where(ok, av.T, 0.0), ai.T, x_n, params), 0.0)
-        e_hat = decode(codes, ai.T, params["W_dec"])
-        return jnp.sum((e_hat - residual) ** 2, axis=-1).mean()
-
-    aux_loss = jax.lax.cond(any_dead, auxk, lambda _: jnp.zeros((), jnp.float32),
-                            (jax.lax.stop_gradient((av, ai)), residual, p))
+    aux_loss = jnp.where(any_dead, jnp.sum((e_hat - residual) ** 2, axis=-1).mean(), 0.0)
     terms = {"recon": recon, "auxk": aux_coef * aux_loss}
-    codes = fast.SparseCodes(vals, None, cols, x_n.shape[0], spec.d_sae)
-    return sum(terms.values()), {**terms, "z": codes, "x_hat": x_hat}
+    z = fast.SparseCodes(codes, None, cols, x_n.shape[0], spec.d_sae)
+    return sum(terms.values()), {**terms, "z": z, "x_hat": x_hat}
 
 
 __all__ = ["applies", "sharded_fast_sae_loss"]

@@ -46,7 +46,7 @@ def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
     return SAESpec(
         architecture=s.architecture, d_in=d_in, d_sae=d_sae, k=s.k, l1_variant=s.l1_variant,
         jumprelu_bandwidth=s.jumprelu_bandwidth, aux_k=s.aux_k, dtype=s.dtype,
-        fast_path=s.fast_path, topk_recall=s.topk_recall,
+        fast_path=s.fast_path, topk_recall=s.topk_recall, topk_chunk=s.topk_chunk,
     )
 
 
