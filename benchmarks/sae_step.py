@@ -2,6 +2,8 @@
 
     python benchmarks/sae_step.py --batch 4096 --d-in 768 --d-sae 12288 --k 64
     python benchmarks/sae_step.py --arch topk batchtopk relu jumprelu gated --rounds 3
+    python benchmarks/sae_step.py --pieces --topk-chunk 1024     # tuning on a new device
+    python benchmarks/sae_step.py --cpu-devices 8 --mesh data=2,model=4   # sharded steps
 
 For each architecture it times the jitted, donated jsae train step (Adam, grad clipping,
 decoder-norm handling and dead-latent bookkeeping included: the step `jsae train` runs) and,
@@ -43,7 +45,7 @@ def _now() -> float:
 
 
 def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, fast: bool,
-              mesh=None):
+              mesh=None, topk_chunk: int = 0):
     """(step, state, x): a jitted, donated jsae train step and its initial state.
 
     With a ``mesh`` the state and batch are sharded as `jsae train` shards them (latents over
@@ -60,7 +62,7 @@ def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, 
     cfg.train.steps = 1000
     cfg.train.lr_warmup_steps = 10
     spec = SAESpec(arch, d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None,
-                   dtype=dtype, fast_path=fast)
+                   dtype=dtype, fast_path=fast, topk_chunk=topk_chunk)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, d_in)).astype(np.float32)
     sae = init_sae(jax.random.key(0), spec, x[:1024], b_dec_init="mean")
@@ -273,6 +275,56 @@ def matmul_rate(dtype: str, n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 / best
 
 
+# ---- pieces -------------------------------------------------------------------------------------
+
+
+def _time(f, *args, reps: int = 3) -> float:
+    """Best wall time (ms) of a jitted call, after a compile-and-warm-up call."""
+    jax.block_until_ready(f(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = _now()
+        jax.block_until_ready(f(*args))
+        best = min(best, _now() - t0)
+    return 1e3 * best
+
+
+def time_pieces(B: int, d: int, F: int, k: int, dtype: str, reps: int = 3,
+                chunks=(256, 1024, 4096)) -> dict[str, float]:
+    """ms of the fast TopK step's pieces at one shape, to see where the time goes and to
+    choose `sae.topk_chunk` and the slab groups of `jsae.sae.fast` on a new device."""
+    from jsae.sae import fast
+
+    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, d)), jnp.float32)
+    w_enc = jnp.asarray(rng.normal(size=(d, F)) / np.sqrt(d), jnp.float32)
+    w_dec = jnp.asarray(w_enc.T)
+    pre = jax.jit(lambda x, w: jnp.matmul(x.astype(dt), w.astype(dt),
+                                          preferred_element_type=jnp.float32))(x, w_enc)
+    out = {"encoder matmul": _time(jax.jit(lambda x, w: jnp.matmul(
+        x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)), x, w_enc, reps=reps)}
+    out["lax.top_k"] = _time(jax.jit(lambda p: jax.lax.top_k(p, k)), pre, reps=reps)
+    for chunk in sorted(set(chunks)):
+        if k < chunk < F and F % chunk == 0:
+            f = jax.jit(lambda p, c=chunk: fast.chunked_top_k(p, k, c))
+            out[f"chunked top-k ({chunk})"] = _time(f, pre, reps=reps)
+    out["approx_max_k (0.95)"] = _time(
+        jax.jit(lambda p: jax.lax.approx_max_k(p, k, recall_target=0.95)), pre, reps=reps)
+    vals, idx = jax.lax.top_k(pre, k)
+    codes = fast.SparseCodes(jax.nn.relu(vals).T, None, idx.T.astype(jnp.int32), B, F)
+    out["sparse decode"] = _time(jax.jit(fast.sparse_decode), codes, w_dec, reps=reps)
+    g = jnp.ones((B, d), jnp.float32)
+    dec_bwd = jax.jit(lambda c, w: jax.vjp(lambda v, w: fast.sparse_decode(c.replace(vals=v), w),
+                                           c.vals, w)[1](g))
+    out["sparse decode backward"] = _time(dec_bwd, codes, w_dec, reps=reps)
+    params = {"W_enc": w_enc, "b_enc": jnp.zeros(F), "b_dec": jnp.zeros(d)}
+    enc_bwd = jax.jit(lambda c, p: jax.grad(
+        lambda p: jnp.sum(fast.encoder_hook(c, c.vals, x, p)))(p))
+    out["sparse encoder backward"] = _time(enc_bwd, codes, params, reps=reps)
+    return out
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 
@@ -306,6 +358,10 @@ def main(argv=None) -> int:
                     help="shard the jsae steps over a device mesh (latents over model)")
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="simulate this many CPU devices (for --mesh on a CPU machine)")
+    ap.add_argument("--topk-chunk", type=int, default=0,
+                    help="sae.topk_chunk of the jsae fast steps (0: one-stage lax.top_k)")
+    ap.add_argument("--pieces", action="store_true",
+                    help="also time the fast step's pieces (matmul, top-k variants, sparse ops)")
     args = ap.parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -333,6 +389,12 @@ def main(argv=None) -> int:
           f"(encoder-forward-only floor {1e3 * enc_flops / rate:.1f} ms)")
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
 
+    if args.pieces:
+        print("\n== pieces of the fast TopK step (one device, best of 3, ms) ==")
+        chunks = (256, 1024, 4096, *([args.topk_chunk] if args.topk_chunk else []))
+        for name, ms in time_pieces(B, d, F, k, args.dtype, chunks=chunks).items():
+            print(f"{name:28s} {ms:9.2f} ms")
+
     headline = None
     for arch in args.arch:
         print(f"\n== {arch} ==")
@@ -340,7 +402,7 @@ def main(argv=None) -> int:
         sparse_arch = arch in ("topk", "batchtopk")
         entries.append(Entry("jsae" + ("-fast" if sparse_arch else ""),
                              JsaeRunner(arch, B, d, F, k, args.dtype, fast=sparse_arch,
-                                        mesh=mesh)))
+                                        mesh=mesh, topk_chunk=args.topk_chunk)))
         if sparse_arch and not args.no_reference:
             entries.append(Entry("jsae-reference", JsaeRunner(arch, B, d, F, k, args.dtype,
                                                               fast=False, mesh=mesh)))

@@ -12,7 +12,8 @@ def test_sae_step_benchmark_smoke():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     r = subprocess.run(
         [sys.executable, "benchmarks/sae_step.py", "--batch", "64", "--d-in", "16", "--d-sae",
-         "128", "--k", "4", "--rounds", "1", "--steps", "1", "--peers", "torch"],
+         "128", "--k", "4", "--rounds", "1", "--steps", "1", "--peers", "torch", "--pieces",
+         "--topk-chunk", "32"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -21,6 +22,9 @@ def test_sae_step_benchmark_smoke():
     for name in ("jsae-fast", "jsae-reference", "torch-topk-embbag"):
         assert re.search(rf"^{name}\s+[\d.]+ ms/step", out, re.M), out
     assert re.search(r"^ratio jsae/peer tokens_per_s: \d+\.\d\d$", out.strip().splitlines()[-1]), out
+    for piece in ("encoder matmul", "lax.top_k", "chunked top-k (32)", "sparse decode backward",
+                  "sparse encoder backward"):
+        assert re.search(rf"^{re.escape(piece)}\s+[\d.]+ ms$", out, re.M), out
 
 
 def test_sae_step_benchmark_on_a_simulated_mesh():
