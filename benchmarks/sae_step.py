@@ -290,7 +290,7 @@ def _time(f, *args, reps: int = 3) -> float:
 
 
 def time_pieces(B: int, d: int, F: int, k: int, dtype: str, reps: int = 3,
-                chunks=(256, 1024, 4096)) -> dict[str, float]:
+                chunks=(256, 1024, 4096)) -> dict:
     """ms of the fast TopK step's pieces at one shape, to see where the time goes and to
     choose `sae.topk_chunk` and the slab groups of `jsae.sae.fast` on a new device."""
     from jsae.sae import fast
@@ -313,15 +313,27 @@ def time_pieces(B: int, d: int, F: int, k: int, dtype: str, reps: int = 3,
         jax.jit(lambda p: jax.lax.approx_max_k(p, k, recall_target=0.95)), pre, reps=reps)
     vals, idx = jax.lax.top_k(pre, k)
     codes = fast.SparseCodes(jax.nn.relu(vals).T, None, idx.T.astype(jnp.int32), B, F)
-    out["sparse decode"] = _time(jax.jit(fast.sparse_decode), codes, w_dec, reps=reps)
     g = jnp.ones((B, d), jnp.float32)
-    dec_bwd = jax.jit(lambda c, w: jax.vjp(lambda v, w: fast.sparse_decode(c.replace(vals=v), w),
-                                           c.vals, w)[1](g))
-    out["sparse decode backward"] = _time(dec_bwd, codes, w_dec, reps=reps)
     params = {"W_enc": w_enc, "b_enc": jnp.zeros(F), "b_dec": jnp.zeros(d)}
-    enc_bwd = jax.jit(lambda c, p: jax.grad(
-        lambda p: jnp.sum(fast.encoder_hook(c, c.vals, x, p)))(p))
-    out["sparse encoder backward"] = _time(enc_bwd, codes, params, reps=reps)
+    backend = jax.default_backend()
+    defaults = (fast.GATHER_SLABS_PER_STEP.get(backend, 8),
+                fast.SCATTER_SLABS_PER_STEP.get(backend, 8))
+    out["library slab groups (gather, scatter)"] = defaults
+    try:  # slabs per loop iteration (jsae.sae.fast.*_SLABS_PER_STEP): try several
+        for group in (1, 2, 4, 8, 16):
+            fast.GATHER_SLABS_PER_STEP[backend] = fast.SCATTER_SLABS_PER_STEP[backend] = group
+            out[f"sparse decode (group {group})"] = _time(jax.jit(fast.sparse_decode), codes,
+                                                          w_dec, reps=reps)
+            dec_bwd = jax.jit(lambda c, w: jax.vjp(
+                lambda v, w: fast.sparse_decode(c.replace(vals=v), w), c.vals, w)[1](g))
+            out[f"sparse decode backward (group {group})"] = _time(dec_bwd, codes, w_dec,
+                                                                   reps=reps)
+            enc_bwd = jax.jit(lambda c, p: jax.grad(
+                lambda p: jnp.sum(fast.encoder_hook(c, c.vals, x, p)))(p))
+            out[f"sparse encoder backward (group {group})"] = _time(enc_bwd, codes, params,
+                                                                    reps=reps)
+    finally:
+        fast.GATHER_SLABS_PER_STEP[backend], fast.SCATTER_SLABS_PER_STEP[backend] = defaults
     return out
 
 
@@ -393,7 +405,7 @@ def main(argv=None) -> int:
         print("\n== pieces of the fast TopK step (one device, best of 3, ms) ==")
         chunks = (256, 1024, 4096, *([args.topk_chunk] if args.topk_chunk else []))
         for name, ms in time_pieces(B, d, F, k, args.dtype, chunks=chunks).items():
-            print(f"{name:28s} {ms:9.2f} ms")
+            print(f"{name:40s} {ms:9.2f} ms" if isinstance(ms, float) else f"{name:40s} {ms}")
 
     headline = None
     for arch in args.arch:

@@ -22,8 +22,8 @@ def test_sae_step_benchmark_smoke():
     for name in ("jsae-fast", "jsae-reference", "torch-topk-embbag"):
         assert re.search(rf"^{name}\s+[\d.]+ ms/step", out, re.M), out
     assert re.search(r"^ratio jsae/peer tokens_per_s: \d+\.\d\d$", out.strip().splitlines()[-1]), out
-    for piece in ("encoder matmul", "lax.top_k", "chunked top-k (32)", "sparse decode backward",
-                  "sparse encoder backward"):
+    for piece in ("encoder matmul", "lax.top_k", "chunked top-k (32)",
+                  "sparse decode backward (group 1)", "sparse encoder backward (group 16)"):
         assert re.search(rf"^{re.escape(piece)}\s+[\d.]+ ms$", out, re.M), out
 
 
