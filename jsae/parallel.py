@@ -87,12 +87,45 @@ def check_divisible(mesh: Mesh, *, batch_size: int, d_sae: int) -> None:
 
 
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Assemble the global batch from each process's local rows [B_local, d_in]."""
+    """Assemble the global batch from each process's local rows [B_local, d_in].
+
+    The global batch is the processes' rows in process order.  When the mesh's data axis
+    gives each process rows of its own (the usual layout), each process places just its
+    rows.  When it does not (e.g. ``data=1`` with the model axis spanning hosts, so every
+    device sees every row), the local rows are first gathered from all processes.
+    """
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+    slices = {idx[0].indices(global_shape[0])
+              for idx in sharding.addressable_devices_indices_map(global_shape).values()}
+    if sum(len(range(*sl)) for sl in slices) == local.shape[0]:
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+    return jax.make_array_from_callback(global_shape, sharding, lambda idx: full[idx])
+
+
+def to_host(tree):
+    """NumPy copy of a pytree of arrays, on every process, however the arrays are sharded.
+
+    One process: `jax.device_get`.  Several (a pod slice): arrays whose shards live on other
+    hosts (latents split over a ``model`` axis that spans hosts) are gathered with
+    `multihost_utils.process_allgather`, a collective: every process must call this, and
+    each host then holds the whole tree in memory.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(get, tree)
 
 
 def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 
+from jsae import parallel
 from jsae.config import RunConfig
 from jsae.data import make_source
 from jsae.data.sources import SyntheticSource
@@ -59,13 +60,15 @@ def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict
         )
     if isinstance(source, SyntheticSource):
         hook = trainer.hooks[0]
-        rec = dictionary_recovery(jax.device_get(trainer.states[hook].sae), source.features)
+        rec = dictionary_recovery(parallel.to_host(trainer.states[hook].sae), source.features)
         summary["recovery"] = rec
         print_fn(f"ground-truth recovery (mean best cosine of true features): {rec:.3f}")
     model = getattr(source, "model", None)
-    if model is not None and cfg.eval.show_features > 0 and jax.process_index() == 0:
+    if model is not None and cfg.eval.show_features > 0:
         for hook in trainer.hooks:
-            show_features(cfg, model, jax.device_get(trainer.states[hook].sae), hook, print_fn)
+            sae = parallel.to_host(trainer.states[hook].sae)  # collective: every process
+            if jax.process_index() == 0:
+                show_features(cfg, model, sae, hook, print_fn)
     for hook, m in summary["heldout"].items():
         print_fn(f"final held-out FVU [{hook}]: {m['fvu']:.4f} (L0 {m['l0']:.1f}, "
                  f"dead {m['dead_frac']:.3f})")

@@ -22,9 +22,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        _init_distributed()
     from jsae import config as config_lib
 
     overrides = list(args.overrides)
@@ -38,3 +36,23 @@ def run(args) -> int:
 
     run_training(cfg, fresh=args.fresh)
     return 0
+
+
+def _init_distributed() -> None:
+    """`jax.distributed.initialize`: auto-detected on TPU pods and SLURM/MPI clusters;
+    elsewhere from JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID.  CPU-only processes exchange data with gloo."""
+    import os
+
+    import jax
+
+    kw = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        if not os.environ.get("JAX_COORDINATOR_ADDRESS") or not os.environ.get("JAX_PROCESS_ID"):
+            raise SystemExit("JAX_NUM_PROCESSES is set: also set JAX_COORDINATOR_ADDRESS "
+                             "(host:port of process 0) and JAX_PROCESS_ID (0..N-1)")
+        kw = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+              "process_id": int(os.environ["JAX_PROCESS_ID"])}
+    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw)

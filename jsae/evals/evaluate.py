@@ -267,7 +267,7 @@ def make_eval_fn(
             )
             holder["ev"] = Evaluator(lm, trainer.hooks, toks, mask, forward=forward,
                                      batch_size=cfg.eval.batch_size)
-        saes = {h: jax.device_get(states[h].sae) for h in trainer.hooks}
+        saes = trainer.host_saes(states)
         return holder["ev"].evaluate(saes, downstream=downstream).flat()
 
     return eval_fn

@@ -72,6 +72,11 @@ def _batch_sums(sae: SAE, x: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+# The sufficient statistics ReconstructionStats keeps (see _batch_sums).
+_KEYS = ("n", "mean", "m2", "resid", "l0", "l1", "cos", "xhat2", "dot", "l2_ratio", "l2_in",
+         "l2_out", "fired")
+
+
 class ReconstructionStats:
     """Streaming accumulator; ``add(sae, x [..., d_in], mask=None)`` per batch, ``result()``.
 
@@ -117,6 +122,33 @@ class ReconstructionStats:
         merged["mean"] = t["mean"] + delta * (nb / n)
         merged["m2"] = t["m2"] + sums["m2"] + float(delta @ delta) * na * nb / n
         self.tot = merged
+
+    def merge_processes(self, d_in: int, d_sae: int) -> None:
+        """Combine the statistics of every process (multi-host evaluation of per-process
+        shares); a collective, so every process calls it, and all end with the same totals.
+
+        The float64 sums travel as float32 (hi, lo) pairs, exact to ~48 bits.
+        """
+        if jax.process_count() == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        shapes = {k: (d_in if k == "mean" else d_sae if k == "fired" else 1) for k in _KEYS}
+        t = self.tot or {k: np.zeros(n if k in ("mean", "fired") else ()) for k, n in
+                         shapes.items()}
+        flat = np.concatenate([np.asarray(t[k], np.float64).reshape(-1) for k in _KEYS])
+        hi = flat.astype(np.float32)
+        lo = (flat - hi).astype(np.float32)
+        both = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])))  # [P, 2, L]
+        self.tot = None
+        for proc in both.astype(np.float64):
+            vals, pos = {}, 0
+            for k in _KEYS:
+                n = shapes[k]
+                v = proc[0, pos:pos + n] + proc[1, pos:pos + n]
+                vals[k] = v if k in ("mean", "fired") else v[0]
+                pos += n
+            self._merge(vals)
 
     def result(self) -> dict[str, float]:
         t = self.tot

@@ -136,14 +136,26 @@ class Trainer:
         return self._compiled(states)(states, batches)
 
     # ---- evaluation -------------------------------------------------------------------
-    def evaluate(self, states: States, n_tokens: int | None = None) -> dict[str, dict[str, float]]:
-        """Held-out reconstruction metrics per hook (FVU, L0, ...)."""
+    def host_saes(self, states: States) -> dict:
+        """Each hook's SAE as NumPy arrays on every process (a collective on several hosts)."""
+        return {h: parallel.to_host(states[h].sae) for h in self.hooks}
+
+    def evaluate(self, states: States, n_tokens: int | None = None, *, saes=None
+                 ) -> dict[str, dict[str, float]]:
+        """Held-out reconstruction metrics per hook (FVU, L0, ...).
+
+        Each process evaluates its own share of the held-out data; on several hosts the
+        statistics are then combined, so every process returns the metrics of all shares.
+        """
         n_tokens = n_tokens or self.cfg.eval.tokens
         stats = {h: ReconstructionStats() for h in self.hooks}
-        saes = {h: jax.device_get(states[h].sae) for h in self.hooks}
-        for batch in self.source.eval_batches(n_tokens, min(self.local_batch, 4096)):
+        saes = saes or self.host_saes(states)
+        for batch in self.source.eval_batches(n_tokens // jax.process_count(),
+                                              min(self.local_batch, 4096)):
             for h in self.hooks:
                 stats[h].add(saes[h], batch[h])
+        for h in self.hooks:
+            stats[h].merge_processes(saes[h].spec.d_in, saes[h].spec.d_sae)
         return {h: s.result() for h, s in stats.items()}
 
     # ---- the loop ---------------------------------------------------------------------
@@ -225,12 +237,13 @@ class Trainer:
             checkpointer.save(self.total_steps, states, self.source.state(), force=True)
         self.states = states
 
-        final = self.evaluate(states)
+        saes = self.host_saes(states)  # every process takes part (multi-host gather)
+        final = self.evaluate(states, saes=saes)
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
         if is_main:
             for h in self.hooks:
                 save_sae(
-                    jax.device_get(states[h].sae), run_dir / "saes" / _dirname(h),
+                    saes[h], run_dir / "saes" / _dirname(h),
                     metadata={"hook_name": h, "model_name": cfg.model.name,
                               "steps": self.total_steps, "heldout": final[h]},
                 )
