@@ -64,9 +64,9 @@ def tree_shardings(tree, mesh: Mesh):
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Activation batches [B, d_in]: rows over ``data``."""
-    return NamedSharding(mesh, P(DATA, None))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Activation batches [B, d_in] (or any [B, ...] with ``ndim`` axes): rows over ``data``."""
+    return NamedSharding(mesh, P(DATA, *[None] * (ndim - 1)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -87,14 +87,14 @@ def check_divisible(mesh: Mesh, *, batch_size: int, d_sae: int) -> None:
 
 
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Assemble the global batch from each process's local rows [B_local, d_in].
+    """Assemble the global batch from each process's local rows [B_local, ...].
 
     The global batch is the processes' rows in process order.  When the mesh's data axis
     gives each process rows of its own (the usual layout), each process places just its
     rows.  When it does not (e.g. ``data=1`` with the model axis spanning hosts, so every
     device sees every row), the local rows are first gathered from all processes.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, local.ndim)
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])

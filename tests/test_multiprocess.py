@@ -53,9 +53,10 @@ EMULATE = textwrap.dedent("""
         def next_batch(self, n):
             parts = [s.next_batch(n // 2) for s in srcs]
             return {h: np.concatenate([p[h] for p in parts]) for h in self.hooks}
-        def eval_batches(self, n_tokens, batch_size):
-            for s in srcs:  # each process's share, with its local batch size
-                yield from s.eval_batches(n_tokens // 2, 16)
+        def eval_batches(self, n_tokens, batch_size):  # both shares, side by side
+            shares = [s.eval_batches(n_tokens // 2, batch_size // 2) for s in srcs]
+            for parts in zip(*shares):
+                yield {h: np.concatenate([p[h] for p in parts]) for h in self.hooks}
 
     tr = Trainer(cfg, Both(), mesh=parallel.make_mesh(cfg.mesh.data, cfg.mesh.model))
     st = tr.init_states()

@@ -34,12 +34,13 @@ from jsae.sae.core import SAE, decode, encode
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
 
 
-@jax.jit
-def _batch_sums(sae: SAE, x: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
-    """Sums over the rows of ``x [N, d]`` weighted by ``w [N]`` (0/1)."""
+def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None) -> dict[str, jax.Array]:
+    """Sums over the rows of ``x [N, d]`` weighted by ``w [N]`` (0/1), for
+    `ReconstructionStats.add_sums`.  ``topk_fn``: the sharded top-k of `jsae.parallel`, for
+    an SAE whose latents are split over a mesh (pure; jit it with the mesh's shardings)."""
     x = x.astype(jnp.float32)
     w = w.astype(jnp.float32)
-    z = encode(sae, x)
+    z = encode(sae, x, topk_fn=topk_fn)
     x_hat = decode(sae, z)
     err = x - x_hat
     n = jnp.sum(w)
@@ -72,7 +73,9 @@ def _batch_sums(sae: SAE, x: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-# The sufficient statistics ReconstructionStats keeps (see _batch_sums).
+_batch_sums = jax.jit(batch_sums)
+
+# The sufficient statistics ReconstructionStats keeps (see batch_sums).
 _KEYS = ("n", "mean", "m2", "resid", "l0", "l1", "cos", "xhat2", "dot", "l2_ratio", "l2_in",
          "l2_out", "fired")
 
@@ -106,6 +109,10 @@ class ReconstructionStats:
                 self._merge(jax.device_get(_batch_sums(sae, x[s : s + rows], w[s : s + rows])))
             return
         self._merge(jax.device_get(_batch_sums(sae, x, w)))
+
+    def add_sums(self, sums: dict) -> None:
+        """Merge the output of `batch_sums` (e.g. computed on a mesh by the trainer)."""
+        self._merge(jax.device_get(sums))
 
     def _merge(self, sums) -> None:
         sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}

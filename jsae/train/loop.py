@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from jsae import parallel
 from jsae.config import RunConfig, dump
-from jsae.evals.reconstruction import ReconstructionStats
+from jsae.evals.reconstruction import ReconstructionStats, batch_sums
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
 from jsae.sae.io import save_sae
@@ -140,23 +141,50 @@ class Trainer:
         """Each hook's SAE as NumPy arrays on every process (a collective on several hosts)."""
         return {h: parallel.to_host(states[h].sae) for h in self.hooks}
 
-    def evaluate(self, states: States, n_tokens: int | None = None, *, saes=None
+    def evaluate(self, states: States, n_tokens: int | None = None
                  ) -> dict[str, dict[str, float]]:
-        """Held-out reconstruction metrics per hook (FVU, L0, ...).
+        """Held-out reconstruction metrics per hook (FVU, L0, ...), computed on the mesh.
 
-        Each process evaluates its own share of the held-out data; on several hosts the
-        statistics are then combined, so every process returns the metrics of all shares.
+        The SAEs stay sharded as they train (no host copy, so a dictionary bigger than one
+        chip evaluates too); each process feeds its own share of ``n_tokens`` held-out rows
+        (zero-weight padding once a share runs out, so every process makes the same calls),
+        and the sums over the global batch come back replicated to every process.
         """
         n_tokens = n_tokens or self.cfg.eval.tokens
+        procs = jax.process_count()
+        rows = min(self.local_batch, 4096)
+        n_batches = -(-max(n_tokens // procs, 1) // rows)
         stats = {h: ReconstructionStats() for h in self.hooks}
-        saes = saes or self.host_saes(states)
-        for batch in self.source.eval_batches(n_tokens // jax.process_count(),
-                                              min(self.local_batch, 4096)):
+        fn = self._eval_sums(states)
+        it = self.source.eval_batches(n_tokens // procs, rows)
+        for _ in range(n_batches):
+            batch = next(it, None)
             for h in self.hooks:
-                stats[h].add(saes[h], batch[h])
-        for h in self.hooks:
-            stats[h].merge_processes(saes[h].spec.d_in, saes[h].spec.d_sae)
+                d = self.source.d_in[h]
+                x = np.zeros((rows, d), np.float32)
+                w = np.zeros((rows,), bool)
+                if batch is not None:
+                    n = len(batch[h])
+                    x[:n], w[:n] = batch[h], True
+                sums = fn[h](states[h].sae, parallel.global_batch(x, self.mesh),
+                             parallel.global_batch(w, self.mesh))
+                stats[h].add_sums(sums)
         return {h: s.result() for h, s in stats.items()}
+
+    def _eval_sums(self, states: States) -> dict:
+        """Per hook, `batch_sums` jitted with the training shardings (sharded top-k for TopK)."""
+        if getattr(self, "_eval_fns", None) is None:
+            topk_fn = parallel.sharded_topk_fn(self.mesh)
+            self._eval_fns = {}
+            for h in self.hooks:
+                sae_sh = parallel.tree_shardings(states[h].sae, self.mesh)
+                self._eval_fns[h] = jax.jit(
+                    partial(batch_sums, topk_fn=topk_fn),
+                    in_shardings=(sae_sh, parallel.batch_sharding(self.mesh),
+                                  parallel.batch_sharding(self.mesh, 1)),
+                    out_shardings=parallel.replicated(self.mesh),
+                )
+        return self._eval_fns
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(
@@ -237,8 +265,8 @@ class Trainer:
             checkpointer.save(self.total_steps, states, self.source.state(), force=True)
         self.states = states
 
+        final = self.evaluate(states)
         saes = self.host_saes(states)  # every process takes part (multi-host gather)
-        final = self.evaluate(states, saes=saes)
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
         if is_main:
             for h in self.hooks:
