@@ -71,7 +71,8 @@ def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, 
     step = make_train_step(opt, sparsity_schedule(coef, 0), lr_schedule(cfg, 1000),
                            dead_after_tokens=10_000_000,
                            topk_fn=None if mesh is None else parallel.sharded_topk_fn(mesh),
-                           mesh=mesh)
+                           mesh=mesh,
+                           batch_topk_fn=None if mesh is None else parallel.sharded_batch_topk_fn(mesh))
     state = init_state(sae, opt, jax.random.key(1))
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,)), state, jnp.asarray(x)

@@ -164,3 +164,62 @@ def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
 
     return fn
 
+
+
+def sharded_batch_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
+    """Exact BatchTopK selection over a batch and latents sharded on ``(data, model)``.
+
+    Returns ``fn(acts [B, d_sae] >= 0, k) -> z`` keeping the ``k * B`` largest entries of the
+    whole global batch (zeros elsewhere), equal to `jsae.sae.core.batch_topk` (one flat
+    `lax.top_k`, ties to the lower flat index).  No device gathers the batch: the threshold
+    is found by bisection on the float bits with a global count per step (32 scalar
+    all-reduces), and ties at the threshold are ranked in flat order from per-row tie counts.
+
+    None when the latents are not split (``model == 1``): flattening row-sharded codes keeps
+    each device's part contiguous and XLA partitions the flat top-k itself (planned scratch
+    for batchtopk at d_sae 262,144, B 4096 on data=8: 6.5 GiB with the flat top-k of the fast
+    path; on data=2, model=4 the flat top-k needed 15.0 GiB and this function 3.8 GiB).
+    """
+    if mesh.shape[MODEL] == 1:
+        return None
+    n_data, n_model = mesh.shape[DATA], mesh.shape[MODEL]
+
+    def fn(acts: jax.Array, k: int) -> jax.Array:
+        n_rows, width = acts.shape
+        n_keep = min(k * n_rows, n_rows * width)
+
+        def local(a):  # [b, f]: rows of this data shard, latents of this model shard
+            a = jax.lax.stop_gradient(a) + 0.0  # -0.0 -> +0.0: bits of a >= 0 are ordered
+            bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+
+            def count_ge(t):
+                return jax.lax.psum(jnp.sum(bits >= t, dtype=jnp.int32), (DATA, MODEL))
+
+            def step(_, lohi):  # invariant: count_ge(lo) >= n_keep > count_ge(hi)
+                lo, hi = lohi
+                mid = lo + (hi - lo) // 2
+                ok = count_ge(mid) >= n_keep
+                return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+            lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.int32(0), jnp.int32(0x7F800001)))
+            above, tie = bits > lo, bits == lo
+            need = n_keep - jax.lax.psum(jnp.sum(above, dtype=jnp.int32), (DATA, MODEL))
+            # rank of each tie in flat (row-major) order of the global [B, d_sae] array
+            per_row = jnp.sum(tie, axis=1, dtype=jnp.int32)  # [b]
+            rows_all = jax.lax.all_gather(per_row, MODEL)  # [model, b]
+            shard = jax.lax.axis_index(MODEL)
+            before_in_row = jnp.sum(jnp.where(jnp.arange(n_model)[:, None] < shard, rows_all, 0),
+                                    axis=0)
+            row_total = jnp.sum(rows_all, axis=0)
+            totals = jax.lax.all_gather(jnp.sum(row_total), DATA)  # [data]
+            offset = jnp.sum(jnp.where(jnp.arange(n_data) < jax.lax.axis_index(DATA), totals, 0))
+            before_row = offset + jnp.cumsum(row_total) - row_total
+            in_row = jnp.cumsum(tie, axis=1, dtype=jnp.int32) - tie
+            rank = (before_row + before_in_row)[:, None] + in_row
+            return above | (tie & (rank < need))
+
+        keep = jax.shard_map(local, mesh=mesh, in_specs=P(DATA, MODEL),
+                             out_specs=P(DATA, MODEL), check_vma=False)(acts)
+        return jnp.where(keep, acts, 0.0)
+
+    return fn

@@ -42,7 +42,7 @@ def _train(arch, data, model):
     return jax.device_get(states["synthetic"]), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "batchtopk"])
 def test_meshes_match_single_device(arch):
     ref_state, ref_m = _train(arch, 1, 1)
     for data, model in [(8, 1), (4, 2), (2, 4), (1, 8)]:
@@ -106,3 +106,43 @@ def test_evaluation_on_a_sharded_mesh_equals_host_evaluation(arch):
     assert got["tokens"] == want["tokens"] == 300
     for key, v in want.items():
         assert got[key] == pytest.approx(v, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("case", ["spread", "ties", "mostly_zero", "keep_all"])
+@pytest.mark.parametrize("data,model", [(4, 2), (2, 4), (1, 8)])
+def test_sharded_batch_topk_equals_flat_top_k(case, data, model):
+    from jsae.sae.core import batch_topk
+
+    rng = np.random.default_rng(5)
+    b, f, k = 16, 64, 3
+    a = np.maximum(rng.normal(size=(b, f)), 0.0).astype(np.float32)
+    if case == "ties":  # four distinct values: the threshold value is shared by many entries
+        a = rng.integers(0, 4, size=(b, f)).astype(np.float32)
+    if case == "mostly_zero":  # fewer positive entries than k * B: zeros fill the rest
+        a = np.where(rng.random((b, f)) < 0.98, 0.0, a).astype(np.float32)
+    if case == "keep_all":
+        k = f
+    fn = parallel.sharded_batch_topk_fn(parallel.make_mesh(data, model))
+    assert parallel.sharded_batch_topk_fn(parallel.make_mesh(8, 1)) is None
+    got = np.asarray(jax.jit(fn, static_argnums=1)(jnp.asarray(a), k))
+    want = np.asarray(batch_topk(jnp.asarray(a), k))
+    np.testing.assert_array_equal(got, want)
+    if case == "ties":  # the tie-breaking really decided: some kept and some dropped 3s
+        assert 0 < (got == 3).sum() < (a == 3).sum()
+
+
+def test_sharded_batch_topk_step_never_holds_the_global_codes(monkeypatch):
+    """Planned scratch of the whole BatchTopK step on a (1, 8) mesh stays below one global
+    [B, d_sae] array with the sharded selection; with the flat top-k it does not."""
+    from jsae.plan import plan
+
+    cfg = from_dict({
+        "data": {"source": "synthetic", "d_in": 16, "n_features": 64},
+        "sae": {"architecture": "batchtopk", "d_sae": 65536, "k": 8, "init_sample": 256},
+        "train": {"steps": 10, "batch_size": 1024},
+    })
+    global_codes = 1024 * 65536 * 4  # 256 MiB
+    sharded = plan(cfg, 1, 8).temp
+    monkeypatch.setattr(parallel, "sharded_batch_topk_fn", lambda mesh: None)
+    flat = plan(cfg, 1, 8).temp
+    assert sharded < global_codes < flat

@@ -92,8 +92,13 @@ def encode_normalized(sae: SAE, x_n: Array, *, train: bool = False, topk_fn=None
     return activate(sae, pre_activations(sae, x_n), x_n, train=train, topk_fn=topk_fn)
 
 
-def activate(sae: SAE, pre: Array, x_n: Array, *, train: bool = False, topk_fn=None) -> Array:
-    """The architecture's nonlinearity applied to pre-activations ``pre [..., d_sae]``."""
+def activate(sae: SAE, pre: Array, x_n: Array, *, train: bool = False, topk_fn=None,
+             batch_topk_fn=None) -> Array:
+    """The architecture's nonlinearity applied to pre-activations ``pre [..., d_sae]``.
+
+    ``topk_fn`` / ``batch_topk_fn`` replace the TopK / BatchTopK (training) selections with
+    the sharded ones of `jsae.parallel`.
+    """
     spec, p = sae.spec, sae.params
     arch = spec.architecture
     if arch == "relu":
@@ -102,7 +107,7 @@ def activate(sae: SAE, pre: Array, x_n: Array, *, train: bool = False, topk_fn=N
         return jax.nn.relu((topk_fn or topk_dense)(pre, spec.k))
     if arch == "batchtopk":
         if train:
-            return batch_topk(jax.nn.relu(pre), spec.k)
+            return (batch_topk_fn or batch_topk)(jax.nn.relu(pre), spec.k)
         return jnp.where(pre > p["threshold"], pre, 0.0)
     if arch == "jumprelu":
         return jumprelu_ste(pre, jnp.exp(p["log_threshold"]), spec.jumprelu_bandwidth)

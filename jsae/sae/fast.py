@@ -29,7 +29,8 @@ float32; ``spec.dtype="bfloat16"`` only changes the encoder matmul.
 The fast path is used by `sae_loss` when ``spec.fast_path`` is true, the architecture is
 topk/batchtopk, and the latents are not split over a mesh's ``model`` axis.  With ``model > 1``
 TopK takes `jsae.sae.fast_sharded` (the same sparse pieces with explicit collectives) and
-BatchTopK the reference path with the exact sharded top-k.
+BatchTopK the reference path with the exact sharded batch-wide selection of
+`jsae.parallel.sharded_batch_topk_fn`.
 """
 
 from __future__ import annotations
@@ -362,12 +363,19 @@ def min_positive(z) -> Array:
 # ---- the loss -----------------------------------------------------------------------------
 
 
-def fast_applies(sae: SAE, topk_fn=None) -> bool:
-    """Whether `sae_loss` routes this SAE through the fast path."""
+def fast_applies(sae: SAE, topk_fn=None, batch_topk_fn=None) -> bool:
+    """Whether `sae_loss` routes this SAE through the (single latent shard) fast path.
+
+    Not with a sharded top-k (latents split over ``model``: see `jsae.sae.fast_sharded`), and
+    not for BatchTopK with a sharded batch-wide selection (latents split over ``model``),
+    whose flat top-k here would gather the whole batch's pre-activations on every device.
+    """
     spec = sae.spec
-    return bool(getattr(spec, "fast_path", False)) and topk_fn is None and (
-        spec.architecture in ("topk", "batchtopk")
-    )
+    if not getattr(spec, "fast_path", False) or topk_fn is not None:
+        return False
+    if spec.architecture == "batchtopk":
+        return batch_topk_fn is None
+    return spec.architecture == "topk"
 
 
 # Rows of pre-activations alive at once in the fast TopK path: the encoder matmul, the

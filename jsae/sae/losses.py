@@ -60,23 +60,25 @@ def sae_loss(
     aux_coef: float = 1.0 / 32.0,
     topk_fn=None,
     mesh=None,
+    batch_topk_fn=None,
 ) -> tuple[Array, dict[str, Array]]:
     """Total loss and its parts for normalised inputs ``x_n [B, d_in]``.
 
     Returns (loss, aux) where aux holds the loss terms, the codes ``z [B, d_sae]`` and
     ``pre [B, d_sae]`` for metrics and dead-latent tracking.  ``mesh`` (the training mesh)
-    lets a TopK SAE whose latents are split over ``model`` take the sharded fast path.
+    lets a TopK SAE whose latents are split over ``model`` take the sharded fast path;
+    ``batch_topk_fn`` (a mesh of several devices) makes BatchTopK select without gathering.
     """
     spec, p = sae.spec, sae.params
     from jsae.sae import fast, fast_sharded
 
-    if fast.fast_applies(sae, topk_fn):  # same values/gradients; aux["z"] is SparseCodes
+    if fast.fast_applies(sae, topk_fn, batch_topk_fn):  # same values/gradients; aux["z"] is SparseCodes
         return fast.fast_sae_loss(sae, x_n, dead_mask=dead_mask, aux_coef=aux_coef)
     if fast_sharded.applies(sae, mesh):
         return fast_sharded.sharded_fast_sae_loss(sae, x_n, mesh, dead_mask=dead_mask,
                                                   aux_coef=aux_coef)
     pre = pre_activations(sae, x_n)
-    z = activate(sae, pre, x_n, train=True, topk_fn=topk_fn)
+    z = activate(sae, pre, x_n, train=True, topk_fn=topk_fn, batch_topk_fn=batch_topk_fn)
     x_hat = decode_normalized(sae, z)
     recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
     terms: dict[str, Array] = {"recon": recon}

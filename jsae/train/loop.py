@@ -86,6 +86,7 @@ class Trainer:
             self.optimizer, self.sparsity, self.lr,
             dead_after_tokens=cfg.sae.dead_after_tokens, aux_coef=cfg.sae.aux_coef,
             topk_fn=parallel.sharded_topk_fn(self.mesh), mesh=self.mesh,
+            batch_topk_fn=parallel.sharded_batch_topk_fn(self.mesh),
         )
 
         def multi_step(states: States, batches: dict[str, jax.Array]):

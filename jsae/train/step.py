@@ -49,11 +49,12 @@ def make_train_step(
     aux_coef: float = 1.0 / 32.0,
     topk_fn: Callable | None = None,
     mesh=None,
+    batch_topk_fn: Callable | None = None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
     """Build ``train_step(state, x [B, d_in] raw activations) -> (state, metrics)`` (pure).
 
-    ``topk_fn`` is the sharded top-k of `jsae.parallel` and ``mesh`` the training mesh; both
-    only matter when the latents are split over the mesh's ``model`` axis.
+    ``topk_fn`` / ``batch_topk_fn`` are the sharded selections of `jsae.parallel` and ``mesh``
+    the training mesh; they matter only on a mesh of several devices.
     """
 
     def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
@@ -67,6 +68,7 @@ def make_train_step(
             return sae_loss(
                 sae.replace(params=params), x_n, sparsity_coef=coef, dead_mask=dead,
                 aux_coef=aux_coef, topk_fn=topk_fn, mesh=mesh,
+                batch_topk_fn=batch_topk_fn,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(sae.params)
