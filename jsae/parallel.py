@@ -128,6 +128,26 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
+def process_allgather_f64(x) -> np.ndarray:
+    """``[P, *x.shape]`` float64: every process's ``x`` (a collective: all processes call it
+    with the same shape).  JAX moves float32, so each value travels as a float32 (hi, lo)
+    pair, exact to ~48 bits: sums of many float64 statistics stay exact."""
+    x = np.asarray(x, np.float64)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    hi = x.astype(np.float32)
+    lo = (x - hi).astype(np.float32)
+    both = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])), np.float64)
+    return both[:, 0] + both[:, 1]
+
+
+def process_sum(x) -> np.ndarray:
+    """The sum over processes of each process's float64 ``x`` (a collective)."""
+    return process_allgather_f64(x).sum(0)
+
+
 def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
     """Exact top-k over latents sharded on ``model``: local top-k, all-gather, merge.
 

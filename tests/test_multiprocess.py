@@ -141,3 +141,62 @@ def test_two_process_run_equals_one_process(tmp_path, data, model):
             assert r.returncode == 0, r.stderr[-4000:]
             assert "resuming from step 6" in r.stdout + r.stderr
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+MERGE = textwrap.dedent("""
+    import json, os, sys
+    import jax
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(num_processes=2, process_id=int(os.environ["JAX_PROCESS_ID"]))
+    import numpy as np
+    from jsae.evals.downstream import DownstreamStats
+    from jsae.evals.reconstruction import ReconstructionStats
+    from jsae.parallel import process_sum
+    from jsae.sae import SAESpec, init_sae
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(96, 8)) * 3 + 100.0).astype(np.float32)  # large mean: needs Chan
+    sae = init_sae(jax.random.key(0), SAESpec("topk", 8, 32, k=3), x)
+    ce = rng.normal(size=(4, 7, 5)) ** 2  # [variants, batch, positions - 1]
+    kl = rng.random((4, 7, 6))
+    mask = rng.random((7, 6)) < 0.8
+    pid, n = jax.process_index(), jax.process_count()
+    rs, ds = ReconstructionStats(), DownstreamStats(["a"])
+    rows = np.array_split(np.arange(96), 2)  # process p evaluates share p
+    shares = [pid] if n == 2 else [0, 1]
+    for p in shares:
+        rs.add(sae, x[rows[p]])
+        ds.add(ce[:, p::2], kl[:, p::2], mask[p::2])
+    rs.merge_processes(8, 32)
+    ds.merge_processes()
+    out = {"recon": rs.result(), "down": ds.result()["a"],
+           "sum": process_sum(np.array([1.0 + 1e-12, pid])).tolist()}
+    if pid == 0:
+        print("RESULT " + json.dumps(out))
+""")
+
+
+def test_statistics_merged_across_processes_equal_one_process():
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", MERGE],
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+             "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(pid)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got = json.loads(outs[0][0].split("RESULT ", 1)[1])
+    one = subprocess.run([sys.executable, "-c", MERGE], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO),
+                                           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert one.returncode == 0, one.stderr[-3000:]
+    want = json.loads(one.stdout.split("RESULT ", 1)[1])
+    assert got["recon"]["tokens"] == want["recon"]["tokens"] == 96
+    for part in ("recon", "down"):
+        for key, v in want[part].items():
+            assert got[part][key] == pytest.approx(v, rel=1e-6, abs=1e-9), (part, key)
+    assert got["sum"] == [2.0 + 2e-12, 1.0]  # float64 survives the float32 transport
+    assert want["sum"] == [1.0 + 1e-12, 0.0]

@@ -136,6 +136,17 @@ class DownstreamStats:
         self.n_ce += int(ce_mask.sum())
         self.n_kl += int(mask.sum())
 
+    def merge_processes(self) -> None:
+        """Sum the totals of every process (a collective: every process calls it)."""
+        if jax.process_count() == 1:
+            return
+        from jsae.parallel import process_sum
+
+        total = process_sum(np.concatenate([self.ce, self.kl, [self.n_ce, self.n_kl]]))
+        v = len(self.ce)
+        self.ce, self.kl = total[:v], total[v:2 * v]
+        self.n_ce, self.n_kl = int(round(total[-2])), int(round(total[-1]))
+
     def result(self) -> dict[str, dict[str, float]]:
         if self.n_ce == 0:
             raise ValueError("no token positions were evaluated for the downstream loss")
@@ -193,4 +204,5 @@ def downstream_metrics(
             forward=forward, model_cfg=model.cfg, hooks=hooks,
         )
         stats.add(jax.device_get(ce), jax.device_get(kl), mask)
+    stats.merge_processes()  # multi-host: every process evaluated its share
     return stats.result()

@@ -30,6 +30,7 @@ import numpy as np
 from jsae.evals.downstream import downstream_metrics
 from jsae.evals.health import latent_health, plot_feature_density
 from jsae.evals.reconstruction import ReconstructionStats
+from jsae.parallel import process_sum
 from jsae.sae.core import SAE
 
 # ---- evaluation contexts ----------------------------------------------------------------
@@ -189,11 +190,13 @@ class Evaluator:
     def means(self) -> dict[str, np.ndarray]:
         """Mean activation per hook over the masked positions (for mean ablation)."""
         if self._means is None:
-            sums = {h: 0.0 for h in self.hooks}
+            d = int(self.model.cfg.d_model)
+            sums = {h: np.zeros(d) for h in self.hooks}  # same shape on every process
             for acts, m in self.activation_batches():
                 for h in self.hooks:
                     sums[h] = sums[h] + np.asarray(acts[h], np.float64)[m].sum(0)
-            self._means = {h: np.asarray(sums[h] / max(self.n_tokens, 1)) for h in self.hooks}
+            n = process_sum(float(self.n_tokens))  # multi-host: every process's share
+            self._means = {h: process_sum(sums[h]) / max(float(n), 1.0) for h in self.hooks}
         return self._means
 
     def reconstruction(self, saes: Mapping[str, SAE]) -> dict[str, ReconstructionStats]:
@@ -201,6 +204,8 @@ class Evaluator:
         for acts, m in self.activation_batches():
             for h, sae in saes.items():
                 stats[h].add(sae, acts[h], m)
+        for h, sae in saes.items():  # multi-host: combine the processes' shares
+            stats[h].merge_processes(sae.spec.d_in, sae.spec.d_sae)
         return stats
 
     def evaluate(self, saes: Mapping[str, SAE], *, downstream: bool = True) -> EvalResult:
@@ -224,7 +229,7 @@ class Evaluator:
             ds = downstream_metrics(self.model, saes, self.batches(), means, forward=self.forward)
             for h in saes:
                 metrics[h].update(ds[h])
-        return EvalResult(metrics, density, self.n_tokens)
+        return EvalResult(metrics, density, int(process_sum(float(self.n_tokens))))
 
 
 # ---- during training --------------------------------------------------------------------

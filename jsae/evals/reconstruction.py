@@ -132,29 +132,22 @@ class ReconstructionStats:
 
     def merge_processes(self, d_in: int, d_sae: int) -> None:
         """Combine the statistics of every process (multi-host evaluation of per-process
-        shares); a collective, so every process calls it, and all end with the same totals.
-
-        The float64 sums travel as float32 (hi, lo) pairs, exact to ~48 bits.
-        """
+        shares); a collective, so every process calls it, and all end with the same totals
+        (merged in process order)."""
         if jax.process_count() == 1:
             return
-        from jax.experimental import multihost_utils
+        from jsae.parallel import process_allgather_f64
 
-        shapes = {k: (d_in if k == "mean" else d_sae if k == "fired" else 1) for k in _KEYS}
-        t = self.tot or {k: np.zeros(n if k in ("mean", "fired") else ()) for k, n in
-                         shapes.items()}
+        sizes = {k: d_in if k == "mean" else d_sae if k == "fired" else 1 for k in _KEYS}
+        t = self.tot or {k: np.zeros(sizes[k] if k in ("mean", "fired") else ()) for k in _KEYS}
         flat = np.concatenate([np.asarray(t[k], np.float64).reshape(-1) for k in _KEYS])
-        hi = flat.astype(np.float32)
-        lo = (flat - hi).astype(np.float32)
-        both = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])))  # [P, 2, L]
         self.tot = None
-        for proc in both.astype(np.float64):
+        for proc in process_allgather_f64(flat):
             vals, pos = {}, 0
             for k in _KEYS:
-                n = shapes[k]
-                v = proc[0, pos:pos + n] + proc[1, pos:pos + n]
+                v = proc[pos:pos + sizes[k]]
                 vals[k] = v if k in ("mean", "fired") else v[0]
-                pos += n
+                pos += sizes[k]
             self._merge(vals)
 
     def result(self) -> dict[str, float]:
