@@ -146,3 +146,26 @@ def test_sharded_batch_topk_step_never_holds_the_global_codes(monkeypatch):
     monkeypatch.setattr(parallel, "sharded_batch_topk_fn", lambda mesh: None)
     flat = plan(cfg, 1, 8).temp
     assert sharded < global_codes < flat
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 200, 448])  # whole tensors, uneven blocks
+def test_save_from_mesh_streams_the_same_sae(tmp_path, chunk_bytes):
+    from safetensors.numpy import load_file
+
+    from jsae.sae import SAESpec, init_sae
+    from jsae.sae.io import load_sae, save_sae_from_mesh
+
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    sae = init_sae(jax.random.key(0), SAESpec("topk", 16, 96, k=4), x)
+    mesh = parallel.make_mesh(2, 4)
+    sharded = jax.device_put(sae, parallel.tree_shardings(sae, mesh))
+    assert not sharded.params["W_dec"].sharding.is_fully_replicated
+    path = save_sae_from_mesh(sharded, tmp_path / "sae", {"hook_name": "h"},
+                              chunk_bytes=chunk_bytes)
+    got, meta = load_sae(path)
+    assert meta == {"hook_name": "h"} and got.spec == sae.spec
+    for name, v in sae.params.items():
+        np.testing.assert_array_equal(np.asarray(got.params[name]), np.asarray(v), err_msg=name)
+    assert float(got.norm_scale) == float(sae.norm_scale)
+    assert sorted(load_file(str(path / "sae.safetensors"))) == sorted([*sae.params, "norm_scale"])
+    assert not save_sae_from_mesh(sharded, tmp_path / "other", write=False).exists()

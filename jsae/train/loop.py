@@ -22,7 +22,7 @@ from jsae.config import RunConfig, dump
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
-from jsae.sae.io import save_sae
+from jsae.sae.io import save_sae_from_mesh
 from jsae.train.metrics_log import MetricsLogger, plot_metrics
 from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
 from jsae.train.state import TrainState, init_state
@@ -267,15 +267,14 @@ class Trainer:
         self.states = states
 
         final = self.evaluate(states)
-        saes = self.host_saes(states)  # every process takes part (multi-host gather)
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
+        for h in self.hooks:  # every process takes part in the fetches; process 0 writes
+            save_sae_from_mesh(
+                states[h].sae, run_dir / "saes" / _dirname(h), write=is_main,
+                metadata={"hook_name": h, "model_name": cfg.model.name,
+                          "steps": self.total_steps, "heldout": final[h]},
+            )
         if is_main:
-            for h in self.hooks:
-                save_sae(
-                    saes[h], run_dir / "saes" / _dirname(h),
-                    metadata={"hook_name": h, "model_name": cfg.model.name,
-                              "steps": self.total_steps, "heldout": final[h]},
-                )
             if logger:
                 logger.log(self.total_steps, {f"eval_{k}": v for k, v in _flatten(final, multi).items()})
                 logger.close()
