@@ -208,12 +208,25 @@ def sharded_batch_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] |
         n_rows, width = acts.shape
         n_keep = min(k * n_rows, n_rows * width)
 
+        # Counts only matter up to n_keep, and B * d_sae can exceed int32 (4096 x 16M), so
+        # every count is saturated at `cap` before it is summed further (n_keep < cap < 2^30).
+        cap = n_keep + 1
+        if cap >= 1 << 30:
+            raise ValueError(f"k * batch = {n_keep} is too large for the sharded BatchTopK")
+
+        def sat_add(x, y):  # associative: min(x + y, cap) for x, y in [0, cap]
+            return jnp.minimum(x + y, cap)
+
+        def sat_sum(x, axis=None):  # saturating sum of non-negative int32 counts
+            return jnp.minimum(jnp.sum(jnp.minimum(x, cap), axis=axis, dtype=jnp.int32), cap)
+
         def local(a):  # [b, f]: rows of this data shard, latents of this model shard
             a = jax.lax.stop_gradient(a) + 0.0  # -0.0 -> +0.0: bits of a >= 0 are ordered
             bits = jax.lax.bitcast_convert_type(a, jnp.int32)
 
-            def count_ge(t):
-                return jax.lax.psum(jnp.sum(bits >= t, dtype=jnp.int32), (DATA, MODEL))
+            def count_ge(t):  # saturated global count of entries >= t
+                per_row = jnp.sum(bits >= t, axis=1, dtype=jnp.int32)  # <= f each
+                return jax.lax.psum(sat_sum(per_row), (DATA, MODEL))
 
             def step(_, lohi):  # invariant: count_ge(lo) >= n_keep > count_ge(hi)
                 lo, hi = lohi
@@ -223,19 +236,22 @@ def sharded_batch_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] |
 
             lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.int32(0), jnp.int32(0x7F800001)))
             above, tie = bits > lo, bits == lo
+            # fewer than n_keep entries are above the threshold: this count is exact
             need = n_keep - jax.lax.psum(jnp.sum(above, dtype=jnp.int32), (DATA, MODEL))
-            # rank of each tie in flat (row-major) order of the global [B, d_sae] array
-            per_row = jnp.sum(tie, axis=1, dtype=jnp.int32)  # [b]
+            # rank of each tie in flat (row-major) order of the global [B, d_sae] array,
+            # saturated at cap (only ranks below need <= n_keep decide anything)
+            per_row = jnp.sum(tie, axis=1, dtype=jnp.int32)  # [b], <= f
             rows_all = jax.lax.all_gather(per_row, MODEL)  # [model, b]
             shard = jax.lax.axis_index(MODEL)
-            before_in_row = jnp.sum(jnp.where(jnp.arange(n_model)[:, None] < shard, rows_all, 0),
+            before_in_row = sat_sum(jnp.where(jnp.arange(n_model)[:, None] < shard, rows_all, 0),
                                     axis=0)
-            row_total = jnp.sum(rows_all, axis=0)
-            totals = jax.lax.all_gather(jnp.sum(row_total), DATA)  # [data]
-            offset = jnp.sum(jnp.where(jnp.arange(n_data) < jax.lax.axis_index(DATA), totals, 0))
-            before_row = offset + jnp.cumsum(row_total) - row_total
-            in_row = jnp.cumsum(tie, axis=1, dtype=jnp.int32) - tie
-            rank = (before_row + before_in_row)[:, None] + in_row
+            row_total = sat_sum(rows_all, axis=0)  # [b]
+            totals = jax.lax.all_gather(sat_sum(row_total), DATA)  # [data]
+            offset = sat_sum(jnp.where(jnp.arange(n_data) < jax.lax.axis_index(DATA), totals, 0))
+            upto = jax.lax.associative_scan(sat_add, row_total)  # inclusive, saturated
+            before_row = sat_add(offset, jnp.concatenate([jnp.zeros((1,), jnp.int32), upto[:-1]]))
+            in_row = jnp.cumsum(tie, axis=1, dtype=jnp.int32) - tie  # < f
+            rank = jnp.minimum(before_row + before_in_row, cap)[:, None] + in_row
             return above | (tie & (rank < need))
 
         keep = jax.shard_map(local, mesh=mesh, in_specs=P(DATA, MODEL),
