@@ -211,18 +211,22 @@ def sharded_batch_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] |
         # Counts only matter up to n_keep, and B * d_sae can exceed int32 (4096 x 16M), so
         # every count is saturated at `cap` before it is summed further (n_keep < cap < 2^30).
         cap = n_keep + 1
-        if cap >= 1 << 30:
-            raise ValueError(f"k * batch = {n_keep} is too large for the sharded BatchTopK")
+        if cap * mesh.size >= 1 << 31:  # the all-reduced sums of saturated counts
+            raise ValueError(f"k * batch = {n_keep} on {mesh.size} devices is too large for "
+                             "the sharded BatchTopK's int32 counts")
 
         def sat_add(x, y):  # associative: min(x + y, cap) for x, y in [0, cap]
             return jnp.minimum(x + y, cap)
 
         def sat_sum(x, axis=None):  # saturating sum of non-negative int32 counts
-            return jnp.minimum(jnp.sum(jnp.minimum(x, cap), axis=axis, dtype=jnp.int32), cap)
+            x = jnp.minimum(x, cap)
+            dims = tuple(range(x.ndim)) if axis is None else (axis,)
+            return jax.lax.reduce(x, jnp.int32(0), sat_add, dims)
 
         def local(a):  # [b, f]: rows of this data shard, latents of this model shard
-            a = jax.lax.stop_gradient(a) + 0.0  # -0.0 -> +0.0: bits of a >= 0 are ordered
-            bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+            # bits of floats >= 0 are ordered like the floats; -0.0 (bits INT_MIN) counts as 0
+            bits = jnp.maximum(jax.lax.bitcast_convert_type(jax.lax.stop_gradient(a), jnp.int32),
+                               0)
 
             def count_ge(t):  # saturated global count of entries >= t
                 per_row = jnp.sum(bits >= t, axis=1, dtype=jnp.int32)  # <= f each

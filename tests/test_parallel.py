@@ -169,3 +169,16 @@ def test_save_from_mesh_streams_the_same_sae(tmp_path, chunk_bytes):
     assert float(got.norm_scale) == float(sae.norm_scale)
     assert sorted(load_file(str(path / "sae.safetensors"))) == sorted([*sae.params, "norm_scale"])
     assert not save_sae_from_mesh(sharded, tmp_path / "other", write=False).exists()
+
+
+def test_evaluation_batches_split_over_an_odd_data_axis():
+    """data=3 with batch_size 12288: held-out calls of 4096 rows would not split over 3."""
+    cfg = from_dict({
+        "data": {"source": "synthetic", "d_in": 8, "n_features": 32},
+        "sae": {"d_sae": 32, "k": 2, "init_sample": 256},
+        "train": {"steps": 1, "batch_size": 12288},
+        "checkpoint": {"enabled": False},
+    })
+    tr = Trainer(cfg, SyntheticSource(8, 32, 3, seed=1),
+                 mesh=parallel.make_mesh(3, 1, jax.devices()[:3]))
+    assert tr.evaluate(tr.init_states(), n_tokens=5000)["synthetic"]["tokens"] == 5000

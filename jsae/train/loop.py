@@ -152,12 +152,17 @@ class Trainer:
         and the sums over the global batch come back replicated to every process.
         """
         n_tokens = n_tokens or self.cfg.eval.tokens
-        procs = jax.process_count()
-        rows = min(self.local_batch, 4096)
-        n_batches = -(-max(n_tokens // procs, 1) // rows)
+        procs, n_data = jax.process_count(), self.mesh.shape[parallel.DATA]
+        share = max(n_tokens // procs, 1)  # held-out rows per process
+        rows = min(self.local_batch, 4096)  # per process and call; the mesh must split them
+        while rows > 1 and (rows * procs) % n_data:
+            rows -= 1
+        if (rows * procs) % n_data:  # a data axis of over 4096: whole local batches
+            rows = self.local_batch
+        n_batches = -(-share // rows)
         stats = {h: ReconstructionStats() for h in self.hooks}
         fn = self._eval_sums(states)
-        it = self.source.eval_batches(n_tokens // procs, rows)
+        it = self.source.eval_batches(share, rows)
         for _ in range(n_batches):
             batch = next(it, None)
             for h in self.hooks:
