@@ -74,8 +74,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cfg_path: Path, run_dir: Path, port: int, *extra: str
+def _launch(cfg_path: Path, run_dir: Path | list[Path], port: int, *extra: str
             ) -> list[subprocess.CompletedProcess]:
+    """Run `jsae train --distributed` as processes 0 and 1 (run_dir: shared, or one each)."""
+    dirs = run_dir if isinstance(run_dir, list) else [run_dir, run_dir]
     procs = []
     for pid in range(2):
         env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
@@ -84,7 +86,7 @@ def _launch(cfg_path: Path, run_dir: Path, port: int, *extra: str
                "JAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "jsae", "train", str(cfg_path), "--distributed",
-             "--run-dir", str(run_dir), *extra],
+             "--run-dir", str(dirs[pid]), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     out = []
@@ -200,3 +202,16 @@ def test_statistics_merged_across_processes_equal_one_process():
             assert got[part][key] == pytest.approx(v, rel=1e-6, abs=1e-9), (part, key)
     assert got["sum"] == [2.0 + 2e-12, 1.0]  # float64 survives the float32 transport
     assert want["sum"] == [1.0 + 1e-12, 0.0]
+
+
+def test_unshared_checkpoint_folder_fails_before_training(tmp_path):
+    """Each host with its own local run_dir: an error at start naming the problem, instead of
+    checkpoints that lose the other hosts' shards at the first save."""
+    cfg_path = tmp_path / "mp.yaml"
+    cfg_path.write_text(yaml.safe_dump(CONFIG))
+    results = _launch(cfg_path, [tmp_path / "host0", tmp_path / "host1"], _free_port())
+    for r in results:
+        assert r.returncode != 0
+        assert "is not shared by all hosts" in r.stderr, r.stderr[-3000:]
+        assert "processes [1]" in r.stderr
+    assert not (tmp_path / "host0" / "saes").exists()

@@ -158,9 +158,42 @@ class RunCheckpointer:
         self._pending: int | None = None  # saved step whose file listing is not written yet
         self._stop = threading.Event()
         self._prev_handler = None
+        self._check_shared_directory()
         self._mngr = self._new_manager()
         if install_signal_handler:
             self._install_sigterm()
+
+    def _check_shared_directory(self) -> None:
+        """On several hosts, fail at once unless every host sees the same checkpoint folder.
+
+        Orbax writes each host's shards into the one directory and host 0 finalises it, so
+        local per-host disks would lose shards only at the first save, hours in.  Host 0
+        writes a token, every host must read it back (a collective)."""
+        if jax.process_count() == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        marker = self.directory / ".shared-check"
+        token = _gather_json({"t": os.urandom(8).hex()})[0]["t"]  # host 0's token, everywhere
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token)
+        multihost_utils.sync_global_devices("jsae checkpoint directory check")
+        try:
+            seen = marker.read_text() == token
+        except OSError:
+            seen = False
+        missing = [i for i, ok in enumerate(_gather_json({"ok": seen})) if not ok["ok"]]
+        multihost_utils.sync_global_devices("jsae checkpoint directory checked")
+        if jax.process_index() == 0:
+            marker.unlink(missing_ok=True)
+        if missing:
+            raise RuntimeError(
+                f"checkpoint directory {self.directory} is not shared by all hosts (processes "
+                f"{missing} do not see what process 0 wrote there). Multi-host checkpoints need "
+                "one folder every host sees (a shared mount such as gcsfuse or NFS): set run_dir "
+                "to it, or train with --no-checkpoint"
+            )
 
     def _new_manager(self):
         ocp = self._ocp
