@@ -86,6 +86,18 @@ class _ShapeOnlySource:
         self.d_in = {h: d_in for h in self.hooks}
 
 
+# Residual-stream widths (d_model) of common models, so `jsae plan` needs no download.
+# Longer keys first: "gemma-3-1b" must not match a "gemma-3-12b" name.
+MODEL_WIDTHS = {
+    "gemma-3-270m": 640, "gemma-3-12b": 3840, "gemma-3-27b": 5376, "gemma-3-1b": 1152,
+    "gemma-3-4b": 2560, "gemma-2-2b": 2304, "gemma-2-9b": 3584, "gemma-2-27b": 4608,
+    "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600, "gpt2": 768,
+    "llama-3.1-8b": 4096, "llama-3.2-1b": 2048, "llama-3.2-3b": 3072,
+    "smollm2-135m": 576, "smollm2-360m": 960, "smollm2-1.7b": 2048,
+    "qwen2.5-0.5b": 896, "qwen2.5-1.5b": 1536, "qwen2.5-7b": 3584,
+}
+
+
 def resolve_d_in(cfg: RunConfig) -> int:
     """d_in of the config's activations without loading a model or data."""
     d = cfg.data
@@ -96,9 +108,18 @@ def resolve_d_in(cfg: RunConfig) -> int:
 
         files = sorted(glob.glob(d.path)) or [d.path]
         return int(np.load(files[0], mmap_mode="r").shape[-1])
+    if d.source == "cache" and d.path and not str(d.path).startswith("gs://"):
+        from jsae.data.cache import read_manifest
+
+        try:
+            d_in = read_manifest(d.path)["d_in"]  # {hook: width}
+            return int(d_in.get(cfg.model.hooks[0], next(iter(d_in.values()))))
+        except FileNotFoundError:
+            pass  # not harvested yet: fall back to the model's width
     name = (cfg.model.path or cfg.model.name or "").lower()
-    if "gemma-3-270m" in name:
-        return 640
+    for key, width in MODEL_WIDTHS.items():
+        if key in name:
+            return width
     raise ValueError(
         f"cannot tell d_in of model {cfg.model.name!r} without loading it; pass d_in "
         "(`jsae plan ... --d-in N`)"

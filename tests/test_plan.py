@@ -132,3 +132,36 @@ def test_cli_plan_prints_json(tmp_path):
     assert out["peak"] >= out["argument"]
     assert math.isclose(out["batch"], 64 * 16 * 4 / 2)
     assert np.isfinite(out["temp"])
+
+
+def test_d_in_of_known_models_and_caches_without_loading(tmp_path):
+    from jsae.plan import resolve_d_in
+
+    pod = config.load("configs/tpu_pod_16m.yaml")  # a gs:// cache of Gemma 3 1B
+    assert resolve_d_in(pod) == 1152
+    for name, width in [("google/gemma-3-12b-pt", 3840), ("gemma-3-270m", 640),
+                        ("openai-community/gpt2-medium", 1024), ("gpt2", 768),
+                        ("google/gemma-2-27b", 4608)]:
+        cfg = config.from_dict({"model": {"name": name}, "data": {"source": "text"},
+                                "sae": {"expansion": 8}, "train": {"steps": 1}})
+        assert resolve_d_in(cfg) == width, name
+    cfg = config.from_dict({"model": {"name": "my/own-model"}, "data": {"source": "text"},
+                            "sae": {"expansion": 8}, "train": {"steps": 1}})
+    with pytest.raises(ValueError, match="--d-in"):
+        resolve_d_in(cfg)
+
+
+def test_d_in_read_from_a_local_activation_cache(tmp_path):
+    from jsae.data.cache import CacheWriter, cache_meta
+    from jsae.plan import resolve_d_in
+
+    raw = {"model": {"name": "my/own-model", "hooks": ["blocks.2.hook_resid_post"]},
+           "data": {"source": "cache", "path": str(tmp_path / "acts")},
+           "sae": {"expansion": 8}, "train": {"steps": 1}}
+    cfg = config.from_dict(raw)
+    with pytest.raises(ValueError, match="--d-in"):  # not harvested yet, unknown model
+        resolve_d_in(cfg)
+    w = CacheWriter(tmp_path / "acts", cache_meta(cfg, "my/own-model",
+                                                  {"blocks.2.hook_resid_post": 96}, 64))
+    w.write_shard("train", {"blocks.2.hook_resid_post": np.ones((4, 96), np.float32)})
+    assert resolve_d_in(cfg) == 96
