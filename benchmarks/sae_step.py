@@ -49,7 +49,7 @@ def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, 
     """(step, state, x): a jitted, donated jsae train step and its initial state.
 
     With a ``mesh`` the state and batch are sharded as `jsae train` shards them (latents over
-    ``model``, rows over ``data``) and the step gets the mesh's sharded top-k / fast path.
+    ``model``, rows over ``data``) and the step uses the mesh's sharded selections.
     """
     from jsae import parallel
     from jsae.config import RunConfig
@@ -69,10 +69,7 @@ def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, 
     opt = make_optimizer(cfg, 1000)
     coef = 5.0 if arch in ("relu", "gated") else (1e-3 if arch == "jumprelu" else 0.0)
     step = make_train_step(opt, sparsity_schedule(coef, 0), lr_schedule(cfg, 1000),
-                           dead_after_tokens=10_000_000,
-                           topk_fn=None if mesh is None else parallel.sharded_topk_fn(mesh),
-                           mesh=mesh,
-                           batch_topk_fn=None if mesh is None else parallel.sharded_batch_topk_fn(mesh))
+                           dead_after_tokens=10_000_000, mesh=mesh)
     state = init_state(sae, opt, jax.random.key(1))
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,)), state, jnp.asarray(x)

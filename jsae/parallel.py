@@ -148,6 +148,19 @@ def process_sum(x) -> np.ndarray:
     return process_allgather_f64(x).sum(0)
 
 
+def merge_model_topk(vals: jax.Array, idx: jax.Array, k: int, width: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Inside a shard_map over ``model``: the exact per-row top-k over all latent shards
+    from each shard's own top list (``vals``, local ``idx`` [b, k_local], ``width`` latents
+    per shard) -> (vals [b, k], global idx [b, k]).  Candidates are gathered in shard order,
+    so equal values go to the lower latent index, as in `jax.lax.top_k`."""
+    idx = idx.astype(jnp.int32) + jax.lax.axis_index(MODEL) * width
+    all_v = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # [b, model * k_local]
+    all_i = jax.lax.all_gather(idx, MODEL, axis=1, tiled=True)
+    top_v, pos = jax.lax.top_k(all_v, k)
+    return top_v, jnp.take_along_axis(all_i, pos, axis=1)
+
+
 def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
     """Exact top-k over latents sharded on ``model``: local top-k, all-gather, merge.
 
@@ -161,16 +174,11 @@ def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
 
     def fn(pre: jax.Array, k: int) -> jax.Array:
         width = pre.shape[-1] // m
-        k_local = min(k, width)
 
         def local(pre_shard):  # [b, width]
-            vals, idx = jax.lax.top_k(pre_shard, k_local)
+            top_vals, top_idx = merge_model_topk(*jax.lax.top_k(pre_shard, min(k, width)), k,
+                                                 width)
             shard = jax.lax.axis_index(MODEL)
-            idx = idx + shard * width
-            all_vals = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # [b, m*k_local]
-            all_idx = jax.lax.all_gather(idx, MODEL, axis=1, tiled=True)
-            top_vals, pos = jax.lax.top_k(all_vals, k)
-            top_idx = jnp.take_along_axis(all_idx, pos, axis=1)
             mine = (top_idx >= shard * width) & (top_idx < (shard + 1) * width)
             local_idx = jnp.where(mine, top_idx - shard * width, 0)
             rows = jnp.arange(pre_shard.shape[0])[:, None]

@@ -7,15 +7,18 @@ import re
 import subprocess
 import sys
 
+TINY = ["--batch", "64", "--d-in", "16", "--d-sae", "128", "--k", "4", "--rounds", "1",
+        "--steps", "1"]
+
+
+def _bench(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/sae_step.py", *TINY, *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
 
 def test_sae_step_benchmark_smoke():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    r = subprocess.run(
-        [sys.executable, "benchmarks/sae_step.py", "--batch", "64", "--d-in", "16", "--d-sae",
-         "128", "--k", "4", "--rounds", "1", "--steps", "1", "--peers", "torch", "--pieces",
-         "--topk-chunk", "32"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    r = _bench("--peers", "torch", "--pieces", "--topk-chunk", "32", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "hardware:" in out and "dense-FLOP floor" in out
@@ -30,12 +33,7 @@ def test_sae_step_benchmark_smoke():
 def test_sae_step_benchmark_on_a_simulated_mesh():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     env.pop("XLA_FLAGS", None)  # the benchmark asks for its own simulated devices
-    r = subprocess.run(
-        [sys.executable, "benchmarks/sae_step.py", "--batch", "64", "--d-in", "16", "--d-sae",
-         "128", "--k", "4", "--rounds", "1", "--steps", "1", "--peers", "--cpu-devices", "4",
-         "--mesh", "data=2,model=2"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    r = _bench("--peers", "--cpu-devices", "4", "--mesh", "data=2,model=2", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mesh: data=2 model=2 (4 x cpu" in r.stdout, r.stdout
     for name in ("jsae-fast", "jsae-reference"):

@@ -25,7 +25,7 @@ gathered multiply-adds, small next to the local encoder matmul ``B_d d_in F`` wh
 single-device paths within float32 rounding (the partial sums are added in another order).
 
 Only TopK is routed here; BatchTopK on ``model > 1`` uses the reference path with the exact
-sharded top-k of `jsae.parallel`.  The input ``x_n`` gets no gradient here (it is data).
+sharded batch-wide selection of `jsae.parallel`.  The input ``x_n`` gets no gradient here (it is data).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jsae.parallel import DATA, MODEL
+from jsae.parallel import DATA, MODEL, merge_model_topk
 from jsae.sae import fast
 from jsae.sae.core import SAE, pre_activations
 
@@ -60,15 +60,6 @@ def _owned(cols: Array, width: int) -> tuple[Array, Array]:
     lo = jax.lax.axis_index(MODEL) * width
     mine = (cols >= lo) & (cols < lo + width)
     return mine, jnp.where(mine, cols - lo, 0)
-
-
-def _merge_top(vals: Array, idx: Array, k: int, width: int) -> tuple[Array, Array]:
-    """Exact top-k over all model shards from each shard's local top list ``[b, k_local]``."""
-    idx = idx.astype(jnp.int32) + jax.lax.axis_index(MODEL) * width
-    all_v = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # [b, model * k_local]
-    all_i = jax.lax.all_gather(idx, MODEL, axis=1, tiled=True)
-    top_v, pos = jax.lax.top_k(all_v, k)
-    return top_v, jnp.take_along_axis(all_i, pos, axis=1)
 
 
 @functools.cache
@@ -106,7 +97,7 @@ def _ops(mesh: Mesh):
 
             _, out = jax.lax.scan(body, None, x.reshape(n // blk, blk, d))
             v, i, av, ai = (o.reshape(n, o.shape[-1]) for o in out)
-            return (*_merge_top(v, i, k, width), *_merge_top(av, ai, k_aux, width))
+            return (*merge_model_topk(v, i, k, width), *merge_model_topk(av, ai, k_aux, width))
 
         p = jax.lax.stop_gradient(params)
         v, i, av, ai = local(p["W_enc"], p["b_enc"], p["b_dec"], jax.lax.stop_gradient(x_n),

@@ -85,8 +85,7 @@ class Trainer:
         step_fn = make_train_step(
             self.optimizer, self.sparsity, self.lr,
             dead_after_tokens=cfg.sae.dead_after_tokens, aux_coef=cfg.sae.aux_coef,
-            topk_fn=parallel.sharded_topk_fn(self.mesh), mesh=self.mesh,
-            batch_topk_fn=parallel.sharded_batch_topk_fn(self.mesh),
+            mesh=self.mesh,
         )
 
         def multi_step(states: States, batches: dict[str, jax.Array]):
@@ -95,6 +94,7 @@ class Trainer:
 
         self._multi_step = multi_step
         self._jitted = None
+        self._eval_fns: dict | None = None  # per hook, built on first evaluation
         self.states: States | None = None
 
     # ---- state ------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Trainer:
 
     def _eval_sums(self, states: States) -> dict:
         """Per hook, `batch_sums` jitted with the training shardings (sharded top-k for TopK)."""
-        if getattr(self, "_eval_fns", None) is None:
+        if self._eval_fns is None:
             topk_fn = parallel.sharded_topk_fn(self.mesh)
             self._eval_fns = {}
             for h in self.hooks:

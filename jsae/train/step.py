@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jsae import parallel
 from jsae.sae import fast
 from jsae.sae.core import SAE
 from jsae.sae.losses import sae_loss
@@ -47,15 +48,15 @@ def make_train_step(
     *,
     dead_after_tokens: int,
     aux_coef: float = 1.0 / 32.0,
-    topk_fn: Callable | None = None,
     mesh=None,
-    batch_topk_fn: Callable | None = None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
     """Build ``train_step(state, x [B, d_in] raw activations) -> (state, metrics)`` (pure).
 
-    ``topk_fn`` / ``batch_topk_fn`` are the sharded selections of `jsae.parallel` and ``mesh``
-    the training mesh; they matter only on a mesh of several devices.
+    ``mesh``: the training mesh; when it splits the latents over ``model`` the step uses the
+    sharded selections of `jsae.parallel` and the sharded fast path.
     """
+    topk_fn = None if mesh is None else parallel.sharded_topk_fn(mesh)
+    batch_topk_fn = None if mesh is None else parallel.sharded_batch_topk_fn(mesh)
 
     def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
         sae: SAE = state.sae
