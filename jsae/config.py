@@ -16,8 +16,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from jsae.errors import JsaeError
 
-class ConfigError(ValueError):
+
+class ConfigError(JsaeError, ValueError):
     """A config value that is unknown, of the wrong type, or impossible."""
 
 

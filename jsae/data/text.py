@@ -29,10 +29,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jsae.errors import JsaeError
+
 HOLDOUT_SEED = 0x5A3E  # fixed: the held-out documents do not depend on the run seed
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(JsaeError, RuntimeError):
     """A text source that cannot be found, reached or read."""
 
 

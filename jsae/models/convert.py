@@ -11,12 +11,13 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.errors import JsaeError
 from jsae.models.config import TransformerConfig
 
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
-class WeightError(ValueError):
+class WeightError(JsaeError, ValueError):
     """A checkpoint tensor that is missing or has the wrong shape."""
 
 

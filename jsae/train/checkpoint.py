@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.config import RunConfig, to_dict
+from jsae.errors import JsaeError
 
 ITEMS = ("states", "data", "config", "meta")
 FORMAT = "jsae-checkpoint-v1"
@@ -44,11 +45,11 @@ LISTING = "jsae_files.json"
 _SHAPE_FIELDS = ("architecture", "d_in", "d_sae")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(JsaeError, ValueError):
     """The checkpoint in the run directory belongs to a different SAE than the config."""
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(JsaeError, RuntimeError):
     """A checkpoint whose files are missing, truncated or altered."""
 
 
