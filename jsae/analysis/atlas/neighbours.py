@@ -1,0 +1,135 @@
+"""Neighbourhoods of features: nearest decoder directions (exact cosine, blocked on the device)
+and co-activation (features that fire on the same tokens).
+
+Decoder neighbours never build a ``[d_sae, d_sae]`` matrix: rows are taken ``row_block`` at a
+time and scanned against ``col_block`` columns at a time with a running ``lax.top_k`` merge,
+so memory is ``row_block * (col_block + n)`` whatever ``d_sae`` (10^6 features fit on one chip;
+time is ``d_sae^2 * d_in`` multiply-adds). Ties go to the lower feature id, as a stable sort.
+
+Co-activation uses the sample of tokens the streaming pass keeps (the active features of its
+first ``coact_tokens`` counted tokens): the score of ``g`` for ``f`` is the Jaccard index of the
+sets of sampled tokens on which each fires, ``|f & g| / |f | g|``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COACT_SCORE = "jaccard"
+
+
+def _unit(w):
+    w = jnp.asarray(w, jnp.float32)
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+
+
+@partial(jax.jit, static_argnames=("n", "col_block"))
+def _block_topk(rows, row_ids, cols, col_ok, *, n: int, col_block: int):
+    """Top-``n`` cosine of ``rows [b, d]`` (unit) against ``cols [Fp, d]`` (unit, padded to a
+    multiple of ``col_block``; ``col_ok [Fp]`` False = never a neighbour)."""
+    b = rows.shape[0]
+    n_blocks = cols.shape[0] // col_block
+
+    def body(carry, j):
+        tv, ti = carry
+        c = jax.lax.dynamic_slice_in_dim(cols, j * col_block, col_block)
+        ok = jax.lax.dynamic_slice_in_dim(col_ok, j * col_block, col_block)
+        ids = j * col_block + jnp.arange(col_block, dtype=jnp.int32)
+        s = jnp.einsum("bd,cd->bc", rows, c, precision=jax.lax.Precision.HIGHEST)
+        s = jnp.where(ok[None, :] & (ids[None, :] != row_ids[:, None]), s, -jnp.inf)
+        v = jnp.concatenate([tv, s], 1)
+        i = jnp.concatenate([ti, jnp.broadcast_to(ids, (b, col_block))], 1)
+        tv2, pos = jax.lax.top_k(v, n)
+        return (tv2, jnp.take_along_axis(i, pos, 1)), None
+
+    init = (jnp.full((b, n), -jnp.inf, jnp.float32), jnp.full((b, n), -1, jnp.int32))
+    (tv, ti), _ = jax.lax.scan(body, init, jnp.arange(n_blocks))
+    return tv, jnp.where(jnp.isfinite(tv), ti, -1)
+
+
+def decoder_neighbours(W_dec, n: int = 10, *, features=None, candidates=None,
+                       row_block: int = 1024, col_block: int = 8192, progress: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """For each feature in ``features`` (default all rows of ``W_dec [F, d]``): the ``n``
+    other features with the largest decoder cosine, ``(ids [R, n] int64, cos [R, n] float32)``,
+    descending; ``-1`` / NaN where fewer than ``n`` candidates exist. ``candidates [F]`` bool:
+    features allowed as neighbours (e.g. live ones)."""
+    W = _unit(W_dec)
+    F = W.shape[0]
+    n = int(min(n, max(F - 1, 1)))
+    col_block = int(min(col_block, F))
+    pad = (-F) % col_block
+    ok = np.ones(F, bool) if candidates is None else np.asarray(candidates, bool)
+    cols = jnp.pad(W, ((0, pad), (0, 0)))
+    col_ok = jnp.asarray(np.concatenate([ok, np.zeros(pad, bool)]))
+    feats = np.arange(F) if features is None else np.asarray(features, np.int64).reshape(-1)
+    out_i, out_v = [], []
+    it = range(0, len(feats), row_block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="neighbours", unit="block")
+    rb = int(min(row_block, len(feats)))
+    for s in it:
+        ids = feats[s : s + rb]
+        m = len(ids)
+        ids_p = np.concatenate([ids, np.repeat(ids[-1:], rb - m)])  # one compiled shape
+        rows = W[jnp.asarray(ids_p, jnp.int32)]
+        v, i = _block_topk(rows, jnp.asarray(ids_p, jnp.int32), cols, col_ok, n=n,
+                           col_block=col_block)
+        out_v.append(np.asarray(v)[:m])
+        out_i.append(np.asarray(i)[:m])
+    vals = np.concatenate(out_v).astype(np.float32)
+    idx = np.concatenate(out_i).astype(np.int64)
+    vals[idx < 0] = np.nan
+    return idx, vals
+
+
+def features_within(W_dec, center: int, radius: float, *, candidates=None) -> tuple[np.ndarray, np.ndarray]:
+    """Features whose decoder cosine distance ``1 - cos`` to ``center`` is at most ``radius``
+    (the center first, then by distance): ``(ids, cos)``. One ``[F]`` vector, no matrix."""
+    W = _unit(W_dec)
+    cos = np.asarray(jnp.einsum("fd,d->f", W, W[int(center)], precision=jax.lax.Precision.HIGHEST))
+    keep = (1.0 - cos) <= radius
+    if candidates is not None:
+        keep &= np.asarray(candidates, bool)
+    keep[int(center)] = True
+    ids = np.flatnonzero(keep)
+    order = np.lexsort((ids, ids != center, -cos[ids]))
+    ids = ids[order]
+    return ids.astype(np.int64), cos[ids].astype(np.float32)
+
+
+def coactivation_neighbours(coact_rows: np.ndarray, d_sae: int, n: int = 10, *, min_count: int = 2
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Jaccard co-activation neighbours from the pass's token sample ``coact_rows [tokens, k]``
+    (active feature ids, -1 = none): ``(ids [d_sae, n] int64, scores [d_sae, n] float32)``,
+    descending, ties to the lower id; pairs seen together on fewer than ``min_count`` tokens
+    are left out (-1 / NaN)."""
+    from scipy import sparse
+
+    rows = np.asarray(coact_rows)
+    r, c = np.nonzero(rows >= 0)
+    A = sparse.csr_matrix((np.ones(len(r), np.float32), (r, rows[r, c])),
+                          shape=(max(len(rows), 1), d_sae))
+    A.data[:] = 1.0  # a feature listed twice on one token counts once
+    C = (A.T @ A).tocsr()  # [F, F] sparse co-firing counts
+    count = np.asarray(A.sum(0)).ravel()
+    ids = np.full((d_sae, n), -1, np.int64)
+    vals = np.full((d_sae, n), np.nan, np.float32)
+    for f in range(d_sae):
+        a, b = C.indptr[f], C.indptr[f + 1]
+        g, both = C.indices[a:b], C.data[a:b]
+        keep = (g != f) & (both >= min_count)
+        g, both = g[keep], both[keep]
+        if not len(g):
+            continue
+        score = both / (count[f] + count[g] - both)
+        order = np.lexsort((g, -score))[:n]
+        ids[f, : len(order)] = g[order]
+        vals[f, : len(order)] = score[order]
+    return ids, vals
