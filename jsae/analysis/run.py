@@ -99,12 +99,14 @@ def corpus_stats(run: Run, n_contexts: int = 256, context_length: int = 64, *, s
     log(f"scanning {len(tokens)} contexts x {context_length} tokens of the offline corpus "
         f"for {run.sae.spec.d_sae} features at {run.hook} ...")
 
-    def progress(done, total):
-        if done == total or done % (batch_size * 16) == 0:
-            log(f"  {done}/{total} contexts")
+    from tqdm.auto import tqdm
 
-    top = top_activations(run.model, run.sae, run.hook, tokens, mask, top_n=top_n,
-                          batch_size=batch_size, progress=progress)
+    with tqdm(total=len(tokens), desc="scan corpus", unit="ctx", leave=False) as bar:
+        def progress(done, total):
+            bar.update(done - bar.n)
+
+        top = top_activations(run.model, run.sae, run.hook, tokens, mask, top_n=top_n,
+                              batch_size=batch_size, progress=progress)
     if cache:
         d.mkdir(parents=True, exist_ok=True)
         top.save(f_top)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.commands._args import nonneg_int, positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -17,14 +19,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="run directory, SAE folder, or SAELens / Gemma Scope folder")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens", type=positive_int, default=None,
                    help="evaluation tokens (positions an SAE trains on; default eval.tokens)")
+    p.add_argument("--downstream-tokens", type=nonneg_int, default=None,
+                   help="tokens for the CE/KL metrics, which run the whole LM 1 + 3H times "
+                   "(default eval.downstream_tokens: 4096 on a CPU, else --tokens)")
     p.add_argument("--json", dest="json_path", default=None, metavar="OUT.json",
                    help="where to write the metrics (default PATH/eval/eval.json)")
     p.add_argument("--out-dir", default=None, help="folder for plots (default: beside the JSON)")
     p.add_argument("--model", default=None, help="LM name or path (default: the run's model)")
     p.add_argument("--hook", default=None, help="hook of an imported SAE, e.g. blocks.6.hook_resid_post")
-    p.add_argument("--batch-size", type=int, default=None, help="contexts per LM pass (default eval.batch_size)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="contexts per LM pass (default eval.batch_size)")
     p.add_argument("--no-downstream", action="store_true",
                    help="skip the spliced-model CE/KL metrics (reconstruction and sparsity only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -39,7 +44,8 @@ def run(args) -> int:
 
     try:
         evaluate_path(
-            args.path, n_tokens=args.tokens, batch_size=args.batch_size, model_name=args.model,
+            args.path, n_tokens=args.tokens, downstream_tokens=args.downstream_tokens,
+            batch_size=args.batch_size, model_name=args.model,
             hook=args.hook, json_path=args.json_path, out_dir=args.out_dir,
             downstream=not args.no_downstream, overrides=args.overrides,
         )

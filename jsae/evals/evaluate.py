@@ -33,6 +33,10 @@ from jsae.evals.reconstruction import ReconstructionStats
 from jsae.parallel import process_sum
 from jsae.sae.core import SAE
 
+# Default CE/KL budget on a CPU: the 1 + 3H full-LM passes (262k-vocab unembedding) dominate
+# `jsae eval`; reconstruction metrics still use all `eval.tokens`. `--downstream-tokens` overrides.
+CPU_DOWNSTREAM_TOKENS = 4096
+
 # ---- evaluation contexts ----------------------------------------------------------------
 
 
@@ -138,6 +142,8 @@ class Evaluator:
         forward: Callable | None = None,
         batch_size: int = 8,
         cache_bytes: int = 1 << 30,
+        downstream_tokens: int | None = None,
+        progress: bool = False,
     ):
         if forward is None:
             from jsae.models import forward
@@ -153,18 +159,35 @@ class Evaluator:
         self._cache_ok = n * T * d * 4 * len(self.hooks) <= cache_bytes
         self._acts: list[dict[str, np.ndarray]] | None = None
         self._means: dict[str, np.ndarray] | None = None
+        self.progress = progress
+        # The spliced-LM passes cost 1 + 3H full forwards: they may use a prefix of the contexts.
+        counts = np.cumsum(self.mask.sum(1))
+        want = self.n_tokens if downstream_tokens is None else int(downstream_tokens)
+        self.downstream_contexts = int(min(n, np.searchsorted(counts, want) + 1)) if n else 0
 
     @property
     def n_tokens(self) -> int:
         return int(self.mask.sum())
 
-    def batches(self):
-        """``(tokens [B, T], mask [B, T])``; the last batch is padded with masked-out rows so
-        every batch has the same shape (one compilation)."""
+    @property
+    def n_downstream_tokens(self) -> int:
+        return int(self.mask[: self.downstream_contexts].sum())
+
+    def batches(self, n_contexts: int | None = None, desc: str | None = None):
+        """``(tokens [B, T], mask [B, T])`` over the first ``n_contexts`` contexts (default all);
+        the last batch is padded with masked-out rows so every batch has the same shape (one
+        compilation). ``desc``: show a progress bar with that title."""
         B = self.batch_size
-        n, T = self.tokens.shape
-        for s in range(0, n, B):
-            t, m = self.tokens[s : s + B], self.mask[s : s + B]
+        T = self.tokens.shape[1]
+        n = len(self.tokens) if n_contexts is None else int(n_contexts)
+        starts = range(0, n, B)
+        if desc and self.progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch", total=len(starts), leave=False)
+        for s in starts:
+            e = min(s + B, n)
+            t, m = self.tokens[s:e], self.mask[s:e]
             if len(t) < B:
                 pad = B - len(t)
                 t = np.concatenate([t, np.full((pad, T), self.tokens[0, 0], np.int32)])
@@ -177,7 +200,7 @@ class Evaluator:
             yield from zip(self._acts, (m for _, m in self.batches()))
             return
         cache = [] if self._cache_ok else None
-        for t, m in self.batches():
+        for t, m in self.batches(desc=f"eval: LM to {', '.join(self.hooks)}"):
             acts = _capture(self.model.cfg, self.model.params, jnp.asarray(t), tuple(self.hooks),
                             self.forward)
             acts = {h: np.asarray(a) for h, a in acts.items()}
@@ -226,9 +249,13 @@ class Evaluator:
             metrics[h].update({k: v for k, v in health.items() if k.startswith("log10")})
         if downstream:
             means = self.means()
-            ds = downstream_metrics(self.model, saes, self.batches(), means, forward=self.forward)
+            batches = self.batches(self.downstream_contexts,
+                                   desc=f"eval: CE/KL, {1 + 3 * len(saes)} LM passes")
+            ds = downstream_metrics(self.model, saes, batches, means, forward=self.forward)
+            n_ds = int(process_sum(float(self.n_downstream_tokens)))
             for h in saes:
                 metrics[h].update(ds[h])
+                metrics[h]["downstream_tokens"] = float(n_ds)
         return EvalResult(metrics, density, int(process_sum(float(self.n_tokens))))
 
 
@@ -359,7 +386,8 @@ def _jsonable(x):
 
 
 TABLE_ROWS = [
-    ("tokens", "tokens evaluated", "{:.0f}"),
+    ("tokens", "tokens evaluated (reconstruction)", "{:.0f}"),
+    ("downstream_tokens", "tokens evaluated (CE / KL)", "{:.0f}"),
     ("l0", "L0 (active latents / token)", "{:.2f}"),
     ("l1", "L1", "{:.4g}"),
     ("fvu", "FVU", "{:.4f}"),
@@ -462,6 +490,7 @@ def evaluate_path(
     path: str | Path,
     *,
     n_tokens: int | None = None,
+    downstream_tokens: int | None = None,
     batch_size: int | None = None,
     model_name: str | None = None,
     hook: str | None = None,
@@ -523,8 +552,11 @@ def evaluate_path(
                 raise ValueError(f"{path}: the model is unknown; pass --model (e.g. gemma-3-270m)")
             model = load(name, dtype=cfg.model.dtype)
         tokens, mask = eval_contexts(model, cfg.data, n_tokens, seed=cfg.seed, documents=documents)
+        ds_tokens = downstream_tokens or cfg.eval.downstream_tokens or (
+            min(n_tokens, CPU_DOWNSTREAM_TOKENS) if jax.default_backend() == "cpu" else n_tokens)
         ev = Evaluator(model, list(saes), tokens, mask, forward=forward,
-                       batch_size=batch_size or cfg.eval.batch_size)
+                       batch_size=batch_size or cfg.eval.batch_size,
+                       downstream_tokens=ds_tokens, progress=print_fn is not None)
         result = ev.evaluate(saes, downstream=downstream)
         info.update(model=getattr(model, "name", None), dataset=cfg.data.dataset,
                     context_length=int(tokens.shape[1]), contexts=int(tokens.shape[0]),

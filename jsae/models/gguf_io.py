@@ -50,7 +50,10 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> tuple[dict, d
     meta = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     out: dict[str, np.ndarray] = {}
     if tensors:
-        for t in reader.tensors:
+        from tqdm.auto import tqdm
+
+        for t in tqdm(reader.tensors, desc=f"dequantise {Path(path).name}", unit="tensor",
+                      leave=False, disable=len(reader.tensors) < 32):
             a = gguf.quants.dequantize(t.data, t.tensor_type)
             out[t.name] = np.asarray(a, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
     return meta, out

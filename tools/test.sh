@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# README's second command: install what the tests need, then lint and run the whole suite.
+#   bash tools/test.sh                 # everything (CPU only, offline)
+#   bash tools/test.sh -m "not slow"   # extra arguments go to pytest
+# A CPU build of torch comes first (PyTorch's CPU index, else the pinned release your package
+# index serves), so no dependency pulls a multi-GB CUDA build on a machine without a GPU.
+# JSAE_WITH_SAELENS=1 also installs the real sae-lens in a side venv (.ci-saelens) so the
+# export tests load jsae's folders with it (they skip otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+TORCH_PIN="torch==2.13.0"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if [ "$(uname -s)" = "Darwin" ]; then
+    "$PY" -m pip install -q "$TORCH_PIN"            # macOS wheels on PyPI are CPU builds
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install -q "$TORCH_PIN"            # a GPU machine: the CUDA build is wanted
+  elif ! "$PY" -m pip install -q --retries 1 --timeout 20 "$TORCH_PIN" \
+        --index-url https://download.pytorch.org/whl/cpu; then
+    "$PY" -m pip install -q "$TORCH_PIN"            # a mirror that serves the CPU build
+  fi
+fi
+"$PY" -m pip install -q -e ".[test,torch,demo,atlas,vision,notebook]"
+
+if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; then
+  if "$PY" -m venv --system-site-packages .ci-saelens \
+     && "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .ci-saelens/pin.txt \
+     && .ci-saelens/bin/pip install -q -c .ci-saelens/pin.txt "sae-lens==6.54.12"; then
+    export JSAE_SAELENS_PYTHON="$PWD/.ci-saelens/bin/python"
+  else
+    echo "sae-lens could not be installed; the SAELens round-trip test will skip"
+  fi
+fi
+
+ruff check jsae tests benchmarks tools
+"$PY" -m pytest -q "$@"
