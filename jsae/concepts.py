@@ -248,12 +248,30 @@ def _bar(total: int, unit: str, progress: bool | None):
 # metrics (NumPy; tested against sklearn)
 
 
+def average_ranks(values) -> np.ndarray:
+    """Ranks 1..N down axis 0 (column-wise for ``[N, F]``), ties given their average rank
+    (as ``scipy.stats.rankdata``), vectorised over columns."""
+    s = np.asarray(values, np.float64)
+    flat = s.reshape(s.shape[0], -1)
+    n = flat.shape[0]
+    order = np.argsort(flat, axis=0, kind="stable")
+    srt = np.take_along_axis(flat, order, 0)
+    idx = np.arange(n)[:, None]
+    new = np.ones_like(srt, bool)
+    new[1:] = srt[1:] != srt[:-1]
+    last = np.ones_like(srt, bool)
+    last[:-1] = new[1:]
+    start = np.maximum.accumulate(np.where(new, idx, 0), axis=0)
+    end = np.minimum.accumulate(np.where(last, idx, n)[::-1], axis=0)[::-1]
+    ranks = np.empty_like(flat)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, 0)
+    return ranks.reshape(s.shape)
+
+
 def auroc(scores, labels) -> np.ndarray | float:
     """Area under the ROC curve of ``scores [N]`` or ``[N, F]`` (column-wise) for boolean
     ``labels [N]``: the probability that a random positive scores above a random negative, ties
     counted half (Mann-Whitney U / (n_pos * n_neg)). Needs both classes."""
-    from scipy.stats import rankdata
-
     s = np.asarray(scores, np.float64)
     y = np.asarray(labels).astype(bool).reshape(-1)
     if s.shape[0] != y.shape[0]:
@@ -261,7 +279,7 @@ def auroc(scores, labels) -> np.ndarray | float:
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0:
         raise ExampleError(f"AUROC needs positive and negative examples; got {n1} positive, {n0} negative")
-    r = rankdata(s, axis=0)
+    r = average_ranks(s)
     u = r[y].sum(0) - n1 * (n1 + 1) / 2.0
     a = u / (n1 * n0)
     return float(a) if np.ndim(a) == 0 else a
@@ -464,6 +482,7 @@ def contrast(
 
 __all__ = [
     "Contrast", "ExampleCodes", "ExampleError", "Examples", "Probe", "as_examples", "auroc",
+    "average_ranks",
     "binary_metrics", "contrast", "example_codes", "firing_rates", "fit_probe", "read_examples",
     "sparse_probe", "tokenize_examples",
 ]

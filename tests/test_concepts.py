@@ -148,3 +148,11 @@ def test_contrast_finds_the_planted_feature_first():
         assert c.examples.texts[c.best_example(PLANT)] in pos
     with pytest.raises(ExampleError, match="the negative set is empty|no examples"):
         concepts.contrast(model, {HOOK0: sae}, pos, [])
+
+
+def test_average_ranks_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    x = np.round(np.random.default_rng(3).normal(size=(40, 6)), 1)
+    x[:, 0] = 1.0
+    np.testing.assert_allclose(concepts.average_ranks(x), stats.rankdata(x, axis=0))
+    np.testing.assert_allclose(concepts.average_ranks([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
