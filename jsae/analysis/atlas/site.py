@@ -1,0 +1,447 @@
+"""The atlas as a static website: a map of every feature and one card per feature.
+
+:func:`write_site` writes a self-contained folder that works from ``file://`` (no server, no
+network, no CDN) and from any static server::
+
+    index.html              the map of all features (canvas), search, and the card panel
+    around-<id>.html        one page per local map (``AtlasData.local_maps``)
+    atlas.js, atlas.css     the viewer (copied from ``site_assets/``)
+    data/atlas.js           meta, ids, labels, map positions and clusters of every feature
+    data/shard-0003.js      full records of features in rows 768..1023 (loaded when opened)
+    data/tokens.js          the token index behind "which features fire on this text"
+    data/around-<id>.js     the positions of one local map
+
+Chromium refuses ``fetch()`` of local files, so every data file is a script that hands its JSON
+to a callback (``window.__atlas_shard(3, {...})``); the viewer injects the script tags on demand.
+All text is escaped by construction (the viewer only sets ``textContent``; :func:`card_html`
+escapes with :func:`html.escape`), and whitespace in tokens is shown visibly (⏎, ⇥, ·).
+
+:func:`card_html` renders one card as plain HTML (inline styles, no script) for notebooks.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from jsae.analysis.atlas.types import AtlasData
+
+ASSETS = Path(__file__).with_name("site_assets")
+SHARD_SIZE = 256
+ACT_LEVELS = 1000  # activations are stored as integers 0..ACT_LEVELS of the feature's max
+TOKENS_PER_KEY = 40  # features kept per token string in the token index
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers and strings
+
+
+def _num(a, digits: int = 4):
+    """Floats rounded to ``digits`` significant digits (NaN/inf -> None), as (nested) lists.
+
+    Vectorised: the integer mantissa is divided (or multiplied) by an exact power of ten, so each
+    value is the double nearest its rounded decimal and JSON prints it short."""
+    a = np.asarray(a, np.float64)
+    ok = np.isfinite(a) & (a != 0)
+    e = np.floor(np.log10(np.abs(np.where(ok, a, 1.0))))
+    k = np.where(ok, digits - 1 - e, 0)
+    up, down = 10.0 ** np.clip(k, 0, None), 10.0 ** np.clip(-k, 0, None)
+    r = np.where(k >= 0, np.round(a * up) / up, np.round(a / down) * down)
+    r = np.where(np.isfinite(a), r, np.nan)
+    out = r.tolist()
+    if not np.isfinite(a).all():
+        out = _nan_to_none(out)
+    return out
+
+
+def _nan_to_none(x):
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if x != x else x
+
+
+def _clean_str(s: str) -> str:
+    """A string that survives UTF-8 (lone surrogates from byte tokens become U+FFFD)."""
+    return s.encode("utf-8", "replace").decode("utf-8") if isinstance(s, str) else str(s)
+
+
+def _js(name: str, *args) -> str:
+    body = ",".join(json.dumps(a, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+                    for a in args)
+    return f"{name}({body});\n"
+
+
+def normalize_token(s: str) -> str:
+    """The key of a token string in the token index: SentencePiece's ▁ as a space, surrounding
+    whitespace removed, lower case ("" for whitespace-only tokens, which are not indexed)."""
+    return s.replace("\u2581", " ").strip().lower()
+
+
+def visible_token(s: str) -> str:
+    """A token's text with whitespace and control characters made visible: newline ⏎, tab ⇥,
+    carriage return ␍, other control characters as \\xNN; SentencePiece's ▁ as a space."""
+    out = []
+    for ch in s.replace("\u2581", " "):
+        if ch == "\n":
+            out.append("⏎")
+        elif ch == "\t":
+            out.append("⇥")
+        elif ch == "\r":
+            out.append("␍")
+        elif ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else "\ufffd")
+        elif ch in "\u2028\u2029":
+            out.append("⏎")
+        else:
+            out.append(ch)
+    text = "".join(out)
+    return text if text.strip() else text.replace(" ", "·") or "∅"
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples, records and the token index
+
+
+def _examples(values: list, tokens: list, q: list, anchors: list) -> list:
+    """Compact examples ``[value, anchor, [token ids], [acts as 0..ACT_LEVELS of the feature's
+    max]]`` with padding (-1) dropped and empty slots skipped (one feature's [E] / [E, W] lists)."""
+    out = []
+    for v, toks, qa, a in zip(values, tokens, q, anchors):
+        if v is None or not v > 0:
+            continue
+        a = min(max(a, 0), len(toks) - 1)
+        if min(toks) < 0:
+            keep = [j for j, t in enumerate(toks) if t >= 0]
+            if not keep:
+                continue
+            a = sum(1 for j in keep if j < a)
+            toks, qa = [toks[j] for j in keep], [qa[j] for j in keep]
+        out.append([v, a, toks, qa])
+    return out
+
+
+def _pairs(ids: list, vals: list) -> list:
+    """``[[ids], [values]]`` without the -1 (none) slots."""
+    if not ids or min(ids) >= 0:
+        return [ids, vals]
+    keep = [j for j, i in enumerate(ids) if i >= 0]
+    return [[ids[j] for j in keep], [vals[j] for j in keep]]
+
+
+def _quantized(acts, peak) -> list:
+    """acts [R, ...] as integers 0..ACT_LEVELS of each row's peak [R]."""
+    acts = np.asarray(acts, np.float32)
+    scale = np.where(peak > 0, ACT_LEVELS / np.where(peak > 0, peak, 1), 0).astype(np.float32)
+    scale = scale.reshape((-1,) + (1,) * (acts.ndim - 1))
+    return np.clip(np.rint(acts * scale), 0, ACT_LEVELS).astype(np.int32).tolist()
+
+
+def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
+    """Everything a card shows about the features in rows ``lo:hi``, JSON-ready (the viewer's
+    record format), computed a block at a time."""
+    sl = slice(lo, hi)
+    peak = np.asarray(data.max_act[sl], np.float64)
+    ids = np.asarray(data.feature_ids[sl]).astype(np.int64).tolist()
+    expl = data.explanations[sl] if data.explanations is not None else [None] * (hi - lo)
+    score = (_num(data.explanation_scores[sl]) if data.explanation_scores is not None
+             else [None] * (hi - lo))
+    density, mean, mx = _num(data.density[sl]), _num(data.mean_act[sl]), _num(peak)
+    cluster = np.asarray(data.cluster[sl]).astype(np.int64).tolist()
+    hist = np.asarray(data.hist_counts[sl]).astype(np.int64).tolist()
+    top = (_num(data.top_value[sl]), np.asarray(data.top_tokens[sl]).tolist(),
+           _quantized(data.top_acts[sl], peak), np.asarray(data.top_anchor[sl]).tolist())
+    band = (_num(data.band_value[sl]), np.asarray(data.band_tokens[sl]).tolist(),
+            _quantized(data.band_acts[sl], peak), np.asarray(data.band_anchor[sl]).tolist())
+    edges, counts = _num(data.band_edges[sl]), np.asarray(data.band_count[sl]).astype(np.int64).tolist()
+    pairs = {k: (np.asarray(getattr(data, f"{a}_ids")[sl]).astype(np.int64).tolist(),
+                 _num(getattr(data, f"{a}_vals")[sl]))
+             for k, a in (("lt", "logit_top"), ("lb", "logit_bottom"), ("cos", "cos"), ("coact", "coact"))}
+    recs = []
+    for j in range(hi - lo):
+        bands = [[edges[j][b], edges[j][b + 1], counts[j][b],
+                  _examples(band[0][j][b], band[1][j][b], band[2][j][b], band[3][j][b])]
+                 for b in range(len(counts[j]))]
+        recs.append({
+            "id": ids[j], "row": lo + j, "label": _clean_str(data.labels[lo + j]),
+            "expl": _clean_str(expl[j]) if expl[j] else None, "score": score[j],
+            "density": density[j], "mean": mean[j], "max": mx[j], "cluster": cluster[j],
+            "hist": hist[j], "top": _examples(top[0][j], top[1][j], top[2][j], top[3][j]),
+            "bands": bands, **{k: _pairs(v[0][j], v[1][j]) for k, v in pairs.items()},
+        })
+    return recs
+
+
+def feature_record(data: AtlasData, row: int) -> dict:
+    """The card record of the feature in ``row`` (see :func:`feature_records`)."""
+    return feature_records(data, row, row + 1)[0]
+
+
+def _record_tokens(rec: dict) -> set[int]:
+    ids = {i for ex in rec["top"] for i in ex[2]}
+    ids |= {i for band in rec["bands"] for ex in band[3] for i in ex[2]}
+    ids.update(rec["lt"][0], rec["lb"][0])
+    return ids
+
+
+def _token_text(data: AtlasData, i: int) -> str:
+    s = data.token_str.get(int(i))
+    return _clean_str(s) if s is not None else f"<{int(i)}>"
+
+
+def token_index(data: AtlasData, per_token: int = TOKENS_PER_KEY) -> dict[str, list[list]]:
+    """``normalized token string -> [[feature id, weight], ...]`` (heaviest first, at most
+    ``per_token``): a feature's weight for a token is the sum, over its top examples whose anchor
+    is that token, of ``value / max_act``, divided by the number of top-example slots (so a
+    feature whose every top example peaks on the token has weight 1)."""
+    F, K = data.top_value.shape
+    if F == 0 or K == 0:
+        return {}
+    anchors = np.clip(data.top_anchor, 0, data.top_tokens.shape[2] - 1)
+    tok = np.take_along_axis(data.top_tokens, anchors[..., None], axis=2)[..., 0]  # [F, K]
+    peak = np.where(data.max_act > 0, data.max_act, 1.0).astype(np.float64)
+    weight = np.asarray(data.top_value, np.float64) / peak[:, None] / K
+    valid = (tok >= 0) & (data.top_value > 0)
+    keys: dict[int, str] = {}
+    acc: dict[str, dict[int, float]] = {}
+    rows, ks = np.nonzero(valid)
+    for r, k in zip(rows.tolist(), ks.tolist()):
+        t = int(tok[r, k])
+        if t not in keys:
+            keys[t] = normalize_token(_token_text(data, t)) if t in data.token_str else ""
+        key = keys[t]
+        if not key:
+            continue
+        fid = int(data.feature_ids[r])
+        d = acc.setdefault(key, {})
+        d[fid] = d.get(fid, 0.0) + float(weight[r, k])
+    out = {}
+    for key, d in acc.items():
+        best = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:per_token]
+        out[key] = [[f, float(f"{w:.4g}")] for f, w in best]
+    return out
+
+
+def steer_command(meta: dict, feature: int, value: str = "5x",
+                  prompt: str = "My favourite place is") -> str:
+    """The ``jsae steer`` line that clamps ``feature`` (shell-quoted)."""
+    parts = ["jsae", "steer", str(meta.get("run") or "RUN_DIR")]
+    if meta.get("hook"):
+        parts += ["--hook", str(meta["hook"])]
+    parts += ["--feature", str(int(feature)), "--value", value, "--prompt", prompt]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The map files
+
+
+def _cluster_table(xy: np.ndarray, cluster: np.ndarray, labels: dict) -> list:
+    """``[[cluster id, label, x, y, size], ...]`` with the label placed at the members' median,
+    largest clusters first."""
+    out = []
+    ok = np.isfinite(xy).all(1)
+    for c in sorted({int(c) for c in np.asarray(cluster).tolist() if c >= 0}):
+        m = ok & (cluster == c)
+        if not m.any():
+            continue
+        x, y = np.median(xy[m], axis=0)
+        out.append([c, _clean_str(str(labels.get(c, f"cluster {c}"))), *_num([x, y], 5), int(m.sum())])
+    return sorted(out, key=lambda r: -r[4])
+
+
+def _index_payload(data: AtlasData, shard_size: int) -> dict:
+    xy = np.asarray(data.map_xy, np.float64).reshape(-1, 2)
+    meta = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in data.meta.items()}
+    return {
+        "meta": meta, "n": data.n_features, "shard_size": shard_size,
+        "ids": np.asarray(data.feature_ids).astype(np.int64).tolist(),
+        "labels": [_clean_str(s) for s in data.labels],
+        "x": _num(xy[:, 0], 5), "y": _num(xy[:, 1], 5),
+        "cluster": np.asarray(data.cluster).astype(np.int64).tolist(),
+        "clusters": _cluster_table(xy, np.asarray(data.cluster), data.cluster_labels),
+        "hist_edges": _num(data.hist_edges),
+        "local_maps": [[int(m.center), float(m.radius), int(len(m.ids))] for m in data.local_maps],
+        "has_tokens": True,
+    }
+
+
+def _local_payload(lm) -> dict:
+    xy = np.asarray(lm.xy, np.float64).reshape(-1, 2)
+    return {
+        "center": int(lm.center), "radius": float(lm.radius),
+        "ids": np.asarray(lm.ids).astype(np.int64).tolist(),
+        "x": _num(xy[:, 0], 5), "y": _num(xy[:, 1], 5),
+        "cluster": np.asarray(lm.cluster).astype(np.int64).tolist(),
+        "clusters": _cluster_table(xy, np.asarray(lm.cluster), lm.cluster_labels),
+    }
+
+
+def _page(title: str, page: dict) -> str:
+    tpl = (ASSETS / "index.html").read_text(encoding="utf-8")
+    cfg = json.dumps(page, ensure_ascii=True).replace("<", "\\u003c")
+    return tpl.replace("{{TITLE}}", html.escape(title)).replace("{{PAGE}}", cfg)
+
+
+def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
+               progress: bool = True) -> Path:
+    """Write the static site of ``data`` into ``out_dir`` (created; files of an older site in
+    ``data/`` are replaced) and return the path of its ``index.html``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    ddir = out / "data"
+    if ddir.exists():
+        for old in ddir.glob("*.js"):
+            old.unlink()
+    ddir.mkdir(parents=True, exist_ok=True)
+    for name in ("atlas.js", "atlas.css"):
+        shutil.copyfile(ASSETS / name, out / name)
+
+    F = data.n_features
+    (ddir / "atlas.js").write_text(_js("window.__atlas_index", _index_payload(data, shard_size)),
+                                   encoding="ascii")
+    n_shards = (F + shard_size - 1) // shard_size
+    for s in tqdm(range(n_shards), desc="atlas site", unit="shard", disable=not progress or n_shards < 8,
+                  leave=False):
+        recs = feature_records(data, s * shard_size, min(F, (s + 1) * shard_size))
+        toks = set().union(*(_record_tokens(r) for r in recs)) if recs else set()
+        payload = {"features": recs, "tokens": {str(t): _token_text(data, t) for t in sorted(toks)}}
+        (ddir / f"shard-{s:04d}.js").write_text(_js("window.__atlas_shard", s, payload), encoding="ascii")
+    (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", token_index(data)), encoding="ascii")
+
+    meta = data.meta
+    name = " · ".join(str(meta[k]) for k in ("model", "hook") if meta.get(k)) or "features"
+    (out / "index.html").write_text(_page(f"jsae atlas: {name}", {"kind": "global"}), encoding="utf-8")
+    for lm in data.local_maps:
+        c = int(lm.center)
+        (ddir / f"around-{c}.js").write_text(_js("window.__atlas_local", c, _local_payload(lm)),
+                                            encoding="ascii")
+        (out / f"around-{c}.html").write_text(
+            _page(f"jsae atlas: around feature {c}", {"kind": "local", "center": c}), encoding="utf-8")
+    return out / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# One card as HTML, for notebooks
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "–"
+    a = abs(v)
+    if a and (a < 1e-3 or a >= 1e5):
+        return f"{v:.2e}"
+    return f"{v:.3g}" if a < 100 else f"{v:,.0f}"
+
+
+def _density_text(d: float | None) -> str:
+    if not d:
+        return "never fired"
+    return f"{100 * d:.3g}% of tokens (1 in {1 / d:,.0f})"
+
+
+def _tok_span(text: str, alpha: float, act: float, anchor: bool) -> str:
+    style = f"background:rgba(255,106,0,{alpha:.3f})" if alpha > 0 else ""
+    cls = "tok anchor" if anchor else "tok"
+    ws = " ws" if not text.strip() or any(c in text for c in "\n\t\r") else ""
+    return (f'<span class="{cls}{ws}" style="{style}" title="{act:.3g}">'
+            f"{html.escape(visible_token(text))}</span>")
+
+
+def _example_html(ex, tokens: dict[int, str], peak: float) -> str:
+    value, anchor, ids, q = ex
+    spans = [_tok_span(tokens.get(i, f"<{i}>"), a / ACT_LEVELS, a / ACT_LEVELS * peak, j == anchor)
+             for j, (i, a) in enumerate(zip(ids, q))]
+    return (f'<div class="ex"><span class="exv">{_fmt(value)}</span>'
+            f'<span class="ctx">{"".join(spans)}</span></div>')
+
+
+def _hist_svg(counts: list[int], edges: list, width: int = 460, height: int = 90) -> str:
+    n = len(counts)
+    top = max(counts) if counts and max(counts) > 0 else 1
+    bw = width / max(n, 1)
+    bars = []
+    for i, c in enumerate(counts):
+        h = (height - 16) * c / top
+        lo, hi = _fmt(edges[i]), _fmt(edges[i + 1])
+        bars.append(f'<rect x="{i * bw + 0.5:.1f}" y="{height - 16 - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                    f'height="{h:.1f}" fill="#f08a3c"><title>{lo} to {hi}: {c:,}</title></rect>')
+    ticks = "".join(
+        f'<text x="{min(max(i * bw, 12), width - 12):.1f}" y="{height - 3}" text-anchor="middle">'
+        f"{_fmt(edges[i])}</text>" for i in range(0, n + 1, max(1, n // 4)))
+    return (f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+            f'role="img" aria-label="activation histogram">{"".join(bars)}{ticks}</svg>')
+
+
+def _pairs_html(pairs, name_of, cls: str) -> str:
+    pairs = list(zip(*pairs))
+    if not pairs:
+        return '<div class="muted">none</div>'
+    return "".join(f'<div class="{cls}"><span class="pname">{html.escape(name_of(i))}</span>'
+                   f'<span class="pval">{_fmt(v)}</span></div>' for i, v in pairs)
+
+
+def card_html(data: AtlasData, feature: int, *, max_examples: int = 10, style: bool = True) -> str:
+    """One feature's card as a self-contained HTML fragment (a ``<style>`` block and inline
+    styles, no script), e.g. ``IPython.display.HTML(card_html(data, 1838))`` in a notebook."""
+    row = data.row(feature)
+    rec = feature_record(data, row)
+    tokens = {t: _token_text(data, t) for t in _record_tokens(rec)}
+    peak = rec["max"] or 0.0
+    labels = {int(i): data.labels[r] for r, i in enumerate(np.asarray(data.feature_ids).tolist())}
+
+    def label_of(i: int) -> str:
+        return f"#{i} {labels.get(i, '')}".strip()
+
+    def tok_name(i: int) -> str:
+        return visible_token(tokens.get(i, f"<{i}>"))
+
+    parts = ['<div class="jsae-card">']
+    if style:
+        css = (ASSETS / "atlas.css").read_text(encoding="utf-8")
+        parts.insert(0, f"<style>{_scoped_card_css(css)}</style>")
+    parts.append(f'<div class="card-head"><span class="fid">Feature {rec["id"]}</span>'
+                 f'<span class="flabel">{html.escape(rec["label"])}</span></div>')
+    if rec["expl"]:
+        sc = f' <span class="muted">(detection score {_fmt(rec["score"])})</span>' if rec["score"] is not None else ""
+        parts.append(f'<p class="expl">{html.escape(rec["expl"])}{sc}</p>')
+    clabel = data.cluster_labels.get(rec["cluster"]) if rec["cluster"] >= 0 else None
+    stats = [("density", _density_text(rec["density"])), ("mean act", _fmt(rec["mean"])),
+             ("max act", _fmt(rec["max"]))]
+    if clabel:
+        stats.append(("cluster", _clean_str(str(clabel))))
+    parts.append('<div class="stats">' + "".join(
+        f'<div class="stat"><div class="k">{k}</div><div class="v">{html.escape(v)}</div></div>'
+        for k, v in stats) + "</div>")
+    parts.append('<h3>Activation histogram</h3>' + _hist_svg(rec["hist"], _num(data.hist_edges)))
+    parts.append('<div class="cols"><div><h3>Promotes</h3>'
+                 + _pairs_html(rec["lt"], tok_name, "pair pos") + '</div><div><h3>Suppresses</h3>'
+                 + _pairs_html(rec["lb"], tok_name, "pair neg") + "</div></div>")
+    parts.append("<h3>Top activations</h3>")
+    parts += [_example_html(ex, tokens, peak) for ex in rec["top"][:max_examples]] or \
+        ['<div class="muted">no activations</div>']
+    for lo, hi, count, exs in reversed(rec["bands"]):
+        if not exs:
+            continue
+        parts.append(f'<h4>{_fmt(lo)} – {_fmt(hi)} <span class="muted">({count:,} tokens)</span></h4>')
+        parts += [_example_html(ex, tokens, peak) for ex in exs[:max_examples]]
+    parts.append('<div class="cols"><div><h3>Decoder-cosine neighbours</h3>'
+                 + _pairs_html(rec["cos"], label_of, "pair") + "</div><div><h3>Co-activation</h3>"
+                 + _pairs_html(rec["coact"], label_of, "pair") + "</div></div>")
+    parts.append(f'<h3>Steer with it</h3><pre class="cmd">{html.escape(steer_command(data.meta, rec["id"]))}</pre>')
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _scoped_card_css(css: str) -> str:
+    """The card rules of atlas.css (between the CARD markers; each is scoped to ``.jsae-card``)."""
+    m = re.search(r"/\* CARD START \*/(.*)/\* CARD END \*/", css, re.S)
+    return m.group(1) if m else ""
