@@ -1,0 +1,97 @@
+"""Short automatic labels from the tokens a feature fires on (offline, no model needed), the
+text of token ids, and cluster labels built from members' labels.
+
+A feature's label lists the distinct tokens at the anchors of its top examples, heaviest first
+(weight: the sum of the examples' values), e.g. ``San · Santa · Los``; when one token carries
+almost all the weight, the most frequent next token is added in brackets (``study (of)``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+
+_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_strings(tokenizer, ids) -> dict[int, str]:
+    """``id -> text`` of each token, with SentencePiece's leading ``▁`` as a space and byte
+    tokens (``<0x0A>``) as their character when it is ASCII. Ids < 0 are skipped."""
+    out = {}
+    to_tok = getattr(tokenizer, "id_to_token", None)
+    for i in sorted({int(i) for i in np.asarray(list(ids)).ravel() if int(i) >= 0}):
+        s = to_tok(i) if to_tok is not None else None
+        if s is None:
+            s = tokenizer.decode([i])
+        else:
+            m = _BYTE.match(s)
+            if m and int(m.group(1), 16) < 128:
+                s = chr(int(m.group(1), 16))
+            else:
+                s = s.replace("▁", " ")
+        out[i] = s
+    return out
+
+
+def auto_label(tokens: np.ndarray, anchor: np.ndarray, values: np.ndarray, token_str: dict[int, str],
+               n: int = 3) -> str:
+    """Label of one feature from its top examples: ``tokens [K, W]``, ``anchor [K]``,
+    ``values [K]`` (0 = empty slot)."""
+    weight: Counter = Counter()
+    nxt: Counter = Counter()
+    for t, a, v in zip(tokens, anchor, values):
+        if v <= 0 or t[a] < 0:
+            continue
+        raw = token_str.get(int(t[a]), f"<{int(t[a])}>")
+        key = raw.strip().lower() or raw
+        weight[key] += float(v)
+        if a + 1 < len(t) and t[a + 1] >= 0:
+            nxt[(key, token_str.get(int(t[a + 1]), "").strip())] += 1
+    if not weight:
+        return ""
+    shown = {}
+    for t, a, v in zip(tokens, anchor, values):  # the casing of the heaviest example
+        if v > 0 and t[a] >= 0:
+            raw = token_str.get(int(t[a]), f"<{int(t[a])}>")
+            shown.setdefault(raw.strip().lower() or raw, _visible(raw))
+    total = sum(weight.values())
+    top = weight.most_common(n)
+    if top[0][1] >= 0.8 * total:
+        follow = [(nx, c) for (k, nx), c in nxt.items() if k == top[0][0] and nx]
+        label = shown[top[0][0]]
+        if follow:
+            nx, c = max(follow, key=lambda p: (p[1], p[0]))
+            if c >= 2:
+                label += f" ({nx})"
+        return label
+    return " · ".join(shown[k] for k, _ in top)
+
+
+def _visible(s: str) -> str:
+    t = s.strip()
+    if t:
+        return t
+    return "⏎" if "\n" in s else "␣"
+
+
+def auto_labels(top_tokens: np.ndarray, top_anchor: np.ndarray, top_value: np.ndarray,
+                token_str: dict[int, str], n: int = 3) -> list[str]:
+    """Labels of every feature (``[F, K, W]``, ``[F, K]``, ``[F, K]``); ``""`` for a feature
+    that never fired."""
+    return [auto_label(top_tokens[f], top_anchor[f], top_value[f], token_str, n)
+            for f in range(len(top_tokens))]
+
+
+def cluster_labels(cluster: np.ndarray, labels: list[str], n: int = 3) -> dict[int, str]:
+    """A label per cluster id (>= 0): the words most frequent among its members' labels."""
+    out = {}
+    cluster = np.asarray(cluster)
+    for c in sorted({int(c) for c in cluster.tolist() if c >= 0}):
+        words: Counter = Counter()
+        for i in np.flatnonzero(cluster == c):
+            for w in {w for w in re.split(r"\s*·\s*|[()]", labels[i]) if w.strip()}:
+                words[w.strip()] += 1
+        out[c] = " · ".join(w for w, _ in words.most_common(n)) or f"cluster {c}"
+    return out
