@@ -109,27 +109,30 @@ def coactivation_neighbours(coact_rows: np.ndarray, d_sae: int, n: int = 10, *, 
     """Jaccard co-activation neighbours from the pass's token sample ``coact_rows [tokens, k]``
     (active feature ids, -1 = none): ``(ids [d_sae, n] int64, scores [d_sae, n] float32)``,
     descending, ties to the lower id; pairs seen together on fewer than ``min_count`` tokens
-    are left out (-1 / NaN)."""
-    from scipy import sparse
-
-    rows = np.asarray(coact_rows)
-    r, c = np.nonzero(rows >= 0)
-    A = sparse.csr_matrix((np.ones(len(r), np.float32), (r, rows[r, c])),
-                          shape=(max(len(rows), 1), d_sae))
-    A.data[:] = 1.0  # a feature listed twice on one token counts once
-    C = (A.T @ A).tocsr()  # [F, F] sparse co-firing counts
-    count = np.asarray(A.sum(0)).ravel()
+    are left out (-1 / NaN). Memory ``tokens * k^2`` pairs (NumPy, no dense [F, F])."""
+    rows = np.sort(np.asarray(coact_rows, np.int64), axis=1)
+    if rows.ndim != 2 or rows.size == 0:
+        rows = np.full((0, 1), -1, np.int64)
+    dup = np.zeros(rows.shape, bool)
+    dup[:, 1:] = rows[:, 1:] == rows[:, :-1]  # a feature listed twice on one token counts once
+    rows = np.where(dup, -1, rows)
+    valid = rows >= 0
+    count = np.bincount(rows[valid], minlength=d_sae)[:d_sae]
+    a, b = rows[:, :, None], rows[:, None, :]
+    ok = (a >= 0) & (b >= 0) & (a != b)
+    keys = (np.broadcast_to(a, ok.shape)[ok] * d_sae + np.broadcast_to(b, ok.shape)[ok])
+    pair, both = np.unique(keys, return_counts=True)
+    f, g = pair // d_sae, pair % d_sae
+    keep = both >= min_count
+    f, g, both = f[keep], g[keep], both[keep]
+    score = both / (count[f] + count[g] - both)
+    order = np.lexsort((g, -score, f))
+    f, g, score = f[order], g[order], score[order]
+    start = np.searchsorted(f, np.arange(d_sae))
+    rank = np.arange(len(f)) - start[f]
+    sel = rank < n
     ids = np.full((d_sae, n), -1, np.int64)
     vals = np.full((d_sae, n), np.nan, np.float32)
-    for f in range(d_sae):
-        a, b = C.indptr[f], C.indptr[f + 1]
-        g, both = C.indices[a:b], C.data[a:b]
-        keep = (g != f) & (both >= min_count)
-        g, both = g[keep], both[keep]
-        if not len(g):
-            continue
-        score = both / (count[f] + count[g] - both)
-        order = np.lexsort((g, -score))[:n]
-        ids[f, : len(order)] = g[order]
-        vals[f, : len(order)] = score[order]
+    ids[f[sel], rank[sel]] = g[sel]
+    vals[f[sel], rank[sel]] = score[sel]
     return ids, vals
