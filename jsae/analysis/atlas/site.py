@@ -161,8 +161,7 @@ def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
             _quantized(data.band_acts[sl], peak), np.asarray(data.band_anchor[sl]).tolist())
     edges, counts = _num(data.band_edges[sl]), np.asarray(data.band_count[sl]).astype(np.int64).tolist()
     pairs = {k: (np.asarray(getattr(data, f"{a}_ids")[sl]).astype(np.int64).tolist(),
-                 _num(getattr(data, f"{a}_vals")[sl]))
-             for k, a in (("lt", "logit_top"), ("lb", "logit_bottom"), ("cos", "cos"), ("coact", "coact"))}
+                 _num(getattr(data, f"{a}_vals")[sl])) for k, a in _PAIRS}
     recs = []
     for j in range(hi - lo):
         bands = [[edges[j][b], edges[j][b + 1], counts[j][b],
@@ -181,6 +180,39 @@ def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
 def feature_record(data: AtlasData, row: int) -> dict:
     """The card record of the feature in ``row`` (see :func:`feature_records`)."""
     return feature_records(data, row, row + 1)[0]
+
+
+def shard_payload(data: AtlasData, lo: int, hi: int) -> dict:
+    """The features in rows ``lo:hi`` as columns (one list per field, rows in order), plus the
+    text of every token they mention. The viewer assembles a card's record from row ``j`` of
+    these columns (``recordAt`` in atlas.js: the same format as :func:`feature_records`); keeping
+    the arrays whole makes writing 10^5 features a matter of ``tolist`` and ``json``."""
+    sl = slice(lo, hi)
+    peak = np.asarray(data.max_act[sl], np.float64)
+    ids = lambda a: np.asarray(a[sl]).astype(np.int64).tolist()  # noqa: E731
+    used = np.concatenate([np.asarray(a[sl]).ravel() for a in (
+        data.top_tokens, data.band_tokens, data.logit_top_ids, data.logit_bottom_ids)])
+    used = np.unique(used[used >= 0]).tolist()
+    expl = data.explanations[sl] if data.explanations is not None else None
+    return {
+        "lo": lo, "ids": ids(data.feature_ids),
+        "labels": [_clean_str(t) for t in data.labels[lo:hi]],
+        "expl": [_clean_str(e) if e else None for e in expl] if expl is not None else None,
+        "score": _num(data.explanation_scores[sl]) if data.explanation_scores is not None else None,
+        "density": _num(data.density[sl]), "mean": _num(data.mean_act[sl]), "max": _num(peak),
+        "cluster": ids(data.cluster), "hist": ids(data.hist_counts),
+        "top_value": _num(data.top_value[sl]), "top_anchor": ids(data.top_anchor),
+        "top_tokens": ids(data.top_tokens), "top_q": _quantized(data.top_acts[sl], peak),
+        "band_edges": _num(data.band_edges[sl]), "band_count": ids(data.band_count),
+        "band_value": _num(data.band_value[sl]), "band_anchor": ids(data.band_anchor),
+        "band_tokens": ids(data.band_tokens), "band_q": _quantized(data.band_acts[sl], peak),
+        **{f"{k}_ids": ids(getattr(data, f"{a}_ids")) for k, a in _PAIRS},
+        **{f"{k}_vals": _num(getattr(data, f"{a}_vals")[sl]) for k, a in _PAIRS},
+        "tokens": {str(t): _token_text(data, t) for t in used},
+    }
+
+
+_PAIRS = (("lt", "logit_top"), ("lb", "logit_bottom"), ("cos", "cos"), ("coact", "coact"))
 
 
 def _record_tokens(rec: dict) -> set[int]:
@@ -258,8 +290,13 @@ def _cluster_table(xy: np.ndarray, cluster: np.ndarray, labels: dict) -> list:
 
 def _index_payload(data: AtlasData, shard_size: int) -> dict:
     xy = np.asarray(data.map_xy, np.float64).reshape(-1, 2)
-    meta = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-            for k, v in data.meta.items()}
+    meta = {}
+    for k, v in data.meta.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        meta[str(k)] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            meta[str(k)] = None
     return {
         "meta": meta, "n": data.n_features, "shard_size": shard_size,
         "ids": np.asarray(data.feature_ids).astype(np.int64).tolist(),
@@ -311,9 +348,7 @@ def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
     n_shards = (F + shard_size - 1) // shard_size
     for s in tqdm(range(n_shards), desc="atlas site", unit="shard", disable=not progress or n_shards < 8,
                   leave=False):
-        recs = feature_records(data, s * shard_size, min(F, (s + 1) * shard_size))
-        toks = set().union(*(_record_tokens(r) for r in recs)) if recs else set()
-        payload = {"features": recs, "tokens": {str(t): _token_text(data, t) for t in sorted(toks)}}
+        payload = shard_payload(data, s * shard_size, min(F, (s + 1) * shard_size))
         (ddir / f"shard-{s:04d}.js").write_text(_js("window.__atlas_shard", s, payload), encoding="ascii")
     (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", token_index(data)), encoding="ascii")
 
@@ -375,7 +410,8 @@ def _hist_svg(counts: list[int], edges: list, width: int = 460, height: int = 90
         bars.append(f'<rect x="{i * bw + 0.5:.1f}" y="{height - 16 - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
                     f'height="{h:.1f}" fill="#f08a3c"><title>{lo} to {hi}: {c:,}</title></rect>')
     ticks = "".join(
-        f'<text x="{min(max(i * bw, 12), width - 12):.1f}" y="{height - 3}" text-anchor="middle">'
+        f'<text x="{i * bw:.1f}" y="{height - 3}" '
+        f'text-anchor="{"start" if i == 0 else "end" if i == n else "middle"}">'
         f"{_fmt(edges[i])}</text>" for i in range(0, n + 1, max(1, n // 4)))
     return (f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
             f'role="img" aria-label="activation histogram">{"".join(bars)}{ticks}</svg>')

@@ -339,7 +339,38 @@
     const shard = Math.floor(row / store.index.shard_size);
     await load(`data/shard-${pad4(shard)}.js`);
     const s = store.shards[shard];
-    return { rec: s.features[row - shard * store.index.shard_size], tokens: s.tokens };
+    return { rec: recordAt(s, row - s.lo), tokens: s.tokens };
+  }
+  // One feature's card record from row j of a shard's columns (site.py's feature_records format):
+  // examples [value, anchor, token ids, acts 0..ACT_LEVELS] without padding or empty slots.
+  function examples(values, anchors, tokens, qs) {
+    const out = [];
+    values.forEach((v, k) => {
+      if (!(v > 0)) return;
+      const toks = tokens[k], q = qs[k], a = Math.min(Math.max(anchors[k], 0), toks.length - 1);
+      const keep = [];
+      toks.forEach((t, i) => { if (t >= 0) keep.push(i); });
+      if (!keep.length) return;
+      out.push([v, keep.filter((i) => i < a).length, keep.map((i) => toks[i]), keep.map((i) => q[i])]);
+    });
+    return out;
+  }
+  function pairsAt(ids, vals) {
+    const keep = ids.map((id, i) => i).filter((i) => ids[i] >= 0);
+    return [keep.map((i) => ids[i]), keep.map((i) => vals[i])];
+  }
+  function recordAt(s, j) {
+    const edges = s.band_edges[j];
+    return {
+      id: s.ids[j], row: s.lo + j, label: s.labels[j], expl: s.expl ? s.expl[j] : null,
+      score: s.score ? s.score[j] : null, density: s.density[j], mean: s.mean[j], max: s.max[j],
+      cluster: s.cluster[j], hist: s.hist[j],
+      top: examples(s.top_value[j], s.top_anchor[j], s.top_tokens[j], s.top_q[j]),
+      bands: s.band_count[j].map((count, b) => [edges[b], edges[b + 1], count,
+        examples(s.band_value[j][b], s.band_anchor[j][b], s.band_tokens[j][b], s.band_q[j][b])]),
+      lt: pairsAt(s.lt_ids[j], s.lt_vals[j]), lb: pairsAt(s.lb_ids[j], s.lb_vals[j]),
+      cos: pairsAt(s.cos_ids[j], s.cos_vals[j]), coact: pairsAt(s.coact_ids[j], s.coact_vals[j]),
+    };
   }
 
   function tokSpan(text, q, anchor, peak) {
@@ -372,7 +403,8 @@
     });
     root.append(svg("line", { x1: 0, x2: W, y1: H - B + 0.5, y2: H - B + 0.5, stroke: "#cbd5e1" }));
     for (let i = 0; i <= n; i += Math.max(1, Math.floor(n / 4))) {
-      const t = svg("text", { x: Math.min(Math.max(i * bw, 14), W - 14).toFixed(1), y: H - 3, "text-anchor": "middle" });
+      const anchor = i === 0 ? "start" : i === n ? "end" : "middle";
+      const t = svg("text", { x: (i * bw).toFixed(1), y: H - 3, "text-anchor": anchor });
       t.textContent = fmt(edges[i]);
       root.append(t);
     }
@@ -429,7 +461,7 @@
     if (PAGE.kind === "global" && atlas.map && atlas.map.rowOf.has(rec.id) && atlas.map.ok[atlas.map.rowOf.get(rec.id)]) {
       tools.append(el("button", { type: "button", class: "ghost", text: "show on map", onclick: () => { atlas.map.centerOn(rec.id); atlas.map.select(rec.id); } }));
     }
-    if (ix.local_maps.some((m) => m[0] === rec.id)) tools.append(el("a", { class: "ghost", href: `around-${rec.id}.html#f=${rec.id}`, text: "map around this feature" }));
+    if (ix.local_maps.some((m) => m[0] === rec.id) && !(PAGE.kind === "local" && PAGE.center === rec.id)) tools.append(el("a", { class: "ghost", href: `around-${rec.id}.html#f=${rec.id}`, text: "map around this feature" }));
     if (tools.childNodes.length) kids.push(tools);
     kids.push(section("Activation histogram", histogram(rec.hist, ix.hist_edges)));
     kids.push(el("div", { class: "cols" },
@@ -508,7 +540,7 @@
     panel.replaceChildren(...renderCard(got.rec, got.tokens));
     panel.classList.remove("loading");
     panel.scrollTop = 0;
-    if (atlas.map) atlas.map.select(id);
+    if (atlas.map) { atlas.map.centerOn(id); atlas.map.select(id); }
     document.title = `#${id} ${got.rec.label} · jsae atlas`;
     atlas.cardReady = true;
   }
