@@ -102,3 +102,101 @@ def test_bad_input_one_line(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no saved SAEs"):
         (tmp_path / "run").mkdir()
         atlas(tmp_path / "run")
+
+
+# the keys of a feature and of an activation in a batch file of SAEDashboard's neuronpedia_runner
+# (sae_dashboard/neuronpedia/neuronpedia_dashboard.py, NeuronpediaDashboardFeature.to_dict, with
+# the newer `vector` field; Neuronpedia's importer reads these names)
+NP_FEATURE_KEYS = {
+    "feature_index", "vector", "neuron_alignment_indices", "neuron_alignment_values",
+    "neuron_alignment_l1", "correlated_neurons_indices", "correlated_neurons_l1",
+    "correlated_neurons_pearson", "correlated_features_indices", "correlated_features_l1",
+    "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
+    "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights",
+    "logits_hist_data_bar_heights", "logits_hist_data_bar_values", "n_prompts_total",
+    "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations",
+}
+NP_ACTIVATION_KEYS = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"}
+
+
+def test_neuronpedia_batches_have_the_exporters_fields(tiny, tmp_path):
+    import json
+
+    from jsae.analysis.atlas.neuronpedia import export_neuronpedia
+
+    _, sae, data = tiny
+    vec = np.asarray(sae.params["W_dec"]) / float(sae.norm_scale)
+    files = export_neuronpedia(data, tmp_path / "np", vectors=vec, features_per_batch=16)
+    live = np.flatnonzero(data.density > 0)
+    assert len(files) == -(-len(live) // 16) and files[0].name == "batch-0.json"
+    batches = [json.loads(f.read_text()) for f in files]
+    feats = [f for b in batches for f in b["features"]]
+    assert [f["feature_index"] for f in feats] == live.tolist()
+    b = batches[0]
+    assert set(b) == {"model_id", "layer", "sae_set", "sae_id_suffix", "features"}
+    assert b["layer"] == 1 and isinstance(b["sae_set"], str)
+    for f in feats:
+        assert set(f) == NP_FEATURE_KEYS
+        r = data.row(f["feature_index"])
+        assert len(f["vector"]) == vec.shape[1]
+        np.testing.assert_allclose(f["vector"], vec[r], atol=1e-5)
+        assert len(f["pos_str"]) == len(f["pos_values"]) == 5 == len(f["neg_str"])
+        assert all(isinstance(s, str) for s in f["pos_str"] + f["neg_str"])
+        assert f["pos_values"] == sorted(f["pos_values"], reverse=True)
+        assert len(f["freq_hist_data_bar_heights"]) == len(f["freq_hist_data_bar_values"])
+        assert sum(f["freq_hist_data_bar_heights"]) == data.hist_counts[r].sum()
+        assert abs(f["frac_nonzero"] - data.density[r]) < 1e-9
+        assert len(f["correlated_features_indices"]) == len(f["correlated_features_l1"])
+        assert f["activations"]
+        top = [a for a in f["activations"] if a["bin_min"] == -1]
+        assert len(top) == (data.top_value[r] > 0).sum()
+        for a in f["activations"]:
+            assert set(a) == NP_ACTIVATION_KEYS
+            assert len(a["tokens"]) == len(a["values"]) and 0 <= a["qualifying_token_index"] < len(a["tokens"])
+            peak = a["values"][a["qualifying_token_index"]]
+            assert peak == pytest.approx(max(a["values"]), rel=1e-2, abs=1e-3) or a["bin_min"] >= 0
+            if a["bin_min"] >= 0:
+                assert a["bin_min"] <= peak <= a["bin_max"] + 1e-3
+        assert top[0]["values"][top[0]["qualifying_token_index"]] == pytest.approx(
+            float(data.max_act[r]), rel=1e-2)
+
+
+def test_cli_atlas_then_around(tmp_path, monkeypatch, capsys):
+    """`jsae atlas RUN` on a run folder of the tiny model, then `--around` on the saved atlas
+    (no LM pass), and a bad feature id / a run without an SAE as one line, exit 2."""
+    from jsae import cli
+    from jsae.sae.io import save_sae
+
+    model = TinyModel()
+    sample = np.random.default_rng(0).normal(size=(256, model.cfg.d_model)).astype(np.float32)
+    sae = random_sae("topk", model.cfg.d_model, 64, k=6, sample=sample)
+    run = tmp_path / "run"
+    save_sae(sae, run / "saes" / HOOK, {"hook": HOOK})
+    (run / "config.yaml").write_text(f"model:\n  name: tiny\n  hooks: [{HOOK}]\n")
+    import jsae.analysis.atlas.build as build
+
+    real = build._resolve
+    monkeypatch.setattr(build, "_resolve", lambda s, h, m: real(s, h, model))
+    (tmp_path / "a.txt").write_text(" ".join(TEXTS[:60]))
+    (tmp_path / "b.txt").write_text(" ".join(TEXTS[60:]))
+    out = tmp_path / "atlas"
+    rc = cli.main(["atlas", str(run), "--out", str(out), "--tokens", "3000", "--context-length", "32",
+                   "--window", "8", "--top-k", "4", "--map", "pca", "--text", str(tmp_path / "*.txt"),
+                   "--neuronpedia", str(tmp_path / "np")])
+    assert rc == 0
+    assert (out / "atlas.npz").exists() and (out / "map.png").exists()
+    assert (out / "index.html").exists() and (tmp_path / "np" / "batch-0.json").exists()
+    text = capsys.readouterr().out
+    assert "features fired" in text
+    rc = cli.main(["atlas", str(run), "--out", str(out), "--around", "5", "--radius", "0.9",
+                   "--map", "pca"])
+    assert rc == 0 and (out / "local_5.png").exists()
+    assert "local map of feature 5" in capsys.readouterr().out
+    assert load_atlas(out / "atlas.npz").local_maps[0].center == 5
+    rc = cli.main(["atlas", str(run), "--out", str(out), "--around", "64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "out of range" in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    rc = cli.main(["atlas", str(tmp_path / "empty")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no saved SAEs" in err and len(err.splitlines()) == 1

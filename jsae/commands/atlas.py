@@ -1,0 +1,162 @@
+"""`jsae atlas RUN_DIR --tokens N --out DIR`: every feature's card, neighbours and a map, as a
+static site (open DIR/index.html); `--around F --radius R` adds the local map of a feature."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "atlas", help="build the feature atlas: cards, neighbours, maps, a static site",
+        description="One streaming pass over text through the LM gathers, for every feature, its "
+        "density, histogram, top contexts and quantile-band samples; then logit effects, decoder "
+        "and co-activation neighbours, automatic labels and a UMAP map. Writes DIR/index.html "
+        "(works from file://), DIR/atlas.npz, DIR/map.png. With --around F on an existing atlas, "
+        "only the local map of F is computed (no LM pass).")
+    p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/atlas)")
+    p.add_argument("--hook", help="hook point (default: the run's first hook)")
+    p.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to scan (default 200000)")
+    p.add_argument("--text", action="append", default=[], metavar="GLOB",
+                   help="read the corpus from these .txt/.jsonl files (repeatable; default: the "
+                   "offline corpus of Wikipedia summaries and State of the Union speeches)")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per context (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per LM pass (default 8)")
+    p.add_argument("--top-k", type=int, default=16, help="top contexts kept per feature (default 16)")
+    p.add_argument("--window", type=int, default=24, help="tokens shown per example (default 24)")
+    p.add_argument("--bands", type=int, default=10, help="quantile bands (default 10)")
+    p.add_argument("--band-samples", type=int, default=4, help="samples per band (default 4)")
+    p.add_argument("--neighbours", type=int, default=10, help="neighbours per feature (default 10)")
+    p.add_argument("--around", type=int, action="append", default=[],
+                   help="feature id whose local map to add (repeatable)")
+    p.add_argument("--radius", type=float, default=0.3,
+                   help="local map radius as a decoder cosine distance 1 - cos (default 0.3)")
+    p.add_argument("--map", choices=["umap", "pca", "none"], default="umap",
+                   help="layout of the global map (default umap; needs jsae[atlas])")
+    p.add_argument("--rebuild", action="store_true",
+                   help="with --around: rebuild the atlas even if DIR/atlas.npz exists")
+    p.add_argument("--fresh", action="store_true", help="ignore a saved partial pass")
+    p.add_argument("--neuronpedia", metavar="DIR", help="also export Neuronpedia batch-N.json files")
+    p.add_argument("--explainer", metavar="URL",
+                   help="OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) that writes "
+                   "explanations; key from $OPENAI_API_KEY")
+    p.add_argument("--explainer-model", default="default", help="model name sent to the explainer")
+    p.add_argument("--explain", type=int, default=50,
+                   help="features to explain, the most frequent live ones first (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _paths(args):
+    from pathlib import Path
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "atlas"
+    return out, out / "atlas.npz"
+
+
+def _load_sae(run_dir, hook):
+    from pathlib import Path
+
+    from jsae.analysis.run import run_hooks
+    from jsae.sae.io import load_sae
+
+    hooks = run_hooks(run_dir)
+    if not hooks:
+        raise FileNotFoundError(f"{run_dir}: no saved SAEs under {Path(run_dir) / 'saes'} "
+                                "(train first: jsae train CONFIG)")
+    hook = hook or hooks[0]
+    if hook not in hooks:
+        raise FileNotFoundError(f"{run_dir}: no SAE for hook {hook!r}; saved: {', '.join(hooks)}")
+    return load_sae(Path(run_dir) / "saes" / hook)[0], hook
+
+
+def _write_outputs(data, out, sae, args, log) -> None:
+    from jsae.analysis.atlas.build import save_atlas
+    from jsae.analysis.atlas.maps import plot_global, plot_local
+
+    save_atlas(data, out / "atlas.npz")
+    if args.map != "none" and (data.map_xy == data.map_xy).any():
+        plot_global(data, out / "map.png")
+    labels = dict(zip(data.feature_ids.tolist(), data.labels))
+    for lm in data.local_maps:
+        plot_local(lm, out / f"local_{lm.center}.png", labels)
+    try:
+        from jsae.analysis.atlas.site import write_site
+    except ImportError:  # the site writer is optional for the data products
+        write_site = None
+    if write_site is not None:
+        index = write_site(out, data)
+        log(f"site: {index}  (open it in a browser, or python -m http.server -d {out})")
+    if args.neuronpedia:
+        from jsae.analysis.atlas.neuronpedia import export_neuronpedia
+
+        files = export_neuronpedia(data, args.neuronpedia, vectors=sae.params["W_dec"] / sae.norm_scale)
+        log(f"neuronpedia: {len(files)} batch files in {args.neuronpedia}")
+
+
+def _describe_local(data, lm) -> str:
+    lines = [f"local map of feature {lm.center} ({data.labels[data.row(lm.center)]!r}): "
+             f"{len(lm.ids)} features within cosine distance {lm.radius:g}, "
+             f"{len(lm.cluster_labels)} clusters"]
+    for c, lab in sorted(lm.cluster_labels.items()):
+        members = lm.ids[lm.cluster == c]
+        lines.append(f"  cluster {c} ({len(members)}): {lab}  e.g. "
+                     + ", ".join(f"{int(i)} {data.labels[data.row(int(i))]!r}" for i in members[:4]))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from jsae.analysis.atlas.build import add_local_map, atlas, load_atlas
+    from jsae.analysis.atlas.stream import AtlasError, StreamConfig
+    from jsae.analysis.cli_utils import log
+
+    out, npz = _paths(args)
+    if args.tokens <= 0:
+        raise AtlasError(f"--tokens must be positive, got {args.tokens}")
+    if args.around and npz.exists() and not args.rebuild:
+        sae, hook = _load_sae(args.run_dir, args.hook)
+        data = load_atlas(npz)
+        if data.meta.get("hook") != hook or data.meta.get("d_sae") != sae.spec.d_sae:
+            raise AtlasError(f"{npz} is an atlas of {data.meta.get('hook')} with "
+                             f"{data.meta.get('d_sae')} features, not of this run's {hook} "
+                             f"({sae.spec.d_sae}); use --rebuild or another --out")
+        method = "pca" if args.map == "pca" else "umap"
+        for f in args.around:
+            lm = add_local_map(data, sae, f, args.radius, seed=args.seed, method=method)
+            print(_describe_local(data, lm))
+        _write_outputs(data, out, sae, args, log)
+        log(f"wrote {out}/local_{args.around[-1]}.png and {npz}")
+        return 0
+    cfg = StreamConfig(top_k=args.top_k, window=min(args.window, args.context_length),
+                       bands=args.bands, band_samples=args.band_samples)
+    state_dir = out / "state"
+    if args.fresh and state_dir.exists():
+        import shutil
+
+        shutil.rmtree(state_dir)
+    sae, _ = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
+    texts = None
+    if args.text:
+        from jsae.data.text import FileDocuments
+
+        docs = FileDocuments(args.text)
+        texts = [docs[i] for i in range(len(docs))]
+    log(f"loading {args.run_dir} ...")
+    data = atlas(args.run_dir, hook=args.hook, tokens=args.tokens,
+                 context_length=args.context_length, cfg=cfg, batch_size=args.batch_size,
+                 n_neighbours=args.neighbours, maps=args.map != "none", around=args.around,
+                 radius=args.radius, seed=args.seed, state_dir=state_dir, texts=texts,
+                 map_method="pca" if args.map == "pca" else "umap")
+    if args.explainer:
+        from jsae.analysis.atlas.explain import ChatClient, explain_atlas
+
+        client = ChatClient(args.explainer, model=args.explainer_model, cache_dir=out / "explain_cache")
+        explain_atlas(data, client, n_features=args.explain, seed=args.seed)
+    _write_outputs(data, out, sae, args, log)
+    live = int((data.density > 0).sum())
+    print(f"atlas of {data.meta['hook']}: {live} of {data.n_features} features fired on "
+          f"{data.meta['n_tokens']:,} tokens; {len(data.cluster_labels)} clusters; wrote {out}")
+    for lm in data.local_maps:
+        print(_describe_local(data, lm))
+    return 0
