@@ -116,6 +116,7 @@
       this.nOk = this.ok.reduce((a, b) => a + b, 0);
       this.selected = null;
       this.hits = [];
+      this.links = [];
       this.hover = null;
       this.buildGrid();
       this.bindEvents();
@@ -221,6 +222,13 @@
         ctx.beginPath(); ctx.arc(sx, sy, rr, 0, 6.2832);
         ctx.lineWidth = lw; ctx.strokeStyle = col; ctx.stroke();
       };
+      if (this.selected != null && this.ok[this.selected] && this.links.length) {
+        const [x0, y0] = this.toScreen(this.selected);
+        ctx.beginPath();
+        for (const i of this.links) { const [x1, y1] = this.toScreen(i); ctx.moveTo(x0, y0); ctx.lineTo(x1, y1); }
+        ctx.lineWidth = 1; ctx.strokeStyle = "rgba(215,38,61,0.45)"; ctx.stroke();
+        for (const i of this.links) ring(i, "#d7263d", r + 2, 1.2);
+      }
       for (const i of this.hits) ring(i, "#111827", r + 3, 1.5);
       if (this.pts.center != null) ring(this.rowOf.get(this.pts.center), "#111827", r + 6, 2.5);
       ring(this.selected, "#d7263d", r + 5, 2.5);
@@ -304,7 +312,13 @@
       }
       return true;
     }
-    select(id) { const i = this.rowOf.get(id); this.selected = i == null ? null : i; this.draw(); }
+    // The selected feature, with lines to its (decoder-cosine) neighbours that are on this map.
+    select(id, neighbours) {
+      const i = this.rowOf.get(id);
+      this.selected = i == null ? null : i;
+      this.links = (neighbours || []).map((n) => this.rowOf.get(n)).filter((j) => j != null && this.ok[j]);
+      this.draw();
+    }
     setHits(ids) { this.hits = ids.map((id) => this.rowOf.get(id)).filter((i) => i != null); this.draw(); }
     screenPos(id) {
       const i = this.rowOf.get(id);
@@ -469,6 +483,8 @@
       section("Suppresses", pairList(rec.lb, tokName, "neg"))));
     const top = section("Top activations");
     top.classList.add("top");
+    top.append(el("div", { class: "legend muted" }, "token background: activation ÷ the feature's max (",
+      fmt(peak), "); ", el("span", { class: "tok anchor", text: "underlined" }), ": the peak token. Hover a token for its value."));
     if (rec.top.length) rec.top.forEach((ex) => top.append(exampleRow(ex, tokens, peak)));
     else top.append(el("div", { class: "muted", text: "no activations in the corpus sample" }));
     kids.push(top);
@@ -540,7 +556,7 @@
     panel.replaceChildren(...renderCard(got.rec, got.tokens));
     panel.classList.remove("loading");
     panel.scrollTop = 0;
-    if (atlas.map) { atlas.map.centerOn(id); atlas.map.select(id); }
+    if (atlas.map) { atlas.map.centerOn(id); atlas.map.select(id, got.rec.cos[0]); }
     document.title = `#${id} ${got.rec.label} · jsae atlas`;
     atlas.cardReady = true;
   }
