@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,12 +58,17 @@ class LanguageModel:
     params: dict
     tokenizer: Optional[Tokenizer]
     name: str
+    vision: Optional[Any] = None  # jsae.models.multimodal.VisionTower for Gemma 3 4B+ (images)
 
     @property
     def dtype(self):
         return self.params["embed"].dtype
 
-    def forward(self, tokens, **kw):
+    def forward(self, tokens, pixel_values=None, **kw):
+        from jsae.models import multimodal
+
+        if pixel_values is not None or isinstance(tokens, multimodal.MultimodalInputs):
+            return multimodal.forward(self, tokens, pixel_values, **kw)
         from jsae.models.transformer import forward
 
         return forward(self.cfg, self.params, tokens, **kw)
@@ -72,8 +78,16 @@ class LanguageModel:
 
         return generate(self, prompts, max_new_tokens, **kw)
 
-    def to_tokens(self, texts, *, add_bos: bool = True, padding_side: str = "right"):
-        """Tokenise a string or a list of strings -> (tokens [B, T] int32, attention_mask [B, T])."""
+    def to_tokens(self, texts, *, add_bos: bool = True, padding_side: str = "right", images=None):
+        """Tokenise a string or a list of strings -> (tokens [B, T] int32, attention_mask [B, T]).
+
+        With `images` (one entry per text: an image, a list of images or None; PIL, NumPy or a
+        path) -> `MultimodalInputs(tokens, attention_mask, pixel_values, image_mask)` built as
+        Gemma 3's processor does (see `jsae.models.images.build_inputs`)."""
+        if images is not None:
+            from jsae.models.images import build_inputs
+
+            return build_inputs(self, texts, images, add_bos=add_bos, padding_side=padding_side)
         if isinstance(texts, str):
             texts = [texts]
         ids = self._tok().encode_batch(texts, add_bos=add_bos)
@@ -183,7 +197,7 @@ def _hub_download(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as e:
         raise ImportError(f"loading {repo_id!r} from the hub needs huggingface_hub (pip install 'jsae[hf]')") from e
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -246,6 +260,9 @@ def load_gguf(
     entry = cache_dir() / "models" / (cache_key or _gguf_key(path))
     if cache and _complete(entry):
         return _from_cache(entry, dtype, name)
+    if cache:
+        print(f"jsae: converting {path.name} once into {entry} (later loads take seconds)",
+              file=sys.stderr, flush=True)
     meta, tensors = read_gguf(path)
     cfg = config_from_gguf(meta, tensors.keys())
     params_np = params_from_gguf(cfg, tensors, source=str(path))
@@ -366,4 +383,9 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32", *, name: Option
     tensors = read_safetensors(files)
     params_np = params_from_hf(cfg, tensors, source=str(d))
     tokenizer = Tokenizer.from_dir(d, hf_cfg) if (d / "tokenizer.json").exists() else None
-    return LanguageModel(cfg, to_device(params_np, dtype), tokenizer, name or d.name)
+    vision = None
+    if "vision_config" in hf_cfg:  # Gemma 3 4B+: the SigLIP tower and projector too
+        from jsae.models.multimodal import maybe_vision_from_hf
+
+        vision = maybe_vision_from_hf(hf_cfg, tensors, cfg.d_model, d, dtype)
+    return LanguageModel(cfg, to_device(params_np, dtype), tokenizer, name or d.name, vision)

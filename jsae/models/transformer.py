@@ -128,11 +128,19 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array, window: Optional[int]) -> Array:
-    """[B, T, S] bool: causal by position, keys valid, and within the sliding window if any."""
+def attention_mask(
+    q_pos: Array, k_pos: Array, k_valid: Array, window: Optional[int], extra: Optional[Array] = None
+) -> Array:
+    """[B, T, S] bool: causal by position, keys valid, and within the sliding window if any.
+
+    `extra` [B, T, S] (optional) is OR-ed into the causal part: Gemma 3 lets the tokens of one
+    image attend to each other both ways (the window and key validity still apply)."""
     qp = q_pos[:, :, None]
     kp = k_pos[:, None, :]
-    m = (kp <= qp) & k_valid[:, None, :]
+    causal = kp <= qp
+    if extra is not None:
+        causal = causal | extra
+    m = causal & k_valid[:, None, :]
     if window is not None:
         m = m & (qp - kp < window)
     return m
@@ -226,6 +234,7 @@ def block(
     cache_kv: Optional[tuple] = None,
     cache_index: Optional[Array] = None,
     upto: str = "hook_resid_post",
+    extra_mask: Optional[Array] = None,
 ):
     """One transformer block. Returns (x, (k, v) written into the cache or None).
 
@@ -256,7 +265,7 @@ def block(
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
         new_kv = (ck, cv)
         k, v = ck, cv
-    mask = attention_mask(positions, k_pos, k_valid, cfg.window(layer))
+    mask = attention_mask(positions, k_pos, k_valid, cfg.window(layer), extra_mask)
     o = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
     attn_out = jnp.einsum("bthk,hkd->btd", o, a["o"])
     if cfg.out_bias:
@@ -303,8 +312,14 @@ def run(
     stop_after_capture: bool = False,
     cache: Optional[KVCache] = None,
     last_only: bool = False,
+    inputs_embeds: Optional[Array] = None,
+    bidirectional_groups: Optional[Array] = None,
 ) -> tuple[Optional[Array], dict, Optional[KVCache]]:
     """Traceable forward: (logits | None, activations, updated cache | None).
+
+    `inputs_embeds [B, T, D]` replaces the token embedding (multimodal models merge image soft
+    tokens into it); `bidirectional_groups [B, T]` int (-1: none) lets tokens of the same group
+    attend to each other in both directions (Gemma 3's images; not with a cache).
 
     With a cache, the new tokens' keys/values are written at `cache.index` and attention runs over
     every filled slot. `last_only` computes logits for the last position only ([B, 1, V]).
@@ -329,7 +344,13 @@ def run(
     if cache is not None and n_run < cfg.n_layers:
         raise ValueError("a cached forward must run every layer (stop_after_capture is not allowed)")
     acts: dict = {}
-    x = embed(cfg, params, tokens, positions)
+    x = embed(cfg, params, tokens, positions) if inputs_embeds is None else inputs_embeds
+    extra = None
+    if bidirectional_groups is not None:
+        if cache is not None:
+            raise ValueError("bidirectional_groups is not supported with a KV cache")
+        g = bidirectional_groups
+        extra = (g[:, :, None] == g[:, None, :]) & (g[:, :, None] >= 0)
     if cache is not None:
         idx = cache.index
         k_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.where(valid, positions, -1), (0, idx))
@@ -341,7 +362,7 @@ def run(
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
         x, nkv = block(
             cfg, i, params["blocks"][i], x, positions, k_pos, k_valid, fns, acts, capture, kv, idx,
-            upto=upto if i == n_run - 1 else "hook_resid_post",
+            upto=upto if i == n_run - 1 else "hook_resid_post", extra_mask=extra,
         )
         if nkv is not None:
             new_k.append(nkv[0])
