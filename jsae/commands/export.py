@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.commands._args import nonneg_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -18,7 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", default="saelens", choices=["saelens", "gemmascope", "jsae"])
     p.add_argument("--hook", action="append", default=None,
                    help="hook to export (repeatable; default: all)")
-    p.add_argument("--step", type=int, default=None, help="export this checkpoint step")
+    p.add_argument("--step", type=nonneg_int, default=None, help="export this checkpoint step")
     return p
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.commands._args import nonneg_int, positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -14,14 +16,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "corpus (activating token marked) and the tokens the decoder direction promotes/suppresses.")
     p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
     p.add_argument("--search", help="text whose tokens the features should fire on")
-    p.add_argument("--feature", type=int, action="append", default=[], help="feature id (repeatable)")
+    p.add_argument("--feature", type=nonneg_int, action="append", default=[], help="feature id (repeatable)")
     p.add_argument("--hook", help="hook point (default: the run's first hook)")
-    p.add_argument("--top", type=int, default=8, help="features listed for --search (default 8)")
-    p.add_argument("--snippets", type=int, default=5, help="snippets per feature (default 5)")
-    p.add_argument("--logits", type=int, default=8, help="logit-effect tokens per side (default 8)")
+    p.add_argument("--top", type=positive_int, default=8, help="features listed for --search (default 8)")
+    p.add_argument("--snippets", type=positive_int, default=5, help="snippets per feature (default 5)")
+    p.add_argument("--logits", type=nonneg_int, default=8, help="logit-effect tokens per side (default 8)")
     p.add_argument("--rank", choices=["auto", "specific", "max", "mean"], default="auto",
                    help="search ranking (default auto: specific, see jsae.analysis.rank_scores)")
-    p.add_argument("--contexts", type=int, default=1024,
+    p.add_argument("--contexts", type=positive_int, default=1024,
                    help="corpus contexts (64 tokens) scanned; cached in RUN_DIR/analysis (default 1024)")
     p.add_argument("--logit-vocab", choices=["corpus", "all"], default="corpus",
                    help="rank logit effects among the tokens seen in the corpus sample (default), "

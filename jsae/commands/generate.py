@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.commands._args import nonneg_float, nonneg_int, positive_int, probability
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -17,10 +19,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="gemma-3-270m", help="model name or path (default: gemma-3-270m)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate (default 40)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--show-prompt", action="store_true", help="print the prompt before its continuation")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.commands._args import positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -21,14 +23,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache directory (local path or gs://...)")
     p.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="training tokens to harvest (default: the config's train.tokens or steps x batch)",
     )
     p.add_argument(
-        "--eval-tokens", type=int, default=None, help="held-out tokens (default: eval.tokens)"
+        "--eval-tokens", type=positive_int, default=None, help="held-out tokens (default: eval.tokens)"
     )
-    p.add_argument("--shard-rows", type=int, default=None, help="tokens per shard (default 32768)")
+    p.add_argument("--shard-rows", type=positive_int, default=None, help="tokens per shard (default 32768)")
     p.add_argument(
         "--set",
         dest="overrides",

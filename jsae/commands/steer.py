@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.commands._args import nonneg_float, nonneg_int, positive_int, probability, steer_value
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -12,25 +14,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Continue prompts with and without an intervention on SAE features at a hook "
         "(the SAE error term is kept), printed side by side; both use the same sampling key.")
     p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
-    p.add_argument("--feature", type=int, action="append", required=True,
+    p.add_argument("--feature", type=nonneg_int, action="append", required=True,
                    help="feature id (repeat for several)")
-    p.add_argument("--value", action="append", default=[],
+    p.add_argument("--value", type=steer_value, action="append", default=[],
                    help="clamp value in code units, or NUMx for NUM times the feature's largest "
                    "activation on the corpus (one for all features, or one per --feature)")
     p.add_argument("--mode", choices=["clamp", "scale", "ablate", "add"], default="clamp",
                    help="clamp: set to value; scale: multiply by value; ablate: remove; "
                    "add: add value x the decoder direction (default clamp)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    p.add_argument("--tokens", type=int, default=32, help="new tokens to generate (default 32)")
+    p.add_argument("--tokens", type=positive_int, default=32, help="new tokens to generate (default 32)")
     p.add_argument("--hook", help="hook point (default: the run's first hook)")
     p.add_argument("--on", choices=["all", "prompt", "generated"], default="all",
                    help="positions the intervention acts on (default all)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both runs")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed, shared by both runs")
     p.add_argument("--no-error-term", action="store_true",
                    help="replace the activation by the edited SAE reconstruction")
-    p.add_argument("--contexts", type=int, default=1024,
+    p.add_argument("--contexts", type=positive_int, default=1024,
                    help="corpus contexts scanned to resolve NUMx values (cached in the run folder)")
     return p
 
