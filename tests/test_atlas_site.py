@@ -203,10 +203,13 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     page.locator("#panel .nbr.cos a.nb").first.click()
     w.open_card(nb)
     co = [int(i) for i in data.coact_ids[data.row(nb)] if i >= 0][-1]
-    page.locator(f"#panel .nbr.coact a.nb[data-fid='{co}']").click()
+    page.locator(f"#panel .nbr.coact a.nb[data-fid='{co}']").first.click()
     w.open_card(co)
     page.go_back()
     w.open_card(nb)
+    step = 1 if data.row(nb) + 1 < data.n_features else -1
+    page.keyboard.press("ArrowRight" if step > 0 else "ArrowLeft")  # the next feature in atlas order
+    w.open_card(int(data.feature_ids[data.row(nb) + step]))
 
     # Search by id, by label words, by text.
     def search(q, kind):

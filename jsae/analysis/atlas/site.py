@@ -335,8 +335,8 @@ def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
 
     out = Path(out_dir)
     ddir = out / "data"
-    if ddir.exists():
-        for old in ddir.glob("*.js"):
+    if ddir.exists():  # an older site's shards and local maps
+        for old in [*ddir.glob("*.js"), *out.glob("around-*.html")]:
             old.unlink()
     ddir.mkdir(parents=True, exist_ok=True)
     for name in ("atlas.js", "atlas.css"):

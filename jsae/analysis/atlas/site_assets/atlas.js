@@ -3,6 +3,7 @@
  * Works from file:// : data files are scripts (data/*.js) that call window.__atlas_*(...),
  * injected on demand. All data text goes through textContent (never innerHTML).
  * Routes: index.html#f=ID opens a card; around-ID.html is the local map around feature ID.
+ * Keys: "/" search, ← → previous / next feature.
  * window.atlas exposes state for tests: ready, pointsDrawn, nPoints, current, cardReady,
  * screenPos(id), open(id).
  */
@@ -476,7 +477,12 @@
       tools.append(el("button", { type: "button", class: "ghost", text: "show on map", onclick: () => { atlas.map.centerOn(rec.id); atlas.map.select(rec.id); } }));
     }
     if (ix.local_maps.some((m) => m[0] === rec.id) && !(PAGE.kind === "local" && PAGE.center === rec.id)) tools.append(el("a", { class: "ghost", href: `around-${rec.id}.html#f=${rec.id}`, text: "map around this feature" }));
-    if (tools.childNodes.length) kids.push(tools);
+    const prev = ix.ids[rec.row - 1], next = ix.ids[rec.row + 1];
+    const step = el("span", { class: "step" },
+      prev != null ? el("a", { class: "ghost prev", href: "#f=" + prev, text: `← #${prev}` }) : null,
+      next != null ? el("a", { class: "ghost next", href: "#f=" + next, text: `#${next} →` }) : null);
+    tools.append(step);
+    kids.push(tools);
     kids.push(section("Activation histogram", histogram(rec.hist, ix.hist_edges)));
     kids.push(el("div", { class: "cols" },
       section("Promotes (logit effect)", pairList(rec.lt, tokName, "pos")),
@@ -664,6 +670,14 @@
     input.addEventListener("focus", () => { if (box.childNodes.length && input.value.trim()) box.hidden = false; });
     box.addEventListener("click", (e) => { if (e.target.closest("a.res")) box.hidden = true; });
     document.addEventListener("pointerdown", (e) => { if (!e.target.closest(".search")) box.hidden = true; });
+    // Keys: "/" focuses the search; ← and → step through features in atlas order.
+    document.addEventListener("keydown", (e) => {
+      if (e.target.closest && e.target.closest("input, textarea") || e.ctrlKey || e.metaKey || e.altKey) return;
+      if (e.key === "/") { e.preventDefault(); input.focus(); input.select(); }
+      const a = e.key === "ArrowLeft" ? "a.prev" : e.key === "ArrowRight" ? "a.next" : null;
+      const link = a && document.querySelector("#panel " + a);
+      if (link) { e.preventDefault(); location.hash = link.getAttribute("href"); }
+    });
   }
 
   // ------------------------------------------------------------------ start
