@@ -103,6 +103,24 @@ def as_examples(src, name: str = "examples") -> Examples:
     return Examples([t.strip() for t in texts], [f"{name}[{i}]" for i in range(len(texts))], name)
 
 
+EXAMPLES_DIR = Path(__file__).parent / "data" / "examples"
+
+
+def example_sets() -> list[str]:
+    """Names of the example sets shipped with jsae (``jsae/data/examples/<name>/``, CC0)."""
+    return sorted(p.name for p in EXAMPLES_DIR.iterdir() if (p / "train_pos.txt").is_file())
+
+
+def example_set(name: str, split: str = "train") -> tuple[Examples, Examples]:
+    """``(positive, negative)`` examples of a shipped set (``bridges``, ``scam_emails``,
+    ``flattery``) for ``split`` ``train`` or ``test`` (disjoint templates and fillers)."""
+    d = EXAMPLES_DIR / name
+    if split not in ("train", "test") or not (d / f"{split}_pos.txt").is_file():
+        raise ExampleError(f"no example set {name!r} split {split!r}; shipped: {', '.join(example_sets())} "
+                           "with splits train, test")
+    return read_examples(d / f"{split}_pos.txt"), read_examples(d / f"{split}_neg.txt")
+
+
 # ---------------------------------------------------------------------------------------------
 # per-example feature statistics
 
@@ -483,6 +501,6 @@ def contrast(
 __all__ = [
     "Contrast", "ExampleCodes", "ExampleError", "Examples", "Probe", "as_examples", "auroc",
     "average_ranks",
-    "binary_metrics", "contrast", "example_codes", "firing_rates", "fit_probe", "read_examples",
+    "binary_metrics", "contrast", "example_set", "example_sets", "example_codes", "firing_rates", "fit_probe", "read_examples",
     "sparse_probe", "tokenize_examples",
 ]

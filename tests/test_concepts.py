@@ -156,3 +156,17 @@ def test_average_ranks_match_scipy():
     x[:, 0] = 1.0
     np.testing.assert_allclose(concepts.average_ranks(x), stats.rankdata(x, axis=0))
     np.testing.assert_allclose(concepts.average_ranks([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
+
+
+def test_shipped_example_sets_are_balanced_and_disjoint():
+    assert concepts.example_sets() == ["bridges", "flattery", "scam_emails"]
+    for name in concepts.example_sets():
+        tr_p, tr_n = concepts.example_set(name, "train")
+        te_p, te_n = concepts.example_set(name, "test")
+        assert len(tr_p) == len(tr_n) >= 50 and len(te_p) == len(te_n) >= 18
+        train, test = set(tr_p.texts + tr_n.texts), set(te_p.texts + te_n.texts)
+        assert not train & test and not set(tr_p.texts) & set(tr_n.texts)
+        assert all(len(t) < 400 for t in train | test)
+    assert (concepts.EXAMPLES_DIR / "LICENSE").read_text().count("CC0") >= 1
+    with pytest.raises(ExampleError, match="shipped: bridges"):
+        concepts.example_set("nope")
