@@ -40,7 +40,7 @@ class ModelConfig:
 class DataConfig:
     # synthetic: a known sparse dictionary; array: .npy [N, d_in] files; text: an LM over text;
     # cache: activations harvested earlier to disk.
-    source: Literal["synthetic", "array", "text", "cache"] = "synthetic"
+    source: Literal["synthetic", "array", "text", "cache", "images"] = "synthetic"
     path: Optional[str] = None  # .npy file/glob (array), cache dir (cache), text files (text)
     dataset: str = "offline"  # text: offline | tfds:NAME | hf:NAME | files
     data_dir: Optional[str] = None  # TFDS data_dir (gs:// allowed)
@@ -57,6 +57,12 @@ class DataConfig:
     n_features: int = 512
     active_per_sample: int = 4
     noise_std: float = 0.0
+    # images source (jsae.data.images): skimage | a folder | hf:NAME | tfds:NAME, mixed with the
+    # text of `dataset` so that about image_ratio of the tokens are image soft tokens
+    images: Optional[str] = None
+    image_ratio: float = 0.5
+    image_field: str = "image"
+    caption_field: Optional[str] = None
 
 
 @dataclasses.dataclass

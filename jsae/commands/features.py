@@ -17,6 +17,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
     p.add_argument("--search", help="text whose tokens the features should fire on")
     p.add_argument("--feature", type=nonneg_int, action="append", default=[], help="feature id (repeatable)")
+    p.add_argument("--image", action="append", default=[],
+                   help="an image file (repeatable; multimodal Gemma 3 runs): list the features that fire "
+                   "on its soft tokens and write PNGs with those tokens highlighted to RUN_DIR/analysis/images")
     p.add_argument("--hook", help="hook point (default: the run's first hook)")
     p.add_argument("--top", type=positive_int, default=8, help="features listed for --search (default 8)")
     p.add_argument("--snippets", type=positive_int, default=5, help="snippets per feature (default 5)")
@@ -58,8 +61,8 @@ def run(args) -> int:
     from jsae.analysis.run import corpus_stats, load_run
     from jsae.analysis.search import search_features
 
-    if not args.search and not args.feature:
-        raise SystemExit("jsae features: give --search TEXT or --feature I")
+    if not args.search and not args.feature and not args.image:
+        raise SystemExit("jsae features: give --search TEXT, --feature I or --image FILE")
     style = "ansi" if use_color(args.color) else "plain"
     log(f"loading {args.run_dir} ...")
     r = load_run(args.run_dir, args.hook)
@@ -87,8 +90,29 @@ def run(args) -> int:
             print(f"  on the text: {on}\n")
         if not len(res.features):
             print("no feature fires on that text")
+    for path in args.image:
+        _image_features(r, path, corpus, contexts, args.top, kw)
     for f in args.feature:
         if not 0 <= f < r.sae.spec.d_sae:
             raise SystemExit(f"jsae features: feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
         print(describe(r.model, r.sae, f, corpus, contexts, **kw) + "\n")
     return 0
+
+
+def _image_features(r, path, corpus, contexts, top: int, kw) -> None:
+    """`--image`: the features firing on an image's soft tokens, each with a highlighted PNG."""
+    from pathlib import Path
+
+    from jsae.analysis.images import features_on_image, render_feature
+
+    res = features_on_image(r.model, r.sae, r.hook, path, top=top)
+    M = res.codes.shape[0]
+    print(f"features at {r.hook} that fire on the image {path} ({M} soft tokens; ranked by max)\n")
+    out = Path(r.path) / "analysis" / "images"
+    for f, mx, n in zip(res.features, res.max, res.n_tokens):
+        png = render_feature(r.model, path, res.codes[:, f], out / f"{Path(path).stem}_f{int(f)}.png")
+        hdr = f"  max on image {mx:.2f}, fires on {int(n)}/{M} soft tokens"
+        print(describe(r.model, r.sae, int(f), corpus, contexts, header=hdr, **kw))
+        print(f"  on the image: {png}\n")
+    if not len(res.features):
+        print("no feature fires on that image")

@@ -40,6 +40,14 @@ def make_source(cfg: RunConfig, process_index: int = 0, process_count: int = 1, 
         from jsae.data.cache import CacheActivationSource
 
         return CacheActivationSource(cfg, process_index, process_count)
+    if d.source == "images":
+        from jsae.data.images import ImageTextActivationSource
+
+        if model is None:
+            from jsae.models import load
+
+            model = load(cfg.model.path or cfg.model.name, dtype=cfg.model.dtype)
+        return ImageTextActivationSource(cfg, model, process_index, process_count)
     raise ValueError(f"data.source: unknown source {d.source!r}")
 
 

@@ -1,0 +1,171 @@
+"""The whole image path offline on a tiny random multimodal Gemma 3 (real tokenizer, real photos):
+images + text -> activations -> a trained dictionary -> features listed for an image (Python and
+`jsae features RUN --image`), highlighted PNGs, and the cross-modal overlap (only that it runs:
+the model is random, so the numbers mean nothing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("PIL")
+pytest.importorskip("skimage")
+
+import jax  # noqa: E402
+
+import jsae.models as M  # noqa: E402
+from jsae.data import images as DI  # noqa: E402
+from jsae.models.multimodal import forward, random_gemma3, save_hf  # noqa: E402
+
+HOOK = "blocks.2.hook_resid_post"
+TEXTS = [
+    "The Golden Gate Bridge is a suspension bridge spanning the strait in San Francisco. It opened in 1937.",
+    "A cat sat on the warm windowsill and watched the birds in the garden below for most of the afternoon.",
+    "Coffee is a drink brewed from roasted coffee beans, the seeds of berries from certain Coffea species.",
+    "The rocket lifted off from the launch pad at dawn, carrying a satellite that would observe the Earth.",
+] * 3
+
+
+def _tokenizer():
+    entries = sorted((M.cache_dir() / "models").glob("gemma-3-270m-*/tokenizer.json"))
+    return M.Tokenizer.from_dir(entries[-1].parent) if entries else M.load("gemma-3-270m").tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_gemma3(_tokenizer(), jax.random.key(0), mm_tokens_per_image=16)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return DI.skimage_photos()
+
+
+def test_skimage_photos_and_folder(photos, tmp_path):
+    assert len(photos) >= 15
+    names = {p.name for p in photos}
+    assert {"astronaut", "coffee", "chelsea", "rocket"} <= names
+    assert dict((p.name, p.caption) for p in photos)["chelsea"] == "Chelsea the cat"
+    import shutil
+
+    for p in photos[:3]:
+        shutil.copy(p.image, tmp_path / p.image.name)
+    (tmp_path / photos[0].image.with_suffix(".txt").name).write_text("an astronaut")
+    (tmp_path / "readme.md").write_text("not an image")
+    items = DI.open_images(str(tmp_path))
+    assert len(items) == 3 and items[0].caption == "an astronaut"
+    with pytest.raises(DI.ImageSourceError, match="no image files"):
+        DI.folder_images(_empty(tmp_path))
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        DI.open_images(str(tmp_path / "nowhere"))
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_harvest_mix_rows_match_forward(lm, photos):
+    items = photos[:6]
+    ctx = DI.mix(lm, items, iter(TEXTS), image_ratio=0.5, context_length=32, seed=0)
+    h = DI.harvest(lm, [HOOK], ctx, items, batch_size=4, progress=False)
+    M_ = lm.vision.cfg.mm_tokens_per_image
+    assert h.is_image.sum() == len(items) * M_
+    assert 0.35 < h.is_image.mean() < 0.65  # image_ratio is a token fraction
+    assert sorted(set(h.image[h.is_image])) == list(range(len(items)))
+    assert (h.soft_index[h.is_image] < M_).all() and (h.soft_index[~h.is_image] == -1).all()
+    # one image context by hand: the rows are the forward's activations at those positions
+    j = next(i for i, c in enumerate(ctx) if c.image == 2)
+    b = lm.to_tokens([items[2].caption], images=[items[2].image])
+    np.testing.assert_array_equal(b.tokens[0], np.asarray(ctx[j].ids))
+    ref = np.asarray(forward(lm, b, capture=[HOOK], stop_after_capture=True).activations[HOOK][0])
+    rows = h.acts[HOOK][h.context == j]
+    np.testing.assert_allclose(rows, ref[h.position[h.context == j]], atol=1e-5)
+
+
+def test_train_on_image_text_activations_then_features(lm, photos, tmp_path):
+    from jsae.analysis.images import cross_modal_overlap, features_on_image, render_feature
+    from jsae.config import load
+    from jsae.data import make_source
+    from jsae.train import Trainer
+
+    items = photos[:12]
+    ctx = DI.mix(lm, items, iter(TEXTS * 4), image_ratio=0.5, context_length=32, seed=1)
+    h = DI.harvest(lm, [HOOK], ctx, items, batch_size=6, progress=False)
+    out = h.save(tmp_path / "acts")
+    sets = ["data.source=array", f"data.path={out / (HOOK + '.npy')}", f"model.hooks=[{HOOK}]",
+            "sae.d_sae=256", "sae.k=8", "train.steps=60", "train.batch_size=128", "train.lr=3e-3",
+            "data.holdout_fraction=0.1", "sae.init_sample=256", f"run_dir={tmp_path / 'run'}",
+            "checkpoint.enabled=false"]
+    cfg = load(None, sets)
+    summary = Trainer(cfg, make_source(cfg)).fit(log=lambda m: None)
+    fvu = summary["heldout"][HOOK]["fvu"]
+    assert np.isfinite(fvu) and fvu < 0.9
+    from jsae.parallel import to_host
+
+    # data.source: images streams the same mix through the trainer
+    cfg2 = load(None, ["data.source=images", f"model.hooks=[{HOOK}]", "sae.d_sae=256", "sae.k=8",
+                       "train.steps=8", "train.batch_size=64", "data.context_length=32", "model.batch_size=6",
+                       "data.holdout_fraction=0.2", "sae.init_sample=128", "checkpoint.enabled=false",
+                       f"run_dir={tmp_path / 'run2'}"])
+    src = DI.ImageTextActivationSource(cfg2, lm, items=items, texts=TEXTS * 4)
+    tr = Trainer(cfg2, src)
+    s2 = tr.fit(log=lambda m: None)
+    assert np.isfinite(s2["heldout"][HOOK]["fvu"])
+    st = src.state()
+    assert st["kind"] == "images" and st["epoch"] >= 0
+    sae = to_host(tr.states[HOOK].sae)
+
+    res = features_on_image(lm, sae, HOOK, items[0].image, top=5)
+    assert len(res.features) == 5 and (np.diff(res.max) <= 0).all()
+    assert res.codes.shape == (16, 256) and (res.n_tokens >= 1).all()
+    png = render_feature(lm, items[0].image, res.codes[:, res.features[0]], tmp_path / "f.png")
+    from PIL import Image
+
+    im = np.asarray(Image.open(png))
+    assert im.shape == (256, 256, 3)
+    cm = cross_modal_overlap(lm, sae, HOOK, [(it.image, it.caption) for it in items[:4]])
+    assert cm.matched.shape == (4,) and cm.mismatched.shape == (4, 3)
+    assert 0 <= cm.matched_mean <= 1 and 0 <= cm.mismatched_mean <= 1
+    assert "image/caption pairs" in cm.summary()
+
+
+def test_save_hf_roundtrip_and_cli_features_image(lm, photos, tmp_path, capsys):
+    folder = save_hf(lm, tmp_path / "tiny_mm")
+    back = M.load(str(folder))
+    assert back.vision is not None and back.vision.cfg == lm.vision.cfg
+    b = lm.to_tokens(["a photo"], images=[photos[1].image])
+    a1 = forward(lm, b).logits
+    a2 = forward(back, b).logits
+    np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), atol=1e-5)
+
+    # a run folder trained with `jsae train` on data.source: images, then `jsae features --image`
+    import yaml
+
+    from jsae.cli import main
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    import shutil
+
+    for p in photos[:6]:
+        shutil.copy(p.image, img_dir / p.image.name)
+    for i, t in enumerate(TEXTS[:4]):
+        (tmp_path / f"t{i}.txt").write_text(t * 3)
+    cfg = {"model": {"path": str(folder), "hooks": [HOOK], "batch_size": 6},
+           "data": {"source": "images", "images": str(img_dir), "dataset": "files",
+                    "path": str(tmp_path / "t*.txt"), "context_length": 32, "holdout_fraction": 0.2},
+           "sae": {"d_sae": 128, "k": 8, "init_sample": 128},
+           "train": {"steps": 6, "batch_size": 64}, "eval": {"show_features": 0},
+           "checkpoint": {"enabled": False}, "run_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    capsys.readouterr()
+    img = img_dir / photos[0].image.name
+    assert main(["features", str(tmp_path / "run"), "--image", str(img), "--top", "3", "--contexts", "8",
+                 "--snippets", "2"]) == 0
+    text = capsys.readouterr().out
+    assert f"fire on the image {img}" in text and "soft tokens" in text
+    pngs = sorted((tmp_path / "run" / "analysis" / "images").glob("*.png"))
+    assert len(pngs) == 3
