@@ -359,13 +359,23 @@ def detector_metrics(det: Detector, values: np.ndarray, labels) -> dict:
 
 
 def fit_detector(model, sae: SAE, hook: str, features, positive, negative, *, kind: str = "threshold",
-                 context_length: int = 128, batch_size: int = 16, run: str = "", log=None) -> Detector:
-    """Fit a detector on labelled examples (paths, lists or ``jsae.concepts.Examples``)."""
+                 context_length: int = 128, batch_size: int = 16, run: str = "", codes=None,
+                 log=None) -> Detector:
+    """Fit a detector on labelled examples (paths, lists or ``jsae.concepts.Examples``).
+
+    ``codes``: the examples' ``jsae.concepts.ExampleCodes`` already computed (positives first,
+    e.g. ``contrast(...)[hook].codes``), to skip running the model again."""
     if kind not in ("threshold", "probe"):
         raise MonitorError(f"detector kind must be 'threshold' or 'probe'; got {kind!r}")
     feats = check_features(sae, features)
     ex, y = _labelled(positive, negative)
-    v = _feature_max(model, sae, hook, ex, feats, context_length, batch_size, log)
+    if codes is not None:
+        if codes.max.shape != (len(y), sae.spec.d_sae):
+            raise MonitorError(f"codes cover {codes.max.shape} (examples, features); expected "
+                               f"({len(y)}, {sae.spec.d_sae}) for these examples and this SAE")
+        v = np.asarray(codes.max)[:, feats]
+    else:
+        v = _feature_max(model, sae, hook, ex, feats, context_length, batch_size, log)
     scale = np.where(v.std(0) > 1e-12, v.std(0), 1.0)
     det = Detector(hook, feats, kind, sae_fingerprint(sae), int(sae.spec.d_sae), run=str(run),
                    context_length=int(context_length))

@@ -80,6 +80,13 @@ def test_detector_fits_measures_saves_and_flags(tiny, tmp_path):
         assert flags.tolist() == [True, False] and scores[0] > 0 > scores[1]
         out = monitor.render(res, 0)
         assert re.search(rf"«{TOKEN_CHAR}»\[[^\]]*f{PLANT}\b", out), out
+    # precomputed codes (as contrast() returns them) give the same detector without a model pass
+    from jsae.concepts import contrast
+
+    c = contrast(model, {HOOK0: sae}, files["train_pos"], files["train_neg"], probe_features=0)[HOOK0]
+    again = monitor.fit_detector(None, sae, HOOK0, [PLANT, 3], files["train_pos"], files["train_neg"], codes=c.codes)
+    plain = monitor.fit_detector(model, sae, HOOK0, [PLANT, 3], files["train_pos"], files["train_neg"])
+    assert again.thresholds == plain.thresholds and again.train == plain.train
     # the metrics are the sklearn ones on the detector's own predictions
     metrics = pytest.importorskip("sklearn.metrics")
     from jsae.concepts import example_codes
