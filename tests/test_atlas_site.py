@@ -23,6 +23,7 @@ from atlas_fixtures import random_atlas_data
 
 from jsae.analysis.atlas.site import (
     card_html,
+    hist_range,
     normalize_token,
     token_index,
     visible_token,
@@ -192,7 +193,10 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     assert alpha == pytest.approx(min(expect, 1.0), abs=0.01)
     n_band_rows = int((data.band_value[row] > 0).sum())
     assert page.locator("#panel .bands .ex").count() == n_band_rows
-    assert page.locator("#panel .hist rect").count() == data.hist_counts.shape[1]
+    nz = np.flatnonzero(data.hist_counts[row])  # bins shown: one either side of the filled ones
+    a, b = max(0, nz[0] - 1), min(data.hist_counts.shape[1], nz[-1] + 2)
+    assert b - a >= 8  # (the fixture's histograms are wide, so no widening)
+    assert page.locator("#panel .hist rect").count() == b - a
     cmd = page.inner_text("#panel pre.cmd")
     assert cmd == (f"jsae steer 'runs/my quickstart' --hook blocks.6.hook_resid_post --feature {fid} "
                    "--value 5x --prompt 'My favourite place is'")
@@ -351,3 +355,10 @@ def test_card_html(atlas_data):
     assert "jsae steer" in text and "--feature 0" in text
     with pytest.raises(KeyError, match="not in this atlas"):
         card_html(data, 1)
+
+
+def test_hist_range():
+    assert hist_range([0] * 12) == (0, 12)
+    assert hist_range([0, 0, 5, 0, 3] + [0] * 7) == (0, 8)
+    assert hist_range([0] * 10 + [1] * 10 + [0] * 10) == (9, 21)
+    assert hist_range([1, 2, 3]) == (0, 3)

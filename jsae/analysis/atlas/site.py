@@ -183,8 +183,8 @@ def feature_record(data: AtlasData, row: int) -> dict:
 
 
 def shard_payload(data: AtlasData, lo: int, hi: int) -> dict:
-    """The features in rows ``lo:hi`` as columns (one list per field, rows in order), plus the
-    text of every token they mention. The viewer assembles a card's record from row ``j`` of
+    """The features in rows ``lo:hi`` as columns (one list per field, rows in order; an empty
+    example slot's tokens and acts are a bare 0), plus the text of every token they mention. The viewer assembles a card's record from row ``j`` of
     these columns (``recordAt`` in atlas.js: the same format as :func:`feature_records`); keeping
     the arrays whole makes writing 10^5 features a matter of ``tolist`` and ``json``."""
     sl = slice(lo, hi)
@@ -194,6 +194,17 @@ def shard_payload(data: AtlasData, lo: int, hi: int) -> dict:
         data.top_tokens, data.band_tokens, data.logit_top_ids, data.logit_bottom_ids)])
     used = np.unique(used[used >= 0]).tolist()
     expl = data.explanations[sl] if data.explanations is not None else None
+    top_v, band_v = _num(data.top_value[sl]), _num(data.band_value[sl])
+    top_t, top_q = ids(data.top_tokens), _quantized(data.top_acts[sl], peak)
+    band_t, band_q = ids(data.band_tokens), _quantized(data.band_acts[sl], peak)
+    for j in range(hi - lo):  # empty example slots (dead features, thin bands) become a bare 0
+        for k, v in enumerate(top_v[j]):
+            if not (v or 0) > 0:
+                top_t[j][k] = top_q[j][k] = 0
+        for b, vs in enumerate(band_v[j]):
+            for k, v in enumerate(vs):
+                if not (v or 0) > 0:
+                    band_t[j][b][k] = band_q[j][b][k] = 0
     return {
         "lo": lo, "ids": ids(data.feature_ids),
         "labels": [_clean_str(t) for t in data.labels[lo:hi]],
@@ -201,11 +212,10 @@ def shard_payload(data: AtlasData, lo: int, hi: int) -> dict:
         "score": _num(data.explanation_scores[sl]) if data.explanation_scores is not None else None,
         "density": _num(data.density[sl]), "mean": _num(data.mean_act[sl]), "max": _num(peak),
         "cluster": ids(data.cluster), "hist": ids(data.hist_counts),
-        "top_value": _num(data.top_value[sl]), "top_anchor": ids(data.top_anchor),
-        "top_tokens": ids(data.top_tokens), "top_q": _quantized(data.top_acts[sl], peak),
+        "top_value": top_v, "top_anchor": ids(data.top_anchor), "top_tokens": top_t, "top_q": top_q,
         "band_edges": _num(data.band_edges[sl]), "band_count": ids(data.band_count),
-        "band_value": _num(data.band_value[sl]), "band_anchor": ids(data.band_anchor),
-        "band_tokens": ids(data.band_tokens), "band_q": _quantized(data.band_acts[sl], peak),
+        "band_value": band_v, "band_anchor": ids(data.band_anchor), "band_tokens": band_t,
+        "band_q": band_q,
         **{f"{k}_ids": ids(getattr(data, f"{a}_ids")) for k, a in _PAIRS},
         **{f"{k}_vals": _num(getattr(data, f"{a}_vals")[sl]) for k, a in _PAIRS},
         "tokens": {str(t): _token_text(data, t) for t in used},
@@ -386,7 +396,8 @@ def _density_text(d: float | None) -> str:
 def _tok_span(text: str, alpha: float, act: float, anchor: bool) -> str:
     style = f"background:rgba(255,106,0,{alpha:.3f})" if alpha > 0 else ""
     cls = "tok anchor" if anchor else "tok"
-    ws = " ws" if not text.strip() or any(c in text for c in "\n\t\r") else ""
+    special = re.fullmatch(r"<[^<>\s]{1,24}>", text) is not None  # <bos>, byte tokens: muted
+    ws = " ws" if special or not text.strip() or any(c in text for c in "\n\t\r") else ""
     return (f'<span class="{cls}{ws}" style="{style}" title="{act:.3g}">'
             f"{html.escape(visible_token(text))}</span>")
 
@@ -399,7 +410,26 @@ def _example_html(ex, tokens: dict[int, str], peak: float) -> str:
             f'<span class="ctx">{"".join(spans)}</span></div>')
 
 
+def hist_range(counts, min_bins: int = 8) -> tuple[int, int]:
+    """``(a, b)``: the histogram bins a card shows, from one before the first non-empty bin to
+    one after the last, widened to at least ``min_bins`` (all bins when none is filled)."""
+    counts = list(counts)
+    n = len(counts)
+    nz = [i for i, c in enumerate(counts) if c > 0]
+    if not nz:
+        return 0, n
+    a, b = max(0, nz[0] - 1), min(n, nz[-1] + 2)
+    while b - a < min_bins and (a > 0 or b < n):
+        if a > 0:
+            a -= 1
+        if b - a < min_bins and b < n:
+            b += 1
+    return a, b
+
+
 def _hist_svg(counts: list[int], edges: list, width: int = 460, height: int = 90) -> str:
+    a, b = hist_range(counts)
+    counts, edges = counts[a:b], edges[a:b + 1]
     n = len(counts)
     top = max(counts) if counts and max(counts) > 0 else 1
     bw = width / max(n, 1)

@@ -390,7 +390,8 @@
 
   function tokSpan(text, q, anchor, peak) {
     const a = q / ACT_LEVELS;
-    const s = el("span", { class: "tok" + (anchor ? " anchor" : "") + (isWs(text) ? " ws" : ""), title: fmt(a * peak) });
+    const special = /^<[^<>\s]{1,24}>$/.test(text); // <bos>, <pad>, byte tokens: shown muted
+    const s = el("span", { class: "tok" + (anchor ? " anchor" : "") + (isWs(text) || special ? " ws" : ""), title: fmt(a * peak) });
     s.textContent = visible(text);
     if (a > 0) s.style.background = `rgba(255,106,0,${a.toFixed(3)})`;
     return s;
@@ -408,7 +409,22 @@
     kids.forEach((c) => e.append(c));
     return e;
   }
-  function histogram(counts, edges, bands) {
+  // The bins worth showing: from one before the first non-empty bin to one after the last,
+  // widened to at least minBins (site.py's hist_range is the same rule).
+  function histRange(counts, minBins = 8) {
+    const n = counts.length;
+    let a = counts.findIndex((c) => c > 0);
+    if (a < 0) return [0, n];
+    let b = n - 1 - [...counts].reverse().findIndex((c) => c > 0);
+    a = Math.max(0, a - 1); b = Math.min(n, b + 2);
+    while (b - a < minBins && (a > 0 || b < n)) {
+      if (a > 0) a--;
+      if (b - a < minBins && b < n) b++;
+    }
+    return [a, b];
+  }
+  function histogram(allCounts, allEdges, mean) {
+    const [a, b] = histRange(allCounts), counts = allCounts.slice(a, b), edges = allEdges.slice(a, b + 1);
     const W = 460, H = 96, B = 16, n = counts.length, top = Math.max(1, ...counts), bw = W / Math.max(n, 1);
     const root = svg("svg", { class: "hist", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "activation histogram" });
     counts.forEach((c, i) => {
@@ -417,6 +433,12 @@
       root.append(svg("rect", { x: (i * bw + 0.5).toFixed(1), y: (H - B - h).toFixed(1), width: Math.max(bw - 1, 0.5).toFixed(1), height: h.toFixed(1), fill: "#f08a3c" }, t));
     });
     root.append(svg("line", { x1: 0, x2: W, y1: H - B + 0.5, y2: H - B + 0.5, stroke: "#cbd5e1" }));
+    if (mean > 0 && edges[0] > 0 && mean >= edges[0] && mean <= edges[n]) { // bins are log-spaced
+      const x = (W * Math.log(mean / edges[0]) / Math.log(edges[n] / edges[0])).toFixed(1);
+      root.append(svg("line", { x1: x, x2: x, y1: 2, y2: H - B, stroke: "#374151", "stroke-dasharray": "3 2" }));
+      const t = svg("text", { x: Number(x) + 3, y: 10, class: "meanlabel" }); t.textContent = "mean";
+      root.append(t);
+    }
     for (let i = 0; i <= n; i += Math.max(1, Math.floor(n / 4))) {
       const anchor = i === 0 ? "start" : i === n ? "end" : "middle";
       const t = svg("text", { x: (i * bw).toFixed(1), y: H - 3, "text-anchor": anchor });
@@ -483,7 +505,7 @@
       next != null ? el("a", { class: "ghost next", href: "#f=" + next, text: `#${next} →` }) : null);
     tools.append(step);
     kids.push(tools);
-    kids.push(section("Activation histogram", histogram(rec.hist, ix.hist_edges)));
+    kids.push(section("Activation histogram", histogram(rec.hist, ix.hist_edges, rec.mean)));
     kids.push(el("div", { class: "cols" },
       section("Promotes (logit effect)", pairList(rec.lt, tokName, "pos")),
       section("Suppresses", pairList(rec.lb, tokName, "neg"))));
