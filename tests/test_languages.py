@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from test_concepts import HOOK0, PLANT, _planted
+from test_concepts import HOOK0, HOOK1, PLANT, _planted
 
 from jsae import cli
 from jsae.analysis import languages as lg
@@ -122,6 +122,8 @@ def test_analyse_languages_matches_direct_computation():
 
 @pytest.fixture
 def tiny_run(monkeypatch, tmp_path):
+    from test_steering_helpers import random_sae
+
     import jsae.models
     from jsae.config import RunConfig, dump
     from jsae.sae.io import save_sae
@@ -129,9 +131,10 @@ def tiny_run(monkeypatch, tmp_path):
     model, sae = _planted()
     cfg = RunConfig()
     cfg.model.name = "tiny-test-model"
-    cfg.model.hooks = [HOOK0]
+    cfg.model.hooks = [HOOK0, HOOK1]
     dump(cfg, tmp_path / "config.yaml")
     save_sae(sae, tmp_path / "saes" / HOOK0, metadata={"hook_name": HOOK0})
+    save_sae(random_sae("topk", model.cfg.d_model, 16, k=2), tmp_path / "saes" / HOOK1, metadata={"hook_name": HOOK1})
     monkeypatch.setattr(jsae.models, "load", lambda name, dtype="float32": model)
     monkeypatch.setattr(lg, "parallel_articles", lambda langs, n=None, seed=0: _fake_articles()[:n])
     return tmp_path
@@ -141,9 +144,14 @@ def test_languages_cli_writes_table_json_png(tiny_run, capsys):
     d = tiny_run
     assert cli.main(["languages", str(d), "--articles", "8", "--min-count", "1"]) == 0
     out = capsys.readouterr().out
-    assert "Jaccard overlap" in out and HOOK0 in out
+    assert "Jaccard overlap" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith(("blocks.0.", "blocks.1.")) and "%" in ln]
+    assert len(rows) == 2  # the share of shared / specific features, one row per hook (layer)
     rep = json.loads((d / "languages" / "languages.json").read_text())
-    assert rep["n_articles"] == 8 and set(rep["hooks"][HOOK0]["overlap"]["pairs"]) == {"en-fr", "en-es", "fr-es"}
+    assert rep["n_articles"] == 8 and set(rep["hooks"]) == {HOOK0, HOOK1}
+    assert set(rep["hooks"][HOOK0]["overlap"]["pairs"]) == {"en-fr", "en-es", "fr-es"}
+    fr = rep["hooks"][HOOK1]["classes"]
+    assert fr["n_shared"] + fr["n_specific"] + fr["n_partial"] + fr["n_rare"] == 16
     assert (d / "languages" / "languages.png").stat().st_size > 1000
 
 
