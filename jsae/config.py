@@ -9,6 +9,7 @@ top of the file, parsed as YAML scalars (``--set train.lr=3e-4``, ``--set model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -117,6 +118,7 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: Optional[int] = None  # periodic evaluation during training
     tokens: int = 16384
+    downstream_tokens: Optional[int] = None  # CE/KL tokens (default: 4096 on CPU, else tokens)
     batch_size: int = 8  # contexts per LM pass for downstream metrics
     show_features: int = 6  # after training on text: print snippets of this many features
     show_features_contexts: int = 512  # corpus contexts scanned for those snippets
@@ -205,6 +207,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):  # YAML 1.1 reads "1e6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
@@ -252,6 +259,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
 
+    for key, value in _leaves(cfg):  # YAML's .nan / .inf are floats: never a usable value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
+    need(cfg.seed >= 0, "seed", f"must be >= 0 (a PRNG seed), got {cfg.seed}")
     s, t = cfg.sae, cfg.train
     need(s.d_sae is None or s.d_sae > 0, "sae.d_sae", "must be a positive integer")
     need(s.expansion is None or s.expansion > 0, "sae.expansion", "must be a positive integer")
@@ -277,6 +288,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.tokens is None or t.tokens > 0, "train.tokens", "must be a positive integer")
     need(t.batch_size > 0, "train.batch_size", "must be a positive integer")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.lr < 10, "train.lr", f"{t.lr} would diverge at once; Adam SAE learning rates are "
+         "1e-5 to 1e-2 (default 2e-4)")
+    need(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
     need(0.0 <= t.lr_decay_start <= 1.0, "train.lr_decay_start", "must be in [0, 1]")
     need(t.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", "must be >= 0")
@@ -306,11 +320,32 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     need(d.source not in ("array", "cache") or d.path is not None, "data.path",
          f"is required when data.source is {d.source!r}")
+    need(d.noise_std >= 0, "data.noise_std", f"must be >= 0, got {d.noise_std}")
+    need(d.holdout_fraction > 0 or d.source != "array", "data.holdout_fraction",
+         "must be > 0 for data.source 'array': the final held-out evaluation needs rows "
+         "(e.g. 0.02)")
+    need(s.dead_after_tokens > 0, "sae.dead_after_tokens", "must be a positive integer")
+    need(s.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold", "must be > 0")
+    e = cfg.eval
+    need(e.tokens > 0, "eval.tokens", f"must be a positive integer, got {e.tokens}")
+    need(e.batch_size > 0, "eval.batch_size", f"must be a positive integer, got {e.batch_size}")
+    need(e.show_features >= 0, "eval.show_features", "must be >= 0 (0: show none)")
+    need(e.show_features_contexts > 0, "eval.show_features_contexts",
+         "must be a positive integer")
     need(len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
     need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
     if d.exclude_norm_outliers is not None:
         need(d.exclude_norm_outliers > 1.0, "data.exclude_norm_outliers", "must be > 1 (a multiple of the median norm)")
     return cfg
+
+
+def _leaves(obj: Any, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
 
 
 def from_dict(raw: dict) -> RunConfig:
@@ -328,7 +363,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text != "" else None
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from e
         parts = key.strip().split(".")
         node = raw
         for p in parts[:-1]:
@@ -350,8 +388,15 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory; give a YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); give a "
+                              "YAML file") from e
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jsae.config import RunConfig
+from jsae.config import ConfigError, RunConfig
 
 GiB = 1024**3
 
@@ -120,7 +120,7 @@ def resolve_d_in(cfg: RunConfig) -> int:
     for key, width in MODEL_WIDTHS.items():
         if key in name:
             return width
-    raise ValueError(
+    raise ConfigError(
         f"cannot tell d_in of model {cfg.model.name!r} without loading it; pass d_in "
         "(`jsae plan ... --d-in N`)"
     )
@@ -249,7 +249,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, val = part.partition("=")
         if key not in out or not val.isdigit() or int(val) < 1:
-            raise ValueError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
+            raise ConfigError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
         out[key] = int(val)
     return out["data"], out["model"]
 

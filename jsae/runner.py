@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
 
 from jsae import parallel
-from jsae.config import RunConfig
+from jsae.config import ConfigError, RunConfig
 from jsae.data import make_source
 from jsae.data.sources import SyntheticSource
 from jsae.evals.reconstruction import dictionary_recovery
+from jsae.train import rundir
 from jsae.train.loop import Trainer, TrainingStopped
+from jsae.train.preflight import preflight
 
 
 def _make_checkpointer(cfg: RunConfig, trainer: Trainer):
@@ -25,11 +26,65 @@ def _make_checkpointer(cfg: RunConfig, trainer: Trainer):
     return RunCheckpointer(cfg, trainer)
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, checkpoint saved, rerun to resume
+
+
 def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict:
+    """Train as ``cfg`` says in its run directory, guarded (see `jsae.train.rundir`).
+
+    Everything that can be checked before work is checked first (config against the devices,
+    the run directory's lock and contents, the held-out data), and nothing in the run
+    directory changes until the run is accepted. Returns the summary; ``{"stopped_at": step}``
+    after a SIGTERM, ``{"finished": True, ...}`` when the same run had already finished.
+    """
     run_dir = Path(cfg.run_dir)
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.csv").unlink(missing_ok=True)
+    preflight(cfg)
+    is_main = jax.process_index() == 0
+    lock = rundir.acquire_lock(run_dir, log=print_fn) if is_main else None
+    try:
+        admission = rundir.admit(cfg, fresh=fresh, write=is_main, log=print_fn)
+        _sync("jsae run directory admitted")
+        if admission.finished:
+            print_fn(f"jsae train: {run_dir} already holds this run, finished (saes/ with the "
+                     "same config): nothing to do; `--fresh` trains it again (the old run is "
+                     "moved aside)")
+            return {"finished": True, **_read_summary(run_dir)}
+        for note in admission.notes:
+            print_fn(f"note: {note}")
+        return _train(cfg, run_dir, print_fn)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _read_summary(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_heldout(cfg: RunConfig, source) -> None:
+    """Fail at the start, not after training, when there is nothing to evaluate on."""
+    batch = next(iter(source.eval_batches(1, 1)), None)
+    if batch is None or not len(next(iter(batch.values()))):
+        where = f" of {cfg.data.path}" if cfg.data.path else ""
+        raise ConfigError(
+            f"config key 'data.holdout_fraction': {cfg.data.holdout_fraction} of the "
+            f"{cfg.data.source} data{where} leaves no held-out activations to evaluate on; "
+            "raise data.holdout_fraction (e.g. 0.02) or use more data")
+
+
+def _train(cfg: RunConfig, run_dir: Path, print_fn) -> dict:
     print_fn(
         f"jsae train: {cfg.sae.architecture} SAE on {cfg.data.source} data, "
         f"{cfg.resolved_steps()} steps x {cfg.train.batch_size} tokens, "
@@ -37,6 +92,7 @@ def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict
         f"model={cfg.mesh.model}, run dir {run_dir}"
     )
     source = make_source(cfg, jax.process_index(), jax.process_count())
+    check_heldout(cfg, source)
     trainer = Trainer(cfg, source)
     checkpointer = _make_checkpointer(cfg, trainer)
     try:

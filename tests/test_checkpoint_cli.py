@@ -101,7 +101,7 @@ def test_sigterm_saves_and_exits_then_resume_matches_uninterrupted(setup, tmp_pa
     cfg, ref = setup
     run_dir = tmp_path / "preempted"
     rc, out, err = _start_and_signal(cfg, run_dir, signal.SIGTERM, "50")
-    assert rc == 0, (rc, out[-2000:], err[-2000:])
+    assert rc == 75, (rc, out[-2000:], err[-2000:])  # EX_TEMPFAIL: stopped, resumable
     stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
     assert stopped, out[-2000:]
     step = int(stopped[0].split()[3])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from jsae.commands._args import positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-device memory of the training step for a config and mesh")
@@ -19,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="mesh to plan for (default: the config's mesh section; -1 means 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set sae.d_sae=16777216 (repeatable)")
-    p.add_argument("--d-in", type=int, default=None,
+    p.add_argument("--d-in", type=positive_int, default=None,
                    help="activation width (needed when the model is not known offline)")
     p.add_argument("--fit", default=None, metavar="BYTES",
                    help="also report the largest d_sae whose peak fits this per-device budget "
@@ -41,7 +43,17 @@ def parse_bytes(text: str) -> float:
 def run(args) -> int:
     from jsae import config as config_lib
     from jsae import plan as plan_lib
+    from jsae.config import ConfigError
 
+    budget = None
+    if args.fit:
+        try:
+            budget = parse_bytes(args.fit)
+        except ValueError:
+            budget = float("nan")
+        if not (budget > 0 and budget < float("inf")):
+            raise ConfigError(f"--fit {args.fit!r}: expected a positive size such as 80GB, "
+                              "16GiB or 7.5e10")
     cfg = config_lib.load(args.config, list(args.overrides))
     if args.mesh:
         data, model = plan_lib.parse_mesh(args.mesh)
@@ -51,7 +63,6 @@ def run(args) -> int:
     p = plan_lib.plan(cfg, data, model, args.d_in)
     out = {"plan": p.as_dict()}
     if args.fit:
-        budget = parse_bytes(args.fit)
         best, p0, p1 = plan_lib.largest_d_sae(cfg, budget, data, model, args.d_in)
         f0, f1 = (sum(p.d_sae.values()) for p in (p0, p1))
         per_latent = (p1.peak - p0.peak) / (f1 - f0)

@@ -12,7 +12,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (overrides run_dir in the config)")
     p.add_argument("--fresh", action="store_true",
-                   help="ignore checkpoints in the run directory and start over")
+                   help="start over: move the run directory's contents aside to RUN.old-<time>/ "
+                        "(never deleted) and train from scratch")
     p.add_argument("--no-checkpoint", action="store_true", help="do not save checkpoints")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host run (TPU pod slice, several GPU nodes): call "
@@ -32,10 +33,12 @@ def run(args) -> int:
     if args.no_checkpoint:
         cfg.checkpoint.enabled = False
 
-    from jsae.runner import run_training
+    from jsae.runner import EXIT_STOPPED, run_training
 
-    run_training(cfg, fresh=args.fresh)
-    return 0
+    out = run_training(cfg, fresh=args.fresh)
+    # 0: finished (or already finished); 75: stopped by SIGTERM, resumable. `jsae train ... &&
+    # jsae export ...` then never exports an unfinished run.
+    return EXIT_STOPPED if "stopped_at" in out else 0
 
 
 def _init_distributed() -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jsae.config import ConfigError
+
 SYNTHETIC_HOOK = "synthetic"
 
 
@@ -100,6 +102,9 @@ class ArraySource:
             a = np.load(f, mmap_mode="r", allow_pickle=False)
             if a.ndim != 2:
                 raise ValueError(f"data.path: {f} has shape {a.shape}; expected [N, d_in]")
+            if a.dtype.kind not in "fiu":  # complex would silently lose its imaginary part
+                raise ConfigError(f"config key 'data.path': {f} holds {a.dtype} values; "
+                                  "expected real numbers (float32, float16, ...)")
             self.arrays.append(a)
         dims = {a.shape[1] for a in self.arrays}
         if len(dims) != 1:

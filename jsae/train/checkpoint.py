@@ -35,6 +35,7 @@ import numpy as np
 
 from jsae.config import RunConfig, to_dict
 from jsae.errors import JsaeError
+from jsae.train.divergence import TrainingDiverged
 
 ITEMS = ("states", "data", "config", "meta")
 FORMAT = "jsae-checkpoint-v1"
@@ -277,7 +278,7 @@ class RunCheckpointer:
         if not (force or self._due(step)) or self._last_saved == step:
             return
         if not bool(_all_finite(states)):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"non-finite parameters or optimizer state at step {step}; not saving them. "
                 f"{self.describe_last_good()}. Lower train.lr or check the input activations, "
                 "then resume (jsae train restarts from that checkpoint)."

@@ -6,7 +6,6 @@ from an ActivationSource, steps, logs, evaluates and checkpoints.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from functools import partial
@@ -17,12 +16,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jsae import parallel
-from jsae.config import RunConfig, dump
+from jsae import jsonsafe, parallel
+from jsae.config import ConfigError, RunConfig
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
 from jsae.sae.io import save_sae_from_mesh
+from jsae.train import rundir
+from jsae.train.divergence import DivergenceGuard, TrainingDiverged
 from jsae.train.metrics_log import MetricsLogger, plot_metrics
 from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
 from jsae.train.state import TrainState, init_state
@@ -39,11 +40,23 @@ class Checkpointer(Protocol):
     def close(self) -> None: ...
 
 
+INT32_MAX = 2**31 - 1
+
+
+def check_index_range(d_sae: int, model: int = 1) -> None:
+    """Latent ids are int32 (`lax.top_k`, scatter indices): at most 2^31 - 1 latents."""
+    if d_sae > INT32_MAX:
+        raise ConfigError(
+            f"config key 'sae.d_sae': {d_sae:,} latents is beyond the int32 latent index that "
+            f"jsae's top-k and sparse decoder use (at most {INT32_MAX:,}, on any mesh); use a "
+            "smaller sae.d_sae")
+
+
 def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
     s = cfg.sae
     d_sae = cfg.resolved_d_sae(d_in)
     if s.architecture in ("topk", "batchtopk") and s.k > d_sae:
-        raise ValueError(f"sae.k={s.k} exceeds d_sae={d_sae}")
+        raise ConfigError(f"config key 'sae.k': k={s.k} exceeds d_sae={d_sae}")
     return SAESpec(
         architecture=s.architecture, d_in=d_in, d_sae=d_sae, k=s.k, l1_variant=s.l1_variant,
         jumprelu_bandwidth=s.jumprelu_bandwidth, aux_k=s.aux_k, dtype=s.dtype,
@@ -77,7 +90,12 @@ class Trainer:
         self.total_steps = cfg.resolved_steps()
         self.specs = {h: spec_from_config(cfg, source.d_in[h]) for h in self.hooks}
         for spec in self.specs.values():
-            parallel.check_divisible(self.mesh, batch_size=cfg.train.batch_size, d_sae=spec.d_sae)
+            try:
+                parallel.check_divisible(self.mesh, batch_size=cfg.train.batch_size,
+                                         d_sae=spec.d_sae)
+            except ValueError as e:
+                raise ConfigError(f"{e}; change the config or the mesh") from None
+            check_index_range(spec.d_sae, self.mesh.shape[parallel.MODEL])
         self.local_batch = cfg.train.batch_size // jax.process_count()
         self.optimizer = make_optimizer(cfg, self.total_steps)
         self.lr = lr_schedule(cfg, self.total_steps)
@@ -203,10 +221,6 @@ class Trainer:
         cfg = self.cfg
         run_dir = Path(cfg.run_dir)
         is_main = jax.process_index() == 0
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump(cfg, run_dir / "config.yaml")
-        logger = MetricsLogger(run_dir) if is_main else None
 
         states = None
         if checkpointer is not None:
@@ -219,6 +233,11 @@ class Trainer:
         if states is None:
             states = self.init_states()
         start = int(jax.device_get(states[self.hooks[0]].step))
+        # Accepted: only now write the config (old one kept) and trim metrics past `start`.
+        if is_main:
+            rundir.accept(cfg, start, self.total_steps, log=log)
+        logger = MetricsLogger(run_dir) if is_main else None
+        divergence = DivergenceGuard(cfg)
 
         multi = len(self.hooks) > 1
         bar = tqdm(
@@ -239,14 +258,13 @@ class Trainer:
                 t_last, step_last = now, done
                 flat = _flatten(m, multi)
                 flat["tokens_per_s"] = tok_s
-                if not all(np.isfinite(v) for v in flat.values()):
-                    bad = [k for k, v in flat.items() if not np.isfinite(v)]
+                problem = divergence.problem(done, flat)
+                if problem:
+                    bar.close()
                     last_good = getattr(checkpointer, "describe_last_good", None)
-                    raise FloatingPointError(
-                        f"non-finite {', '.join(bad)} at step {done}; "
-                        "lower train.lr or check the input activations"
-                        + (f"; {last_good()}" if last_good else "")
-                    )
+                    raise TrainingDiverged(
+                        f"{problem}; lower train.lr or check the input activations"
+                        + (f"; {last_good()}" if last_good else ""))
                 if logger:
                     logger.log(done, flat)
                 h0 = m[self.hooks[0]]
@@ -272,6 +290,10 @@ class Trainer:
         self.states = states
 
         final = self.evaluate(states)
+        bad = jsonsafe.non_finite_keys(final)
+        if bad:  # written as null, never as NaN; said out loud
+            log(f"warning: held-out {', '.join(bad)} not finite: the held-out activations "
+                "contain NaN/inf values or no held-out token was evaluated; written as null")
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
         for h in self.hooks:  # every process takes part in the fetches; process 0 writes
             save_sae_from_mesh(
@@ -285,7 +307,7 @@ class Trainer:
                 logger.close()
                 png = plot_metrics(logger.csv_path, run_dir / "plots" / "training.png")
                 summary["plot"] = str(png) if png else None
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            jsonsafe.write(run_dir / "summary.json", summary)
         return summary
 
     def _template(self) -> States:
