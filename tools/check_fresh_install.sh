@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/jsae-fresh.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+# A copy of the tree (what a fresh clone has), so this can run beside another install of it.
+mkdir "$WORK/src"
+tar -cf - --exclude=./.git --exclude=./runs --exclude=./.ci-saelens --exclude='*.egg-info' \
+  --exclude=__pycache__ --exclude=fresh-install.log . | tar -xf - -C "$WORK/src"
+cd "$WORK/src"
 "$PY" -m venv "$WORK/venv"
 export PATH="$WORK/venv/bin:$PATH" JSAE_CACHE="$WORK/cache" PIP_DISABLE_PIP_VERSION_CHECK=1
 start=$(date +%s)
