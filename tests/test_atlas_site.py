@@ -25,6 +25,7 @@ from jsae.analysis.atlas.site import (
     card_html,
     hist_range,
     normalize_token,
+    screenshot,
     token_index,
     visible_token,
     write_site,
@@ -362,3 +363,14 @@ def test_hist_range():
     assert hist_range([0, 0, 5, 0, 3] + [0] * 7) == (0, 8)
     assert hist_range([0] * 10 + [1] * 10 + [0] * 10) == (9, 21)
     assert hist_range([1, 2, 3]) == (0, 3)
+
+
+@needs_browser
+def test_screenshot(site, atlas_data, tmp_path):
+    png = screenshot(site / "index.html", tmp_path / "card.png", feature=int(atlas_data.feature_ids[1]),
+                     card_only=True, size=(1000, 700), executable=CHROMIUM)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert 300 < im.width < 1000 and 300 < im.height < 700  # the card panel, not the page
+        assert im.mode == "P"  # quantised to a palette (small PNGs for the README)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jsae.analysis.atlas.types import AtlasData
+from jsae.errors import require
 
 ASSETS = Path(__file__).with_name("site_assets")
 SHARD_SIZE = 256
@@ -511,3 +512,49 @@ def _scoped_card_css(css: str) -> str:
     """The card rules of atlas.css (between the CARD markers; each is scoped to ``.jsae-card``)."""
     m = re.search(r"/\* CARD START \*/(.*)/\* CARD END \*/", css, re.S)
     return m.group(1) if m else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Screenshots (README, papers): headless Chromium through playwright
+
+
+BROWSER_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run")
+
+
+def screenshot(page_html, png, *, feature: int | None = None, card_only: bool = False,
+               size: tuple[int, int] = (1400, 820), executable: str | None = None,
+               colors: int | None = 256) -> Path:
+    """Save a PNG of a written site page (``index.html`` or ``around-<id>.html``) in headless
+    Chromium, with ``feature``'s card open; ``card_only`` keeps just the card panel (the page
+    made tall enough to show the top activations). ``colors`` quantises the PNG (pillow) to keep
+    it small. Needs ``playwright`` and a Chromium (``executable``, default the system's)."""
+    sync_playwright = require("playwright.sync_api", "test", "site screenshots").sync_playwright
+    exe = executable or shutil.which("chromium") or shutil.which("chromium-browser")
+    url = Path(page_html).resolve().as_uri() + (f"#f={int(feature)}" if feature is not None else "")
+    w, h = size
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=list(BROWSER_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": w, "height": h})
+            page.goto(url)
+            wait = "window.atlas && atlas.ready && atlas.cardReady"
+            if feature is not None:
+                wait += f" && atlas.current === {int(feature)}"
+            page.wait_for_function(wait, timeout=120_000)
+            page.wait_for_timeout(300)  # one more frame for the canvas
+            if card_only:
+                box = page.locator("#panel").bounding_box()
+                page.screenshot(path=str(png), clip=box)
+            else:
+                page.screenshot(path=str(png))
+        finally:
+            browser.close()
+    if colors:
+        try:
+            from PIL import Image
+        except ImportError:
+            return Path(png)
+        Image.open(png).convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                                dither=Image.Dither.NONE).save(png, optimize=True)
+    return Path(png)

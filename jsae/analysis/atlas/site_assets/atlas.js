@@ -543,7 +543,8 @@
       ["logit effects", m.logit_method], ["run", m.run], ["created", m.created]].filter((r) => r[1] != null);
     const kids = [el("div", { class: "card-head" }, el("span", { class: "fid", text: "Feature atlas" })),
       el("p", { class: "muted", text: "Click a point on the map or search to open a feature's card." }),
-      el("table", { class: "meta" }, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: String(v) }))))];
+      el("table", { class: "meta" }, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }),
+        el("td", { class: String(v).length > 90 ? "long" : null, title: String(v).length > 90 ? String(v) : null, text: String(v) }))))];
     if (ix.local_maps.length) {
       kids.push(section("Neighbourhood maps", el("ul", { class: "locals" }, ix.local_maps.map(([c, r, n]) =>
         el("li", {}, el("a", { href: `around-${c}.html#f=${c}`, "data-fid": String(c) }, `around #${c} `, el("span", { class: "muted", text: `${labelOf(c)} · ${n} features within cosine distance ${r}` })))))));
