@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import html.parser
 import http.server
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from atlas_fixtures import random_atlas_data
 
 from jsae.analysis.atlas.site import (
     card_html,
+    feature_record,
     hist_range,
     normalize_token,
     screenshot,
@@ -243,6 +245,13 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     assert set(text_hits) <= {int(data.feature_ids[i]) for i in np.flatnonzero(ref > 0)}
     w.shot(tmp_path, f"atlas_search_{via}")
     page.keyboard.press("Escape")
+
+    # The viewer assembles the same card records from a shard's columns as site.py does.
+    dead = int(data.feature_ids[np.flatnonzero(data.max_act == 0)[0]])
+    padded = int(data.feature_ids[np.flatnonzero((data.top_tokens < 0).any((1, 2)))[0]])
+    for f in (fid, dead, padded, int(data.feature_ids[-1])):
+        want = json.loads(json.dumps(feature_record(data, data.row(f))))
+        assert page.evaluate(f"atlas.record({f})") == want, f
 
     # Nasty strings are shown as text, never run: feature 0's label is a <script> tag.
     page.evaluate("atlas.open(0)")
