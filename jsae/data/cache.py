@@ -23,6 +23,7 @@ P-th shard, and mixes across shards again with a :class:`~jsae.data.shuffle.Shuf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from jsae.data.shuffle import ShuffleMixer
+from jsae.errors import FileFormatError
 
 FORMAT = "jsae-activation-cache"
 VERSION = 1
@@ -62,21 +64,45 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def save_shard(path, rows: dict[str, np.ndarray], dtype: str = "float32") -> None:
+def save_shard(path, rows: dict[str, np.ndarray], dtype: str = "float32") -> dict:
+    """Write a shard atomically; returns its ``{"bytes", "sha256"}`` for the manifest."""
     from safetensors.numpy import save
 
     dt = _np_dtype(dtype)
-    _atomic_write(path, save({h: np.ascontiguousarray(v.astype(dt)) for h, v in rows.items()}))
+    data = save({h: np.ascontiguousarray(v.astype(dt)) for h, v in rows.items()})
+    _atomic_write(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class DamagedShardError(FileFormatError):
+    """A cache shard whose size, checksum or layout is not what the harvest wrote."""
+
+
+def _damaged(path, why: str) -> DamagedShardError:
+    cache = _path(path).parent.parent
+    return DamagedShardError(
+        f"activation cache shard {path} is damaged ({why}); the cache at {cache} must be "
+        f"harvested again: `jsae harvest CONFIG --out {cache} --overwrite` (or move that "
+        "folder aside and harvest into a new one)")
 
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def parse_safetensors(buf: bytes, hooks=None) -> dict[str, np.ndarray]:
+def parse_safetensors(buf: bytes, hooks=None, *, where="shard") -> dict[str, np.ndarray]:
     """Decode safetensors bytes (F32/F16/BF16/F64) as float32 arrays (no copy of the rest)."""
-    n = int.from_bytes(buf[:8], "little")
-    header = json.loads(buf[8 : 8 + n])
+    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else -1
+    if not 0 < n <= len(buf) - 8:
+        raise _damaged(where, f"{len(buf)} bytes, no complete safetensors header")
+    try:
+        header = json.loads(buf[8 : 8 + n])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _damaged(where, f"unreadable header: {e}") from e
     base = 8 + n
+    for name, t in header.items():
+        if name != "__metadata__" and base + t["data_offsets"][1] > len(buf):
+            raise _damaged(where, f"{len(buf)} bytes but tensor {name!r} ends at byte "
+                           f"{base + t['data_offsets'][1]}")
     out = {}
     for name in hooks if hooks is not None else [k for k in header if k != "__metadata__"]:
         if name not in header:
@@ -94,9 +120,18 @@ def _itemsize(st_dtype: str) -> int:
     return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[st_dtype]
 
 
-def load_shard(path, hooks=None) -> dict[str, np.ndarray]:
-    """A shard as float32 arrays (all hooks, or the given ones)."""
-    return parse_safetensors(_path(path).read_bytes(), hooks)
+def load_shard(path, hooks=None, expect: dict | None = None) -> dict[str, np.ndarray]:
+    """A shard as float32 arrays (all hooks, or the given ones).
+
+    ``expect`` (the manifest's entry: ``bytes``, ``sha256``) is checked first: a truncated or
+    altered shard is a :class:`DamagedShardError` naming the file and how to re-harvest.
+    """
+    buf = _path(path).read_bytes()
+    if expect and expect.get("bytes") is not None and len(buf) != expect["bytes"]:
+        raise _damaged(path, f"{len(buf):,} bytes, {expect['bytes']:,} were written")
+    if expect and expect.get("sha256") and hashlib.sha256(buf).hexdigest() != expect["sha256"]:
+        raise _damaged(path, "its SHA-256 differs from the one in the manifest")
+    return parse_safetensors(buf, hooks, where=path)
 
 
 def manifest_name(process_index: int = 0, process_count: int = 1) -> str:
@@ -249,10 +284,10 @@ class CacheWriter:
         sp = self.split(split)
         name = f"{split}/{self.prefix}shard-{len(sp['shards']):06d}.safetensors"
         n = len(next(iter(rows.values())))
-        save_shard(self.path / name, rows, self.meta.get("dtype", "float32"))
+        check = save_shard(self.path / name, rows, self.meta.get("dtype", "float32"))
         if split == "train":
             self.stats.update(rows)
-        sp["shards"].append({"file": name, "rows": n})
+        sp["shards"].append({"file": name, "rows": n, **check})
         sp["rows"] += n
         sp["resume"] = resume
         self._flush()
@@ -392,6 +427,11 @@ class CacheActivationSource:
         self.d_in = {h: int(self.manifest["d_in"][h]) for h in hooks}
         self.shards = [s["file"] for s in self.manifest["splits"]["train"]["shards"]]
         self.eval_shards = [s["file"] for s in self.manifest["splits"]["eval"]["shards"]]
+        # Size and checksum per shard (caches harvested before they were recorded have none);
+        # the checksum is verified on a shard's first read in this process.
+        self._expect = {s["file"]: s for sp in ("train", "eval")
+                        for s in self.manifest["splits"][sp]["shards"]}
+        self._verified: set[str] = set()
         if len(self.shards) < process_count:
             raise ValueError(
                 f"the cache at {cfg.data.path} has {len(self.shards)} training shards, fewer "
@@ -415,7 +455,7 @@ class CacheActivationSource:
             self._epoch, self._i = self._epoch + 1, 0
             order = self._order(self._epoch)
         pos = {"epoch": self._epoch, "i": self._i}
-        rows = load_shard(self.path / self.shards[order[self._i]], self.hooks)
+        rows = self._load(self.shards[order[self._i]])
         self._i += 1
         self.mixer.push(rows, pos)
 
@@ -434,7 +474,7 @@ class CacheActivationSource:
         left: dict[str, np.ndarray] = {}
         sent = 0
         for f in files:
-            rows = load_shard(self.path / f, self.hooks)
+            rows = self._load(f)
             if not by_shard:
                 rows = {h: v[p::P] for h, v in rows.items()}
             if left:
@@ -450,6 +490,15 @@ class CacheActivationSource:
         if left and len(left[self.hooks[0]]) and sent < n_tokens:
             k = min(len(left[self.hooks[0]]), n_tokens - sent)
             yield {h: v[:k] for h, v in left.items()}
+
+    def _load(self, name: str) -> dict[str, np.ndarray]:
+        e = self._expect.get(name) or {}
+        expect = {"bytes": e.get("bytes")}
+        if name not in self._verified:
+            expect["sha256"] = e.get("sha256")
+        rows = load_shard(self.path / name, self.hooks, expect)
+        self._verified.add(name)
+        return rows
 
     def state(self) -> dict:
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from jsae.errors import FileFormatError
 from jsae.sae.core import SAE, SAESpec
 from jsae.sae.io import load_sae
 
@@ -62,9 +64,16 @@ def sae_from_run(run_dir: str | Path, hook: str | None = None, *,
     final = run_dir / "saes" / _dirname(hook)
     latest = latest_checkpoint(run_dir)
     if step is None and (final / "sae.json").exists():
-        sae, meta = load_sae(final)
-        if latest is None or int(meta.get("steps", 0)) >= latest:
-            return sae, {"hook_name": hook, "step": meta.get("steps"), "from": str(final)}
+        try:
+            sae, meta = load_sae(final)
+        except FileFormatError as e:  # damaged saes/<hook>: the last checkpoint, said out loud
+            if latest is None:
+                raise
+            print(f"warning: {e.args[0].split('; ')[0]}; using checkpoint step {latest} instead",
+                  file=sys.stderr)
+        else:
+            if latest is None or int(meta.get("steps", 0)) >= latest:
+                return sae, {"hook_name": hook, "step": meta.get("steps"), "from": str(final)}
     ck = read_checkpoint(run_dir, step)
     spec = SAESpec(**ck["meta"]["specs"][hook])
     s = ck["states"][hook]["sae"]

@@ -226,7 +226,7 @@ def _load_offline(key: str, dtype: str, cache: bool) -> LanguageModel:
         ) from e
     ckey = f"{key}-{getattr(mod, 'EXPECTED_SHA256', 'unknown')[:16]}-v{CACHE_VERSION}"
     entry = cache_dir() / "models" / ckey
-    if cache and _complete(entry):
+    if cache and _usable(entry):
         return _from_cache(entry, dtype, key)
     gguf_path = mod.assemble()
     return load_gguf(gguf_path, dtype, cache=cache, cache_key=ckey, name=key)
@@ -258,7 +258,7 @@ def load_gguf(
         raise FileNotFoundError(f"GGUF file not found: {path}")
     name = name or path.stem
     entry = cache_dir() / "models" / (cache_key or _gguf_key(path))
-    if cache and _complete(entry):
+    if cache and _usable(entry):
         return _from_cache(entry, dtype, name)
     if cache:
         print(f"jsae: converting {path.name} once into {entry} (later loads take seconds)",
@@ -279,7 +279,50 @@ def load_gguf(
 
 
 def _complete(entry: Path) -> bool:
-    return (entry / "config.json").exists() and (entry / "params.safetensors").exists()
+    return _entry_problem(entry) is None
+
+
+def _entry_problem(entry: Path) -> Optional[str]:
+    """Why a cache entry cannot be used (missing, truncated file), or None when it is whole.
+
+    params.safetensors' header gives its exact size: a truncated file is found without
+    reading the weights."""
+    cfg, params = entry / "config.json", entry / "params.safetensors"
+    if not cfg.exists() or not params.exists():
+        return "config.json or params.safetensors is missing"
+    try:
+        json.loads(cfg.read_text())
+        size = params.stat().st_size
+        with open(params, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    if header is None:
+        return f"{params} has {size} bytes, no complete safetensors header"
+    end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+    if size != end:
+        return f"{params} has {size:,} bytes, its header says {end:,}"
+    return None
+
+
+def _usable(entry: Path) -> bool:
+    """True for a whole cache entry; a damaged one is removed (with a warning) to be rebuilt."""
+    if not entry.exists():
+        return False
+    problem = _entry_problem(entry)
+    if problem is None:
+        return True
+    print(f"jsae: warning: the model cache entry {entry} is damaged ({problem}); rebuilding it",
+          file=sys.stderr, flush=True)
+    trash = entry.with_name(f".{entry.name}.damaged-{os.getpid()}")
+    try:
+        os.rename(entry, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    except OSError:
+        shutil.rmtree(entry, ignore_errors=True)
+    return False
 
 
 def _write_cache(entry: Path, cfg: TransformerConfig, params_np: dict, tokenizer: Optional[Tokenizer]) -> None:

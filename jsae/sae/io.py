@@ -1,12 +1,16 @@
 """Save and load a jsae SAE: ``sae.safetensors`` (params + norm_scale) and ``sae.json`` (spec).
 
 Writes go to a temporary folder that is renamed into place, so a crash never leaves a
-half-written SAE behind.
+half-written SAE behind.  ``sae.json`` records the weights file's size and SHA-256
+(``files``); :func:`load_sae` checks both before reading, so a truncated or altered file is an
+error naming the path (and, inside a run directory, the checkpoint to fall back on) instead of
+a reshape failure or silently wrong weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -18,9 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from jsae import jsonsafe
+from jsae.errors import FileFormatError
 from jsae.sae.core import SAE, SAESpec
 
 FORMAT = "jsae-sae-v1"
+WEIGHTS = "sae.safetensors"
 
 
 def save_sae(sae: SAE, path: str | Path, metadata: dict | None = None) -> Path:
@@ -28,7 +35,8 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict | None = None) -> Path:
     def write(tmp: Path) -> None:
         tensors = {k: np.asarray(jax.device_get(v), np.float32) for k, v in sae.params.items()}
         tensors["norm_scale"] = np.asarray(jax.device_get(sae.norm_scale), np.float32).reshape(())
-        save_file(tensors, str(tmp / "sae.safetensors"))
+        save_file(tensors, str(tmp / WEIGHTS))
+        return {WEIGHTS: file_record(tmp / WEIGHTS)}
 
     return _write_folder(Path(path), sae, metadata, write)
 
@@ -70,15 +78,22 @@ def save_sae_from_mesh(sae: SAE, path: str | Path, metadata: dict | None = None,
             yield block[done - start:]
             done = start + per
 
-    def write_weights(tmp: Path) -> None:
+    def write_weights(tmp: Path) -> dict:
+        h = hashlib.sha256()
         with open(tmp / "sae.safetensors", "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for name in names:
-                for block in chunks(tensors[name]):
-                    f.write(np.ascontiguousarray(block, "<f4").tobytes())
+            for piece in _pieces():
+                h.update(piece)
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
+        return {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": h.hexdigest()}}
+
+    def _pieces():
+        yield len(blob).to_bytes(8, "little")
+        yield blob
+        for name in names:
+            for block in chunks(tensors[name]):
+                yield np.ascontiguousarray(block, "<f4").tobytes()
 
     if not write:  # take part in every fetch (collectives), write nothing
         for name in names:
@@ -94,9 +109,10 @@ def _write_folder(path: Path, sae: SAE, metadata: dict | None, write_weights) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        write_weights(tmp)
-        info = {"format": FORMAT, "spec": dataclasses.asdict(sae.spec), "metadata": metadata or {}}
-        (tmp / "sae.json").write_text(json.dumps(info, indent=2))
+        files = write_weights(tmp)
+        info = {"format": FORMAT, "spec": dataclasses.asdict(sae.spec),
+                "metadata": metadata or {}, "files": files}
+        (tmp / "sae.json").write_text(jsonsafe.dumps(info, indent=2))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -111,25 +127,88 @@ def _write_folder(path: Path, sae: SAE, metadata: dict | None, write_weights) ->
     return path
 
 
-def load_sae(path: str | Path) -> tuple[SAE, dict]:
-    """Returns (sae, metadata) from a folder written by `save_sae`."""
+def file_record(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def fallback_hint(folder: Path) -> str:
+    """What to use instead of a damaged ``RUN/saes/<hook>``: the run's last checkpoint."""
+    if folder.parent.name != "saes":
+        return ""
+    run = folder.parent.parent
+    try:
+        from jsae.train.checkpoint import latest_checkpoint
+
+        step = latest_checkpoint(run)
+    except Exception:  # noqa: BLE001 - a hint only
+        step = None
+    if step is None:
+        return f"; {run} has no checkpoint to fall back on: retrain it (`jsae train --fresh`)"
+    return (f"; the run's last checkpoint (step {step} in {run / 'checkpoints'}) is intact "
+            f"if it loads: `jsae export {run} --step {step} --format saelens OUT` rebuilds the "
+            "dictionary from it")
+
+
+def check_folder(path: str | Path) -> dict:
+    """sae.json of an SAE folder after checking sae.safetensors' size and checksum.
+
+    Raises :class:`FileFormatError` naming the damaged file and the fallback.
+    """
     path = Path(path)
-    meta_file, weights = path / "sae.json", path / "sae.safetensors"
+    meta_file, weights = path / "sae.json", path / WEIGHTS
     for f in (meta_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"not a jsae SAE folder: {f} is missing")
-    info = json.loads(meta_file.read_text())
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: unknown format {info.get('format')!r}; expected {FORMAT}")
-    spec = SAESpec(**info["spec"])
-    tensors = load_file(str(weights))
+    try:
+        info = json.loads(meta_file.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FileFormatError(f"{meta_file} is not valid JSON ({e}){fallback_hint(path)}") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        got = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise FileFormatError(f"{meta_file}: unknown format {got!r}; expected {FORMAT}")
+    want = (info.get("files") or {}).get(WEIGHTS)
+    if want:  # folders written before checksums were recorded have none
+        size = weights.stat().st_size
+        if size != want.get("bytes"):
+            raise FileFormatError(
+                f"{weights} is damaged: {size:,} bytes, {want.get('bytes'):,} were written"
+                f"{fallback_hint(path)}")
+        if want.get("sha256") and file_record(weights)["sha256"] != want["sha256"]:
+            raise FileFormatError(
+                f"{weights} is damaged: its SHA-256 differs from the one recorded in "
+                f"{meta_file}{fallback_hint(path)}")
+    return info
+
+
+def load_sae(path: str | Path) -> tuple[SAE, dict]:
+    """Returns (sae, metadata) from a folder written by `save_sae` (checked, see above)."""
+    path = Path(path)
+    info = check_folder(path)
+    weights = path / WEIGHTS
+    try:
+        spec = SAESpec(**info["spec"])
+    except (KeyError, TypeError) as e:
+        raise FileFormatError(f"{path / 'sae.json'}: bad spec ({e})") from e
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise FileFormatError(f"{weights} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}){fallback_hint(path)}") from e
+    if "norm_scale" not in tensors:
+        raise FileFormatError(f"{weights}: tensor norm_scale is missing{fallback_hint(path)}")
     scale = tensors.pop("norm_scale")
     expected = {"W_enc": (spec.d_in, spec.d_sae), "W_dec": (spec.d_sae, spec.d_in),
                 "b_enc": (spec.d_sae,), "b_dec": (spec.d_in,)}
     for name, shape in expected.items():
         if name not in tensors:
-            raise ValueError(f"{weights}: tensor {name} is missing")
+            raise FileFormatError(f"{weights}: tensor {name} is missing{fallback_hint(path)}")
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{weights}: {name} has shape {tensors[name].shape}, expected {shape}")
+            raise FileFormatError(f"{weights}: {name} has shape {tensors[name].shape}, "
+                                  f"expected {shape}{fallback_hint(path)}")
     params = {k: jnp.asarray(v) for k, v in tensors.items()}
     return SAE(params=params, norm_scale=jnp.asarray(scale), spec=spec), info.get("metadata", {})
