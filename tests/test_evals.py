@@ -253,31 +253,37 @@ def test_splice_keeps_bos_and_padding(tiny):
     none = np.zeros(tokens.shape, bool)
     none[:, 5] = True  # one position per row, so some CE/KL positions exist
     hooks = (HOOK,)
-    s, use, const = variant_plan(hooks, {HOOK: np.ones(model.cfg.d_model)})
+    s, use, const, everywhere = variant_plan(hooks, {HOOK: np.ones(model.cfg.d_model)})
     from jsae.evals.downstream import variant_losses
 
     ce, kl = variant_losses(model.params, jnp.asarray(tokens), jnp.asarray(none), None,
                             {HOOK: constant_sae(np.zeros(model.cfg.d_model))}, jnp.asarray(s),
-                            jnp.asarray(use), jnp.asarray(const), forward=forward,
-                            model_cfg=model.cfg, hooks=hooks)
+                            jnp.asarray(use), jnp.asarray(const), jnp.asarray(everywhere),
+                            forward=forward, model_cfg=model.cfg, hooks=hooks)
     ce, kl = np.asarray(ce), np.asarray(kl)
-    # causal model: positions before 5 are untouched in every variant, position 5 on is changed
-    np.testing.assert_array_equal(ce[1:, :, :5], np.broadcast_to(ce[0, :, :5], ce[1:, :, :5].shape))
-    assert np.all(kl[:, :, :5] == 0) and np.all(kl[1:, :, 5] > 0)
+    # causal model: positions before 5 are untouched by the sae/zero/mean variants (1-3),
+    # position 5 on is changed; zero_all (4, SAELens' baseline) changes BOS and every position.
+    np.testing.assert_array_equal(ce[1:4, :, :5], np.broadcast_to(ce[0, :, :5], ce[1:4, :, :5].shape))
+    assert np.all(kl[:4, :, :5] == 0) and np.all(kl[1:, :, 5] > 0)
+    assert np.all(kl[4, :, 0] > 0)
 
 
 def test_downstream_stats_several_hooks():
     st = DownstreamStats(["a", "b"])
-    ce = np.zeros((7, 1, 3))
-    kl = np.zeros((7, 1, 4))
-    ce[:, 0, :] = np.array([1.0, 1.5, 3.0, 2.0, 1.2, 4.0, 2.0])[:, None]
-    kl[:, 0, :] = np.array([0.0, 0.1, 1.0, 0.5, 0.2, 2.0, 1.0])[:, None]
+    ce = np.zeros((9, 1, 3))
+    kl = np.zeros((9, 1, 4))
+    # clean, then per hook: sae, zero (SAE positions), mean, zero_all (every position)
+    ce[:, 0, :] = np.array([1.0, 1.5, 3.0, 2.0, 3.5, 1.2, 4.0, 2.0, 5.0])[:, None]
+    kl[:, 0, :] = np.array([0.0, 0.1, 1.0, 0.5, 1.5, 0.2, 2.0, 1.0, 3.0])[:, None]
     st.add(ce, kl, np.ones((1, 4), bool))
     r = st.result()
     assert r["a"]["ce_recovered_zero"] == pytest.approx((3 - 1.5) / (3 - 1))
     assert r["a"]["ce_recovered_mean"] == pytest.approx((2 - 1.5) / (2 - 1))
     assert r["b"]["ce_recovered_zero"] == pytest.approx((4 - 1.2) / (4 - 1))
     assert r["b"]["kl_score_mean"] == pytest.approx((1 - 0.2) / 1)
+    # SAELens' ce_loss_score / kl_div_score: the all-position zero ablation as the baseline
+    assert r["a"]["ce_loss_score"] == pytest.approx((3.5 - 1.5) / (3.5 - 1))
+    assert r["b"]["kl_div_score"] == pytest.approx((3 - 0.2) / 3)
 
 
 def test_evaluator_several_hooks_match_single(tiny):
@@ -346,7 +352,14 @@ def test_make_eval_fn_in_training_loop(tmp_path):
     assert doc["metrics"][HOOK]["ce_clean"] == pytest.approx(out["metrics"][HOOK]["ce_clean"])
     assert doc["info"]["kind"] == "run" and doc["tokens"] >= 150
     sb = doc["saebench"][HOOK]
-    assert sb["model_performance_preservation"]["ce_loss_score"] == doc["metrics"][HOOK]["ce_recovered_zero"]
+    m = doc["metrics"][HOOK]
+    # SAELens' names carry SAELens' definitions: the ablation zeroes every position (BOS too)
+    assert sb["model_performance_preservation"]["ce_loss_score"] == m["ce_loss_score"]
+    assert m["ce_loss_score"] == pytest.approx(
+        (m["ce_zero_abl_all"] - m["ce_spliced"]) / (m["ce_zero_abl_all"] - m["ce_clean"]))
+    assert sb["model_behavior_preservation"]["kl_div_score"] == pytest.approx(
+        (m["kl_zero_abl_all"] - m["kl_spliced"]) / m["kl_zero_abl_all"])
+    assert sb["reconstruction_quality"]["mse"] == pytest.approx(m["mse"] * model.cfg.d_model)
     assert sb["shrinkage"]["relative_reconstruction_bias"] == doc["metrics"][HOOK]["rel_recon_bias"]
     assert (tmp_path / "run" / "eval" / "feature_density.png").exists()
     dens = np.load(tmp_path / "run" / "eval" / f"feature_density_{HOOK}.npy")

@@ -2,14 +2,16 @@
 
 For a batch of contexts ``tokens [B, T]`` and a boolean ``mask [B, T]`` (True at the positions
 an SAE trains on: real tokens, not padding, not BOS when ``data.exclude_bos``), one jitted
-program runs the LM ``1 + 3H`` times for ``H`` hooks, as a ``lax.scan`` over variants so the
+program runs the LM ``1 + 4H`` times for ``H`` hooks, as a ``lax.scan`` over variants so the
 forward compiles once:
 
 - ``clean``: the model unchanged;
 - for each hook ``h``: ``sae`` (the activation at ``h`` replaced by ``decode(encode(x))``),
   ``zero`` (replaced by 0) and ``mean`` (replaced by the mean activation over the evaluated
   tokens), each only at masked positions; elsewhere (BOS, padding) the activation is kept, as
-  SAEBench does with ``exclude_special_tokens_from_reconstruction``.
+  SAEBench does with ``exclude_special_tokens_from_reconstruction``; and ``zero_all``, the
+  activation zeroed at *every* position, BOS included: the zero-ablation baseline of SAELens'
+  and SAEBench's ``ce_loss_score`` / ``kl_div_score`` (``standard_zero_ablate_hook``).
 
 Per variant it returns the per-token cross-entropy of the next token and the per-token
 ``KL(p_clean || p_variant)``. CE counts position ``t`` (predicting token ``t + 1``) when both
@@ -28,7 +30,8 @@ import numpy as np
 
 from jsae.sae.core import SAE, reconstruct
 
-VARIANTS = ("sae", "zero", "mean")  # per hook, after the clean run
+VARIANTS = ("sae", "zero", "mean", "zero_all")  # per hook, after the clean run
+NV = len(VARIANTS)
 
 
 def _replace(sae: SAE, m: jax.Array, s: jax.Array, c: jax.Array, act: jax.Array) -> jax.Array:
@@ -54,21 +57,24 @@ def _splice_all(sae: SAE, act: jax.Array) -> jax.Array:
 
 
 def variant_plan(hooks: Sequence[str], means: Mapping[str, np.ndarray]):
-    """Per-variant arrays for the scan: ``s [V, H]``, ``use [V, H]``, ``const [V, H, D]``.
+    """Per-variant arrays for the scan: ``s [V, H]``, ``use [V, H]``, ``const [V, H, D]``,
+    ``everywhere [V, H]`` (replace at every position, not only the masked ones).
 
-    Variant 0 is clean; variant ``1 + 3i + j`` is ``VARIANTS[j]`` at hook ``i``."""
+    Variant 0 is clean; variant ``1 + NV*i + j`` is ``VARIANTS[j]`` at hook ``i``."""
     H = len(hooks)
     D = len(np.asarray(means[hooks[0]]))
-    V = 1 + 3 * H
+    V = 1 + NV * H
     s = np.zeros((V, H), np.float32)
     use = np.zeros((V, H), bool)
     const = np.zeros((V, H, D), np.float32)
+    everywhere = np.zeros((V, H), bool)
     for i, h in enumerate(hooks):
-        base = 1 + 3 * i
+        base = 1 + NV * i
         s[base, i] = 1.0
-        use[base : base + 3, i] = True
+        use[base : base + NV, i] = True
         const[base + 2, i] = np.asarray(means[h], np.float32)
-    return s, use, const
+        everywhere[base + 3, i] = True
+    return s, use, const, everywhere
 
 
 @partial(jax.jit, static_argnames=("forward", "model_cfg", "hooks"))
@@ -81,6 +87,7 @@ def variant_losses(
     s: jax.Array,
     use: jax.Array,
     const: jax.Array,
+    everywhere: jax.Array | None = None,
     *,
     forward: Callable,
     model_cfg,
@@ -89,6 +96,8 @@ def variant_losses(
     """``(ce [V, B, T-1], kl [V, B, T])`` for the variants of :func:`variant_plan`."""
     tokens = tokens.astype(jnp.int32)
     mask = mask.astype(bool)
+    if everywhere is None:
+        everywhere = jnp.zeros(use.shape, bool)
 
     def logits_of(fns):
         out = forward(model_cfg, params, tokens, interventions=fns, attention_mask=attention_mask)
@@ -98,9 +107,10 @@ def variant_losses(
     targets = tokens[:, 1:]
 
     def body(lp_clean, xs):
-        s_v, use_v, c_v, first = xs
+        s_v, use_v, c_v, all_v, first = xs
         fns = {
-            h: jax.tree_util.Partial(_replace, saes[h], mask & use_v[i], s_v[i], c_v[i])
+            h: jax.tree_util.Partial(_replace, saes[h], (mask | all_v[i]) & use_v[i], s_v[i],
+                                     c_v[i])
             for i, h in enumerate(hooks)
         }
         lp = jax.nn.log_softmax(logits_of(fns).astype(jnp.float32), axis=-1)
@@ -111,7 +121,7 @@ def variant_losses(
 
     first = jnp.arange(s.shape[0]) == 0
     init = jnp.zeros(shape, jnp.float32)
-    _, (ce, kl) = jax.lax.scan(body, init, (s, use, const, first))
+    _, (ce, kl) = jax.lax.scan(body, init, (s, use, const, everywhere.astype(bool), first))
     return ce, kl
 
 
@@ -120,7 +130,7 @@ class DownstreamStats:
 
     def __init__(self, hooks: Sequence[str]):
         self.hooks = list(hooks)
-        V = 1 + 3 * len(self.hooks)
+        V = 1 + NV * len(self.hooks)
         self.ce = np.zeros(V)
         self.kl = np.zeros(V)
         self.n_ce = 0
@@ -154,8 +164,9 @@ class DownstreamStats:
         kl = self.kl / self.n_kl
         out = {}
         for i, h in enumerate(self.hooks):
-            b = 1 + 3 * i
+            b = 1 + NV * i
             clean, spliced, zero, mean = ce[0], ce[b], ce[b + 1], ce[b + 2]
+            zero_all = ce[b + 3]
             out[h] = {
                 "ce_clean": float(clean),
                 "ce_spliced": float(spliced),
@@ -169,6 +180,11 @@ class DownstreamStats:
                 "kl_mean_abl": float(kl[b + 2]),
                 "kl_score_zero": _ratio(kl[b + 1] - kl[b], kl[b + 1]),
                 "kl_score_mean": _ratio(kl[b + 2] - kl[b], kl[b + 2]),
+                # SAELens / SAEBench: the zero-ablation baseline zeroes every position.
+                "ce_zero_abl_all": float(zero_all),
+                "kl_zero_abl_all": float(kl[b + 3]),
+                "ce_loss_score": _ratio(zero_all - spliced, zero_all - clean),
+                "kl_div_score": _ratio(kl[b + 3] - kl[b], kl[b + 3]),
                 "ce_tokens": float(self.n_ce),
                 "kl_tokens": float(self.n_kl),
             }
@@ -195,12 +211,12 @@ def downstream_metrics(
     if forward is None:
         from jsae.models import forward
     hooks = tuple(saes)
-    s, use, const = variant_plan(hooks, means)
+    s, use, const, everywhere = variant_plan(hooks, means)
     stats = DownstreamStats(hooks)
     for tokens, mask in batches:
         ce, kl = variant_losses(
             model.params, jnp.asarray(tokens), jnp.asarray(mask), None, dict(saes),
-            jnp.asarray(s), jnp.asarray(use), jnp.asarray(const),
+            jnp.asarray(s), jnp.asarray(use), jnp.asarray(const), jnp.asarray(everywhere),
             forward=forward, model_cfg=model.cfg, hooks=hooks,
         )
         stats.add(jax.device_get(ce), jax.device_get(kl), mask)

@@ -17,7 +17,6 @@ Positions evaluated are those the SAE trains on (``mask``: no padding, no BOS wh
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -27,13 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae import jsonsafe
+from jsae.errors import FileFormatError
 from jsae.evals.downstream import downstream_metrics
 from jsae.evals.health import latent_health, plot_feature_density
 from jsae.evals.reconstruction import ReconstructionStats
 from jsae.parallel import process_sum
 from jsae.sae.core import SAE
 
-# Default CE/KL budget on a CPU: the 1 + 3H full-LM passes (262k-vocab unembedding) dominate
+# Default CE/KL budget on a CPU: the 1 + 4H full-LM passes (262k-vocab unembedding) dominate
 # `jsae eval`; reconstruction metrics still use all `eval.tokens`. `--downstream-tokens` overrides.
 CPU_DOWNSTREAM_TOKENS = 4096
 
@@ -160,7 +161,7 @@ class Evaluator:
         self._acts: list[dict[str, np.ndarray]] | None = None
         self._means: dict[str, np.ndarray] | None = None
         self.progress = progress
-        # The spliced-LM passes cost 1 + 3H full forwards: they may use a prefix of the contexts.
+        # The spliced-LM passes cost 1 + 4H full forwards: they may use a prefix of the contexts.
         counts = np.cumsum(self.mask.sum(1))
         want = self.n_tokens if downstream_tokens is None else int(downstream_tokens)
         self.downstream_contexts = int(min(n, np.searchsorted(counts, want) + 1)) if n else 0
@@ -250,7 +251,7 @@ class Evaluator:
         if downstream:
             means = self.means()
             batches = self.batches(self.downstream_contexts,
-                                   desc=f"eval: CE/KL, {1 + 3 * len(saes)} LM passes")
+                                   desc=f"eval: CE/KL, {1 + 4 * len(saes)} LM passes")
             ds = downstream_metrics(self.model, saes, batches, means, forward=self.forward)
             n_ds = int(process_sum(float(self.n_downstream_tokens)))
             for h in saes:
@@ -317,7 +318,15 @@ def load_run_saes(run_dir: str | Path) -> dict[str, SAE]:
         raise FileNotFoundError(f"{root} does not exist: is {run_dir} a finished jsae run?")
     out = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        sae, meta = load_sae(d)
+        try:
+            sae, meta = load_sae(d)
+        except FileFormatError:  # damaged: the run's last checkpoint (warns), else the error
+            from jsae.export.run import sae_from_run
+            from jsae.train.checkpoint import latest_checkpoint
+
+            if latest_checkpoint(run_dir) is None:
+                raise
+            sae, meta = sae_from_run(run_dir, d.name)
         out[meta.get("hook_name") or d.name] = sae
     if not out:
         raise FileNotFoundError(f"no SAEs under {root}")
@@ -346,19 +355,21 @@ def write_outputs(
     doc = {"info": info or {}, "tokens": result.n_tokens, "metrics": _jsonable(result.metrics),
            "saebench": _jsonable({h: saebench_view(m) for h, m in result.metrics.items()}),
            "files": files}
-    json_path.write_text(json.dumps(doc, indent=2))
+    json_path.write_text(jsonsafe.dumps(doc, indent=2))  # NaN -> null: strict JSON
     files["json"] = str(json_path)
     return files
 
 
 SAEBENCH_KEYS = {  # SAEBench core-eval category -> its key -> jsae key (docs/metrics.md)
+    # SAELens' definitions: the ablation zeroes every position (BOS too), mse is per token.
     "model_behavior_preservation": {
-        "kl_div_score": "kl_score_zero", "kl_div_with_ablation": "kl_zero_abl",
+        "kl_div_score": "kl_div_score", "kl_div_with_ablation": "kl_zero_abl_all",
         "kl_div_with_sae": "kl_spliced"},
     "model_performance_preservation": {
-        "ce_loss_score": "ce_recovered_zero", "ce_loss_with_ablation": "ce_zero_abl",
+        "ce_loss_score": "ce_loss_score", "ce_loss_with_ablation": "ce_zero_abl_all",
         "ce_loss_with_sae": "ce_spliced", "ce_loss_without_sae": "ce_clean"},
-    "reconstruction_quality": {"explained_variance": "explained_variance", "cossim": "cos_sim"},
+    "reconstruction_quality": {"explained_variance": "explained_variance",
+                               "mse": "mse_per_token", "cossim": "cos_sim"},
     "shrinkage": {
         "l2_norm_in": "l2_norm_in", "l2_norm_out": "l2_norm_out", "l2_ratio": "l2_ratio",
         "relative_reconstruction_bias": "rel_recon_bias"},
@@ -402,12 +413,15 @@ TABLE_ROWS = [
     ("ce_clean", "CE clean", "{:.4f}"),
     ("ce_spliced", "CE with SAE", "{:.4f}"),
     ("ce_delta", "CE increase", "{:.4f}"),
-    ("ce_zero_abl", "CE zero-ablated", "{:.4f}"),
+    ("ce_zero_abl", "CE zero-ablated (SAE positions)", "{:.4f}"),
+    ("ce_zero_abl_all", "CE zero-ablated (all, BOS too)", "{:.4f}"),
     ("ce_mean_abl", "CE mean-ablated", "{:.4f}"),
     ("ce_recovered_zero", "CE loss recovered (zero abl.)", "{:.4f}"),
     ("ce_recovered_mean", "CE loss recovered (mean abl.)", "{:.4f}"),
+    ("ce_loss_score", "ce_loss_score (SAEBench)", "{:.4f}"),
     ("kl_spliced", "KL(clean || SAE) / token", "{:.4f}"),
     ("kl_score_zero", "KL score (zero abl.)", "{:.4f}"),
+    ("kl_div_score", "kl_div_score (SAEBench)", "{:.4f}"),
 ]
 
 

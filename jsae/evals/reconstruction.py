@@ -161,7 +161,8 @@ class ReconstructionStats:
         return {
             "fvu": fvu,
             "explained_variance": 1.0 - fvu,
-            "mse": float(t["resid"] / (n * d)),
+            "mse": float(t["resid"] / (n * d)),  # per element
+            "mse_per_token": float(t["resid"] / n),  # SAELens' mse: sum over d_in, mean over tokens
             "l0": float(t["l0"] / n),
             "l1": float(t["l1"] / n),
             "cos_sim": float(t["cos"] / n),
