@@ -383,3 +383,17 @@ def test_screenshot(site, atlas_data, tmp_path):
     with Image.open(png) as im:
         assert 300 < im.width < 1000 and 300 < im.height < 700  # the card panel, not the page
         assert im.mode == "P"  # quantised to a palette (small PNGs for the README)
+
+
+def test_bad_atlas_data_names_the_field(tmp_path):
+    from jsae.errors import FileFormatError
+
+    data = random_atlas_data(20, seed=2)
+    data.labels = data.labels[:-1]
+    with pytest.raises(FileFormatError, match=r"labels has 19 entries, expected 20"):
+        write_site(tmp_path, data, progress=False)
+    data = random_atlas_data(20, seed=2)
+    data.top_acts = data.top_acts[:, :3]
+    with pytest.raises(FileFormatError, match=r"top_acts has shape \[20, 3, 16\], expected \[20, 8, 16\]"):
+        write_site(tmp_path, data, progress=False)
+    assert not (tmp_path / "index.html").exists()

@@ -338,12 +338,49 @@ def _page(title: str, page: dict) -> str:
     return tpl.replace("{{TITLE}}", html.escape(title)).replace("{{PAGE}}", cfg)
 
 
+def check_atlas(data: AtlasData) -> None:
+    """Raise :class:`~jsae.errors.FileFormatError` naming the first field whose shape does not
+    fit the others (every per-feature field has ``F`` rows; see :class:`AtlasData`)."""
+    from jsae.errors import FileFormatError
+
+    F = data.n_features
+    K, Q, H = data.top_value.shape[1], data.band_value.shape[1], data.hist_counts.shape[1]
+    want = {
+        "density": (F,), "mean_act": (F,), "max_act": (F,), "hist_counts": (F, H),
+        "hist_edges": (H + 1,), "top_value": (F, K), "top_anchor": (F, K), "band_edges": (F, Q + 1),
+        "band_count": (F, Q), "band_anchor": data.band_value.shape, "map_xy": (F, 2), "cluster": (F,),
+        "cos_vals": data.cos_ids.shape, "coact_vals": data.coact_ids.shape,
+        "logit_top_vals": data.logit_top_ids.shape, "logit_bottom_vals": data.logit_bottom_ids.shape,
+    }
+    for name in ("top_tokens", "top_acts"):
+        want[name] = (F, K, data.top_tokens.shape[-1])
+    for name in ("band_tokens", "band_acts"):
+        want[name] = data.band_value.shape + (data.band_tokens.shape[-1],)
+    for name in ("cos_ids", "coact_ids", "logit_top_ids", "logit_bottom_ids", "band_value"):
+        want[name] = (F,) + tuple(np.shape(getattr(data, name))[1:])
+    for name, shape in want.items():
+        got = tuple(np.shape(getattr(data, name)))
+        if got != tuple(shape):
+            raise FileFormatError(f"atlas data: {name} has shape {list(got)}, expected {list(shape)} "
+                                  f"({F} features, {K} top examples, {Q} bands, {H} histogram bins)")
+    for name in ("labels", "explanations", "explanation_scores"):
+        v = getattr(data, name)
+        if v is not None and len(v) != F:
+            raise FileFormatError(f"atlas data: {name} has {len(v)} entries, expected {F} (one per feature)")
+    for lm in data.local_maps:
+        M = len(lm.ids)
+        if np.shape(lm.xy) != (M, 2) or np.shape(lm.cluster) != (M,):
+            raise FileFormatError(f"atlas data: the local map around {lm.center} has {M} ids but xy "
+                                  f"{list(np.shape(lm.xy))} and cluster {list(np.shape(lm.cluster))}")
+
+
 def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
                progress: bool = True) -> Path:
     """Write the static site of ``data`` into ``out_dir`` (created; files of an older site in
     ``data/`` are replaced) and return the path of its ``index.html``."""
     from tqdm.auto import tqdm
 
+    check_atlas(data)
     out = Path(out_dir)
     ddir = out / "data"
     if ddir.exists():  # an older site's shards and local maps
