@@ -21,6 +21,7 @@ escapes with :func:`html.escape`), and whitespace in tokens is shown visibly (â
 
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import json
 import math
@@ -570,23 +571,15 @@ def screenshot(page_html, png, *, feature: int | None = None, card_only: bool = 
     exe = executable or shutil.which("chromium") or shutil.which("chromium-browser")
     url = Path(page_html).resolve().as_uri() + (f"#f={int(feature)}" if feature is not None else "")
     w, h = size
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, args=list(BROWSER_ARGS))
-        try:
-            page = browser.new_page(viewport={"width": w, "height": h})
-            page.goto(url)
-            wait = "window.atlas && atlas.ready && atlas.cardReady"
-            if feature is not None:
-                wait += f" && atlas.current === {int(feature)}"
-            page.wait_for_function(wait, timeout=120_000)
-            page.wait_for_timeout(300)  # one more frame for the canvas
-            if card_only:
-                box = page.locator("#panel").bounding_box()
-                page.screenshot(path=str(png), clip=box)
-            else:
-                page.screenshot(path=str(png))
-        finally:
-            browser.close()
+
+    def shoot():
+        with sync_playwright() as pw:
+            _shoot(pw, exe, url, png, feature, card_only, w, h)
+
+    # playwright's sync API refuses a thread with a running asyncio loop (Jupyter, other
+    # playwright sessions): run it in a thread of its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(shoot).result()
     if colors:
         try:
             from PIL import Image
@@ -595,3 +588,21 @@ def screenshot(page_html, png, *, feature: int | None = None, card_only: bool = 
         Image.open(png).convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                                                 dither=Image.Dither.NONE).save(png, optimize=True)
     return Path(png)
+
+
+def _shoot(pw, exe, url, png, feature, card_only, w, h) -> None:
+    browser = pw.chromium.launch(executable_path=exe, args=list(BROWSER_ARGS))
+    try:
+        page = browser.new_page(viewport={"width": w, "height": h})
+        page.goto(url)
+        wait = "window.atlas && atlas.ready && atlas.cardReady"
+        if feature is not None:
+            wait += f" && atlas.current === {int(feature)}"
+        page.wait_for_function(wait, timeout=120_000)
+        page.wait_for_timeout(300)  # one more frame for the canvas
+        if card_only:
+            page.screenshot(path=str(png), clip=page.locator("#panel").bounding_box())
+        else:
+            page.screenshot(path=str(png))
+    finally:
+        browser.close()
