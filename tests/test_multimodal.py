@@ -155,3 +155,18 @@ def test_text_only_model_given_images_errors():
         lm.to_tokens(["hi"], images=[np.zeros((8, 8, 3), np.uint8)])
     with pytest.raises(ModelLoadError, match="text-only"):
         MM.forward(lm, np.zeros((1, 4), np.int32), np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_harvest_memory_from_shapes(tiny):
+    _, lm, d = tiny
+    hf = json.loads((d / "config.json").read_text())
+    r = MM.harvest_memory(hf, batch=2, context_length=48, dtype="float32", hook_layer=1)
+    import jax
+
+    nbytes = lambda t: sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(t))  # noqa: E731
+    assert r["params_text"] == nbytes(lm.params)
+    assert r["params_vision"] == nbytes(lm.vision.params)
+    assert r["hook"] == "blocks.1.hook_resid_post" and r["images"] == 2
+    # the captured activations [2, 48, 64] float32 are the output; XLA's temporaries are positive
+    assert r["output"] >= 2 * 48 * 64 * 4 and r["temp"] > 0
+    assert r["total"] >= r["params_text"] + r["params_vision"] + r["temp"]

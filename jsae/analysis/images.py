@@ -131,23 +131,42 @@ class CrossModal:
 
 
 def cross_modal_overlap(lm, sae, hook: str, pairs: Sequence[tuple[Any, str]], *,
-                        min_fraction: float = 0.0) -> CrossModal:
+                        min_fraction: float = 0.0, batch_size: int = 8) -> CrossModal:
     """For image/caption pairs: features active on the image alone (any soft token) vs on the
     caption alone (any token, BOS excluded), Jaccard overlap for each matched pair against every
     mismatched one. `min_fraction` counts a feature only where it fires on more than that
-    fraction of the image's soft tokens / caption's tokens (0: fires anywhere)."""
+    fraction of the image's soft tokens / caption's tokens (0: fires anywhere). Images and
+    captions run in fixed-shape batches (two compilations in all)."""
+    from jsae.models.multimodal import forward
+    from jsae.models.transformer import forward as text_forward
+
+    n = len(pairs)
     img_sets, txt_sets = [], []
-    for image, caption in pairs:
-        ci, _ = image_codes(lm, sae, hook, image)
-        ct = text_codes(lm, sae, hook, caption)
-        img_sets.append(np.nonzero((ci > 0).mean(0) > min_fraction)[0])
-        txt_sets.append(np.nonzero((ct > 0).mean(0) > min_fraction)[0])
+    for s in range(0, n, batch_size):
+        chunk = list(pairs[s : s + batch_size])
+        pad = batch_size - len(chunk)
+        imgs = [im for im, _ in chunk] + [chunk[-1][0]] * pad
+        b = lm.to_tokens([""] * batch_size, images=imgs)
+        acts = np.asarray(forward(lm, b, capture=[hook], stop_after_capture=True).activations[hook])
+        caps = lm.to_tokens([c for _, c in chunk] + [chunk[-1][1]] * pad)
+        T = caps[0].shape[1]
+        Tp = -(-T // 32) * 32  # bucket the length: few compilations across calls
+        toks = np.pad(caps[0], ((0, 0), (0, Tp - T)), constant_values=lm.pad_id)
+        mask = np.pad(caps[1], ((0, 0), (0, Tp - T)))
+        tacts = np.asarray(text_forward(lm.cfg, lm.params, toks, attention_mask=mask, capture=[hook],
+                                        stop_after_capture=True).activations[hook])
+        for r in range(len(chunk)):
+            ci = _encode(sae, acts[r][b.image_mask[r]])
+            keep = mask[r].astype(bool)
+            keep[0] = False  # BOS
+            ct = _encode(sae, tacts[r][keep])
+            img_sets.append(np.nonzero((ci > 0).mean(0) > min_fraction)[0])
+            txt_sets.append(np.nonzero((ct > 0).mean(0) > min_fraction)[0])
 
     def jac(a, b):
         u = len(np.union1d(a, b))
         return len(np.intersect1d(a, b)) / u if u else 0.0
 
-    n = len(pairs)
     matched = np.array([jac(img_sets[i], txt_sets[i]) for i in range(n)])
     mism = np.array([[jac(img_sets[i], txt_sets[j]) for j in range(n) if j != i] for i in range(n)])
     return CrossModal(matched, mism, np.array([len(s) for s in img_sets]), np.array([len(s) for s in txt_sets]))

@@ -340,7 +340,7 @@ def random_gemma3(tokenizer, key, *, d_model: int = 64, n_layers: int = 4, visio
     rng = np.random.default_rng(np.asarray(jax.random.key_data(kt)).astype(np.uint32))
 
     def w(*shape, fan_in=None):
-        return (rng.standard_normal(shape) * (fan_in or shape[0]) ** -0.5).astype(np.float32)
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32((fan_in or shape[0]) ** -0.5)
 
     ones = lambda n: np.ones(n, np.float32)  # noqa: E731
     blocks = []
@@ -430,3 +430,89 @@ def save_hf(lm, folder):
     if lm.tokenizer is not None:
         lm.tokenizer.save(d)
     return d
+
+
+# google/gemma-3-4b-pt's config.json (the parts jsae reads), for planning without the weights
+GEMMA3_4B_CONFIG = {
+    "model_type": "gemma3", "mm_tokens_per_image": 256, "image_token_index": 262_144,
+    "boi_token_index": 255_999, "eoi_token_index": 256_000,
+    "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                    "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+                    "head_dim": 256, "vocab_size": 262_208, "sliding_window": 1024,
+                    "query_pre_attn_scalar": 256, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                      "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+                      "vision_use_head": False},
+}
+
+
+def harvest_memory(hf_config: Optional[Mapping] = None, *, batch: int = 8, context_length: int = 288,
+                   images_per_row: int = 1, hook_layer: Optional[int] = None, dtype: str = "bfloat16") -> dict:
+    """Bytes one device needs to harvest activations at `blocks.{hook_layer}.hook_resid_post` of a
+    multimodal Gemma 3 (default: 4B, the middle layer): computed by compiling the jitted forward
+    on abstract shapes (no weights are read) and asking XLA for its buffer sizes, as `jsae plan` does.
+
+    Returns params (text, vision), the inputs, XLA's temporaries (peak working memory: the SigLIP
+    attention scores [images, 16, 4096, 4096] dominate) and the captured output."""
+    from jsae.models.config import from_hf_config
+
+    hf = dict(hf_config or GEMMA3_4B_CONFIG)
+    cfg = from_hf_config(hf)
+    mcfg = multimodal_config_from_hf(hf)
+    layer = cfg.n_layers // 2 if hook_layer is None else hook_layer
+    hook = f"blocks.{layer}.hook_resid_post"
+    dt = jnp.dtype(dtype)
+    n_img = batch * images_per_row
+    S, D, Dv = mcfg.vision.image_size, cfg.d_model, mcfg.vision.d_model
+
+    def shapes(tree, norm_f32=True):
+        from jsae.models.vision import _is_norm
+
+        return jax.tree_util.tree_map_with_path(
+            lambda p, a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32 if (norm_f32 and _is_norm(p)) else dt), tree)
+
+    # parameter shapes without allocating them
+    text_p = jax.eval_shape(lambda: _text_param_shapes(cfg))
+    text_p = shapes(text_p)
+    vis_p = shapes(jax.eval_shape(lambda: {
+        "vision": _vision_param_shapes(mcfg.vision),
+        "projector": {"norm": jnp.zeros(Dv), "proj": jnp.zeros((Dv, D))}}))
+    toks = jax.ShapeDtypeStruct((batch, context_length), jnp.int32)
+    pix = jax.ShapeDtypeStruct((n_img, S, S, 3), jnp.float32)
+    mask = jax.ShapeDtypeStruct((batch, context_length), jnp.int32)
+    lowered = _forward_jit.lower(cfg, mcfg, text_p, vis_p, toks, pix, mask, (), None, (hook,), True)
+    mem = lowered.compile().memory_analysis()
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize  # noqa: E731
+                              for x in jax.tree_util.tree_leaves(tree))
+    return {
+        "hook": hook, "batch": batch, "context_length": context_length, "images": n_img, "dtype": dtype,
+        "params_text": nbytes(text_p), "params_vision": nbytes(vis_p),
+        "inputs": nbytes([toks, pix, mask]),
+        "temp": int(getattr(mem, "temp_size_in_bytes", 0)),
+        "output": int(getattr(mem, "output_size_in_bytes", 0)),
+        "total": nbytes(text_p) + nbytes(vis_p) + nbytes([toks, pix, mask])
+        + int(getattr(mem, "temp_size_in_bytes", 0)) + int(getattr(mem, "output_size_in_bytes", 0)),
+    }
+
+
+def _text_param_shapes(cfg) -> dict:
+    """Zero arrays in the text params layout (under `jax.eval_shape` only: never allocated)."""
+    D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp
+    z = jnp.zeros
+    blk = {"ln1": {"scale": z(D)}, "ln1_post": {"scale": z(D)}, "ln2": {"scale": z(D)},
+           "ln2_post": {"scale": z(D)},
+           "attn": {"q": z((D, H, Dh)), "k": z((D, K, Dh)), "v": z((D, K, Dh)), "o": z((H, Dh, D)),
+                    "q_norm": z(Dh), "k_norm": z(Dh)},
+           "mlp": {"gate": z((D, F)), "up": z((D, F)), "down": z((F, D))}}
+    return {"embed": z((cfg.vocab_size, D)), "blocks": [blk] * cfg.n_layers, "final_norm": {"scale": z(D)}}
+
+
+def _vision_param_shapes(vc: VisionConfig) -> dict:
+    """Zero arrays in the vision params layout (under `jax.eval_shape` only)."""
+    D, F, z = vc.d_model, vc.d_mlp, jnp.zeros
+    ln = {"scale": z(D), "bias": z(D)}
+    blk = {"ln1": ln, "ln2": ln, "attn": {k: z((D, D)) for k in "qkvo"} | {"b" + k: z(D) for k in "qkvo"},
+           "mlp": {"fc1": z((D, F)), "b1": z(F), "fc2": z((F, D)), "b2": z(D)}}
+    return {"patch": z((vc.n_channels * vc.patch_size**2, D)), "patch_bias": z(D), "pos": z((vc.n_patches, D)),
+            "blocks": [blk] * vc.n_layers, "post_norm": ln}
