@@ -170,3 +170,47 @@ def test_harvest_memory_from_shapes(tiny):
     # the captured activations [2, 48, 64] float32 are the output; XLA's temporaries are positive
     assert r["output"] >= 2 * 48 * 64 * 4 and r["temp"] > 0
     assert r["total"] >= r["params_text"] + r["params_vision"] + r["temp"]
+
+
+def test_mask_hook_default_is_bit_identical(tiny):
+    """No groups (or all -1) and the token embedding passed in: exactly the text forward."""
+    from jsae.models import transformer as T
+
+    _, lm, _ = tiny
+    toks = jnp.asarray(np.array([[2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], np.int32))
+    ref, _, _ = T.run(lm.cfg, lm.params, toks)
+    pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (1, 12))
+    emb = T.embed(lm.cfg, lm.params, toks, pos)
+    got, _, _ = T.run(lm.cfg, lm.params, toks, inputs_embeds=emb, bidirectional_groups=jnp.full((1, 12), -1))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    m = T.attention_mask(pos, pos, jnp.ones((1, 12), bool), 4)
+    m2 = T.attention_mask(pos, pos, jnp.ones((1, 12), bool), 4, jnp.zeros((1, 12, 12), bool))
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(m2))
+
+
+def test_hub_layout_checkpoint(tiny, tmp_path):
+    """The hub's Gemma 3 4B files name tensors `language_model.model.*`, `vision_tower.vision_model.*`,
+    `multi_modal_projector.*` (transformers 4.x layout): same model."""
+    from safetensors.numpy import load_file, save_file
+
+    _, lm, d = tiny
+    t = load_file(str(d / "model.safetensors"))
+    assert any(k.startswith("vision_tower.") or k.startswith("model.vision_tower.") for k in t)
+
+    def hub(k):
+        k = k.removeprefix("model.")
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k.removeprefix("vision_tower.")
+        if k.startswith("language_model.") and not k.startswith("language_model.model."):
+            k = "language_model.model." + k.removeprefix("language_model.")
+        return k
+
+    out = tmp_path / "hub"
+    out.mkdir()
+    save_file({hub(k): v for k, v in t.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text((d / "config.json").read_text())
+    lm2 = M.load(str(out))
+    assert lm2.vision is not None
+    tokens, pixels = _batch(np.random.default_rng(3))
+    px = np.transpose(pixels, (0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(lm2.forward(tokens, px).logits), np.asarray(lm.forward(tokens, px).logits))
