@@ -143,7 +143,8 @@ import json, sys
 import numpy as np, torch
 from types import SimpleNamespace
 from sae_lens import SAE
-from sae_lens.evals import get_downstream_reconstruction_metrics
+from sae_lens.evals import get_downstream_reconstruction_metrics, get_sparsity_and_variance_metrics
+from sae_lens.training.activation_scaler import ActivationScaler
 
 d = sys.argv[1]
 w = {k: torch.tensor(v) for k, v in np.load(d + "/w.npz").items()}
@@ -155,6 +156,9 @@ def cm(h):
     return torch.cumsum(h, 1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
 
 class Model:
+    def run_with_cache(self, toks, names_filter=(), **kw):
+        h = w["E"][toks]
+        return None, {hook_name: h + cm(h)}
     def _run(self, toks, hook=None):
         h = w["E"][toks]
         h = h + cm(h)
@@ -173,12 +177,18 @@ class Model:
         assert name == hook_name
         return self._run(toks, fn)
 
-store = SimpleNamespace(normalize_activations="none", get_batch_tokens=lambda n: tokens)
-m = get_downstream_reconstruction_metrics(sae, Model(), store, compute_kl=True,
-                                          compute_ce_loss=True, n_batches=1,
-                                          eval_batch_size_prompts=len(tokens),
-                                          ignore_tokens={int(json.load(open(d + "/hook.json"))["bos"])})
-print(json.dumps({k: float(v) for k, v in m.items()}))
+store = SimpleNamespace(get_batch_tokens=lambda n: tokens)
+bos = [int(json.load(open(d + "/hook.json"))["bos"])]
+m = get_downstream_reconstruction_metrics(sae, Model(), store, ActivationScaler(),
+                                          compute_kl=True, compute_ce_loss=True, n_batches=1,
+                                          eval_batch_size_prompts=len(tokens), ignore_tokens=bos)
+r, _ = get_sparsity_and_variance_metrics(sae, Model(), store, ActivationScaler(), n_batches=1,
+                                         compute_l2_norms=True, compute_sparsity_metrics=True,
+                                         compute_variance_metrics=True,
+                                         compute_featurewise_density_statistics=False,
+                                         eval_batch_size_prompts=len(tokens), model_kwargs={},
+                                         ignore_tokens=bos)
+print(json.dumps({k: float(v) for k, v in {**m, **r}.items()}))
 """
 
 
@@ -193,7 +203,7 @@ def test_scores_match_real_saelens(setup, tmp_path):
         pytest.skip("sae_lens is not installed (set JSAE_SAELENS_PYTHON to a Python with it)")
     from jsae.export.saelens import save_saelens
 
-    w, tokens, sae, _, got = setup
+    w, tokens, sae, acts, got = setup
     np.savez(tmp_path / "w.npz", **w)
     np.save(tmp_path / "tokens.npy", tokens)
     (tmp_path / "hook.json").write_text(json.dumps({"hook": HOOK, "bos": BOS}))
@@ -207,3 +217,14 @@ def test_scores_match_real_saelens(setup, tmp_path):
                       ("kl_div_with_ablation", "kl_zero_abl_all"),
                       ("ce_loss_with_sae", "ce_spliced"), ("ce_loss_without_sae", "ce_clean")):
         assert got[ours] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+    # eval.json's saebench block on the same activations (BOS ignored) = sae_lens' numbers
+    from jsae.evals.evaluate import saebench_view
+    from jsae.evals.reconstruction import batch_sums
+
+    st = ReconstructionStats()
+    st.add_sums(jax.device_get(batch_sums(sae, jnp.asarray(acts), jnp.ones(len(acts), bool))))
+    view = saebench_view({**st.result(), **got})
+    flat = {k: v for cat in view.values() for k, v in cat.items()}
+    for key in ("mse", "explained_variance", "cossim", "l0", "l1", "l2_norm_in", "l2_norm_out",
+                "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score"):
+        assert flat[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-5), key
