@@ -28,6 +28,7 @@ from jsae.analysis.atlas.site import (
     hist_range,
     normalize_token,
     screenshot,
+    show_card,
     token_index,
     visible_token,
     write_site,
@@ -371,6 +372,8 @@ def test_card_html(atlas_data):
     assert "jsae steer" in text and "--feature 0" in text
     with pytest.raises(KeyError, match="not in this atlas"):
         card_html(data, 1)
+    pytest.importorskip("IPython")
+    assert show_card(data, fid).data == out
 
 
 def test_hist_range():

@@ -16,7 +16,8 @@ to a callback (``window.__atlas_shard(3, {...})``); the viewer injects the scrip
 All text is escaped by construction (the viewer only sets ``textContent``; :func:`card_html`
 escapes with :func:`html.escape`), and whitespace in tokens is shown visibly (⏎, ⇥, ·).
 
-:func:`card_html` renders one card as plain HTML (inline styles, no script) for notebooks.
+:func:`card_html` renders one card as plain HTML (inline styles, no script) for notebooks
+(:func:`show_card` wraps it for display); :func:`screenshot` saves a PNG of a page.
 """
 
 from __future__ import annotations
@@ -544,6 +545,12 @@ def card_html(data: AtlasData, feature: int, *, max_examples: int = 10, style: b
     parts.append(f'<h3>Steer with it</h3><pre class="cmd">{html.escape(steer_command(data.meta, rec["id"]))}</pre>')
     parts.append("</div>")
     return "\n".join(parts)
+
+
+def show_card(data: AtlasData, feature: int, **kw):
+    """``IPython.display.HTML`` of :func:`card_html` (the last line of a notebook cell shows it)."""
+    display = require("IPython.display", "notebook", "showing a card in a notebook")
+    return display.HTML(card_html(data, feature, **kw))
 
 
 def _scoped_card_css(css: str) -> str:
