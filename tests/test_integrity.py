@@ -123,6 +123,11 @@ def test_cache_source_checks_shards(tmp_path):
     flip(tmp_path / "c" / man["splits"]["eval"]["shards"][0]["file"])
     with pytest.raises(DamagedShardError, match="SHA-256"):
         next(CacheActivationSource(cfg).eval_batches(10, 10))
+    # a harvest resuming over a truncated shard stops at once, naming it and --overwrite
+    truncate(tmp_path / "c" / man["splits"]["train"]["shards"][1]["file"])
+    with pytest.raises(DamagedShardError, match="shard-000001.*--overwrite"):
+        CacheWriter(tmp_path / "c", {"model": "m", "hooks": ["h"], "d_in": {"h": 8},
+                                     "dtype": "float32"})
 
 
 def test_truncated_model_cache_entry_is_rebuilt(tmp_path, capsys):

@@ -78,6 +78,11 @@ class DamagedShardError(FileFormatError):
     """A cache shard whose size, checksum or layout is not what the harvest wrote."""
 
 
+def _size(f) -> int:
+    st = f.stat()  # pathlib's os.stat_result, or etils' StatResult (gs://)
+    return int(getattr(st, "st_size", None) if hasattr(st, "st_size") else st.length)
+
+
 def _damaged(path, why: str) -> DamagedShardError:
     cache = _path(path).parent.parent
     return DamagedShardError(
@@ -261,6 +266,7 @@ class CacheWriter:
                     + "); choose another --out or delete it"
                 )
             self.manifest = man
+            self._check_shards()
         else:
             self.manifest = dict(
                 format=FORMAT,
@@ -279,6 +285,17 @@ class CacheWriter:
 
     def split(self, name: str) -> dict:
         return self.manifest["splits"][name]
+
+    def _check_shards(self) -> None:
+        """Before resuming: every shard the manifest lists is there, with its recorded size."""
+        for sp in self.manifest["splits"].values():
+            for sh in sp["shards"]:
+                f = self.path / sh["file"]
+                if not f.exists():
+                    raise _damaged(f, "missing")
+                size = _size(f)
+                if sh.get("bytes") is not None and size != sh["bytes"]:
+                    raise _damaged(f, f"{size:,} bytes, {sh['bytes']:,} were written")
 
     def write_shard(self, split: str, rows: dict[str, np.ndarray], resume: Any = None) -> None:
         sp = self.split(split)
