@@ -356,7 +356,8 @@ def test_make_eval_fn_in_training_loop(tmp_path):
     # SAELens' names carry SAELens' definitions: the ablation zeroes every position (BOS too)
     assert sb["model_performance_preservation"]["ce_loss_score"] == m["ce_loss_score"]
     assert m["ce_loss_score"] == pytest.approx(
-        (m["ce_zero_abl_all"] - m["ce_spliced"]) / (m["ce_zero_abl_all"] - m["ce_clean"]))
+        (m["ce_zero_abl_all"] - m["ce_spliced_saelens"])
+        / (m["ce_zero_abl_all"] - m["ce_clean_saelens"]))
     assert sb["model_behavior_preservation"]["kl_div_score"] == pytest.approx(
         (m["kl_zero_abl_all"] - m["kl_spliced"]) / m["kl_zero_abl_all"])
     assert sb["reconstruction_quality"]["mse"] == pytest.approx(m["mse"] * model.cfg.d_model)

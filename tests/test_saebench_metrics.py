@@ -103,6 +103,7 @@ def setup():
     w = _weights()
     tokens = np.random.default_rng(1).integers(2, V, size=(B, T))
     tokens[:, 0] = BOS
+    tokens[1, 4] = BOS  # a document separator: SAELens counts the CE position before it
     h = w["E"][tokens]
     acts = (h + _causal_mean(h))[tokens != BOS].astype(np.float32)
     sae = init_sae(jax.random.key(0), SAESpec("topk", d_in=D, d_sae=32, k=3), acts)
@@ -119,6 +120,10 @@ def test_ce_and_kl_scores_are_saelens_definitions(setup):
     assert got["kl_div_score"] == pytest.approx(ref["kl_div_score"], rel=1e-4, abs=1e-5)
     assert got["ce_zero_abl_all"] == pytest.approx(ref["ce_loss_with_ablation"], rel=1e-5)
     assert got["kl_zero_abl_all"] == pytest.approx(ref["kl_div_with_ablation"], rel=1e-5)
+    assert got["ce_spliced_saelens"] == pytest.approx(ref["ce_loss_with_sae"], rel=1e-5)
+    assert got["ce_clean_saelens"] == pytest.approx(ref["ce_loss_without_sae"], rel=1e-5)
+    # jsae's own CE also skips the position whose target is the separator BOS (SAELens keeps it)
+    assert got["ce_tokens"] == (T - 2) * B - 2
     # jsae's own zero ablation (SAE positions only, BOS kept) is a different number, kept
     # under jsae's own name.
     assert abs(got["ce_zero_abl"] - got["ce_zero_abl_all"]) > 1e-3
@@ -215,7 +220,8 @@ def test_scores_match_real_saelens(setup, tmp_path):
     for key, ours in (("ce_loss_score", "ce_loss_score"), ("kl_div_score", "kl_div_score"),
                       ("ce_loss_with_ablation", "ce_zero_abl_all"),
                       ("kl_div_with_ablation", "kl_zero_abl_all"),
-                      ("ce_loss_with_sae", "ce_spliced"), ("ce_loss_without_sae", "ce_clean")):
+                      ("ce_loss_with_sae", "ce_spliced_saelens"),
+                      ("ce_loss_without_sae", "ce_clean_saelens")):
         assert got[ours] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
     # eval.json's saebench block on the same activations (BOS ignored) = sae_lens' numbers
     from jsae.evals.evaluate import saebench_view

@@ -133,17 +133,26 @@ class DownstreamStats:
         V = 1 + NV * len(self.hooks)
         self.ce = np.zeros(V)
         self.kl = np.zeros(V)
+        self.ce_sl = np.zeros(V)  # SAELens' CE positions (see `add`)
         self.n_ce = 0
         self.n_kl = 0
+        self.n_ce_sl = 0
 
     def add(self, ce: np.ndarray, kl: np.ndarray, mask: np.ndarray) -> None:
         mask = np.asarray(mask, bool)
         ce_mask = mask[:, :-1] & mask[:, 1:]
+        # SAELens counts position t whenever token t is not ignored, also when the target is a
+        # document-separating BOS; padding (after a row's last real token) is never a target.
+        T = mask.shape[1]
+        last = np.where(mask.any(1), T - 1 - np.argmax(mask[:, ::-1], axis=1), -1)
+        sl_mask = mask[:, :-1] & (np.arange(1, T)[None, :] <= last[:, None])
         ce = np.asarray(ce, np.float64)
         kl = np.asarray(kl, np.float64)
         self.ce += np.sum(ce * ce_mask, axis=(1, 2))
+        self.ce_sl += np.sum(ce * sl_mask, axis=(1, 2))
         self.kl += np.sum(kl * mask, axis=(1, 2))
         self.n_ce += int(ce_mask.sum())
+        self.n_ce_sl += int(sl_mask.sum())
         self.n_kl += int(mask.sum())
 
     def merge_processes(self) -> None:
@@ -152,21 +161,23 @@ class DownstreamStats:
             return
         from jsae.parallel import process_sum
 
-        total = process_sum(np.concatenate([self.ce, self.kl, [self.n_ce, self.n_kl]]))
+        total = process_sum(np.concatenate([self.ce, self.kl, self.ce_sl,
+                                            [self.n_ce, self.n_kl, self.n_ce_sl]]))
         v = len(self.ce)
-        self.ce, self.kl = total[:v], total[v:2 * v]
-        self.n_ce, self.n_kl = int(round(total[-2])), int(round(total[-1]))
+        self.ce, self.kl, self.ce_sl = total[:v], total[v:2 * v], total[2 * v:3 * v]
+        self.n_ce, self.n_kl = int(round(total[-3])), int(round(total[-2]))
+        self.n_ce_sl = int(round(total[-1]))
 
     def result(self) -> dict[str, dict[str, float]]:
         if self.n_ce == 0:
             raise ValueError("no token positions were evaluated for the downstream loss")
         ce = self.ce / self.n_ce
         kl = self.kl / self.n_kl
+        sl = self.ce_sl / max(self.n_ce_sl, 1)
         out = {}
         for i, h in enumerate(self.hooks):
             b = 1 + NV * i
             clean, spliced, zero, mean = ce[0], ce[b], ce[b + 1], ce[b + 2]
-            zero_all = ce[b + 3]
             out[h] = {
                 "ce_clean": float(clean),
                 "ce_spliced": float(spliced),
@@ -180,10 +191,13 @@ class DownstreamStats:
                 "kl_mean_abl": float(kl[b + 2]),
                 "kl_score_zero": _ratio(kl[b + 1] - kl[b], kl[b + 1]),
                 "kl_score_mean": _ratio(kl[b + 2] - kl[b], kl[b + 2]),
-                # SAELens / SAEBench: the zero-ablation baseline zeroes every position.
-                "ce_zero_abl_all": float(zero_all),
+                # SAELens / SAEBench: the zero-ablation baseline zeroes every position, and
+                # CE counts SAELens' positions (targets that are BOS separators included).
+                "ce_clean_saelens": float(sl[0]),
+                "ce_spliced_saelens": float(sl[b]),
+                "ce_zero_abl_all": float(sl[b + 3]),
                 "kl_zero_abl_all": float(kl[b + 3]),
-                "ce_loss_score": _ratio(zero_all - spliced, zero_all - clean),
+                "ce_loss_score": _ratio(sl[b + 3] - sl[b], sl[b + 3] - sl[0]),
                 "kl_div_score": _ratio(kl[b + 3] - kl[b], kl[b + 3]),
                 "ce_tokens": float(self.n_ce),
                 "kl_tokens": float(self.n_kl),

@@ -367,7 +367,7 @@ SAEBENCH_KEYS = {  # SAEBench core-eval category -> its key -> jsae key (docs/me
         "kl_div_with_sae": "kl_spliced"},
     "model_performance_preservation": {
         "ce_loss_score": "ce_loss_score", "ce_loss_with_ablation": "ce_zero_abl_all",
-        "ce_loss_with_sae": "ce_spliced", "ce_loss_without_sae": "ce_clean"},
+        "ce_loss_with_sae": "ce_spliced_saelens", "ce_loss_without_sae": "ce_clean_saelens"},
     "reconstruction_quality": {"explained_variance": "explained_variance",
                                "mse": "mse_per_token", "cossim": "cos_sim"},
     "shrinkage": {
