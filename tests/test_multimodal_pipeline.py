@@ -107,14 +107,18 @@ def test_train_on_image_text_activations_then_features(lm, photos, tmp_path):
 
     # data.source: images streams the same mix (same LM batch shapes: no new compilation)
     cfg2 = load(None, ["data.source=images", f"model.hooks=[{HOOK}]", "data.context_length=32", "sae.d_sae=64", "train.steps=1",
-                       "model.batch_size=6", "data.holdout_fraction=0.2", f"run_dir={tmp_path / 'run2'}"])
+                       "model.batch_size=6", "data.holdout_fraction=0.2", "data.shuffle_buffer=160",
+                       f"run_dir={tmp_path / 'run2'}"])
     src = DI.ImageTextActivationSource(cfg2, lm, items=items, texts=TEXTS * 4)
+    assert src.chunk_images == 5 and len(src._chunks(0)) == 2  # 160 * 0.5 / 16 images per chunk
     rows = src.next_batch(100)[HOOK]
     assert rows.shape == (100, lm.cfg.d_model) and np.isfinite(rows).all()
-    assert src.state() == {"kind": "images", "epoch": 0, "offset": 100}
+    assert src.state() == {"kind": "images", "epoch": 0, "chunk": 0, "offset": 100}
+    more = src.next_batch(250)[HOOK]  # crosses into the second chunk (about 220 rows each)
+    assert src.state()["chunk"] == 1 and np.isfinite(more).all()
     held = np.concatenate([b[HOOK] for b in src.eval_batches(10_000, 64)])
     assert len(held) > 16 and np.isfinite(held).all()  # from the held-out images and documents
-    src.restore({"kind": "images", "epoch": 0, "offset": 40})
+    src.restore({"kind": "images", "epoch": 0, "chunk": 0, "offset": 40})
     np.testing.assert_array_equal(src.next_batch(60)[HOOK], rows[40:])  # resume: same rows
     sae = to_host(tr.states[HOOK].sae)
 
@@ -126,6 +130,15 @@ def test_train_on_image_text_activations_then_features(lm, photos, tmp_path):
 
     im = np.asarray(Image.open(png))
     assert im.shape == (256, 256, 3)
+    # top-activating images of a feature: batched scan vs one image at a time
+    from jsae.analysis.images import image_codes, top_images
+
+    imgs = [it.image for it in items[:8]]
+    ti = top_images(lm, sae, HOOK, imgs, res.features[:2], n=3)
+    f = int(res.features[0])
+    ref = np.array([image_codes(lm, sae, HOOK, im)[0][:, f].max() for im in imgs])
+    np.testing.assert_allclose(ti.max[0], np.sort(ref)[::-1][:3], rtol=1e-4, atol=1e-5)
+    assert ti.soft.shape == (2, 3, 16)
     cm = cross_modal_overlap(lm, sae, HOOK, [(it.image, it.caption) for it in items[:4]])
     assert cm.matched.shape == (4,) and cm.mismatched.shape == (4, 3)
     assert 0 <= cm.matched_mean <= 1 and 0 <= cm.mismatched_mean <= 1
@@ -171,3 +184,8 @@ def test_save_hf_roundtrip_and_cli_features_image(lm, photos, tmp_path, capsys):
     assert f"fire on the image {img}" in text and "soft tokens" in text
     pngs = sorted((tmp_path / "run" / "analysis" / "images").glob("*.png"))
     assert len(pngs) == 3
+    assert main(["features", str(tmp_path / "run"), "--feature", "3", "--images", str(img_dir),
+                 "--contexts", "8", "--snippets", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "feature 3: top-activating images among 6" in text
+    assert len(list((tmp_path / "run" / "analysis" / "images").glob("top_f3_*.png"))) == 4

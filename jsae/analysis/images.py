@@ -107,6 +107,37 @@ def render_feature(lm, image: Any, soft_acts: Sequence[float], path: str | Path,
 
 
 @dataclasses.dataclass
+class TopImages:
+    """Per feature, the images (of a scanned set) where it fires most on the soft tokens."""
+
+    features: np.ndarray  # [F]
+    images: np.ndarray  # [F, n] index into the scanned items, strongest first
+    max: np.ndarray  # [F, n] the feature's max over that image's soft tokens
+    soft: np.ndarray  # [F, n, M] its activation at every soft token (for render_feature)
+
+
+def top_images(lm, sae, hook: str, images: Sequence[Any], features: Sequence[int], *, n: int = 4,
+               batch_size: int = 8) -> TopImages:
+    """Scan `images` (image alone, no caption) and keep each feature's `n` top-activating ones."""
+    from jsae.models.multimodal import forward
+
+    feats = np.asarray(list(features), np.int64)
+    M = lm.vision.cfg.mm_tokens_per_image
+    per = np.zeros((len(images), len(feats), M), np.float32)
+    for s in range(0, len(images), batch_size):
+        chunk = list(images[s : s + batch_size])
+        imgs = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: one compilation
+        b = lm.to_tokens([""] * batch_size, images=imgs)
+        acts = np.asarray(forward(lm, b, capture=[hook], stop_after_capture=True).activations[hook])
+        for r in range(len(chunk)):
+            per[s + r] = _encode(sae, acts[r][b.image_mask[r]])[:, feats].T
+    mx = per.max(-1)  # [N, F]
+    order = np.argsort(-mx, axis=0, kind="stable")[:n].T  # [F, n]
+    rows = np.arange(len(feats))[:, None]
+    return TopImages(feats, order, mx[order, rows], per[order, rows])
+
+
+@dataclasses.dataclass
 class CrossModal:
     """Overlap (Jaccard) of the feature sets active on an image and on a caption."""
 

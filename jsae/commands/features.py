@@ -20,6 +20,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[],
                    help="an image file (repeatable; multimodal Gemma 3 runs): list the features that fire "
                    "on its soft tokens and write PNGs with those tokens highlighted to RUN_DIR/analysis/images")
+    p.add_argument("--images", metavar="FOLDER",
+                   help="with a multimodal run: also show each listed feature's top-activating images "
+                   "among FOLDER's images ('skimage': scikit-image's photographs), as highlighted PNGs")
     p.add_argument("--hook", help="hook point (default: the run's first hook)")
     p.add_argument("--top", type=positive_int, default=8, help="features listed for --search (default 8)")
     p.add_argument("--snippets", type=positive_int, default=5, help="snippets per feature (default 5)")
@@ -96,7 +99,28 @@ def run(args) -> int:
         if not 0 <= f < r.sae.spec.d_sae:
             raise SystemExit(f"jsae features: feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
         print(describe(r.model, r.sae, f, corpus, contexts, **kw) + "\n")
+    if args.images and args.feature:
+        _top_images(r, args.images, args.feature)
     return 0
+
+
+def _top_images(r, spec: str, features) -> None:
+    """`--images`: each feature's top-activating images among a folder's, with PNGs."""
+    from pathlib import Path
+
+    from jsae.analysis.images import render_feature, top_images
+    from jsae.data.images import open_images
+
+    items = open_images(spec)
+    res = top_images(r.model, r.sae, r.hook, [it.image for it in items], features)
+    out = Path(r.path) / "analysis" / "images"
+    for j, f in enumerate(res.features):
+        print(f"feature {int(f)}: top-activating images among {len(items)} ({spec})")
+        for i, mx, soft in zip(res.images[j], res.max[j], res.soft[j]):
+            name = items[i].name or str(i)
+            png = render_feature(r.model, items[i].image, soft, out / f"top_f{int(f)}_{name}.png")
+            print(f"    {mx:6.2f}  {name}  {png}")
+        print()
 
 
 def _image_features(r, path, corpus, contexts, top: int, kw) -> None:

@@ -269,9 +269,11 @@ class ImageTextActivationSource:
     """`data.source: images`: an ActivationSource over images mixed with text at `data.image_ratio`.
 
     Images and text documents are split into train / held-out parts (`data.holdout_fraction`, at
-    least one held-out image). Each pass over the training images harvests one mixed, freshly
-    shuffled epoch; rows are shuffled within it. A resumed run continues with the epoch and row
-    offset it stopped at (the epoch is re-harvested)."""
+    least one held-out image). Each epoch visits the training images in a fresh seeded order, in
+    chunks of about `data.shuffle_buffer * image_ratio` image tokens (so memory stays bounded);
+    a chunk is harvested with its share of text (read from a seeded document offset) and its rows
+    are shuffled. A resumed run continues at the epoch, chunk and row it stopped at (that chunk
+    is harvested again: same rows on the same machine)."""
 
     def __init__(self, cfg, model, process_index: int = 0, process_count: int = 1, *, items=None, texts=None):
         d = cfg.data
@@ -303,20 +305,36 @@ class ImageTextActivationSource:
         self.eval_texts = _Lazy(texts, to[:n_et])
         self.train_texts = _Lazy(texts, to[n_et:][process_index::process_count])
         self.seed = cfg.seed * 1000 + process_index
-        self._epoch, self._offset, self._rows = 0, 0, None
+        M = model.vision.cfg.mm_tokens_per_image if model.vision is not None else 256
+        self.chunk_images = max(1, int(d.shuffle_buffer * self.ratio) // M)
+        self._epoch, self._chunk, self._offset, self._rows = 0, 0, 0, None
 
-    def _harvest(self, items, texts, seed) -> Harvest:
-        ctx = mix(self.model, items, texts.cycle() if len(texts) else iter(()), image_ratio=self.ratio,
+    def _harvest(self, items, texts, seed, start: int = 0) -> Harvest:
+        ctx = mix(self.model, items, texts.cycle(start) if len(texts) else iter(()), image_ratio=self.ratio,
                   context_length=self.cfg.data.context_length, seed=seed)
         return harvest(self.model, self.hooks, ctx, items, batch_size=int(self.cfg.model.batch_size),
                        exclude_bos=self.cfg.data.exclude_bos)
 
+    def _chunks(self, epoch: int) -> list:
+        order = np.random.default_rng([self.seed, epoch, 5]).permutation(len(self.train_items))
+        return [order[i : i + self.chunk_images] for i in range(0, len(order), self.chunk_images)]
+
     def _epoch_rows(self):
         if self._rows is None:
-            h = self._harvest(self.train_items, self.train_texts, self.seed + self._epoch)
-            perm = np.random.default_rng([self.seed, self._epoch]).permutation(len(h.is_image))
-            self._rows = {k: v[perm] for k, v in h.acts.items()}
+            chunks = self._chunks(self._epoch)
+            items = [self.train_items[i] for i in chunks[self._chunk]]
+            k = self._epoch * len(chunks) + self._chunk
+            start = int(np.random.default_rng([self.seed, k, 11]).integers(max(len(self.train_texts), 1)))
+            h = self._harvest(items, self.train_texts, self.seed + k, start)
+            perm = np.random.default_rng([self.seed, k]).permutation(len(h.is_image))
+            self._rows = {key: v[perm] for key, v in h.acts.items()}
         return self._rows
+
+    def _advance(self) -> None:
+        self._offset, self._rows = 0, None
+        self._chunk += 1
+        if self._chunk >= len(self._chunks(self._epoch)):
+            self._epoch, self._chunk = self._epoch + 1, 0
 
     def next_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         out: dict[str, list] = {h: [] for h in self.hooks}
@@ -330,7 +348,7 @@ class ImageTextActivationSource:
             self._offset += take
             need -= take
             if self._offset >= n:
-                self._epoch, self._offset, self._rows = self._epoch + 1, 0, None
+                self._advance()
         return {h: np.concatenate(v) for h, v in out.items()}
 
     def eval_batches(self, n_tokens: int, batch_size: int):
@@ -340,12 +358,13 @@ class ImageTextActivationSource:
             yield {k: v[s : min(s + batch_size, n)] for k, v in h.acts.items()}
 
     def state(self) -> dict:
-        return {"kind": "images", "epoch": self._epoch, "offset": self._offset}
+        return {"kind": "images", "epoch": self._epoch, "chunk": self._chunk, "offset": self._offset}
 
     def restore(self, state: dict) -> None:
         if state.get("kind") != "images":
             raise ValueError(f"saved data position is for a {state.get('kind')!r} source, not 'images'")
-        self._epoch, self._offset, self._rows = int(state["epoch"]), int(state["offset"]), None
+        self._epoch, self._chunk = int(state["epoch"]), int(state.get("chunk", 0))
+        self._offset, self._rows = int(state["offset"]), None
 
 
 def _text(doc) -> str:
@@ -369,11 +388,11 @@ class _Lazy:
     def __getitem__(self, i: int) -> str:
         return _text(self.docs[int(self.idx[i])])
 
-    def cycle(self):
+    def cycle(self, start: int = 0):
         while True:
             chars = 0
-            for i in range(len(self)):
-                t = self[i]
+            for j in range(len(self)):
+                t = self[(start + j) % len(self)]
                 chars += len(t)
                 yield t
             if not chars:  # every document is empty: end instead of looping forever
