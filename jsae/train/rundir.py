@@ -36,7 +36,8 @@ from jsae.errors import JsaeError
 LOCK_NAME = ".jsae-train.lock"
 HISTORY = "history"
 # Keys that do not change the dictionary a run trains: they may differ on a rerun.
-_IGNORED = ("run_dir", "train.progress", "checkpoint.", "eval.show_features")
+_IGNORED = ("run_dir", "train.progress", "checkpoint.", "eval.show_features",
+            "eval.show_features_contexts")
 _EXTENSION = ("train.steps", "train.tokens")
 
 
@@ -113,6 +114,18 @@ def read_lock(run_dir: str | Path) -> dict | None:
         return {}
 
 
+def _create_exclusive(tmp: Path, lock: Path, text: str) -> None:
+    """Create ``lock`` holding ``text``, failing with FileExistsError when it exists."""
+    try:
+        os.link(tmp, lock)  # atomic, and the lock is never seen half-written
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links (some network / FUSE mounts): O_EXCL instead
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+
 def acquire_lock(run_dir: str | Path, *, log: Callable[[str], None] = print) -> RunLock:
     """Hold ``run_dir`` for this process; :class:`RunDirError` names the holder otherwise."""
     run_dir = Path(run_dir)
@@ -130,7 +143,7 @@ def acquire_lock(run_dir: str | Path, *, log: Callable[[str], None] = print) -> 
     try:
         for _ in range(3):
             try:
-                os.link(tmp, lock)  # atomic: fails when a lock exists
+                _create_exclusive(tmp, lock, json.dumps(info))
                 return RunLock(lock, token, created)
             except FileExistsError:
                 pass
