@@ -24,7 +24,7 @@ WORDS = (
 NASTY = [
     "<script>window.__xss=1</script>", "<img src=x onerror=window.__xss=1>", '"quoted"',
     "it's", "a&amp;b", "\n", "\n\n", "\t", " ", "▁the", "▁Golden", "<0x0A>", "\x00", "\x1b[1m",
-    "\u2028", "\ud800", "}</style>", "${x}", "\\", "日本", "😀", "&lt;tag&gt;",
+    "\u2028", "\ud800", "}</style>", "${x}", "\\", "日本", "😀", "&lt;tag&gt;", "<0xC2>", "<0xA0>",
 ]
 
 

@@ -26,6 +26,7 @@ from jsae.analysis.atlas.site import (
     card_html,
     feature_record,
     hist_range,
+    merge_bytes,
     normalize_token,
     screenshot,
     show_card,
@@ -188,7 +189,7 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     anchor = first.locator(".tok.anchor")
     assert anchor.count() == 1
     a_tok = int(data.top_tokens[row, 0, data.top_anchor[row, 0]])
-    assert anchor.inner_text() == visible_token(data.token_str[a_tok])
+    assert anchor.evaluate("e => e.textContent") == visible_token(data.token_str[a_tok], context=True)
     toks = data.top_tokens[row, 0]
     assert first.locator(".tok").count() == int((toks >= 0).sum())
     bg = anchor.evaluate("e => getComputedStyle(e).backgroundColor")
@@ -253,6 +254,11 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     for f in (fid, dead, padded, int(data.feature_ids[-1])):
         want = json.loads(json.dumps(feature_record(data, data.row(f))))
         assert page.evaluate(f"atlas.record({f})") == want, f
+
+    # Byte-fallback runs read as their characters, in the viewer as in site.py.
+    for texts in (["<0xC2>", "<0xA0>", "a"], ["x", "<0xE2>", "<0x80>", "<0x94>"], ["<0xE2>", "<0x80>"],
+                  ["<0x0A>"], ["<0xFF>", "b"]):
+        assert page.evaluate("t => atlas.mergeBytes(t)", texts) == merge_bytes(texts)
 
     # Nasty strings are shown as text, never run: feature 0's label is a <script> tag.
     page.evaluate("atlas.open(0)")
@@ -333,14 +339,24 @@ def test_token_index_matches_reference(atlas_data):
     assert "" not in index and "\n" not in index  # whitespace-only tokens are not indexed
 
 
+def test_merge_bytes():
+    assert merge_bytes(["a", "<0xC2>", "<0xA0>", "b"]) == ["a", "\xa0", None, "b"]
+    assert merge_bytes(["<0xE2>", "<0x80>", "<0x94>"]) == ["—", None, None]
+    assert merge_bytes(["<0xE2>", "<0x80>"]) == ["<0xE2>", "<0x80>"]  # cut: stays raw
+    assert merge_bytes(["<0x0A>", "x"]) == ["\n", "x"]
+
+
 def test_visible_token():
     assert visible_token("a\nb") == "a⏎b"
     assert visible_token("\t") == "⇥"
     assert visible_token("  ") == "··"
+    assert visible_token(" ", context=True) == " "
+    assert visible_token("\n", context=True) == "⏎"
     assert visible_token("\u2581the") == " the"
     assert visible_token("\x00") == "\\x00"
     assert visible_token("\ud800") == "\ufffd"
     assert visible_token("") == "∅"
+    assert visible_token("\xa0") == "⍽"
 
 
 class _Collect(html.parser.HTMLParser):
@@ -406,3 +422,47 @@ def test_bad_atlas_data_names_the_field(tmp_path):
     with pytest.raises(FileFormatError, match=r"top_acts has shape \[20, 3, 16\], expected \[20, 8, 16\]"):
         write_site(tmp_path, data, progress=False)
     assert not (tmp_path / "index.html").exists()
+
+
+@needs_browser
+@pytest.mark.slow
+def test_real_model_site(browser, tmp_path):
+    """Gemma 3 270M on the offline corpus with a random 512-latent TopK dictionary: the site's
+    contexts read as the tokenizer decodes them, real token strings render, nothing errs."""
+    import jax
+
+    from jsae.analysis.atlas import StreamConfig, atlas
+    from jsae.analysis.corpus import corpus_contexts
+    from jsae.analysis.top import hook_activations
+    from jsae.models import load
+    from jsae.sae import SAESpec, init_sae
+
+    hook = "blocks.6.hook_resid_post"
+    lm = load("gemma-3-270m")
+    toks, mask = corpus_contexts(lm.tokenizer, 8, 64, seed=5)
+    acts = np.asarray(hook_activations(lm, hook, toks))[mask]
+    sae = init_sae(jax.random.PRNGKey(0), SAESpec("topk", acts.shape[1], 512, k=8), acts)
+    data = atlas((lm, sae, hook), tokens=48 * 64, context_length=64, progress=False,
+                 cfg=StreamConfig(top_k=8, window=16, bands=4, band_samples=2),
+                 map_method="pca")
+    write_site(tmp_path / "site", data, progress=False)
+    w = Watch(browser)
+    w.goto((tmp_path / "site" / "index.html").as_uri())
+    assert w.page.evaluate("atlas.pointsDrawn") == int(np.isfinite(data.map_xy).all(1).sum()) > 0
+    row = int(np.argmax(data.density))
+    fid = int(data.feature_ids[row])
+    w.page.evaluate(f"atlas.open({fid})")
+    w.open_card(fid)
+    checked = 0
+    for k in range(int((data.top_value[row] > 0).sum())):  # each context reads as decoded
+        ids = [int(t) for t in data.top_tokens[row, k] if t >= 0 and t != lm.tokenizer.bos_id]
+        shown = w.page.locator("#panel .top .ex .ctx").nth(k).inner_text()
+        if "<0x" in shown:  # a character cut by the window's edge stays as raw bytes
+            continue
+        shown = shown.replace("<bos>", "").replace("⏎", "\n").replace("⍽", "\xa0")
+        assert shown.strip() == lm.tokenizer.decode(ids).strip()
+        checked += 1
+    assert checked >= 3
+    w.shot(tmp_path, "atlas_card_real")
+    assert w.problems == []
+    w.close()

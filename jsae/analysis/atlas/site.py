@@ -87,13 +87,17 @@ def normalize_token(s: str) -> str:
     return s.replace("\u2581", " ").strip().lower()
 
 
-def visible_token(s: str) -> str:
+def visible_token(s: str, context: bool = False) -> str:
     """A token's text with whitespace and control characters made visible: newline ⏎, tab ⇥,
-    carriage return ␍, other control characters as \\xNN; SentencePiece's ▁ as a space."""
+    carriage return ␍, no-break space ⍽, other control characters as \\xNN; SentencePiece's ▁ as
+    a space; a token of spaces only as · (except in running text, ``context``, where a space is
+    a space; the highlight behind it shows it)."""
     out = []
     for ch in s.replace("\u2581", " "):
         if ch == "\n":
             out.append("⏎")
+        elif ch == "\u00a0":
+            out.append("⍽")
         elif ch == "\t":
             out.append("⇥")
         elif ch == "\r":
@@ -105,7 +109,9 @@ def visible_token(s: str) -> str:
         else:
             out.append(ch)
     text = "".join(out)
-    return text if text.strip() else text.replace(" ", "·") or "∅"
+    if text.strip() or (context and text):
+        return text
+    return text.replace(" ", "·") or "∅"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,19 +439,44 @@ def _density_text(d: float | None) -> str:
     return f"{100 * d:.3g}% of tokens (1 in {1 / d:,.0f})"
 
 
-def _tok_span(text: str, alpha: float, act: float, anchor: bool) -> str:
+def _tok_span(text: str | None, alpha: float, act: float, anchor: bool) -> str:
+    if text is None:  # the tail of a byte run (see merge_bytes)
+        return f'<span class="tok cont" title="{act:.3g}"></span>'
     style = f"background:rgba(255,106,0,{alpha:.3f})" if alpha > 0 else ""
     cls = "tok anchor" if anchor else "tok"
     special = re.fullmatch(r"<[^<>\s]{1,24}>", text) is not None  # <bos>, byte tokens: muted
     ws = " ws" if special or not text.strip() or any(c in text for c in "\n\t\r") else ""
     return (f'<span class="{cls}{ws}" style="{style}" title="{act:.3g}">'
-            f"{html.escape(visible_token(text))}</span>")
+            f"{html.escape(visible_token(text, context=True))}</span>")
+
+
+_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def merge_bytes(texts: list[str]) -> list[str | None]:
+    """Byte-fallback tokens that together spell characters (``<0xC2><0xA0>`` = U+00A0): the
+    text on the first token of each run, None on the others; runs that do not decode stay raw."""
+    out: list[str | None] = list(texts)
+    i = 0
+    while i < len(texts):
+        if not _BYTE.fullmatch(texts[i]):
+            i += 1
+            continue
+        j = i
+        while j < len(texts) and _BYTE.fullmatch(texts[j]):
+            j += 1
+        s = bytes(int(_BYTE.fullmatch(t).group(1), 16) for t in texts[i:j]).decode("utf-8", "replace")
+        if "\ufffd" not in s:
+            out[i:j] = [s] + [None] * (j - i - 1)
+        i = j
+    return out
 
 
 def _example_html(ex, tokens: dict[int, str], peak: float) -> str:
     value, anchor, ids, q = ex
-    spans = [_tok_span(tokens.get(i, f"<{i}>"), a / ACT_LEVELS, a / ACT_LEVELS * peak, j == anchor)
-             for j, (i, a) in enumerate(zip(ids, q))]
+    texts = merge_bytes([tokens.get(i, f"<{i}>") for i in ids])
+    spans = [_tok_span(t, a / ACT_LEVELS, a / ACT_LEVELS * peak, j == anchor)
+             for j, (t, a) in enumerate(zip(texts, q))]
     return (f'<div class="ex"><span class="exv">{_fmt(value)}</span>'
             f'<span class="ctx">{"".join(spans)}</span></div>')
 

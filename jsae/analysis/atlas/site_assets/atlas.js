@@ -63,18 +63,19 @@
     return `${Number((100 * d).toPrecision(3))}% of tokens (1 in ${Math.round(1 / d).toLocaleString("en-US")})`;
   }
   // Whitespace and control characters made visible (same rule as site.py's visible_token).
-  function visible(s) {
+  function visible(s, inContext) {
     let out = "";
     for (const ch of String(s).replace(/\u2581/g, " ")) {
       const c = ch.codePointAt(0);
       if (ch === "\n" || ch === "\u2028" || ch === "\u2029") out += "⏎";
+      else if (ch === "\u00a0") out += "⍽";
       else if (ch === "\t") out += "⇥";
       else if (ch === "\r") out += "␍";
       else if (c < 32 || c === 127) out += "\\x" + c.toString(16).padStart(2, "0");
       else if (c >= 0xd800 && c <= 0xdfff) out += "\ufffd";
       else out += ch;
     }
-    if (!out.trim()) return out.replace(/ /g, "·") || "∅";
+    if (!out.trim() && !(inContext && out)) return out.replace(/ /g, "·") || "∅"; // a lone space shows as ·, except in running text
     return out;
   }
   const isWs = (s) => !String(s).replace(/\u2581/g, " ").trim() || /[\n\t\r]/.test(s);
@@ -437,16 +438,34 @@
 
   function tokSpan(text, q, anchor, peak) {
     const a = q / ACT_LEVELS;
+    if (text === null) return el("span", { class: "tok cont", title: fmt(a * peak) }); // a byte run's tail
     const special = /^<[^<>\s]{1,24}>$/.test(text); // <bos>, <pad>, byte tokens: shown muted
     const s = el("span", { class: "tok" + (anchor ? " anchor" : "") + (isWs(text) || special ? " ws" : ""), title: fmt(a * peak) });
-    s.textContent = visible(text);
+    s.textContent = visible(text, true);
     if (a > 0) s.style.background = `rgba(255,106,0,${a.toFixed(3)})`;
     return s;
+  }
+  const BYTE = /^<0x([0-9A-Fa-f]{2})>$/;
+  // Byte-fallback tokens that together spell characters (<0xC2><0xA0> = U+00A0): the text on the
+  // first token of the run, null (an empty span) on the others; runs that do not decode stay raw.
+  function mergeBytes(texts) {
+    const out = texts.slice();
+    for (let i = 0; i < texts.length;) {
+      if (!BYTE.test(texts[i])) { i++; continue; }
+      let j = i;
+      const bytes = [];
+      while (j < texts.length && BYTE.test(texts[j])) bytes.push(parseInt(BYTE.exec(texts[j++])[1], 16));
+      const s = new TextDecoder("utf-8").decode(new Uint8Array(bytes));
+      if (!s.includes("\ufffd")) { out[i] = s; for (let k = i + 1; k < j; k++) out[k] = null; }
+      i = j;
+    }
+    return out;
   }
   function exampleRow(ex, tokens, peak) {
     const [value, anchor, ids, q] = ex;
     const ctx = el("span", { class: "ctx" });
-    ids.forEach((t, j) => ctx.append(tokSpan(tokens[t] ?? `<${t}>`, q[j], j === anchor, peak)));
+    const texts = mergeBytes(ids.map((t) => tokens[t] ?? `<${t}>`));
+    ids.forEach((t, j) => ctx.append(tokSpan(texts[j], q[j], j === anchor, peak)));
     return el("div", { class: "ex" }, el("span", { class: "exv", text: fmt(value) }), ctx);
   }
   const SVG = "http://www.w3.org/2000/svg";
@@ -787,6 +806,7 @@
     requestAnimationFrame(() => requestAnimationFrame(() => { atlas.ready = true; }));
   }
   atlas.normalizeToken = normalizeToken;
+  atlas.mergeBytes = mergeBytes; // (tests compare it with site.py's merge_bytes)
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
 })();
