@@ -214,3 +214,16 @@ def test_hub_layout_checkpoint(tiny, tmp_path):
     tokens, pixels = _batch(np.random.default_rng(3))
     px = np.transpose(pixels, (0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(lm2.forward(tokens, px).logits), np.asarray(lm.forward(tokens, px).logits))
+
+
+def test_blocked_vision_attention_matches(tiny, monkeypatch):
+    """Queries in blocks (as for 4096-patch images) give the same tower output as transformers."""
+    from jsae.models import vision as V
+
+    m, lm, _ = tiny
+    pixels = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = m.model.vision_tower(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+    monkeypatch.setattr(V, "QUERY_BLOCK", 16)  # 64 patches -> 4 blocks (read at trace time)
+    out, _ = V.vision_run(lm.vision.cfg.vision, lm.vision.params["vision"], jnp.asarray(np.transpose(pixels, (0, 2, 3, 1))))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)

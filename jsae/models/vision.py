@@ -217,14 +217,34 @@ def vision_block(vcfg: VisionConfig, p: Mapping, x: Array) -> Array:
     q = (h @ a["q"] + a["bq"]).reshape(N, P, H, Dh)
     k = (h @ a["k"] + a["bk"]).reshape(N, P, H, Dh)
     v = (h @ a["v"] + a["bv"]).reshape(N, P, H, Dh)
-    s = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * (Dh**-0.5)
-    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)  # no mask: every patch sees every patch
-    o = jnp.einsum("nhqk,nkhd->nqhd", w, v).reshape(N, P, D)
+    o = _attention(q, k, v, Dh**-0.5).reshape(N, P, D)
     x = x + (o @ a["o"] + a["bo"])
     m = p["mlp"]
     h = layer_norm(p["ln2"], x, vcfg.norm_eps)
     h = _act(vcfg.act, h @ m["fc1"] + m["b1"]) @ m["fc2"] + m["b2"]
     return x + h
+
+
+QUERY_BLOCK = 1024  # queries per attention block: scores [N, H, 1024, P] instead of [N, H, P, P]
+
+
+def _attention(q: Array, k: Array, v: Array, scale: float) -> Array:
+    """Unmasked softmax attention, q/k/v [N, P, H, Dh]. Long sequences (Gemma 3's 4096 patches)
+    run over blocks of queries one after another, so the float32 scores of a 896px image take
+    256 MiB instead of 1 GiB; each query's softmax is unchanged (it sees every key)."""
+
+    def one(qb):
+        s = jnp.einsum("nqhd,nkhd->nhqk", qb, k, preferred_element_type=jnp.float32) * scale
+        w = jax.nn.softmax(s, axis=-1).astype(v.dtype)  # no mask: every patch sees every patch
+        return jnp.einsum("nhqk,nkhd->nqhd", w, v)
+
+    N, P, H, Dh = q.shape
+    if P <= QUERY_BLOCK or P % QUERY_BLOCK:
+        return one(q)
+    nb = P // QUERY_BLOCK
+    qb = q.reshape(N, nb, QUERY_BLOCK, H, Dh).transpose(1, 0, 2, 3, 4)
+    o = jax.lax.map(one, qb)  # [nb, N, blk, H, Dh]
+    return o.transpose(1, 0, 2, 3, 4).reshape(N, P, H, Dh)
 
 
 def vision_hook_names(vcfg: VisionConfig) -> list[str]:
