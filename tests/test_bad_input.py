@@ -345,8 +345,7 @@ def test_nan_in_heldout_row_is_null_in_summary(work, tmp_path, capsys):
     assert sae_json["metadata"]["heldout"]["fvu"] is None
 
 
-def test_divergence_stops_the_run_naming_the_step(work, tmp_path, capsys):
-    _, cfg, _ = work
+def test_divergence_guard_names_the_step():
     from jsae.train.divergence import DivergenceGuard, TrainingDiverged
 
     g = DivergenceGuard()
@@ -355,8 +354,13 @@ def test_divergence_stops_the_run_naming_the_step(work, tmp_path, capsys):
     assert "fvu" in DivergenceGuard().problem(7, {"loss": 1.0, "fvu": 4e14})
     with pytest.raises(TrainingDiverged, match="step 3"):
         DivergenceGuard().check(3, {"loss": float("nan")})
-    # A real run with a learning rate that passes validation (< 10) but explodes: stopped at
-    # the first logged step, exit 2, no saes/ (train.lr=1e3 is refused before work).
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_at_the_first_logged_step(work, tmp_path, capsys):
+    """A learning rate that passes validation (< 10) but explodes: stopped at the first
+    logged step, exit 2, no saes/ (train.lr=1e3 is refused before work)."""
+    _, cfg, _ = work
     run = tmp_path / "run"
     rc, _, err = cli(["train", cfg, "--run-dir", run, "--set", "train.lr=9"], capsys)
     assert rc == 2 and "diverged at step 5" in err and "train.lr" in err, err
