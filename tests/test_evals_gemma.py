@@ -45,5 +45,11 @@ def test_gemma_trained_dictionary_recovers_loss(tmp_path):
     assert m["ce_clean"] < m["ce_spliced"] < m["ce_mean_abl"] <= m["ce_zero_abl"] + 1.0
     assert m["l0"] == pytest.approx(K, abs=0.5)  # TopK: exactly k unless a top value is <= 0
     assert 0.0 < m["fvu"] < 0.6 and m["kl_spliced"] > 0
+    # SAELens' baseline zeroes BOS too (an attention sink): a worse ablation, so both scores
+    # exist, differ, and the field's ce_loss_score is reported under its own name.
+    assert m["ce_zero_abl_all"] > m["ce_clean"] and 0.0 < m["ce_loss_score"] <= 1.0
+    assert m["ce_loss_score"] != pytest.approx(m["ce_recovered_zero"], abs=1e-4)
+    sb = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["saebench"][HOOK]
+    assert sb["model_performance_preservation"]["ce_loss_score"] == m["ce_loss_score"]
     assert m["tokens"] >= 512
     assert (tmp_path / "run" / "eval" / "feature_density.png").exists()
