@@ -137,18 +137,21 @@ def _isolated_feature(data):
     return int(data.feature_ids[ok[np.argmax(d.min(1))]])
 
 
-def _text_scores(data, query_tokens):
+def _text_scores(data, query_tokens, idf=False):
     """Independent reference for the text search: per feature, the sum over its top examples
-    whose anchor token (normalised) is one of the query tokens, of value / max / K."""
+    whose anchor token (normalised) is one of the query tokens, of value / max / K; with
+    ``idf``, each token's part times ln(1 + n / df) (n features with examples, df of them on it)."""
     F, K = data.top_value.shape
-    scores = np.zeros(F)
+    per_token = {t: np.zeros(F) for t in query_tokens}
     for r in range(F):
         for k in range(K):
             v = data.top_value[r, k]
             t = int(data.top_tokens[r, k, data.top_anchor[r, k]])
-            if v > 0 and t >= 0 and normalize_token(data.token_str[t]) in query_tokens:
-                scores[r] += v / data.max_act[r] / K
-    return scores
+            key = normalize_token(data.token_str[t]) if t >= 0 else None
+            if v > 0 and key in per_token:
+                per_token[key][r] += v / data.max_act[r] / K
+    n = int((data.top_value[:, 0] > 0).sum())
+    return sum(s * (np.log(1 + n / max((s > 0).sum(), 1)) if idf else 1) for s in per_token.values())
 
 
 # --------------------------------------------------------------------------------- browser
@@ -240,7 +243,7 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     word = data.labels[r].split()[0]
     text_hits = search(f"Golden {word.upper()}", "bytext")
     assert page.evaluate(f"atlas.tokenize('Golden {word.upper()}')") == ["golden", word]
-    ref = _text_scores(data, {"golden", word})
+    ref = _text_scores(data, {"golden", word}, idf=True)
     order = np.lexsort((data.feature_ids, -np.round(ref, 3)))
     assert len(text_hits) == min(12, int((ref > 0).sum()))
     assert text_hits[0] in {int(data.feature_ids[i]) for i in order[:2]}

@@ -251,9 +251,14 @@ def token_index(data: AtlasData, per_token: int = TOKENS_PER_KEY) -> dict[str, l
     ``per_token``): a feature's weight for a token is the sum, over its top examples whose anchor
     is that token, of ``value / max_act``, divided by the number of top-example slots (so a
     feature whose every top example peaks on the token has weight 1)."""
+    return _token_tables(data, per_token)[0]
+
+
+def _token_tables(data: AtlasData, per_token: int = TOKENS_PER_KEY):
+    """(:func:`token_index`, ``key -> number of features weighted on it`` before the cut)."""
     F, K = data.top_value.shape
     if F == 0 or K == 0:
-        return {}
+        return {}, {}
     anchors = np.clip(data.top_anchor, 0, data.top_tokens.shape[2] - 1)
     tok = np.take_along_axis(data.top_tokens, anchors[..., None], axis=2)[..., 0]  # [F, K]
     peak = np.where(data.max_act > 0, data.max_act, 1.0).astype(np.float64)
@@ -276,7 +281,16 @@ def token_index(data: AtlasData, per_token: int = TOKENS_PER_KEY) -> dict[str, l
     for key, d in acc.items():
         best = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:per_token]
         out[key] = [[f, float(f"{w:.4g}")] for f, w in best]
-    return out
+    return out, {key: len(d) for key, d in acc.items()}
+
+
+def _token_payload(data: AtlasData) -> dict:
+    """tokens.js: the index, each key's document frequency ``df`` (features with a top example
+    on it, before the ``per_token`` cut) and ``n`` (features with any top example). The viewer
+    scores a feature by ``sum over the query's tokens of weight * ln(1 + n / df)``, so words
+    that peak many features ("the", ",") count for less than rare ones."""
+    index, df = _token_tables(data)
+    return {"n": int((np.asarray(data.top_value)[:, :1] > 0).sum()), "df": df, "index": index}
 
 
 def steer_command(meta: dict, feature: int, value: str = "5x",
@@ -406,7 +420,7 @@ def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
                   leave=False):
         payload = shard_payload(data, s * shard_size, min(F, (s + 1) * shard_size))
         (ddir / f"shard-{s:04d}.js").write_text(_js("window.__atlas_shard", s, payload), encoding="ascii")
-    (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", token_index(data)), encoding="ascii")
+    (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", _token_payload(data)), encoding="ascii")
 
     meta = data.meta
     name = " · ".join(str(meta[k]) for k in ("model", "hook") if meta.get(k)) or "features"

@@ -679,7 +679,7 @@
   }
   // "Which features fire on this text": the query is lower-cased and cut into the index's token
   // strings by greedy longest match (whitespace between tokens skipped, unknown characters
-  // dropped); a feature scores the sum of its weights over the matched tokens.
+  // dropped); a feature scores the sum over the matched tokens of its weight x ln(1 + n / df).
   function tokenize(q, index) {
     let maxLen = 0;
     for (const k in index) maxLen = Math.max(maxLen, k.length);
@@ -698,10 +698,11 @@
   }
   async function searchText(q, limit) {
     await load("data/tokens.js");
-    const index = store.tokens, toks = tokenize(q, index), score = new Map(), why = new Map();
+    const { index, df, n } = store.tokens, toks = tokenize(q, index), score = new Map(), why = new Map();
     for (const t of toks) {
+      const idf = Math.log(1 + n / Math.max(df[t] || 1, 1)); // rare tokens weigh more
       for (const [f, w] of index[t]) {
-        score.set(f, (score.get(f) || 0) + w);
+        score.set(f, (score.get(f) || 0) + w * idf);
         if (!why.has(f)) why.set(f, new Set());
         why.get(f).add(t);
       }
@@ -709,7 +710,7 @@
     const ranked = [...score.entries()].sort((a, b) => b[1] - a[1] || a[0] - b[0]).slice(0, limit);
     return { toks, ranked: ranked.map(([f, s]) => [f, s, [...why.get(f)]]) };
   }
-  atlas.tokenize = (q) => load("data/tokens.js").then(() => tokenize(q, store.tokens));
+  atlas.tokenize = (q) => load("data/tokens.js").then(() => tokenize(q, store.tokens.index));
 
   function resultItem(id, kind, extra) {
     return el("a", { class: "res " + kind, href: "#f=" + id, "data-fid": String(id) },
