@@ -7,14 +7,20 @@ network, no CDN) and from any static server::
     around-<id>.html        one page per local map (``AtlasData.local_maps``)
     atlas.js, atlas.css     the viewer (copied from ``site_assets/``)
     data/atlas.js           meta, ids, labels, map positions and clusters of every feature
-    data/shard-0003.js      full records of features in rows 768..1023 (loaded when opened)
+    data/shard-0003.js      full records of features in rows 768..1023, as columns (loaded
+                            when one of them is opened; the first card of a shard ~0.2 s)
     data/tokens.js          the token index behind "which features fire on this text"
     data/around-<id>.js     the positions of one local map
 
 Chromium refuses ``fetch()`` of local files, so every data file is a script that hands its JSON
 to a callback (``window.__atlas_shard(3, {...})``); the viewer injects the script tags on demand.
 All text is escaped by construction (the viewer only sets ``textContent``; :func:`card_html`
-escapes with :func:`html.escape`), and whitespace in tokens is shown visibly (⏎, ⇥, ·).
+escapes with :func:`html.escape`), and whitespace in tokens is shown visibly (⏎, ⇥, ⍽, ·).
+
+Search: a number is a feature id; words match labels (all words, any order, case-insensitive);
+any other text is cut into the index's token strings by greedy longest match (lower-cased,
+whitespace skipped, unknown characters dropped) and a feature scores the sum over those tokens
+of its weight (:func:`token_index`) times ``ln(1 + n / df)``.
 
 :func:`card_html` renders one card as plain HTML (inline styles, no script) for notebooks
 (:func:`show_card` wraps it for display); :func:`screenshot` saves a PNG of a page.
