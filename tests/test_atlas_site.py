@@ -267,7 +267,10 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     page.evaluate("atlas.open(0)")
     w.open_card(0)
     assert page.inner_text("#panel .flabel") == data.labels[0]
+    assert page.inner_text("#panel .expl").startswith(data.explanations[0])
     assert page.evaluate("window.__xss") is None
+    page.click("#panel button.copy")  # the steer command to the clipboard (or its fallback)
+    page.wait_for_function("document.querySelector('#panel button.copy').textContent === 'copied'")
 
     # The local map around a feature.
     lm = data.local_maps[0]
