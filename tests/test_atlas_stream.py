@@ -123,12 +123,17 @@ def check(res, ref, cfg, z, tokens_of):
                 np.testing.assert_allclose(float(s["band_act"][f, q, j, L]), v, rtol=1e-3)
 
 
-def test_stream_text_equals_brute_force(corpus):
+@pytest.mark.parametrize("cap", [40, 3])  # 40: every token's codes sparse; 3: the dense path
+def test_stream_text_equals_brute_force(corpus, cap):
+    import dataclasses
+
     model, sae, tokens, mask, z = corpus
-    res = stream_text(model, {HOOK: sae}, tokens, mask, CFG, batch_size=BATCH, progress=False)[HOOK]
-    ref = reference(z, tokens, mask, CFG)
+    cfg = dataclasses.replace(CFG, sparse_cap=cap)
+    res = stream_text(model, {HOOK: sae}, tokens, mask, cfg, batch_size=BATCH, progress=False)[HOOK]
+    ref = reference(z, tokens, mask, cfg)
+    assert ((z > 0).sum(2).max() <= cap) == (cap == 40)
     assert res.n_tokens == mask.sum()
-    check(res, ref, CFG, z, tokens)
+    check(res, ref, cfg, z, tokens)
     assert (ref["top_val"][:, 0] > 0).sum() > 20  # most features fire: the test means something
     # a tie really happened: some feature has contexts 1 and 5 (identical) among its top entries
     tied = [f for f in range(z.shape[2]) if {1, 5} <= set(ref["top_ctx"][f])]
@@ -136,10 +141,10 @@ def test_stream_text_equals_brute_force(corpus):
     np.testing.assert_allclose(res.density, ref["fires"] / mask.sum())
     # the co-activation sample: the first counted tokens' active features
     rows = res.coact_rows()
-    flat = z[mask][: CFG.coact_tokens]
-    assert len(rows) == min(CFG.coact_tokens, mask.sum())
+    flat = z[mask][: cfg.coact_tokens]
+    assert len(rows) == min(cfg.coact_tokens, mask.sum())
     for r, zz in zip(rows[:10], flat):
-        want = np.argsort(-zz, kind="stable")[: CFG.coact_k]
+        want = np.argsort(-zz, kind="stable")[: cfg.coact_k]
         want = [int(i) for i in want if zz[i] > 0]
         assert [int(i) for i in r if i >= 0] == want
 

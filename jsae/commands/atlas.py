@@ -22,7 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="read the corpus from these .txt/.jsonl files (repeatable; default: the "
                    "offline corpus of Wikipedia summaries and State of the Union speeches)")
     p.add_argument("--context-length", type=int, default=128, help="tokens per context (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per LM pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="contexts per LM pass and atlas update (default 32)")
     p.add_argument("--top-k", type=int, default=16, help="top contexts kept per feature (default 16)")
     p.add_argument("--window", type=int, default=24, help="tokens shown per example (default 24)")
     p.add_argument("--bands", type=int, default=10, help="quantile bands (default 10)")

@@ -161,7 +161,7 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
 
 
 def atlas(source, *, hook: str | None = None, tokens: int = 200_000, context_length: int = 128,
-          cfg: StreamConfig = StreamConfig(), batch_size: int = 8, n_logits: int = 10,
+          cfg: StreamConfig = StreamConfig(), batch_size: int = 32, n_logits: int = 10,
           n_neighbours: int = 10, maps: bool = True, around=(), radius: float = 0.3,
           seed: int = 0, state_dir: str | Path | None = None, mesh=None, progress: bool = True,
           model=None, texts=None, forward=None, map_method: str = "umap") -> AtlasData:

@@ -65,6 +65,7 @@ class StreamConfig:
     hist_max: float = 1e2
     coact_tokens: int = 16384
     coact_k: int = 32
+    sparse_cap: int = 32  # active features per token handled sparsely (TopK: >= k)
 
     @property
     def left_(self) -> int:
@@ -132,21 +133,6 @@ PER_FEATURE = ("fires", "total", "max", "hist", "top_val", "top_ctx", "top_pos",
                "band_pos", "band_tok", "band_act")
 
 
-def _windows(zt, tok_pad, b, t, left: int, W: int):
-    """Windows of ``W`` tokens starting ``left`` before position ``t`` of context ``b``.
-
-    ``zt [F, B, T]`` codes, ``tok_pad [B, T + W]`` tokens padded with -1 on both sides,
-    ``b, t [F, M]`` -> (tokens [F, M, W] int32, codes [F, M, W] float16)."""
-    F, B, T = zt.shape
-    Tp = T + W
-    z_pad = jnp.pad(zt, ((0, 0), (0, 0), (left, Tp - T - left))).reshape(F, B * Tp)
-    j = jnp.arange(W, dtype=jnp.int32)
-    flat = (b * Tp + t)[..., None] + j  # [F, M, W] in padded coordinates (t - left + left + j)
-    acts = jnp.take_along_axis(z_pad, flat.reshape(F, -1), axis=1).reshape(flat.shape)
-    toks = tok_pad.reshape(-1)[flat]
-    return toks, acts.astype(jnp.float16)
-
-
 def _bottom_per_band(band, prio, Q: int, S: int):
     """Indices ``[F, Q, S]`` of the ``S`` smallest-priority entries of each band (stable on
     ties), a validity mask, and the count per band ``[F, Q]``. ``band [F, N]`` in ``0..Q``
@@ -163,107 +149,213 @@ def _bottom_per_band(band, prio, Q: int, S: int):
     return sel.reshape(F, Q, S), valid, count
 
 
-def _take(x, sel):
-    """``x [F, N, ...]`` at ``sel [F, ...idx]`` along axis 1."""
-    F = x.shape[0]
-    flat = sel.reshape(F, -1)
-    out = jnp.take_along_axis(x.reshape(F, x.shape[1], -1), flat[..., None], axis=1)
-    return out.reshape(*sel.shape, *x.shape[2:])
+def _gather_windows(z, tokens, b, t, left: int, W: int):
+    """Windows of ``W`` tokens starting ``left`` before token ``t`` of context ``b``, for the
+    feature of each row: ``z [B, T, F]``, ``tokens [B, T]``, ``b, t [F, M]`` ->
+    (tokens [F, M, W] int32 with -1 outside the context, codes [F, M, W] float16)."""
+    B, T, F = z.shape
+    tt = t[..., None] - left + jnp.arange(W, dtype=jnp.int32)  # [F, M, W]
+    ok = (tt >= 0) & (tt < T)
+    tc = jnp.clip(tt, 0, T - 1)
+    bb = jnp.broadcast_to(b[..., None], tt.shape)
+    ff = jnp.broadcast_to(jnp.arange(F, dtype=jnp.int32)[:, None, None], tt.shape)
+    acts = jnp.where(ok, z[bb, tc, ff], 0.0).astype(jnp.float16)
+    toks = jnp.where(ok, tokens[bb, tc], -1).astype(jnp.int32)
+    return toks, acts
+
+
+def _hist_bin(v, cfg: StreamConfig):
+    lo, hi = np.log10(cfg.hist_min), np.log10(cfg.hist_max)
+    hb = jnp.floor((jnp.log10(jnp.maximum(v, 1e-30)) - lo) * (cfg.hist_bins / (hi - lo)))
+    return jnp.clip(hb, 0, cfg.hist_bins - 1).astype(jnp.int32)
+
+
+def _new_max(old_max, bmax):
+    mx = jnp.maximum(old_max, bmax)
+    return mx, jnp.where(mx > 0, band_exponent(mx), 0)
+
+
+def _batch_dense(z, old_max, prio_n, cfg: StreamConfig):
+    """Per-batch candidates from dense codes (any number of active features per token)."""
+    B, T, F = z.shape
+    Q, S, H = cfg.bands, cfg.band_samples, cfg.hist_bins
+    zt = jnp.transpose(z, (2, 0, 1))  # [F, B, T]
+    zf = zt.reshape(F, B * T)
+    mx, e_new = _new_max(old_max, zf.max(1))
+    fires = zf > 0
+    seg = jnp.where(fires, jnp.arange(F, dtype=jnp.int32)[:, None] * H + _hist_bin(zf, cfg), F * H)
+    hist = jax.ops.segment_sum(fires.astype(jnp.int32).reshape(-1), seg.reshape(-1),
+                               num_segments=F * H + 1)[: F * H].reshape(F, H)
+    band = jnp.where(fires, band_index(zf, e_new[:, None], Q), Q)
+    sel, valid, count = _bottom_per_band(band, jnp.broadcast_to(prio_n, (F, B * T)), Q, S)
+    return {"fires": fires.sum(1, dtype=jnp.int32), "total": zf.sum(1), "hist": hist,
+            "ctx_max": zt.max(2), "ctx_pos": jnp.argmax(zt, axis=2).astype(jnp.int32),
+            "band_n": sel, "band_ok": valid, "band_count": count, "max": mx, "e_new": e_new}
+
+
+def _batch_sparse(z, cv, ci, old_max, prio_n, cfg: StreamConfig):
+    """The same candidates from each token's active features ``(cv, ci) [N, A]`` (exact when
+    no token has more than ``A`` active features): work ~ ``N * A``, not ``N * F``."""
+    B, T, F = z.shape
+    Q, S, H = cfg.bands, cfg.band_samples, cfg.hist_bins
+    N, A = cv.shape
+    v = cv.reshape(-1)
+    f = ci.reshape(-1).astype(jnp.int32)
+    n = jnp.repeat(jnp.arange(N, dtype=jnp.int32), A)
+    ok = v > 0
+    fd = jnp.where(ok, f, F)  # F: dropped by the scatters
+    fires = jnp.zeros(F, jnp.int32).at[fd].add(1, mode="drop")
+    total = jnp.zeros(F, jnp.float32).at[fd].add(v, mode="drop")
+    mx, e_new = _new_max(old_max, jnp.zeros(F, jnp.float32).at[fd].max(v, mode="drop"))
+    hist = jnp.zeros(F * H, jnp.int32).at[jnp.where(ok, f * H + _hist_bin(v, cfg), F * H)].add(
+        1, mode="drop").reshape(F, H)
+    b, t = n // T, n % T
+    cm = jnp.zeros((F, B), jnp.float32).at[fd, b].max(v, mode="drop")
+    first = ok & (v == cm[jnp.minimum(f, F - 1), b])
+    cp = jnp.full((F, B), T, jnp.int32).at[jnp.where(first, f, F), b].min(t, mode="drop")
+    cp = jnp.where(cp == T, 0, cp)  # as argmax over a context where the feature is silent
+    fc = jnp.minimum(f, F - 1)
+    k1 = jnp.where(ok, fc * (Q + 1) + band_index(v, e_new[fc], Q), F * (Q + 1))
+    k1s, _, es = jax.lax.sort((k1, prio_n[n], jnp.arange(N * A, dtype=jnp.int32)),
+                              num_keys=2, is_stable=True)
+    g = (jnp.arange(F, dtype=jnp.int32)[:, None] * (Q + 1) + jnp.arange(Q, dtype=jnp.int32)).ravel()
+    start = jnp.searchsorted(k1s, g).reshape(F, Q).astype(jnp.int32)
+    end = jnp.searchsorted(k1s, g + 1).reshape(F, Q).astype(jnp.int32)
+    count = end - start
+    s = jnp.arange(S, dtype=jnp.int32)
+    pos = start[..., None] + s
+    return {"fires": fires, "total": total, "hist": hist, "ctx_max": cm, "ctx_pos": cp,
+            "band_n": n[es[jnp.clip(pos, 0, N * A - 1)]], "band_ok": s < count[..., None],
+            "band_count": count, "max": mx, "e_new": e_new}
+
+
+def _cap(cfg: StreamConfig, state: dict, F: int) -> int:
+    # one more than the cap: a zero in the last column proves no token has more active features
+    return int(min(max(cfg.sparse_cap, state["coact"].shape[1]) + 1, F))
+
+
+@partial(jax.jit, static_argnames=("A",))
+def _active(z, A: int):
+    """Each token's ``A`` largest codes ``[N, A]``. A jit of its own: inside the big update
+    XLA:CPU lowers ``top_k`` to a full sort, alone to its fast TopK call."""
+    return jax.lax.top_k(z.reshape(-1, z.shape[-1]), A)
+
+
+def update_state(state: dict, z, tokens, mask, ctx0, *, cfg: StreamConfig) -> dict:
+    """Merge one batch into the state. ``z [B, T, F]`` codes (>= 0), ``tokens [B, T]`` int32,
+    ``mask [B, T]`` bool (positions that count), ``ctx0``: corpus index of context 0.
+
+    Each token's ``cfg.sparse_cap`` largest codes are taken first; when no token has more
+    active features than that (TopK SAEs with k <= cap, always), every statistic is computed
+    from those entries (cost ~ tokens x cap); otherwise from the dense codes (same results)."""
+    cv, ci = _active(z, _cap(cfg, state, z.shape[-1]))
+    return _update(state, z, cv, ci, tokens, mask, ctx0, cfg=cfg)
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def update_state(state: dict, z, tokens, mask, ctx0, *, cfg: StreamConfig) -> dict:
-    """Merge one batch into the state. ``z [B, T, F]`` codes (>= 0), ``tokens [B, T]`` int32,
-    ``mask [B, T]`` bool (positions that count), ``ctx0``: corpus index of context 0."""
+def _update(state: dict, z, cv, ci, tokens, mask, ctx0, *, cfg: StreamConfig) -> dict:
     B, T, F = z.shape
-    K, W, Q, S, H, left = cfg.top_k, cfg.window, cfg.bands, cfg.band_samples, cfg.hist_bins, cfg.left_
+    K, W, Q, S, left = cfg.top_k, cfg.window, cfg.bands, cfg.band_samples, cfg.left_
+    tokens = tokens.astype(jnp.int32)
+    mflat = mask.reshape(-1)
+    A = cv.shape[1]
+    cv = jnp.where(mflat[:, None], cv, 0.0)
+    sparse_ok = (A == F) | jnp.all(cv[:, -1] <= 0)
     z = jnp.where(mask[..., None], z.astype(jnp.float32), 0.0)
-    zt = jnp.transpose(z, (2, 0, 1))  # [F, B, T]
-    tok_pad = jnp.pad(tokens.astype(jnp.int32), ((0, 0), (left, W - left)), constant_values=-1)
-    fires_bt = zt > 0
-    new = dict(state)
-    new["fires"] = state["fires"] + fires_bt.sum((1, 2), dtype=jnp.int32)
-    new["total"] = state["total"] + zt.sum((1, 2))
-    bmax = zt.max((1, 2))
-    mx = jnp.maximum(state["max"], bmax)
-    new["max"] = mx
-    new["n_tokens"] = state["n_tokens"] + mask.sum(dtype=jnp.int32)
-
-    # histogram of positive codes, log-spaced bins (scatter-add into [F, H], misses dropped)
-    lo, hi = np.log10(cfg.hist_min), np.log10(cfg.hist_max)
-    hb = jnp.floor((jnp.log10(jnp.maximum(zt, 1e-30)) - lo) * (H / (hi - lo)))
-    hb = jnp.clip(hb, 0, H - 1).astype(jnp.int32)
-    seg = jnp.where(fires_bt, jnp.arange(F, dtype=jnp.int32)[:, None, None] * H + hb, F * H)
-    new["hist"] = state["hist"] + jax.ops.segment_sum(
-        fires_bt.astype(jnp.int32).reshape(-1), seg.reshape(-1), num_segments=F * H + 1
-    )[: F * H].reshape(F, H)
-
-    # top-K contexts by the context maximum
-    ctx_max = zt.max(2)  # [F, B]
-    ctx_pos = jnp.argmax(zt, axis=2).astype(jnp.int32)
-    bidx = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32), (F, B))
-    wt, wa = _windows(zt, tok_pad, bidx, ctx_pos, left, W)
-    vals = jnp.concatenate([state["top_val"], ctx_max], 1)
-    _, i = jax.lax.top_k(vals, K)
-    cand = {
-        "top_val": vals,
-        "top_ctx": jnp.concatenate([state["top_ctx"], jnp.where(ctx_max > 0, ctx0 + bidx, -1)], 1),
-        "top_pos": jnp.concatenate([state["top_pos"], ctx_pos], 1),
-        "top_tok": jnp.concatenate([state["top_tok"], wt], 1),
-        "top_act": jnp.concatenate([state["top_act"], wa], 1),
-    }
-    for k, v in cand.items():
-        new[k] = _take(v, i)
-
-    # quantile bands over [0, 2^e): rebin the kept samples when the max grows, then merge
     had = state["max"] > 0
-    e_new = jnp.where(mx > 0, band_exponent(mx), 0)
+    gid = (ctx0 + jnp.arange(B, dtype=jnp.int32))[:, None] * T + jnp.arange(T, dtype=jnp.int32)
+    prio_n = token_priority(gid).reshape(-1)  # [N]
+    c = jax.lax.cond(sparse_ok, lambda: _batch_sparse(z, cv, ci, state["max"], prio_n, cfg),
+                     lambda: _batch_dense(z, state["max"], prio_n, cfg))
+    mx, e_new = c["max"], c["e_new"]
+    new = dict(state)
+    new["fires"] = state["fires"] + c["fires"]
+    new["total"] = state["total"] + c["total"]
+    new["max"] = mx
+    new["hist"] = state["hist"] + c["hist"]
+    new["n_tokens"] = state["n_tokens"] + mask.sum(dtype=jnp.int32)
+    rows = jnp.arange(F, dtype=jnp.int32)[:, None]
+
+    # top-K contexts: merge by value; windows gathered only for the winners from this batch
+    vals = jnp.concatenate([state["top_val"], c["ctx_max"]], 1)
+    top_v, i = jax.lax.top_k(vals, K)
+    from_batch = i >= K
+    bi = jnp.clip(i - K, 0, B - 1)
+    old_i = jnp.minimum(i, K - 1)
+    pos_b = jnp.take_along_axis(c["ctx_pos"], bi, 1)
+    wt, wa = _gather_windows(z, tokens, bi, pos_b, left, W)
+    fb = from_batch[..., None]
+    new["top_val"] = top_v
+    new["top_ctx"] = jnp.where(from_batch, jnp.where(top_v > 0, ctx0 + bi, -1),
+                               jnp.take_along_axis(state["top_ctx"], old_i, 1))
+    new["top_pos"] = jnp.where(from_batch, pos_b, jnp.take_along_axis(state["top_pos"], old_i, 1))
+    new["top_tok"] = jnp.where(fb, wt, jnp.take_along_axis(state["top_tok"], old_i[..., None], 1))
+    new["top_act"] = jnp.where(fb, wa, jnp.take_along_axis(state["top_act"], old_i[..., None], 1))
+
+    # quantile bands over [0, 2^e): rebin the kept samples when the max grows (old band q lies
+    # inside new band q >> d), then keep the S lowest priorities of each band over old + new
     d = jnp.clip(jnp.where(had, e_new - state["band_exp"], 0), 0, 30)  # doublings
     old_band = jnp.arange(Q, dtype=jnp.int32)[None, :] >> d[:, None]  # [F, Q]
     onehot = old_band[..., None] == jnp.arange(Q, dtype=jnp.int32)  # [F, Q_old, Q_new]
     count = jnp.sum(jnp.where(onehot, state["band_count"][..., None], 0), axis=1)
-    old_b = jnp.where(state["band_prio"] != EMPTY_PRIO, old_band[..., None], Q).reshape(F, Q * S)
-
-    gid = (ctx0 + jnp.arange(B, dtype=jnp.int32))[:, None] * T + jnp.arange(T, dtype=jnp.int32)
-    prio_bt = jnp.broadcast_to(token_priority(gid).reshape(-1), (F, B * T))
-    zf = zt.reshape(F, B * T)
-    band_bt = jnp.where(zf > 0, band_index(zf, e_new[:, None], Q), Q)
-    sel, valid, bcount = _bottom_per_band(band_bt, prio_bt, Q, S)
-    count = count + bcount
-    sb, st = sel // T, sel % T
-    btok, bact = _windows(zt, tok_pad, sb.reshape(F, -1), st.reshape(F, -1), left, W)
-    batch = {
-        "b": jnp.where(valid, jnp.arange(Q, dtype=jnp.int32)[None, :, None], Q).reshape(F, -1),
-        "band_prio": jnp.where(valid, _take(prio_bt, sel), EMPTY_PRIO).reshape(F, -1),
-        "band_val": _take(zf, sel).reshape(F, -1),
-        "band_ctx": (ctx0 + sb).reshape(F, -1),
-        "band_pos": st.reshape(F, -1),
-        "band_tok": btok,
-        "band_act": bact,
-    }
-    pool = {"b": jnp.concatenate([old_b, batch["b"]], 1)}
-    for k in ("band_prio", "band_val", "band_ctx", "band_pos", "band_tok", "band_act"):
-        old = state[k].reshape(F, Q * S, *state[k].shape[3:])
-        pool[k] = jnp.concatenate([old, batch[k]], 1)
-    psel, pvalid, _ = _bottom_per_band(pool["b"], pool["band_prio"], Q, S)
-    empty = {"band_prio": EMPTY_PRIO, "band_val": 0.0, "band_ctx": -1, "band_pos": 0,
-             "band_tok": -1, "band_act": 0.0}
-    for k, fill in empty.items():
-        v = _take(pool[k], psel)
-        m = pvalid.reshape(*pvalid.shape, *[1] * (v.ndim - 3))
-        new[k] = jnp.where(m, v, jnp.asarray(fill, v.dtype))
-    new["band_count"] = count
+    new["band_count"] = count + c["band_count"]
     new["band_exp"] = jnp.where(mx > 0, e_new, state["band_exp"])
+    P = 2 * Q * S
+    old_b = jnp.where(state["band_prio"] != EMPTY_PRIO, old_band[..., None], Q).reshape(F, Q * S)
+    new_b = jnp.where(c["band_ok"], jnp.arange(Q, dtype=jnp.int32)[None, :, None], Q).reshape(F, Q * S)
+    bn = c["band_n"].reshape(F, Q * S)
+    pb = jnp.concatenate([old_b, new_b], 1)  # [F, P]
+    pp = jnp.concatenate([state["band_prio"].reshape(F, Q * S),
+                          jnp.where(new_b < Q, prio_n[bn], EMPTY_PRIO)], 1)
+    j = jnp.arange(P, dtype=jnp.int32)
+
+    def ranks_all():  # [F, P]: entries of the same band ahead of each (priority, then order)
+        ahead = (pb[:, None, :] == pb[:, :, None]) & ((pp[:, None, :] < pp[:, :, None]) | (
+            (pp[:, None, :] == pp[:, :, None]) & (j[None, :] < j[:, None])))
+        return ahead.sum(2, dtype=jnp.int32)
+
+    def ranks_grouped():  # no feature rebinned: band q's candidates are old[q] + new[q] only
+        gb = jnp.concatenate([pb[:, : Q * S].reshape(F, Q, S), pb[:, Q * S :].reshape(F, Q, S)], 2)
+        gp = jnp.concatenate([pp[:, : Q * S].reshape(F, Q, S), pp[:, Q * S :].reshape(F, Q, S)], 2)
+        jj = jnp.arange(2 * S, dtype=jnp.int32)
+        ahead = (gb[..., None, :] == gb[..., :, None]) & ((gp[..., None, :] < gp[..., :, None]) | (
+            (gp[..., None, :] == gp[..., :, None]) & (jj[None, :] < jj[:, None])))
+        r = ahead.sum(-1, dtype=jnp.int32)  # [F, Q, 2S]: old S then new S of each band
+        return jnp.concatenate([r[..., :S].reshape(F, Q * S), r[..., S:].reshape(F, Q * S)], 1)
+
+    rank = jax.lax.cond(jnp.all(d == 0), ranks_grouped, ranks_all)
+    slot = jnp.where((pb < Q) & (rank < S), pb * S + rank, Q * S)
+    src = jnp.full((F, Q * S), -1, jnp.int32).at[
+        jnp.broadcast_to(rows, slot.shape), slot].set(jnp.broadcast_to(j, slot.shape), mode="drop")
+    filled = src >= 0
+    from_new = src >= Q * S
+    oi = jnp.clip(src, 0, Q * S - 1)
+    ni = jnp.take_along_axis(bn, jnp.clip(src - Q * S, 0, Q * S - 1), 1)  # token of a new entry
+    nb, nt = ni // T, ni % T
+    wt, wa = _gather_windows(z, tokens, nb, nt, left, W)
+    new_val = z[nb, nt, jnp.broadcast_to(rows, nb.shape)]
+
+    def pick(key, new_v, fill):
+        old = state[key].reshape(F, Q * S, *state[key].shape[3:])
+        old = jnp.take_along_axis(old, oi.reshape(F, Q * S, *[1] * (old.ndim - 2)), 1)
+        m = from_new.reshape(F, Q * S, *[1] * (old.ndim - 2))
+        f = filled.reshape(F, Q * S, *[1] * (old.ndim - 2))
+        out = jnp.where(f, jnp.where(m, new_v.astype(old.dtype), old), jnp.asarray(fill, old.dtype))
+        return out.reshape(state[key].shape)
+
+    new["band_prio"] = pick("band_prio", prio_n[ni], EMPTY_PRIO)
+    new["band_val"] = pick("band_val", new_val, 0.0)
+    new["band_ctx"] = pick("band_ctx", ctx0 + nb, -1)
+    new["band_pos"] = pick("band_pos", nt, 0)
+    new["band_tok"] = pick("band_tok", wt, -1)
+    new["band_act"] = pick("band_act", wa, 0.0)
 
     # co-activation sample: the active features of the first coact_tokens counted tokens
     C, ck = state["coact"].shape
-    zr = z.reshape(B * T, F)
-    cv, ci = jax.lax.top_k(zr, ck)
-    ci = jnp.where(cv > 0, ci, -1).astype(jnp.int32)
-    mflat = mask.reshape(-1)
-    slot = state["coact_n"] + jnp.cumsum(mflat.astype(jnp.int32)) - 1
-    slot = jnp.where(mflat, slot, C)  # out of range: dropped
-    new["coact"] = state["coact"].at[slot].set(ci, mode="drop")
+    cix = jnp.where(cv[:, :ck] > 0, ci[:, :ck], -1).astype(jnp.int32)
+    cslot = state["coact_n"] + jnp.cumsum(mflat.astype(jnp.int32)) - 1
+    cslot = jnp.where(mflat, cslot, C)  # out of range: dropped
+    new["coact"] = state["coact"].at[cslot].set(cix, mode="drop")
     new["coact_n"] = jnp.minimum(state["coact_n"] + mflat.sum(dtype=jnp.int32), C)
     return new
 
@@ -351,12 +443,15 @@ class StreamResult:
         return self.state["coact"][: int(self.state["coact_n"])]
 
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def _encode_update(state, sae, acts, tokens, mask, ctx0, *, cfg):
+@jax.jit
+def _encode(sae, acts):
     from jsae.sae.core import encode
 
-    z = encode(sae, acts.astype(jnp.float32))
-    return update_state(state, z, tokens, mask, ctx0, cfg=cfg)
+    return encode(sae, acts.astype(jnp.float32))
+
+
+def _encode_update(state, sae, acts, tokens, mask, ctx0, *, cfg):
+    return update_state(state, _encode(sae, acts), tokens, mask, ctx0, cfg=cfg)
 
 
 def _place(state, mesh, sae):
@@ -383,7 +478,7 @@ def stream_text(
     mask: np.ndarray,
     cfg: StreamConfig = StreamConfig(),
     *,
-    batch_size: int = 8,
+    batch_size: int = 32,
     state_dir: str | Path | None = None,
     save_every: int = 64,
     mesh=None,
@@ -410,6 +505,10 @@ def stream_text(
     if cfg.window > T:
         raise AtlasError(f"example window {cfg.window} is longer than the contexts ({T} tokens)")
     hooks = list(saes)
+    ks = [int(getattr(saes[h].spec, "k", None) or 0) for h in hooks
+          if saes[h].spec.architecture == "topk"]
+    if ks and max(ks) > cfg.sparse_cap:  # TopK codes never have more than k active features
+        cfg = dataclasses.replace(cfg, sparse_cap=max(ks))
     corpus_fp = corpus_fingerprint(tokens, mask)
     states, expects, paths = {}, {}, {}
     start = 0
