@@ -143,3 +143,55 @@ def test_to_tokens_layout_and_errors(mm_lm):
     acts = np.asarray(out.activations["blocks.2.hook_resid_post"])
     assert acts.shape[:2] == mixed.tokens.shape and np.isfinite(acts).all()
     np.testing.assert_array_equal(np.asarray(out.image_mask), mixed.image_mask)
+
+
+@pytest.mark.slow
+def test_real_photos_end_to_end_vs_transformers(mm_lm, tmp_path):
+    """Real photos through transformers' processor + Gemma3ForConditionalGeneration and through
+    jsae (to_tokens -> forward) on one tiny random checkpoint: the same logits everywhere."""
+    torch = pytest.importorskip("torch")
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        PreTrainedTokenizerFast,
+        SiglipVisionConfig,
+    )
+
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=64, patch_size=8, vision_use_head=False)
+    tc = Gemma3TextConfig(vocab_size=262_208, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    cfg = Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=16)
+    torch.manual_seed(0)
+    m = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name or "mm_input_projection" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    d = tmp_path / "ckpt"
+    m.save_pretrained(d)
+    mm_lm.tokenizer.save(d)
+    lm = M.load(str(d))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(d / "tokenizer.json"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 64, "width": 64}),
+                           tokenizer=tok, image_seq_length=16)
+    texts = ["<start_of_image> Chelsea the cat, sitting on a rug", "A cup of <start_of_image> coffee on a table"]
+    images = [[skdata.chelsea()], [skdata.coffee()]]
+    ref_in = proc(text=texts, images=images, return_tensors="pt", padding="longest")
+    ours = lm.to_tokens(texts, images=images, add_bos=False)
+    assert ours.attention_mask.all()  # rows of equal length: no padding (HF's positions are arange)
+    np.testing.assert_array_equal(ours.tokens, ref_in["input_ids"].numpy())
+    with torch.no_grad():
+        ref = m(**ref_in).logits.numpy()
+    out = np.asarray(lm.forward(ours).logits)
+    real = ref_in["attention_mask"].numpy() == 1
+    text_after = real & ~ours.image_mask & (np.cumsum(ours.image_mask, 1) > 0)
+    assert text_after.sum() > 10
+    assert np.abs(out[real] - ref[real]).max() <= 1e-4
