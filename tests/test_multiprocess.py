@@ -160,8 +160,8 @@ MERGE = textwrap.dedent("""
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(96, 8)) * 3 + 100.0).astype(np.float32)  # large mean: needs Chan
     sae = init_sae(jax.random.key(0), SAESpec("topk", 8, 32, k=3), x)
-    ce = rng.normal(size=(4, 7, 5)) ** 2  # [variants, batch, positions - 1]
-    kl = rng.random((4, 7, 6))
+    ce = rng.normal(size=(5, 7, 5)) ** 2  # [variants (clean + 4 for the hook), batch, T - 1]
+    kl = rng.random((5, 7, 6))
     mask = rng.random((7, 6)) < 0.8
     pid, n = jax.process_index(), jax.process_count()
     rs, ds = ReconstructionStats(), DownstreamStats(["a"])
