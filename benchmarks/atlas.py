@@ -1,0 +1,126 @@
+"""Atlas speed: the streaming pass next to a plain harvest over the same contexts, and the time
+and memory of decoder neighbours and the UMAP map at several dictionary sizes.
+
+    python benchmarks/atlas.py --run runs/quickstart --tokens 20000
+    python benchmarks/atlas.py --sizes 10000,100000 --no-pass       # neighbours / UMAP only
+
+The pass and the harvest run interleaved in one process on the same contexts (after a warm-up
+batch each, so compilation is excluded); tokens/s count the masked-in tokens. Neighbours use
+random unit decoders of width ``--d-in``; the 1M-feature figure is planned from the measured
+``F^2 * d`` rate (the blocked kernel's time is quadratic in F, its memory is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_pass(run: str, tokens: int, context_length: int, batch_size: int, repeats: int) -> dict:
+    import jax
+
+    from jsae.analysis.atlas.stream import StreamConfig, stream_text
+    from jsae.analysis.corpus import corpus_contexts
+    from jsae.analysis.run import load_run
+    from jsae.data.harvest import Harvester
+
+    r = load_run(run)
+    n_ctx = -(-tokens // context_length)
+    tok, msk = corpus_contexts(r.model.tokenizer, n_ctx, context_length, seed=1)
+    tok, msk = tok[: n_ctx - n_ctx % batch_size], msk[: n_ctx - n_ctx % batch_size]
+    h = Harvester(r.model, [r.hook])
+    cfg = StreamConfig()
+    warm = slice(0, batch_size)
+    jax.block_until_ready(h.activations(tok[warm]))
+    stream_text(r.model, {r.hook: r.sae}, tok[:batch_size * 2], msk[:batch_size * 2], cfg,
+                batch_size=batch_size, progress=False)
+    counted = int(msk.sum())
+    res = {"harvest_s": [], "atlas_s": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for s in range(0, len(tok), batch_size):
+            jax.block_until_ready(h.activations(tok[s : s + batch_size]))
+        res["harvest_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        stream_text(r.model, {r.hook: r.sae}, tok, msk, cfg, batch_size=batch_size, progress=False)
+        res["atlas_s"].append(time.perf_counter() - t)
+    hs, at = min(res["harvest_s"]), min(res["atlas_s"])
+    return {"d_sae": r.sae.spec.d_sae, "tokens": counted, "contexts": len(tok),
+            "batch": batch_size, "harvest_tok_s": counted / hs, "atlas_tok_s": counted / at,
+            "atlas_overhead": at / hs - 1, "devices": str(jax.devices()[0].platform)}
+
+
+def bench_maps(sizes, d_in: int, n: int, umap_max: int) -> list[dict]:
+    from jsae.analysis.atlas.maps import clusters, layout
+    from jsae.analysis.atlas.neighbours import decoder_neighbours
+
+    out = []
+    for F in sizes:
+        W = np.random.default_rng(F).normal(size=(F, d_in)).astype(np.float32)
+        rss0 = _rss_mb()
+        decoder_neighbours(W[: min(F, 2048)], n)  # compile outside the timing
+        t = time.perf_counter()
+        decoder_neighbours(W, n)
+        nb = time.perf_counter() - t
+        row = {"features": F, "d_in": d_in, "neighbours_s": nb,
+               "neighbours_gflop_s": 2 * F * F * d_in / nb / 1e9,
+               "neighbours_kernel_mb": 1024 * (8192 + n) * 4 / 2**20,
+               "rss_growth_mb": _rss_mb() - rss0}
+        if F <= umap_max:
+            t = time.perf_counter()
+            xy = layout(W)
+            row["umap_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            clusters(xy)
+            row["hdbscan_s"] = time.perf_counter() - t
+            row["rss_after_umap_mb"] = _rss_mb()
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    if out:
+        r = out[-1]
+        rate = r["neighbours_gflop_s"]
+        out.append({"features": 1_000_000, "planned": True, "d_in": d_in,
+                    "neighbours_s": 2 * 1e12 * d_in / rate / 1e9,
+                    "neighbours_kernel_mb": r["neighbours_kernel_mb"],
+                    "note": f"planned from {rate:.1f} GFLOP/s measured at {r['features']} features"})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/quickstart")
+    ap.add_argument("--tokens", type=int, default=20000)
+    ap.add_argument("--context-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--d-in", type=int, default=640)
+    ap.add_argument("--neighbours", type=int, default=10)
+    ap.add_argument("--umap-max", type=int, default=100000, help="skip UMAP above this size")
+    ap.add_argument("--no-pass", action="store_true", help="skip the LM pass benchmark")
+    ap.add_argument("--no-maps", action="store_true", help="skip neighbours / UMAP")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args()
+    res = {}
+    if not a.no_pass:
+        res["pass"] = bench_pass(a.run, a.tokens, a.context_length, a.batch_size, a.repeats)
+        print(json.dumps(res["pass"]), flush=True)
+    if not a.no_maps:
+        res["maps"] = bench_maps([int(s) for s in a.sizes.split(",") if s], a.d_in, a.neighbours,
+                                 a.umap_max)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
