@@ -59,7 +59,7 @@ def clusters(xy: np.ndarray, *, min_cluster_size: int | None = None) -> np.ndarr
     require("sklearn", "atlas", "clustering the atlas map")
     from sklearn.cluster import HDBSCAN
 
-    mcs = int(min_cluster_size or max(3, min(50, M // 40)))
+    mcs = int(min_cluster_size or max(5, min(50, M // 600)))  # ~140 clusters at 9k points
     return HDBSCAN(min_cluster_size=mcs, min_samples=min(mcs, 5), copy=True).fit_predict(xy).astype(np.int64)
 
 
@@ -80,9 +80,11 @@ def global_map(W_dec, include: np.ndarray, labels: list[str], *, seed: int = 0,
 
 def local_map(sae_or_W, center: int, radius: float = 0.3, *, data: AtlasData | None = None,
               include: np.ndarray | None = None, labels: list[str] | None = None, seed: int = 0,
-              max_features: int = 2000, method: str = "umap") -> LocalMap:
+              max_features: int = 2000, min_features: int = 24, method: str = "umap") -> LocalMap:
     """The neighbourhood of ``center``: features within decoder-cosine distance ``radius``
-    (``1 - cos <= radius``; at most ``max_features``, the nearest), laid out and clustered.
+    (``1 - cos <= radius``; at least the ``min_features`` nearest even when fewer lie within the
+    radius, as in a young dictionary whose directions are nearly orthogonal; at most
+    ``max_features``, the nearest), laid out and clustered.
     ``sae_or_W``: an SAE or ``W_dec [F, d]``; ``data``: an atlas whose labels (and live
     features, when ``include`` is not given) are used."""
     from jsae.analysis.atlas.neighbours import features_within
@@ -102,6 +104,9 @@ def local_map(sae_or_W, center: int, radius: float = 0.3, *, data: AtlasData | N
             include = np.zeros(F, bool)
             include[np.asarray(data.feature_ids)] = np.asarray(data.density) > 0
     ids, _ = features_within(W, center, radius, candidates=include)
+    if len(ids) < min_features:
+        ids, _ = features_within(W, center, 2.0, candidates=include)
+        ids = ids[:min_features]
     ids = ids[:max_features]
     xy = layout(W[ids], n_neighbors=10, seed=seed, method=method)
     cl = clusters(xy, min_cluster_size=max(3, len(ids) // 12))
@@ -171,8 +176,10 @@ def plot_local(lm: LocalMap, path: str | Path, labels: dict[int, str] | list[str
     for j, i in enumerate(lm.ids[:max_labels]):
         ax.annotate(f"{int(i)} {lab(i)}"[:32], xy[j], fontsize=6.5, xytext=(3, 2),
                     textcoords="offset points", color="darkred" if j == 0 else "black")
-    ax.set_title(f"features within cosine distance {lm.radius:g} of feature {lm.center} "
-                 f"({len(lm.ids)} features, {len(lm.cluster_labels)} clusters)", fontsize=10)
+    u = np.asarray(lm.xy)  # distances are not stored: the title names the requested radius
+    ax.set_title(f"neighbourhood of feature {lm.center}: {len(lm.ids)} features (within cosine "
+                 f"distance {lm.radius:g}, or the nearest), {len(lm.cluster_labels)} clusters "
+                 f"(UMAP of decoder directions)" if len(u) else "", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
     path = Path(path)
