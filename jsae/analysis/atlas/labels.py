@@ -84,14 +84,25 @@ def auto_labels(top_tokens: np.ndarray, top_anchor: np.ndarray, top_value: np.nd
             for f in range(len(top_tokens))]
 
 
+def _words(label: str) -> set[str]:
+    return {w.strip() for w in re.split(r"\s*·\s*|[()]", label) if w.strip()}
+
+
 def cluster_labels(cluster: np.ndarray, labels: list[str], n: int = 3) -> dict[int, str]:
-    """A label per cluster id (>= 0): the words most frequent among its members' labels."""
-    out = {}
+    """A label per cluster id (>= 0): the words of its members' labels that are frequent in the
+    cluster and rare elsewhere (count in the cluster x log(labels / labels with the word)), so
+    function words that label many features ("of", "the") do not name every cluster."""
     cluster = np.asarray(cluster)
+    everywhere: Counter = Counter()
+    for lab in labels:
+        everywhere.update(_words(lab))
+    total = max(len(labels), 1)
+    out = {}
     for c in sorted({int(c) for c in cluster.tolist() if c >= 0}):
         words: Counter = Counter()
         for i in np.flatnonzero(cluster == c):
-            for w in {w for w in re.split(r"\s*·\s*|[()]", labels[i]) if w.strip()}:
-                words[w.strip()] += 1
-        out[c] = " · ".join(w for w, _ in words.most_common(n)) or f"cluster {c}"
+            words.update(_words(labels[i]))
+        score = {w: k * np.log(1.0 + total / everywhere[w]) for w, k in words.items()}
+        top = sorted(score, key=lambda w: (-score[w], w))[:n]
+        out[c] = " · ".join(top) or f"cluster {c}"
     return out
