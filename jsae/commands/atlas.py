@@ -98,7 +98,7 @@ def _write_outputs(data, out, sae, args, log) -> None:
 
 def _describe_local(data, lm) -> str:
     lines = [f"local map of feature {lm.center} ({data.labels[data.row(lm.center)]!r}): "
-             f"{len(lm.ids)} features (within cosine distance {lm.radius:g}, or the nearest), "
+             f"{len(lm.ids)} features within cosine distance {lm.radius:.2f}, "
              f"{len(lm.cluster_labels)} clusters"]
     for c, lab in sorted(lm.cluster_labels.items()):
         members = lm.ids[lm.cluster == c]

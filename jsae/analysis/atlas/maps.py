@@ -83,7 +83,8 @@ def local_map(sae_or_W, center: int, radius: float = 0.3, *, data: AtlasData | N
               max_features: int = 2000, min_features: int = 24, method: str = "umap") -> LocalMap:
     """The neighbourhood of ``center``: features within decoder-cosine distance ``radius``
     (``1 - cos <= radius``; at least the ``min_features`` nearest even when fewer lie within the
-    radius, as in a young dictionary whose directions are nearly orthogonal; at most
+    radius, as in a young dictionary whose directions are nearly orthogonal: ``radius`` then
+    grows to the farthest of them; at most
     ``max_features``, the nearest), laid out and clustered.
     ``sae_or_W``: an SAE or ``W_dec [F, d]``; ``data``: an atlas whose labels (and live
     features, when ``include`` is not given) are used."""
@@ -103,10 +104,11 @@ def local_map(sae_or_W, center: int, radius: float = 0.3, *, data: AtlasData | N
         if include is None:
             include = np.zeros(F, bool)
             include[np.asarray(data.feature_ids)] = np.asarray(data.density) > 0
-    ids, _ = features_within(W, center, radius, candidates=include)
+    ids, cos = features_within(W, center, radius, candidates=include)
     if len(ids) < min_features:
-        ids, _ = features_within(W, center, 2.0, candidates=include)
-        ids = ids[:min_features]
+        ids, cos = features_within(W, center, 2.0, candidates=include)
+        ids, cos = ids[:min_features], cos[:min_features]
+        radius = float(max(radius, 1.0 - cos.min()))  # the radius the map really covers
     ids = ids[:max_features]
     xy = layout(W[ids], n_neighbors=10, seed=seed, method=method)
     cl = clusters(xy, min_cluster_size=max(3, len(ids) // 12))
@@ -176,10 +178,9 @@ def plot_local(lm: LocalMap, path: str | Path, labels: dict[int, str] | list[str
     for j, i in enumerate(lm.ids[:max_labels]):
         ax.annotate(f"{int(i)} {lab(i)}"[:32], xy[j], fontsize=6.5, xytext=(3, 2),
                     textcoords="offset points", color="darkred" if j == 0 else "black")
-    u = np.asarray(lm.xy)  # distances are not stored: the title names the requested radius
-    ax.set_title(f"neighbourhood of feature {lm.center}: {len(lm.ids)} features (within cosine "
-                 f"distance {lm.radius:g}, or the nearest), {len(lm.cluster_labels)} clusters "
-                 f"(UMAP of decoder directions)" if len(u) else "", fontsize=10)
+    ax.set_title(f"neighbourhood of feature {lm.center}: {len(lm.ids)} features within cosine "
+                 f"distance {lm.radius:.2f}, {len(lm.cluster_labels)} clusters "
+                 "(UMAP of decoder directions)", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
     path = Path(path)
