@@ -34,5 +34,5 @@ if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; the
   fi
 fi
 
-ruff check jsae tests benchmarks tools
+"$PY" -m ruff check jsae tests benchmarks tools
 "$PY" -m pytest -q "$@"
