@@ -321,6 +321,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(d.source not in ("array", "cache") or d.path is not None, "data.path",
          f"is required when data.source is {d.source!r}")
     need(d.noise_std >= 0, "data.noise_std", f"must be >= 0, got {d.noise_std}")
+    need(0.0 < d.image_ratio <= 1.0, "data.image_ratio",
+         f"must be in (0, 1] (the fraction of tokens that are image tokens), got {d.image_ratio}")
     need(d.holdout_fraction > 0 or d.source != "array", "data.holdout_fraction",
          "must be > 0 for data.source 'array': the final held-out evaluation needs rows "
          "(e.g. 0.02)")
