@@ -124,13 +124,34 @@ def _colours(cluster: np.ndarray):
     return [cmap(int(c) % 20) if c >= 0 else (0.75, 0.75, 0.75, 0.6) for c in cluster]
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Axes without ticks (map coordinates mean nothing), saved as a PNG, figure closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_global(data: AtlasData, path: str | Path, *, title: str | None = None,
                 max_cluster_labels: int = 25) -> Path:
     """PNG of the map of all features, coloured by cluster, the largest clusters labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     xy, cl = np.asarray(data.map_xy), np.asarray(data.cluster)
     ok = np.isfinite(xy).all(1)
@@ -146,24 +167,14 @@ def plot_global(data: AtlasData, path: str | Path, *, title: str | None = None,
     m = data.meta
     ax.set_title(title or f"{m.get('model', '')} {m.get('hook', '')}: {int(ok.sum())} live features "
                  f"(UMAP of decoder directions, HDBSCAN clusters)", fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_local(lm: LocalMap, path: str | Path, labels: dict[int, str] | list[str] | None = None, *,
                max_labels: int = 60) -> Path:
     """PNG of a local map: every point labelled (up to ``max_labels``, the nearest first), the
     center in red."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     xy, cl = np.asarray(lm.xy), np.asarray(lm.cluster)
     fig, ax = plt.subplots(figsize=(10, 8), dpi=110)
@@ -181,11 +192,4 @@ def plot_local(lm: LocalMap, path: str | Path, labels: dict[int, str] | list[str
     ax.set_title(f"neighbourhood of feature {lm.center}: {len(lm.ids)} features within cosine "
                  f"distance {lm.radius:.2f}, {len(lm.cluster_labels)} clusters "
                  "(UMAP of decoder directions)", fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
