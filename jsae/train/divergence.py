@@ -10,6 +10,7 @@ value so far.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from jsae.errors import JsaeError
 
@@ -24,7 +25,7 @@ class TrainingDiverged(JsaeError, FloatingPointError):
 class DivergenceGuard:
     """:meth:`problem` of each logged step's flat metrics: a message, or None when healthy."""
 
-    def __init__(self, cfg=None):
+    def __init__(self):
         self.best_loss: dict[str, float] = {}
 
     def problem(self, step: int, flat: dict[str, float]) -> str | None:
@@ -45,10 +46,12 @@ class DivergenceGuard:
                     self.best_loss[k] = v if best is None else min(best, v)
         return None
 
-    def check(self, step: int, flat: dict[str, float], hint: str = "") -> None:
-        """Raise :class:`TrainingDiverged` (with what to do, and ``hint``) on a problem."""
+    def check(self, step: int, flat: dict[str, float], hint: str | Callable[[], str] = "") -> None:
+        """Raise :class:`TrainingDiverged` (with what to do, and ``hint``) on a problem; a
+        callable ``hint`` is only called then (e.g. naming the last good checkpoint)."""
         msg = self.problem(step, flat)
         if msg:
+            hint = hint() if callable(hint) else hint
             raise TrainingDiverged(msg + "; lower train.lr or check the input activations"
                                    + (f"; {hint}" if hint else ""))
 

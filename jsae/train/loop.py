@@ -237,7 +237,7 @@ class Trainer:
         if is_main:
             rundir.accept(cfg, start, self.total_steps, log=log)
         logger = MetricsLogger(run_dir) if is_main else None
-        divergence = DivergenceGuard(cfg)
+        divergence = DivergenceGuard()
 
         multi = len(self.hooks) > 1
         bar = tqdm(
@@ -258,13 +258,11 @@ class Trainer:
                 t_last, step_last = now, done
                 flat = _flatten(m, multi)
                 flat["tokens_per_s"] = tok_s
-                problem = divergence.problem(done, flat)
-                if problem:
+                try:
+                    divergence.check(done, flat, hint=getattr(checkpointer, "describe_last_good", ""))
+                except TrainingDiverged:
                     bar.close()
-                    last_good = getattr(checkpointer, "describe_last_good", None)
-                    raise TrainingDiverged(
-                        f"{problem}; lower train.lr or check the input activations"
-                        + (f"; {last_good()}" if last_good else ""))
+                    raise
                 if logger:
                     logger.log(done, flat)
                 h0 = m[self.hooks[0]]
