@@ -1,9 +1,8 @@
 """Open a training run folder for analysis: its model, its SAEs, and cached corpus statistics.
 
-A run folder (what ``jsae train`` writes) has ``config.yaml`` (model name, hooks) and
-``saes/<hook>/`` folders (``jsae.sae.io``). Corpus statistics (top activations of every feature
-over a sample of the offline corpus, with the contexts) are cached under
-``analysis/<hook>/`` and recomputed when the SAE file changes.
+A run folder is read through ``jsae.runs`` (config, hooks, the newest SAE of each hook).
+Corpus statistics (top activations of every feature over a sample of the offline corpus, with
+the contexts) are cached under ``analysis/<hook>/`` and recomputed when the SAE changes.
 """
 
 from __future__ import annotations
@@ -15,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jsae import runs
 from jsae.analysis.top import TopActivations, top_activations
+from jsae.runs import run_hooks
 from jsae.sae.core import SAE
 
 
@@ -28,31 +29,19 @@ class Run:
     model_name: str
 
 
-def run_hooks(run_dir: str | Path) -> list[str]:
-    """Hooks that have a saved SAE in the run folder."""
-    saes = Path(run_dir) / "saes"
-    return sorted(p.name for p in saes.iterdir() if (p / "sae.json").exists()) if saes.is_dir() else []
-
-
 def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run:
     """Load the model and the SAE at ``hook`` (default: the first hook in the config that has a
-    saved SAE). ``model`` skips loading the LM (pass one already in memory)."""
-    from jsae.sae.io import load_sae
-
+    SAE). ``model`` skips loading the LM (pass one already in memory)."""
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run folder not found: {path}")
     hooks = run_hooks(path)
-    if not hooks:
-        raise FileNotFoundError(f"{path}: no saved SAEs under {path / 'saes'} (train first: jsae train CONFIG)")
-    mcfg = _model_section(path / "config.yaml")
+    mcfg = runs.model_section(path)
     if hook is None:
         wanted = [h for h in mcfg.get("hooks") or [] if h in hooks]
         hook = (wanted or hooks)[0]
-    if hook not in hooks:
-        raise FileNotFoundError(f"{path}: no SAE for hook {hook!r}; saved: {', '.join(hooks)}")
-    sae, meta = load_sae(path / "saes" / hook)
-    name = mcfg.get("path") or mcfg.get("name") or meta.get("model_name")
+    sae, info = runs.sae_from_run(path, hook)
+    name = mcfg.get("path") or mcfg.get("name") or info.get("model_name")
     if model is None:
         if not name:
             raise ValueError(f"{path}: no model name in config.yaml or in the SAE metadata")
@@ -62,22 +51,10 @@ def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run
     return Run(path, model, sae, hook, str(name or getattr(model, "name", "")))
 
 
-def _model_section(config_file: Path) -> dict:
-    """The ``model`` section of a run's config.yaml (only what analysis needs: name, path,
-    dtype, hooks), without validating the rest of the file."""
-    if not config_file.exists():
-        return {}
-    import yaml
-
-    raw = yaml.safe_load(config_file.read_text()) or {}
-    m = raw.get("model") or {}
-    if isinstance(m.get("hooks"), str):
-        m["hooks"] = [m["hooks"]]
-    return m
-
-
 def _sae_fingerprint(run: Run) -> str:
-    f = run.path / "saes" / run.hook / "sae.safetensors"
+    f = run.path / "saes" / runs.sae_dirname(run.hook) / "sae.safetensors"
+    if not f.exists():  # an unfinished run: its newest checkpoint
+        f = run.path / "checkpoints" / str(runs.latest_step(run.path))
     st = f.stat()
     return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
 

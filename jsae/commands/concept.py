@@ -63,7 +63,7 @@ def run(args) -> int:
     from jsae.analysis.render import render_snippets
     from jsae.analysis.run import Run, corpus_stats, load_run, run_hooks
     from jsae.concepts import contrast, read_examples
-    from jsae.sae.io import load_sae
+    from jsae.runs import sae_from_run
 
     _check(args)
     pos, neg = read_examples(args.positive), read_examples(args.negative)  # fail before the model
@@ -73,9 +73,7 @@ def run(args) -> int:
     r = load_run(args.run_dir, hooks[0] if hooks else None)
     saes = {r.hook: r.sae}
     for h in hooks[1:]:
-        if h not in run_hooks(args.run_dir):
-            raise FileNotFoundError(f"{args.run_dir}: no SAE for hook {h!r}; saved: {', '.join(run_hooks(args.run_dir))}")
-        saes[h] = load_sae(r.path / "saes" / h)[0]
+        saes[h] = sae_from_run(r.path, h)[0]
     log(f"scoring {len(pos)} positive / {len(neg)} negative examples at {', '.join(saes)} ...")
     res = contrast(r.model, saes, pos, neg, reduce=args.reduce, probe_features=args.probe_features,
                    context_length=args.context_length, batch_size=args.batch_size, log=log)

@@ -67,7 +67,7 @@ def run(args) -> int:
         plot_report,
     )
     from jsae.analysis.run import load_run, run_hooks
-    from jsae.sae.io import load_sae
+    from jsae.runs import sae_from_run
 
     langs = _check(args)
     arts = parallel_articles(langs, args.articles, seed=args.seed)
@@ -78,9 +78,7 @@ def run(args) -> int:
     r = load_run(args.run_dir, hooks[0] if hooks else None)
     saes = {r.hook: r.sae}
     for h in hooks[1:]:
-        if h not in run_hooks(args.run_dir):
-            raise FileNotFoundError(f"{args.run_dir}: no SAE for hook {h!r}; saved: {', '.join(run_hooks(args.run_dir))}")
-        saes[h] = load_sae(r.path / "saes" / h)[0]
+        saes[h] = sae_from_run(r.path, h)[0]
     log(f"{len(arts)} parallel articles x {len(langs)} languages through {', '.join(saes)} ...")
     rep = analyse_languages(r.model, saes, arts, langs=langs, context_length=args.context_length,
                             batch_size=args.batch_size, specific=args.specific, shared=args.shared,

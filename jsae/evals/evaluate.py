@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae import jsonsafe
-from jsae.errors import FileFormatError
 from jsae.evals.downstream import downstream_metrics
 from jsae.evals.health import latent_health, plot_feature_density
 from jsae.evals.reconstruction import ReconstructionStats
@@ -310,27 +309,10 @@ def make_eval_fn(
 
 
 def load_run_saes(run_dir: str | Path) -> dict[str, SAE]:
-    """hook -> SAE from ``RUN_DIR/saes/*/`` (written by ``jsae.sae.io.save_sae``)."""
-    from jsae.sae.io import load_sae
+    """hook -> SAE of a run directory: the newest SAE of every hook (`jsae.runs`)."""
+    from jsae.runs import saes_from_run
 
-    root = Path(run_dir) / "saes"
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist: is {run_dir} a finished jsae run?")
-    out = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            sae, meta = load_sae(d)
-        except FileFormatError:  # damaged: the run's last checkpoint (warns), else the error
-            from jsae.export.run import sae_from_run
-            from jsae.train.checkpoint import latest_checkpoint
-
-            if latest_checkpoint(run_dir) is None:
-                raise
-            sae, meta = sae_from_run(run_dir, d.name)
-        out[meta.get("hook_name") or d.name] = sae
-    if not out:
-        raise FileNotFoundError(f"no SAEs under {root}")
-    return out
+    return saes_from_run(run_dir)
 
 
 def write_outputs(

@@ -1,0 +1,150 @@
+"""A training run directory, read: its config, its hooks, its SAEs, its latest checkpoint.
+
+What ``jsae train`` writes (``jsae.train.rundir`` guards the writing)::
+
+    RUN/config.yaml                 the accepted config
+    RUN/saes/<hook>/                final SAEs (``jsae.sae.io``; '/' in a hook name -> '_')
+    RUN/checkpoints/<step>/         Orbax checkpoints (``jsae.train.checkpoint``)
+
+Export, evaluation, analysis and the CLI commands all open runs through this module, so a run
+has one meaning: the hooks it trains, and for each hook the newest SAE (the final folder, or a
+later checkpoint of an unfinished or resumed run; a damaged final folder falls back to the last
+checkpoint, with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jsae.errors import FileFormatError
+from jsae.sae.core import SAE
+
+
+def sae_dirname(hook: str) -> str:
+    """The folder name of ``hook``'s SAE under ``RUN/saes/``."""
+    return hook.replace("/", "_")
+
+
+def is_run(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "saes").is_dir() or (p / "checkpoints").is_dir())
+
+
+def run_config(run_dir: str | Path) -> dict:
+    """The run's config.yaml as a plain dict (not validated: reading never needs a trainer)."""
+    f = Path(run_dir) / "config.yaml"
+    if not f.exists():
+        raise FileNotFoundError(f"{run_dir} is not a jsae run directory ({f} is missing)")
+    return yaml.safe_load(f.read_text()) or {}
+
+
+def model_section(run_dir: str | Path) -> dict:
+    """The ``model`` section of config.yaml (name, path, dtype, hooks as a list); {} if absent."""
+    f = Path(run_dir) / "config.yaml"
+    if not f.exists():
+        return {}
+    m = dict((yaml.safe_load(f.read_text()) or {}).get("model") or {})
+    if isinstance(m.get("hooks"), str):
+        m["hooks"] = [m["hooks"]]
+    return m
+
+
+def saved_hooks(run_dir: str | Path) -> list[str]:
+    """Hooks with a final SAE folder under ``RUN/saes/`` (names from the SAE metadata)."""
+    saes = Path(run_dir) / "saes"
+    hooks = []
+    for meta in sorted(saes.glob("*/sae.json")) if saes.is_dir() else []:
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            info = {}
+        hooks.append((info.get("metadata") or {}).get("hook_name") or meta.parent.name)
+    return hooks
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    """Step of the newest finished checkpoint (None if there is none)."""
+    from jsae.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir)
+
+
+def run_hooks(run_dir: str | Path) -> list[str]:
+    """The hooks the run trains: from its newest checkpoint, else from its final SAEs."""
+    run_dir = Path(run_dir)
+    step = latest_step(run_dir)
+    if step is not None:
+        meta = json.loads((run_dir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+        return list(meta["hooks"])
+    hooks = saved_hooks(run_dir)
+    if not hooks:
+        raise FileNotFoundError(f"{run_dir}: no saved SAEs under {run_dir / 'saes'} and no "
+                                "checkpoints/ (train first: jsae train CONFIG)")
+    return hooks
+
+
+def _pick_hook(run_dir: Path, hook: str | None, hooks: list[str]) -> str:
+    if hook is None:
+        if len(hooks) > 1:
+            raise ValueError(f"{run_dir} trains several hooks {hooks}; name one with --hook")
+        return hooks[0]
+    if hook not in hooks:
+        raise FileNotFoundError(f"{run_dir}: no SAE for hook {hook!r}; saved: {', '.join(hooks)}")
+    return hook
+
+
+def sae_from_checkpoint(run_dir: str | Path, hook: str, step: int | None = None
+                        ) -> tuple[SAE, dict[str, Any]]:
+    """``hook``'s SAE from the run's checkpoint ``step`` (default: the newest)."""
+    import jax.numpy as jnp
+
+    from jsae.sae.core import SAESpec
+    from jsae.train.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(run_dir, step)
+    spec = SAESpec(**ck["meta"]["specs"][hook])
+    s = ck["states"][hook]["sae"]
+    sae = SAE(params={k: jnp.asarray(v) for k, v in s["params"].items()},
+              norm_scale=jnp.asarray(s["norm_scale"]), spec=spec)
+    return sae, {"hook_name": hook, "step": ck["step"],
+                 "from": str(Path(run_dir) / "checkpoints" / str(ck["step"]))}
+
+
+def sae_from_run(run_dir: str | Path, hook: str | None = None, *,
+                 step: int | None = None) -> tuple[SAE, dict[str, Any]]:
+    """(SAE, info) of ``hook``: the final ``saes/<hook>`` folder, or the newest (or given)
+    checkpoint when that is later. info: hook_name, step, from (the folder read)."""
+    from jsae.sae.io import load_sae
+
+    run_dir = Path(run_dir)
+    hook = _pick_hook(run_dir, hook, run_hooks(run_dir))
+    final = run_dir / "saes" / sae_dirname(hook)
+    latest = latest_step(run_dir)
+    if step is None and (final / "sae.json").exists():
+        try:
+            sae, meta = load_sae(final)
+        except FileFormatError as e:  # damaged saes/<hook>: the last checkpoint, said out loud
+            if latest is None:
+                raise
+            print(f"warning: {e.args[0].split('; ')[0]}; using checkpoint step {latest} instead",
+                  file=sys.stderr)
+        else:
+            if latest is None or int(meta.get("steps", 0)) >= latest:
+                return sae, {**meta, "hook_name": hook, "step": meta.get("steps"), "from": str(final)}
+    return sae_from_checkpoint(run_dir, hook, step)
+
+
+def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
+    """hook -> SAE for every hook of a run (each as `sae_from_run` picks it)."""
+    return {h: sae_from_run(run_dir, h)[0] for h in run_hooks(run_dir)}
+
+
+__all__ = [
+    "is_run", "latest_step", "model_section", "run_config", "run_hooks", "sae_dirname",
+    "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",
+]
