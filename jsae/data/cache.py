@@ -4,7 +4,9 @@ Layout (any ``etils.epath`` path: local, ``gs://`` ...)::
 
     DIR/manifest.json
     DIR/train/shard-000000.safetensors   {hook: [rows, d_in]} (rows aligned across hooks)
-    DIR/eval/shard-000000.safetensors    held-out documents' tokens
+    DIR/eval/shard-000000.safetensors    held-out documents' tokens, in corpus order
+    DIR/eval/contexts.safetensors        {tokens: int32 [N, T], rows: uint8 [N, T]}: the
+                                         held-out contexts and which positions are rows
 
 ``manifest.json`` records the model, hooks, d_in, dtype, context length, the text source and
 its settings, token counts, the shard list, per-hook normalisation statistics (mean squared
@@ -309,6 +311,30 @@ class CacheWriter:
         sp["resume"] = resume
         self._flush()
 
+    def write_contexts(self, tokens: np.ndarray, rows: np.ndarray) -> None:
+        """Store the held-out contexts ``tokens [N, T]`` and ``rows [N, T]`` (positions that
+        produced a row, row-major), cut to the held-out rows written, so the atlas can show
+        every row's context without running the LM."""
+        from safetensors.numpy import save
+
+        rows = np.asarray(rows, bool)
+        n = self.split("eval")["rows"]
+        csum = np.cumsum(rows.reshape(-1))
+        if csum[-1] < n:
+            raise ValueError(f"held-out contexts hold {int(csum[-1])} rows, {n} were written")
+        rows = (rows.reshape(-1) & (csum <= n)).reshape(rows.shape)
+        keep = rows.any(1)
+        last = int(np.nonzero(keep)[0][-1]) + 1 if keep.any() else 0
+        tokens, rows = np.asarray(tokens, np.int32)[:last], rows[:last]
+        data = save({"tokens": np.ascontiguousarray(tokens),
+                     "rows": np.ascontiguousarray(rows.astype(np.uint8))})
+        name = f"eval/{self.prefix}contexts.safetensors"
+        _atomic_write(self.path / name, data)
+        self.split("eval")["contexts"] = {
+            "file": name, "contexts": int(last), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+        self._flush()
+
     def mark_complete(self, split: str) -> None:
         self.split(split)["complete"] = True
         self._flush()
@@ -408,6 +434,8 @@ def harvest_to_cache(
                 w.write_shard("eval", rows)
                 if bar:
                     bar.update(len(rows[src.hooks[0]]))
+            if getattr(src, "eval_contexts", None) is not None:
+                w.write_contexts(*src.eval_contexts)
             w.mark_complete("eval")
         if train["resume"] is not None:
             src.restore(train["resume"])
@@ -424,6 +452,71 @@ def harvest_to_cache(
         if bar:
             bar.close()
     return w.manifest
+
+
+class NoContextsError(FileFormatError):
+    """A cache harvested before context tokens were stored beside the held-out rows."""
+
+
+def read_contexts(path) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens int32 [N, T], rows bool [N, T])`` of the cache's held-out split: row ``i`` of
+    the held-out shards is the ``i``-th True position of ``rows`` in row-major order."""
+    man = read_manifest(path)
+    c = man["splits"]["eval"].get("contexts")
+    if not c or man.get("process_count", 1) > 1:
+        raise NoContextsError(
+            f"the activation cache at {path} has no context tokens (harvested before jsae "
+            f"stored them, or by several processes); harvest it again: `jsae harvest CONFIG "
+            f"--out {path} --overwrite`")
+    buf = _path(path).joinpath(c["file"]).read_bytes()
+    if len(buf) != c["bytes"] or hashlib.sha256(buf).hexdigest() != c["sha256"]:
+        raise _damaged(_path(path) / c["file"], "its size or SHA-256 differs from the manifest")
+    from safetensors.numpy import load
+
+    t = load(buf)
+    return t["tokens"].astype(np.int32), t["rows"].astype(bool)
+
+
+class ContextRows:
+    """The held-out rows of a cache in corpus order, beside their contexts (for the atlas).
+
+    ``tokens``/``mask``: :func:`read_contexts`; ``rows(start, n)``: ``{hook: [n, d]}`` rows
+    ``start .. start + n`` of the held-out split (shards read lazily, in order)."""
+
+    def __init__(self, path, hooks):
+        self.path = _path(path)
+        self.tokens, self.mask = read_contexts(path)
+        man = read_manifest(path)
+        missing = [h for h in hooks if h not in man["hooks"]]
+        if missing:
+            raise ValueError(f"hooks {missing} are not in the cache at {path} "
+                             f"(it holds {', '.join(man['hooks'])})")
+        self.hooks = list(hooks)
+        self.shards = man["splits"]["eval"]["shards"]
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self._cur: tuple[int, dict] | None = None
+
+    def _shard(self, i: int) -> dict[str, np.ndarray]:
+        if self._cur is None or self._cur[0] != i:
+            self._cur = (i, load_shard(self.path / self.shards[i]["file"], self.hooks,
+                                       self.shards[i]))
+        return self._cur[1]
+
+    def rows(self, start: int, n: int) -> dict[str, np.ndarray]:
+        if start + n > self.offsets[-1]:
+            raise ValueError(f"held-out rows {start}..{start + n} asked, the cache has "
+                             f"{int(self.offsets[-1])}")
+        parts, pos = [], start
+        while pos < start + n:
+            i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            a = pos - int(self.offsets[i])
+            b = min(int(self.offsets[i + 1]), start + n) - int(self.offsets[i])
+            sh = self._shard(i)
+            parts.append({h: sh[h][a:b] for h in self.hooks})
+            pos += b - a
+        if not parts:
+            return {h: np.zeros((0, self._shard(0)[h].shape[-1]), np.float32) for h in self.hooks}
+        return {h: np.concatenate([p[h] for p in parts]) for h in self.hooks}
 
 
 class CacheActivationSource:

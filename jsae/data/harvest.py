@@ -120,11 +120,16 @@ class Harvester:
         mask = np.asarray(mask, bool)
         acts = {h: a[: mask.shape[0]] for h, a in acts.items()}  # drop device padding rows
         rows = {h: a[mask] for h, a in acts.items()}
+        kept = mask.copy()
         if self.exclude_norm_outliers is not None:
             norms = {h: np.linalg.norm(r, axis=-1) for h, r in rows.items()}
             keep = norm_outlier_keep(norms, self.exclude_norm_outliers)
             if keep is not None:
                 rows = {h: r[keep] for h, r in rows.items()}
+                kept[mask] = keep
+        # [B, T] positions that produced a row, in row order (row-major): the cache stores it
+        # beside the held-out tokens so a row can be put back at its context position.
+        self.last_kept = kept
         return rows
 
 

@@ -139,14 +139,17 @@ class TextActivationSource:
             )
             stream = DocumentStream(self.docs, split="train", epochs=1, **kw)
         packer = Packer(stream, self._tokenize, **self._pack_kw)
-        parts, have = [], 0
+        parts, have, ctx = [], 0, []
         while have < n_tokens:
             step = packer.next_batch(self.lm_batch)
             if step is None:
                 break
             rows = self.harvester(step.tokens, step.mask)
             parts.append(rows)
+            ctx.append((np.asarray(step.tokens, np.int32), self.harvester.last_kept))
             have += len(rows[self.hooks[0]])
+        # the contexts behind the rows (tokens [N, T], row positions [N, T]), for the cache
+        self.eval_contexts = tuple(np.concatenate(c) for c in zip(*ctx)) if ctx else None
         rows = {h: np.concatenate([p[h] for p in parts])[:n_tokens] for h in self.hooks}
         if n_tokens * sum(self.d_in.values()) * 4 <= 1 << 30:  # keep up to 1 GiB
             self._eval_cache = {n_tokens: rows}

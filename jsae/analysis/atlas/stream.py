@@ -496,6 +496,64 @@ def stream_text(
 
     tokens = np.asarray(tokens, np.int32)
     mask = np.asarray(mask, bool)
+    cfg, states, expects, paths, start = _prepare(saes, tokens, mask, cfg, batch_size, state_dir)
+    hooks = list(saes)
+    harvester = Harvester(model, hooks, forward=forward)
+    return _run_pass(saes, tokens, mask, cfg, states, expects, paths, start,
+                     lambda s, tok: harvester.activations(tok), batch_size=batch_size,
+                     save_every=save_every, mesh=mesh, progress=progress, stop_after=stop_after)
+
+
+def _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn, *, batch_size,
+              save_every, mesh, progress, stop_after) -> dict[str, StreamResult]:
+    """The batch loop shared by the text and cache passes. ``acts_fn(s, tok [B, T])`` gives
+    ``{hook: [>= B, T, d]}`` activations of contexts ``s .. s + B`` (padded rows last)."""
+    hooks = list(saes)
+    N, T = tokens.shape
+    placed = {h: _place(states[h], mesh, saes[h]) for h in hooks}
+    states = {h: placed[h][0] for h in hooks}
+    sae_dev = {h: placed[h][1] for h in hooks}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(mask.sum()), initial=int(mask[:start].sum()), unit="tok",
+                   desc="atlas", smoothing=0.1)
+    done = 0
+    try:
+        for s in range(start, N, batch_size):
+            tok, msk = tokens[s : s + batch_size], mask[s : s + batch_size]
+            if tok.shape[0] < batch_size:  # one compiled shape: pad with masked-out rows
+                pad = batch_size - tok.shape[0]
+                tok = np.concatenate([tok, np.repeat(tok[-1:], pad, 0)])
+                msk = np.concatenate([msk, np.zeros((pad, T), bool)])
+            acts = acts_fn(s, tok)
+            tj, mj = jnp.asarray(tok), jnp.asarray(msk)
+            for h in hooks:
+                states[h] = _encode_update(states[h], sae_dev[h], acts[h][:batch_size], tj, mj,
+                                           jnp.int32(s), cfg=cfg)
+            done += 1
+            nxt = min(s + batch_size, N)
+            if bar:
+                bar.update(int(mask[s:nxt].sum()))
+            last = nxt >= N or (stop_after is not None and done >= stop_after)
+            if paths and (last or done % save_every == 0):
+                for h in hooks:
+                    save_state(paths[h], states[h], dict(expects[h], next_context=nxt))
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        if bar:
+            bar.close()
+    out = {}
+    for h in hooks:
+        host = {k: np.asarray(v) for k, v in jax.device_get(states[h]).items()}
+        out[h] = StreamResult(cfg, int(host["n_tokens"]), N, T, host)
+    return out
+
+
+def _prepare(saes, tokens, mask, cfg, batch_size, state_dir):
+    """Checks, the effective config, and each hook's initial (or resumed) state."""
     N, T = tokens.shape
     if mask.shape != tokens.shape:
         raise AtlasError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
@@ -524,47 +582,48 @@ def stream_text(
                 st, meta = got
                 start = meta["next_context"]
         states[h] = st
-    placed = {h: _place(states[h], mesh, saes[h]) for h in hooks}
-    states = {h: placed[h][0] for h in hooks}
-    sae_dev = {h: placed[h][1] for h in hooks}
-    harvester = Harvester(model, hooks, forward=forward)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return cfg, states, expects, paths, start
 
-        bar = tqdm(total=int(mask.sum()), initial=int(mask[:start].sum()), unit="tok",
-                   desc="atlas", smoothing=0.1)
-    done = 0
-    try:
-        for s in range(start, N, batch_size):
-            tok, msk = tokens[s : s + batch_size], mask[s : s + batch_size]
-            if tok.shape[0] < batch_size:  # one compiled shape: pad with masked-out rows
-                pad = batch_size - tok.shape[0]
-                tok = np.concatenate([tok, np.repeat(tok[-1:], pad, 0)])
-                msk = np.concatenate([msk, np.zeros((pad, T), bool)])
-            acts = harvester.activations(tok)
-            tj, mj = jnp.asarray(tok), jnp.asarray(msk)
-            for h in hooks:
-                states[h] = _encode_update(states[h], sae_dev[h], acts[h][:batch_size], tj, mj,
-                                           jnp.int32(s), cfg=cfg)
-            done += 1
-            nxt = min(s + batch_size, N)
-            if bar:
-                bar.update(int(mask[s:nxt].sum()))
-            last = nxt >= N or (stop_after is not None and done >= stop_after)
-            if paths and (last or done % save_every == 0):
-                for h in hooks:
-                    save_state(paths[h], states[h], dict(expects[h], next_context=nxt))
-            if stop_after is not None and done >= stop_after:
-                break
-    finally:
-        if bar:
-            bar.close()
-    out = {}
-    for h in hooks:
-        host = {k: np.asarray(v) for k, v in jax.device_get(states[h]).items()}
-        out[h] = StreamResult(cfg, int(host["n_tokens"]), N, T, host)
-    return out
+
+def stream_cache(
+    saes: Mapping[str, object],
+    cache_dir,
+    cfg: StreamConfig = StreamConfig(),
+    *,
+    batch_size: int = 32,
+    max_contexts: int | None = None,
+    state_dir: str | Path | None = None,
+    save_every: int = 64,
+    mesh=None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, StreamResult]:
+    """The streaming pass over a ``jsae harvest`` cache, no LM: its held-out split (stored in
+    corpus order) with the context tokens saved beside it (:func:`jsae.data.cache.read_contexts`).
+    Activations are placed back at their context positions; positions without a row (BOS,
+    padding, norm outliers) do not count. Same results as :func:`stream_text` on those
+    contexts; ``max_contexts`` limits the pass to the first contexts."""
+    from jsae.data.cache import ContextRows
+
+    reader = ContextRows(cache_dir, list(saes))
+    tokens, mask = reader.tokens, reader.mask
+    if max_contexts is not None:
+        tokens, mask = tokens[:max_contexts], mask[:max_contexts]
+    cfg, states, expects, paths, start = _prepare(saes, tokens, mask, cfg, batch_size, state_dir)
+
+    def acts_fn(s, tok):
+        B = tok.shape[0]
+        m = mask[s : s + B]
+        out = {}
+        for h, rows in reader.rows(int(mask[:s].sum()), int(m.sum())).items():
+            a = np.zeros((B, tokens.shape[1], rows.shape[-1]), np.float32)
+            a[: len(m)][m] = rows
+            out[h] = jnp.asarray(a)
+        return out
+
+    return _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn,
+                     batch_size=batch_size, save_every=save_every, mesh=mesh, progress=progress,
+                     stop_after=stop_after)
 
 
 def stream_arrays(z_batches, cfg: StreamConfig = StreamConfig()) -> StreamResult:
