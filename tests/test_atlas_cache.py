@@ -81,3 +81,32 @@ def test_old_cache_without_contexts_is_one_clear_error(tmp_path):
     m.write_text(json.dumps(man))
     with pytest.raises(NoContextsError, match=r"has no context tokens.*jsae harvest CONFIG --out"):
         read_contexts(tmp_path / "c")
+
+
+def test_atlas_build_from_cache_with_a_tiny_transformer(tmp_path):
+    """`atlas(..., cache=DIR)` on a real (tiny) transformer: the LM never runs in the pass, and
+    the cards' top contexts and densities are those of the text pass over the cached contexts."""
+    from test_steering_helpers import TinyModel
+
+    from jsae.analysis.atlas.build import atlas
+
+    model = TinyModel()
+    cfg = make_cfg(dataset="list")
+    cfg.model.hooks = [HOOK]
+    harvest_to_cache(cfg, tmp_path / "c", n_tokens=64, model=model, shard_rows=50, eval_tokens=400,
+                     progress=False, documents=ListDocuments(corpus(80)))
+    tokens, rows = read_contexts(tmp_path / "c")
+    first = load_shard(tmp_path / "c" / "eval" / "shard-000000.safetensors", [HOOK])[HOOK]
+    sae = random_sae("relu", model.cfg.d_model, 32, sample=first)
+
+    def no_lm(*a, **k):
+        raise AssertionError("the cache pass must not run the LM")
+
+    data = atlas((model, sae, HOOK), cache=tmp_path / "c", tokens=10**6, cfg=CFG, batch_size=4,
+                 maps=False, progress=False, forward=no_lm)
+    text = stream_text(model, {HOOK: sae}, tokens, rows, CFG, batch_size=4, progress=False)[HOOK]
+    assert data.meta["source"].startswith("cache") and data.meta["n_tokens"] == rows.sum()
+    np.testing.assert_allclose(data.density, text.density)
+    np.testing.assert_allclose(data.top_value, text.state["top_val"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(data.top_tokens, text.state["top_tok"])
+    assert all(isinstance(lab, str) for lab in data.labels)

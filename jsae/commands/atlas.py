@@ -21,6 +21,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", default=[], metavar="GLOB",
                    help="read the corpus from these .txt/.jsonl files (repeatable; default: the "
                    "offline corpus of Wikipedia summaries and State of the Union speeches)")
+    p.add_argument("--cache", metavar="DIR", nargs="?", const="",
+                   help="read activations and context tokens from a `jsae harvest` folder (its "
+                        "held-out split) instead of running the LM over text; without DIR: the "
+                        "run's own cache (data.source: cache, data.path)")
     p.add_argument("--context-length", type=int, default=128, help="tokens per context (default 128)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="contexts per LM pass and atlas update (default 32)")
@@ -143,12 +147,21 @@ def run(args) -> int:
 
         docs = FileDocuments(args.text)
         texts = [docs[i] for i in range(len(docs))]
+    cache = args.cache
+    if cache == "":
+        from jsae.runs import run_config
+
+        d = run_config(args.run_dir).get("data", {})
+        if d.get("source") != "cache" or not d.get("path"):
+            raise AtlasError(f"{args.run_dir} was not trained from a cache (data.source: "
+                             f"{d.get('source')!r}); give the harvest folder: --cache DIR")
+        cache = d["path"]
     log(f"loading {args.run_dir} ...")
     data = atlas(args.run_dir, hook=args.hook, tokens=args.tokens,
                  context_length=args.context_length, cfg=cfg, batch_size=args.batch_size,
                  n_neighbours=args.neighbours, maps=args.map != "none", around=args.around,
                  radius=args.radius, seed=args.seed, state_dir=state_dir, texts=texts,
-                 map_method="pca" if args.map == "pca" else "umap")
+                 map_method="pca" if args.map == "pca" else "umap", cache=cache)
     if args.explainer:
         from jsae.analysis.atlas.explain import ChatClient, explain_atlas
 

@@ -164,31 +164,48 @@ def atlas(source, *, hook: str | None = None, tokens: int = 200_000, context_len
           cfg: StreamConfig = StreamConfig(), batch_size: int = 32, n_logits: int = 10,
           n_neighbours: int = 10, maps: bool = True, around=(), radius: float = 0.3,
           seed: int = 0, state_dir: str | Path | None = None, mesh=None, progress: bool = True,
-          model=None, texts=None, forward=None, map_method: str = "umap") -> AtlasData:
+          model=None, texts=None, forward=None, map_method: str = "umap",
+          cache=None) -> AtlasData:
     """The atlas of a dictionary over ``tokens`` tokens of text.
 
     ``source``: a run folder (``jsae train`` output; ``hook`` picks the SAE) or a tuple
     ``(model, sae, hook)``. The text is the offline corpus (``texts``: your documents), packed
     into ``context_length`` contexts; ``state_dir`` makes the pass resumable; ``mesh`` shards
     latents over ``mesh.model``; ``around``: feature ids whose local maps (``radius``: cosine
-    distance) are added; ``map_method``: "umap" (default) or "pca" (no numba compile)."""
-    from jsae.analysis.atlas.stream import stream_text
+    distance) are added; ``map_method``: "umap" (default) or "pca" (no numba compile).
+    ``cache``: a ``jsae harvest`` folder: the pass reads its held-out activations and stored
+    contexts (at most ``tokens`` of them, in whole contexts) instead of running the LM; the
+    model is then used only for the tokenizer and the logit effects."""
+    from jsae.analysis.atlas.stream import stream_cache, stream_text
 
     model, sae, hook, run_path, model_name = _resolve(source, hook, model)
     F = sae.spec.d_sae
     for c in around:
         if not 0 <= int(c) < F:
             raise AtlasError(f"feature {c} is out of range: the dictionary has {F} features (0..{F - 1})")
-    tok, msk = _corpus(model, tokens, context_length, seed, texts)
+    if cache is not None:
+        from jsae.data.cache import read_contexts
+
+        tok, msk = read_contexts(cache)
+        n_ctx = int(np.searchsorted(np.cumsum(msk.sum(1)), int(tokens))) + 1
+        tok, msk = tok[:n_ctx], msk[:n_ctx]
+        context_length = tok.shape[1]
+    else:
+        tok, msk = _corpus(model, tokens, context_length, seed, texts)
     if len(tok) < cfg.top_k:
         raise AtlasError(f"the corpus gave {len(tok)} contexts of {context_length} tokens, fewer "
                          f"than the top-k ({cfg.top_k}): raise --tokens or lower --top-k")
     if progress:
         _log(f"atlas: {F} features at {hook}, {len(tok)} contexts x {context_length} tokens "
              f"({int(msk.sum()):,} counted)")
-    res = stream_text(model, {hook: sae}, tok, msk, cfg, batch_size=batch_size,
-                      state_dir=state_dir, mesh=mesh, progress=progress, forward=forward)[hook]
-    meta = {"run": str(run_path) if run_path else "", "model": model_name}
+    if cache is not None:
+        res = stream_cache({hook: sae}, cache, cfg, batch_size=batch_size, max_contexts=len(tok),
+                           state_dir=state_dir, mesh=mesh, progress=progress)[hook]
+    else:
+        res = stream_text(model, {hook: sae}, tok, msk, cfg, batch_size=batch_size,
+                          state_dir=state_dir, mesh=mesh, progress=progress, forward=forward)[hook]
+    meta = {"run": str(run_path) if run_path else "", "model": model_name,
+            "source": f"cache {cache}" if cache is not None else "text"}
     data = from_stream(res, sae, model, hook=hook, n_logits=n_logits, n_neighbours=n_neighbours,
                        maps=maps, seed=seed, meta=meta, progress=progress, map_method=map_method)
     data.meta["map_method"] = map_method
