@@ -90,6 +90,18 @@ def test_labels():
     assert token_strings(Sp(), [0, 1, 2, -1]) == {0: " Golden", 1: "\n", 2: "Gate"}
 
 
+def test_labels_decode_byte_tokens():
+    """Byte-fallback pieces are decoded as UTF-8 around the anchor (the label never shows
+    '<0xC3>'); a byte run that is no text (cut by the window) is left out."""
+    tok = {1: " caf", 2: "<0xC3>", 3: "<0xA9>", 4: "<0xE2>", 5: "<0x82>", 6: "<0xAC>", 7: " x"}
+    t = np.array([[1, 2, 3, 7], [1, 2, 3, 7], [7, 4, 5, 6], [7, 7, 2, 3]])
+    lab = auto_label(t, np.array([1, 2, 2, 3]), np.array([3.0, 2.0, 2.0, 0.5]), tok)
+    assert lab == "é · €" and "<0x" not in lab
+    cut = np.array([[5, 6, 7, 7], [1, 1, 1, 1]])  # the euro's lead byte fell outside the window
+    assert auto_label(cut, np.array([0, 0]), np.array([5.0, 1.0]), tok) == "caf"
+    assert auto_label(np.array([[4, 5, 7]]), np.array([0]), np.array([1.0]), tok) == ""
+
+
 def test_bad_input_one_line(tiny, tmp_path):
     model, sae, _ = tiny
     with pytest.raises(AtlasError, match="out of range") as e:

@@ -4,6 +4,9 @@ text of token ids, and cluster labels built from members' labels.
 A feature's label lists the distinct tokens at the anchors of its top examples, heaviest first
 (weight: the sum of the examples' values), e.g. ``San · Santa · Los``; when one token carries
 almost all the weight, the most frequent next token is added in brackets (``study (of)``).
+Byte-fallback tokens (``<0xC3>``, pieces of one UTF-8 character) are never shown as such: the
+run of byte tokens around an anchor is decoded as UTF-8 (``<0xC3><0xA9>`` -> ``é``), and an
+anchor whose run does not decode to text is left out of the label.
 """
 
 from __future__ import annotations
@@ -35,6 +38,35 @@ def token_strings(tokenizer, ids) -> dict[int, str]:
     return out
 
 
+def _byte(s: str | None) -> int | None:
+    m = _BYTE.match(s) if s else None
+    return int(m.group(1), 16) if m else None
+
+
+def _anchor_text(t: np.ndarray, a: int, token_str: dict[int, str]) -> str | None:
+    """Text of token ``t[a]`` of a window; for a byte token, the UTF-8 decoding of the run of
+    byte tokens around it (None when that run is not valid text, e.g. cut by the window)."""
+    raw = token_str.get(int(t[a]), f"<{int(t[a])}>")
+    if _byte(raw) is None:
+        return raw
+    lo, hi = a, a + 1
+    while lo > 0 and t[lo - 1] >= 0 and _byte(token_str.get(int(t[lo - 1]))) is not None:
+        lo -= 1
+    while hi < len(t) and t[hi] >= 0 and _byte(token_str.get(int(t[hi]))) is not None:
+        hi += 1
+    data = bytes(_byte(token_str[int(i)]) for i in t[lo:hi])
+    # the character holding the anchor's byte: decode up to each boundary around it
+    start = a - lo
+    for b0 in range(start, max(start - 4, -1), -1):  # a UTF-8 character is at most 4 bytes
+        for b1 in range(start + 1, min(start + 4, len(data)) + 1):
+            try:
+                text = data[b0:b1].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            return text if text.strip() else None
+    return None
+
+
 def auto_label(tokens: np.ndarray, anchor: np.ndarray, values: np.ndarray, token_str: dict[int, str],
                n: int = 3) -> str:
     """Label of one feature from its top examples: ``tokens [K, W]``, ``anchor [K]``,
@@ -44,17 +76,19 @@ def auto_label(tokens: np.ndarray, anchor: np.ndarray, values: np.ndarray, token
     for t, a, v in zip(tokens, anchor, values):
         if v <= 0 or t[a] < 0:
             continue
-        raw = token_str.get(int(t[a]), f"<{int(t[a])}>")
+        raw = _anchor_text(t, a, token_str)
+        if raw is None:  # a byte token that is no text on its own
+            continue
         key = raw.strip().lower() or raw
         weight[key] += float(v)
-        if a + 1 < len(t) and t[a + 1] >= 0:
+        if a + 1 < len(t) and t[a + 1] >= 0 and _byte(token_str.get(int(t[a + 1]))) is None:
             nxt[(key, token_str.get(int(t[a + 1]), "").strip())] += 1
     if not weight:
         return ""
     shown = {}
     for t, a, v in zip(tokens, anchor, values):  # the casing of the heaviest example
-        if v > 0 and t[a] >= 0:
-            raw = token_str.get(int(t[a]), f"<{int(t[a])}>")
+        raw = _anchor_text(t, a, token_str) if v > 0 and t[a] >= 0 else None
+        if raw is not None:
             shown.setdefault(raw.strip().lower() or raw, _visible(raw))
     total = sum(weight.values())
     top = weight.most_common(n)
