@@ -64,6 +64,14 @@ class LanguageModel:
     def dtype(self):
         return self.params["embed"].dtype
 
+    @property
+    def model(self):
+        """This LM as Flax NNX modules (`jsae.models.nnx.Transformer`) over the same arrays (no copy):
+        display it with treescope, edit it, run it with `jsae.models.nnx.forward(model, tokens, ...)`."""
+        from jsae.models.nnx import Transformer
+
+        return Transformer.from_params(self.cfg, self.params)
+
     def forward(self, tokens, pixel_values=None, **kw):
         from jsae.models import multimodal
 
@@ -158,12 +166,20 @@ def load(name_or_path: str | os.PathLike, dtype: str = "float32", *, cache: bool
     - a `.gguf` file, or a folder holding one.
     - a folder of HF safetensors with `config.json` (and `tokenizer.json`).
     - an HF hub id (`"google/gemma-3-270m"`, `"gpt2"`, ...) through `huggingface_hub`.
+    - a checkpoint of Google DeepMind's `gemma` library (an Orbax folder), or `"gemma:<folder>"`
+      (see `jsae.models.gemma_ckpt`).
     """
     name = str(name_or_path)
     key = ALIASES.get(name, name)
     if key in OFFLINE_MODELS:
         return _load_offline(key, dtype, cache)
+    from jsae.models import gemma_ckpt
+
+    if name.startswith("gemma:"):
+        return gemma_ckpt.load(name[len("gemma:"):], dtype)
     path = Path(name).expanduser()
+    if gemma_ckpt.is_orbax_dir(path) and not (path / "config.json").exists():
+        return gemma_ckpt.load(path, dtype)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: not a .gguf file (for HF checkpoints pass the folder)")

@@ -220,32 +220,20 @@ def _hook(name: str, x: Array, fns: Mapping[str, Callable], acts: dict, capture:
     return x
 
 
-def block(
+def attention(
     cfg: TransformerConfig,
     layer: int,
-    p: Params,
-    x: Array,
+    a: Mapping[str, Array],
+    h: Array,
     positions: Array,
     k_pos: Array,
     k_valid: Array,
-    fns: Mapping[str, Callable],
-    acts: dict,
-    capture: frozenset,
     cache_kv: Optional[tuple] = None,
     cache_index: Optional[Array] = None,
-    upto: str = "hook_resid_post",
     extra_mask: Optional[Array] = None,
 ):
-    """One transformer block. Returns (x, (k, v) written into the cache or None).
-
-    `upto` stops the block right after that hook (harvesting `hook_resid_pre` of the last layer
-    needed skips the block entirely, `hook_attn_out`/`hook_resid_mid` skip its MLP)."""
-    pre = f"blocks.{layer}."
-    x = _hook(pre + "hook_resid_pre", x, fns, acts, capture)
-    if upto == "hook_resid_pre":
-        return x, None
-    a = p["attn"]
-    h = norm(cfg, p["ln1"], x)
+    """Self-attention of layer `layer` on the normed input `h [B, T, D]` -> (out [B, T, D] before any
+    post-norm, (k, v) written into the cache or None). `a` holds q, k, v, o (+ biases, q/k norms)."""
     q = jnp.einsum("btd,dhk->bthk", h, a["q"])
     k = jnp.einsum("btd,dhk->bthk", h, a["k"])
     v = jnp.einsum("btd,dhk->bthk", h, a["v"])
@@ -267,9 +255,49 @@ def block(
         k, v = ck, cv
     mask = attention_mask(positions, k_pos, k_valid, cfg.window(layer), extra_mask)
     o = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    attn_out = jnp.einsum("bthk,hkd->btd", o, a["o"])
+    out = jnp.einsum("bthk,hkd->btd", o, a["o"])
     if cfg.out_bias:
-        attn_out = attn_out + a["bo"]
+        out = out + a["bo"]
+    return out, new_kv
+
+
+def block(
+    cfg: TransformerConfig,
+    layer: int,
+    p: Params,
+    x: Array,
+    positions: Array,
+    k_pos: Array,
+    k_valid: Array,
+    fns: Mapping[str, Callable],
+    acts: dict,
+    capture: frozenset,
+    cache_kv: Optional[tuple] = None,
+    cache_index: Optional[Array] = None,
+    upto: str = "hook_resid_post",
+    extra_mask: Optional[Array] = None,
+    *,
+    attn_fn: Optional[Callable] = None,
+    mlp_fn: Optional[Callable] = None,
+):
+    """One transformer block. Returns (x, (k, v) written into the cache or None).
+
+    `p` holds the block's norms (and its attn/mlp weights unless `attn_fn`/`mlp_fn` are given: the
+    NNX modules pass their own sublayers, so a replaced `model.blocks[i].mlp` runs here).
+    `attn_fn(h, positions, k_pos, k_valid, cache_kv, cache_index, extra_mask) -> (out, new_kv)`,
+    `mlp_fn(h) -> out`, both on normed inputs and before the post-norms.
+    `upto` stops the block right after that hook (harvesting `hook_resid_pre` of the last layer
+    needed skips the block entirely, `hook_attn_out`/`hook_resid_mid` skip its MLP)."""
+    pre = f"blocks.{layer}."
+    x = _hook(pre + "hook_resid_pre", x, fns, acts, capture)
+    if upto == "hook_resid_pre":
+        return x, None
+    h = norm(cfg, p["ln1"], x)
+    if attn_fn is None:
+        attn_out, new_kv = attention(cfg, layer, p["attn"], h, positions, k_pos, k_valid, cache_kv,
+                                     cache_index, extra_mask)
+    else:
+        attn_out, new_kv = attn_fn(h, positions, k_pos, k_valid, cache_kv, cache_index, extra_mask)
     if cfg.post_norms:
         attn_out = norm(cfg, p["ln1_post"], attn_out)
     attn_out = _hook(pre + "hook_attn_out", attn_out, fns, acts, capture)
@@ -277,7 +305,8 @@ def block(
     x = _hook(pre + "hook_resid_mid", x, fns, acts, capture)
     if upto in ("hook_attn_out", "hook_resid_mid"):
         return x, new_kv
-    m = mlp(cfg, p["mlp"], norm(cfg, p["ln2"], x))
+    h2 = norm(cfg, p["ln2"], x)
+    m = mlp(cfg, p["mlp"], h2) if mlp_fn is None else mlp_fn(h2)
     if cfg.post_norms:
         m = norm(cfg, p["ln2_post"], m)
     m = _hook(pre + "hook_mlp_out", m, fns, acts, capture)
@@ -314,6 +343,7 @@ def run(
     last_only: bool = False,
     inputs_embeds: Optional[Array] = None,
     bidirectional_groups: Optional[Array] = None,
+    block_fns: Optional[Sequence[Callable]] = None,
 ) -> tuple[Optional[Array], dict, Optional[KVCache]]:
     """Traceable forward: (logits | None, activations, updated cache | None).
 
@@ -323,6 +353,9 @@ def run(
 
     With a cache, the new tokens' keys/values are written at `cache.index` and attention runs over
     every filled slot. `last_only` computes logits for the last position only ([B, 1, V]).
+
+    `block_fns[i]` (the NNX `Block` modules) replaces `block(cfg, i, params["blocks"][i], ...)`:
+    called with `block`'s arguments after `p`; `params` then needs no "blocks".
     """
     fns = dict(interventions or {})
     capture = frozenset(capture)
@@ -360,10 +393,12 @@ def run(
     new_k, new_v = [], []
     for i in range(n_run):
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
-        x, nkv = block(
-            cfg, i, params["blocks"][i], x, positions, k_pos, k_valid, fns, acts, capture, kv, idx,
-            upto=upto if i == n_run - 1 else "hook_resid_post", extra_mask=extra,
-        )
+        args = (x, positions, k_pos, k_valid, fns, acts, capture, kv, idx)
+        last_upto = upto if i == n_run - 1 else "hook_resid_post"
+        if block_fns is None:
+            x, nkv = block(cfg, i, params["blocks"][i], *args, upto=last_upto, extra_mask=extra)
+        else:
+            x, nkv = block_fns[i](*args, upto=last_upto, extra_mask=extra)
         if nkv is not None:
             new_k.append(nkv[0])
             new_v.append(nkv[1])
