@@ -24,7 +24,7 @@ class ConfigError(JsaeError, ValueError):
     """A config value that is unknown, of the wrong type, or impossible."""
 
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 
 
 @dataclasses.dataclass
@@ -68,15 +68,21 @@ class DataConfig:
 
 @dataclasses.dataclass
 class SAEConfig:
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated"] = "topk"
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"] = "topk"
     d_sae: Optional[int] = None  # number of latents; or give expansion
     expansion: Optional[int] = None  # d_sae = expansion * d_in
-    k: Optional[int] = 32  # topk/batchtopk: active latents per token
+    k: Optional[int] = 32  # topk/batchtopk/matryoshka: active latents per token
     l1_coef: float = 5.0  # relu/gated sparsity coefficient (after normalisation)
     l1_variant: Literal["standard", "anthropic"] = "anthropic"  # relu only
     l0_coef: float = 1e-3  # jumprelu sparsity coefficient
     jumprelu_bandwidth: float = 1e-3
     jumprelu_init_threshold: float = 1e-3
+    jumprelu_sparsity: Literal["step", "tanh", "quadratic"] = "step"  # jumprelu sparsity term
+    jumprelu_tanh_scale: float = 4.0  # tanh: c in tanh(c |f_i| ||W_dec_i||)
+    target_l0: Optional[float] = None  # quadratic: the L0 the penalty pulls towards
+    # matryoshka: prefix sizes (ascending; d_sae is appended if missing), a weight per prefix
+    matryoshka_groups: Optional[list[int]] = None
+    matryoshka_weights: Optional[list[float]] = None
     aux_k: Optional[int] = None  # AuxK latents (default d_in // 2)
     aux_coef: float = 1.0 / 32.0
     dead_after_tokens: int = 10_000_000  # a latent not firing for this many tokens is dead
@@ -271,7 +277,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "sae.d_sae",
         "give sae.d_sae or sae.expansion",
     )
-    if s.architecture in ("topk", "batchtopk"):
+    if s.architecture in ("topk", "batchtopk", "matryoshka"):
         need(s.k is not None and s.k > 0, "sae.k", f"must be a positive integer for {s.architecture}")
         if s.d_sae is not None:
             need(s.k <= s.d_sae, "sae.k", f"k={s.k} exceeds sae.d_sae={s.d_sae}")
@@ -328,6 +334,21 @@ def validate(cfg: RunConfig) -> RunConfig:
          "(e.g. 0.02)")
     need(s.dead_after_tokens > 0, "sae.dead_after_tokens", "must be a positive integer")
     need(s.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold", "must be > 0")
+    need(s.jumprelu_tanh_scale > 0, "sae.jumprelu_tanh_scale", "must be > 0")
+    need(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "must be > 0")
+    need(s.architecture != "jumprelu" or s.jumprelu_sparsity != "quadratic"
+         or s.target_l0 is not None, "sae.target_l0",
+         "is required for sae.jumprelu_sparsity: quadratic (the L0 to train towards)")
+    g = s.matryoshka_groups or []
+    need(all(b > a for a, b in zip(g, g[1:])) and all(x > 0 for x in g),
+         "sae.matryoshka_groups", f"must be ascending positive prefix sizes, got {g}")
+    need(s.d_sae is None or not g or g[-1] <= s.d_sae, "sae.matryoshka_groups",
+         f"the last prefix {g[-1] if g else 0} exceeds sae.d_sae={s.d_sae}")
+    if s.matryoshka_weights is not None:
+        n_pref = len(g) + (0 if (g and s.d_sae is not None and g[-1] == s.d_sae) else 1)
+        need(s.d_sae is None or len(s.matryoshka_weights) == n_pref, "sae.matryoshka_weights",
+             f"needs one weight per prefix ({n_pref}: {g} and d_sae)")
+        need(all(w >= 0 for w in s.matryoshka_weights), "sae.matryoshka_weights", "must be >= 0")
     e = cfg.eval
     need(e.tokens > 0, "eval.tokens", f"must be a positive integer, got {e.tokens}")
     need(e.batch_size > 0, "eval.batch_size", f"must be a positive integer, got {e.batch_size}")

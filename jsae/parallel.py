@@ -16,19 +16,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA, MODEL = "data", "model"
+from jsae.sae import archs
+from jsae.sae.selection import DATA, MODEL, merge_model_topk
 
-# Per-latent parameters/state and where their latent axis is.
-_LATENT_SPECS = {
-    "W_enc": P(None, MODEL),
-    "W_dec": P(MODEL, None),
-    "b_enc": P(MODEL),
-    "threshold": P(MODEL),
-    "log_threshold": P(MODEL),
-    "r_mag": P(MODEL),
-    "b_mag": P(MODEL),
-    "fired_ago": P(MODEL),
-}
+# Per-latent train state beyond the architectures' parameters (`Arch.latent_axes`).
+_STATE_LATENT_AXES = {"fired_ago": 0}
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
@@ -48,19 +40,33 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
     return Mesh(np.array(devices).reshape(data, model), (DATA, MODEL))
 
 
-def spec_for_path(path) -> P:
-    """PartitionSpec for a leaf of an SAE / train-state / optimizer-state pytree."""
+def _latent_spec(axis: int, ndim: int) -> P:
+    dims = [None] * ndim
+    dims[axis] = MODEL
+    return P(*dims)
+
+
+def spec_for_path(path, leaf=None) -> P:
+    """PartitionSpec for a leaf of an SAE / train-state / optimizer-state pytree.
+
+    Per-latent parameters (every architecture's `Arch.latent_axes`, by name) are split over
+    ``model`` along their latent axis; without ``leaf`` a negative (encoder) axis is taken
+    to be of a 2-d array.
+    """
+    axes = {**archs.latent_axes(), **_STATE_LATENT_AXES}
     for entry in reversed(path):
         name = getattr(entry, "key", None) or getattr(entry, "name", None)
-        if name in _LATENT_SPECS:
-            return _LATENT_SPECS[name]
+        if name in axes:
+            axis = axes[name]
+            ndim = getattr(leaf, "ndim", None) or (axis + 1 if axis >= 0 else 2)
+            return _latent_spec(axis, ndim)
     return P()
 
 
 def tree_shardings(tree, mesh: Mesh):
     """NamedShardings for every leaf of ``tree`` (params, optimizer state, train state)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, spec_for_path(path)), tree
+        lambda path, leaf: NamedSharding(mesh, spec_for_path(path, leaf)), tree
     )
 
 
@@ -148,19 +154,6 @@ def process_sum(x) -> np.ndarray:
     return process_allgather_f64(x).sum(0)
 
 
-def merge_model_topk(vals: jax.Array, idx: jax.Array, k: int, width: int
-                     ) -> tuple[jax.Array, jax.Array]:
-    """Inside a shard_map over ``model``: the exact per-row top-k over all latent shards
-    from each shard's own top list (``vals``, local ``idx`` [b, k_local], ``width`` latents
-    per shard) -> (vals [b, k], global idx [b, k]).  Candidates are gathered in shard order,
-    so equal values go to the lower latent index, as in `jax.lax.top_k`."""
-    idx = idx.astype(jnp.int32) + jax.lax.axis_index(MODEL) * width
-    all_v = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # [b, model * k_local]
-    all_i = jax.lax.all_gather(idx, MODEL, axis=1, tiled=True)
-    top_v, pos = jax.lax.top_k(all_v, k)
-    return top_v, jnp.take_along_axis(all_i, pos, axis=1)
-
-
 def sharded_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] | None:
     """Exact top-k over latents sharded on ``model``: local top-k, all-gather, merge.
 
@@ -198,7 +191,7 @@ def sharded_batch_topk_fn(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array] |
     """Exact BatchTopK selection over a batch and latents sharded on ``(data, model)``.
 
     Returns ``fn(acts [B, d_sae] >= 0, k) -> z`` keeping the ``k * B`` largest entries of the
-    whole global batch (zeros elsewhere), equal to `jsae.sae.core.batch_topk` (one flat
+    whole global batch (zeros elsewhere), equal to `jsae.sae.selection.batch_topk` (one flat
     `lax.top_k`, ties to the lower flat index).  No device gathers the batch: the threshold
     is found by bisection on the float bits with a global count per step (32 scalar
     all-reduces), and ties at the threshold are ranked in flat order from per-row tie counts.

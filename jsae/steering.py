@@ -30,13 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE, activate, decode, encode, pre_activations
 
 Array = jax.Array
 Transform = Callable[[Array], Array]
 
-# architectures whose code for a latent depends on that latent's pre-activation alone
-_ELEMENTWISE = ("relu", "jumprelu", "gated", "batchtopk")
 
 
 def _as_features(sae: SAE, features) -> Array:
@@ -60,13 +59,11 @@ def _as_values(values, n: int, name: str) -> Array:
 def sub_sae(sae: SAE, features: Array) -> SAE:
     """An SAE restricted to ``features`` (encoder columns, decoder rows, per-latent params).
 
-    Only for architectures whose codes are elementwise in the pre-activations (not topk)."""
-    p = sae.params
-    q = {"W_enc": p["W_enc"][:, features], "b_enc": p["b_enc"][features],
-         "W_dec": p["W_dec"][features], "b_dec": p["b_dec"]}
-    for name in ("threshold", "log_threshold", "r_mag", "b_mag"):
-        if name in p:
-            q[name] = p[name][features]
+    Only for architectures whose codes are elementwise in the pre-activations
+    (`Arch.elementwise`); the per-latent parameters are those of `Arch.latent_axes`."""
+    axes = get_arch(sae.spec.architecture).latent_axes()
+    q = {name: (jnp.take(v, features, axis=axes[name]) if name in axes else v)
+         for name, v in sae.params.items()}
     spec = dataclasses.replace(sae.spec, d_sae=int(features.shape[0]))
     return SAE(params=q, norm_scale=sae.norm_scale, spec=spec)
 
@@ -77,7 +74,7 @@ def feature_codes(sae: SAE, x: Array, features: Array) -> Array:
     Equals ``encode(sae, x)[..., features]``; computes only those latents when the
     architecture allows it (all but topk), so a steered forward does not pay for the whole
     dictionary."""
-    if sae.spec.architecture in _ELEMENTWISE:
+    if get_arch(sae.spec.architecture).elementwise:
         small = sub_sae(sae, features)
         x_n = x.astype(jnp.float32) * sae.norm_scale
         return activate(small, pre_activations(small, x_n), x_n)

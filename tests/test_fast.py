@@ -172,7 +172,7 @@ def test_code_statistics_match_dense():
     assert float(fast.l0(codes)) == pytest.approx(float(fast.l0(z)))
     np.testing.assert_array_equal(np.asarray(fast.fired(codes)), np.asarray(fast.fired(z)))
     assert float(fast.min_positive(codes)) == float(fast.min_positive(z))
-    from jsae.sae.core import batch_topk
+    from jsae.sae.selection import batch_topk
 
     np.testing.assert_array_equal(np.asarray(z), np.asarray(batch_topk(jax.nn.relu(pre), 3)))
 

@@ -8,7 +8,7 @@ import pytest
 from jsae import parallel
 from jsae.config import from_dict
 from jsae.data.sources import SyntheticSource
-from jsae.sae.topk import topk_dense
+from jsae.sae.selection import topk_dense
 from jsae.train import Trainer
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulated devices")
@@ -111,7 +111,7 @@ def test_evaluation_on_a_sharded_mesh_equals_host_evaluation(arch):
 @pytest.mark.parametrize("case", ["spread", "ties", "mostly_zero", "keep_all"])
 @pytest.mark.parametrize("data,model", [(4, 2), (2, 4), (1, 8)])
 def test_sharded_batch_topk_equals_flat_top_k(case, data, model):
-    from jsae.sae.core import batch_topk
+    from jsae.sae.selection import batch_topk
 
     rng = np.random.default_rng(5)
     b, f, k = 16, 64, 3

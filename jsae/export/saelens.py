@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.sae.archs import from_saelens_name, get_arch
 from jsae.sae.core import SAE, SAESpec, fold_norm
 
 CFG_FILE = "cfg.json"
@@ -39,33 +40,18 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 # The cfg.json layout version we write: SAELens treats < 6 as the old flat format.
 SAELENS_FORMAT_VERSION = "6.0.0"
 
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
-               "batchtopk": "jumprelu", "gated": "gated"}
-
-
 def _np(x) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
 def saelens_tensors(sae: SAE) -> tuple[str, dict[str, np.ndarray]]:
     """(SAELens architecture name, tensors) of ``sae`` with its normalisation folded in."""
-    arch = sae.spec.architecture
-    if arch not in _TO_SAELENS:
-        raise ValueError(f"cannot export architecture {arch!r} to SAELens")
-    p = fold_norm(sae).params
-    t = {"W_enc": _np(p["W_enc"]), "W_dec": _np(p["W_dec"]), "b_dec": _np(p["b_dec"])}
-    if arch == "gated":
-        t.update(b_gate=_np(p["b_enc"]), r_mag=_np(p["r_mag"]), b_mag=_np(p["b_mag"]))
-    else:
-        t["b_enc"] = _np(p["b_enc"])
-    if arch == "jumprelu":
-        t["threshold"] = _np(jnp.exp(p["log_threshold"]))
-    elif arch == "batchtopk":
-        # SAELens's jumprelu is relu(pre) * (pre > threshold); jsae's batchtopk inference is
-        # pre * (pre > threshold). They agree for threshold >= 0 (a trained threshold is the
-        # smallest positive activation; an untrained one is -1).
-        t["threshold"] = np.maximum(_np(p["threshold"]), 0.0)
-    return _TO_SAELENS[arch], {k: np.ascontiguousarray(v) for k, v in t.items()}
+    arch = get_arch(sae.spec.architecture)
+    if arch.saelens_name is None:
+        raise ValueError(f"cannot export architecture {sae.spec.architecture!r} to SAELens")
+    p = {k: _np(v) for k, v in fold_norm(sae).params.items()}
+    t = arch.to_saelens(p)
+    return arch.saelens_name, {k: np.ascontiguousarray(_np(v)) for k, v in t.items()}
 
 
 def saelens_config(
@@ -80,7 +66,10 @@ def saelens_config(
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The cfg.json dict SAELens 6 reads for ``sae``."""
-    arch = _TO_SAELENS[sae.spec.architecture]
+    jarch = get_arch(sae.spec.architecture)
+    if jarch.saelens_name is None:
+        raise ValueError(f"cannot export architecture {sae.spec.architecture!r} to SAELens")
+    arch = jarch.saelens_name
     meta: dict[str, Any] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -116,9 +105,7 @@ def saelens_config(
         "model_name": model_name,
         "hook_name": hook_name,
     }
-    if arch == "topk":
-        cfg["k"] = int(sae.spec.k)
-        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg.update(jarch.saelens_cfg(sae.spec))
     return cfg
 
 
@@ -173,22 +160,20 @@ def sae_from_tensors(
 ) -> SAE:
     """A jsae SAE (norm_scale 1) from SAELens-named tensors of a SAELens architecture.
 
-    ``arch``: standard | topk | jumprelu | gated. Without ``apply_b_dec_to_input`` (Gemma
+    ``arch``: a SAELens architecture some jsae architecture imports (`Arch.saelens_imports`:
+    standard, topk, jumprelu, gated). Without ``apply_b_dec_to_input`` (Gemma
     Scope) the encoder computes ``x @ W_enc + b_enc``; jsae always subtracts b_dec, so the
     encoder biases absorb ``b_dec @ W_enc``.
     """
     t = {k_: np.asarray(v, np.float32) for k_, v in _normalise_keys(tensors).items()}
-    need = {"standard": ["b_enc"], "topk": ["b_enc"], "jumprelu": ["b_enc", "threshold"],
-            "gated": ["b_gate", "r_mag", "b_mag"]}
-    if arch not in need:
-        raise ValueError(f"{source}: SAELens architecture {arch!r} is not supported by jsae "
-                         "(supported: standard, topk, jumprelu, gated)")
-    for name in ["W_enc", "W_dec", "b_dec", *need[arch]]:
+    jarch = from_saelens_name(arch, source)
+    need = jarch.saelens_required(arch)
+    for name in ["W_enc", "W_dec", "b_dec", *need]:
         if name not in t:
             raise ValueError(f"{source}: tensor {name!r} is missing (found {sorted(t)})")
     d_in, d_sae = t["W_enc"].shape
     shapes = {"W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    shapes.update({n: (d_sae,) for n in need[arch]})
+    shapes.update({n: (d_sae,) for n in need})
     for name, shape in shapes.items():
         if t[name].shape != shape:
             raise ValueError(f"{source}: {name} has shape {t[name].shape}, expected {shape} "
@@ -197,34 +182,16 @@ def sae_from_tensors(
     if "scaling_factor" in t and not np.allclose(t["scaling_factor"], 1.0):
         w_dec = w_dec * t["scaling_factor"][:, None]  # old finetuning scaling: z * s @ W_dec
     params = {"W_enc": t["W_enc"], "W_dec": w_dec, "b_dec": t["b_dec"]}
-    shift = np.zeros((d_sae,), np.float32)
-    if not apply_b_dec_to_input:
-        shift = (t["b_dec"].astype(np.float64) @ t["W_enc"].astype(np.float64)).astype(np.float32)
-    if arch == "gated":
-        params["b_enc"] = t["b_gate"] + shift
-        params["r_mag"] = t["r_mag"]
-        mag_shift = 0.0
-        if not apply_b_dec_to_input:
-            w_mag = t["W_enc"].astype(np.float64) * np.exp(t["r_mag"].astype(np.float64))
-            mag_shift = (t["b_dec"].astype(np.float64) @ w_mag).astype(np.float32)
-        params["b_mag"] = t["b_mag"] + mag_shift
-        jarch = "gated"
-    else:
-        params["b_enc"] = t["b_enc"] + shift
-        jarch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
-    if arch == "jumprelu":
-        thr = t["threshold"]
-        if np.any(thr < 0):
-            raise ValueError(f"{source}: negative JumpReLU thresholds are not supported")
-        with np.errstate(divide="ignore"):
-            params["log_threshold"] = np.log(thr).astype(np.float32)
-    if arch == "topk" and (k is None or k <= 0):
-        raise ValueError(f"{source}: a topk SAE needs k")
+
+    def shift(w: np.ndarray) -> np.ndarray:  # b_dec @ w, absorbed into the encoder biases
+        if apply_b_dec_to_input:
+            return np.zeros((w.shape[-1],), np.float32)
+        return (t["b_dec"].astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
+
+    params.update(jarch.from_saelens(arch, t, shift, source))
     unit = bool(np.allclose(np.linalg.norm(w_dec, axis=-1), 1.0, atol=1e-3))
-    spec = SAESpec(
-        architecture=jarch, d_in=int(d_in), d_sae=int(d_sae), k=int(k) if arch == "topk" else None,
-        l1_variant="standard" if (arch != "standard" or unit) else "anthropic",
-    )
+    spec = SAESpec(architecture=jarch.name, d_in=int(d_in), d_sae=int(d_sae),
+                   **jarch.spec_from_saelens(arch, k=k, unit=unit, source=source))
     return SAE(params={n: jnp.asarray(v) for n, v in params.items()},
                norm_scale=jnp.ones((), jnp.float32), spec=spec)
 

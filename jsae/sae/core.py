@@ -14,9 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jsae.sae.jumprelu import jumprelu_ste
-from jsae.sae.topk import topk_dense
-
 Array = jax.Array
 
 
@@ -24,7 +21,7 @@ Array = jax.Array
 class SAESpec:
     """Static description of an SAE (hashable; part of the pytree's structure)."""
 
-    architecture: str  # relu | topk | batchtopk | jumprelu | gated
+    architecture: str  # a name registered in jsae.sae.archs
     d_in: int
     d_sae: int
     k: int | None = None
@@ -35,11 +32,21 @@ class SAESpec:
     fast_path: bool = False  # topk/batchtopk: sparse decoder + sparse encoder backward (jsae.sae.fast)
     topk_recall: float = 1.0  # < 1: fast-path top-k via lax.approx_max_k (approximate on TPU only)
     topk_chunk: int = 0  # > 0: fast-path top-k in two exact stages over chunks of this many latents
+    # matryoshka: prefix sizes (ascending, the last is d_sae) and one loss weight per prefix
+    matryoshka_groups: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()
+    jumprelu_sparsity: str = "step"  # jumprelu: step (L0) | tanh (Anthropic 2025) | quadratic
+    jumprelu_tanh_scale: float = 4.0  # jumprelu tanh: c in tanh(c |f_i| ||W_dec_i||)
+    target_l0: float | None = None  # jumprelu quadratic: the L0 the penalty pulls towards
+
+    def __post_init__(self):  # specs read back from JSON carry lists: keep the spec hashable
+        for name in ("matryoshka_groups", "matryoshka_weights"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def unit_decoder(self) -> bool:
         """Whether decoder rows are kept at unit norm during training."""
-        return not (self.architecture == "relu" and self.l1_variant == "anthropic")
+        return get_arch(self.architecture).unit_decoder(self)
 
     @property
     def aux_k_resolved(self) -> int:
@@ -54,9 +61,8 @@ class SAESpec:
 class SAE:
     """Parameters (trainable dict), normalisation scale (not trained) and static spec.
 
-    params: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in];
-    jumprelu adds log_threshold [d_sae]; batchtopk adds threshold [d_sae] (set by EMA, not
-    by gradients); gated adds r_mag [d_sae], b_mag [d_sae] (gate weights are W_enc, b_enc).
+    params: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus the
+    architecture's own (`jsae.sae.archs`: e.g. jumprelu's log_threshold [d_sae]).
     """
 
     params: dict[str, Array]
@@ -65,10 +71,8 @@ class SAE:
 
     @property
     def threshold(self) -> Array | None:
-        """Per-latent JumpReLU threshold (jumprelu, batchtopk), in normalised units."""
-        if "log_threshold" in self.params:
-            return jnp.exp(self.params["log_threshold"])
-        return self.params.get("threshold")
+        """Per-latent inference threshold where the architecture has one (normalised units)."""
+        return get_arch(self.spec.architecture).threshold(self.params)
 
 
 def _mm(a: Array, b: Array, dtype) -> Array:
@@ -77,17 +81,16 @@ def _mm(a: Array, b: Array, dtype) -> Array:
 
 
 def pre_activations(sae: SAE, x_n: Array) -> Array:
-    """Encoder pre-activations from normalised inputs: (x_n - b_dec) W_enc + b_enc."""
-    p = sae.params
-    return _mm(x_n - p["b_dec"], p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
+    """Encoder pre-activations from normalised inputs (plain SAE: (x_n - b_dec) W_enc + b_enc)."""
+    return get_arch(sae.spec.architecture).pre_activations(sae, x_n)
 
 
 def encode_normalized(sae: SAE, x_n: Array, *, train: bool = False, topk_fn=None) -> Array:
     """Latent codes from normalised inputs ``x_n [..., d_in] -> z [..., d_sae]``.
 
-    ``train`` selects the batch-level rule of batchtopk (top k*B over the batch) instead of
-    its learned inference threshold. ``topk_fn(pre, k) -> z`` replaces the top-k selection
-    (the sharded merge in `jsae.parallel` uses it).
+    ``train`` selects a batch-level training rule (batchtopk: top k*B over the batch) instead
+    of the inference rule. ``topk_fn(pre, k) -> z`` replaces the top-k selection (the sharded
+    merge in `jsae.parallel` uses it).
     """
     return activate(sae, pre_activations(sae, x_n), x_n, train=train, topk_fn=topk_fn)
 
@@ -99,37 +102,14 @@ def activate(sae: SAE, pre: Array, x_n: Array, *, train: bool = False, topk_fn=N
     ``topk_fn`` / ``batch_topk_fn`` replace the TopK / BatchTopK (training) selections with
     the sharded ones of `jsae.parallel`.
     """
-    spec, p = sae.spec, sae.params
-    arch = spec.architecture
-    if arch == "relu":
-        return jax.nn.relu(pre)
-    if arch == "topk":
-        return jax.nn.relu((topk_fn or topk_dense)(pre, spec.k))
-    if arch == "batchtopk":
-        if train:
-            return (batch_topk_fn or batch_topk)(jax.nn.relu(pre), spec.k)
-        return jnp.where(pre > p["threshold"], pre, 0.0)
-    if arch == "jumprelu":
-        return jumprelu_ste(pre, jnp.exp(p["log_threshold"]), spec.jumprelu_bandwidth)
-    if arch == "gated":
-        gate = (pre > 0).astype(pre.dtype)  # hard gate; trained through the aux loss
-        mag = _mm(x_n - p["b_dec"], p["W_enc"] * jnp.exp(p["r_mag"]), spec.compute_dtype)
-        return gate * jax.nn.relu(mag + p["b_mag"])
-    raise ValueError(f"unknown SAE architecture {arch!r}")
+    return get_arch(sae.spec.architecture).activate(sae, pre, x_n, train=train, topk_fn=topk_fn,
+                                                    batch_topk_fn=batch_topk_fn)
 
 
-def batch_topk(acts: Array, k: int) -> Array:
-    """Keep the k * n_tokens largest entries of ``acts [n_tokens, d_sae]`` over the batch."""
-    flat = acts.reshape(-1)
-    n_keep = min(k * acts.shape[0], flat.shape[0])
-    vals, idx = jax.lax.top_k(flat, n_keep)
-    return jnp.zeros_like(flat).at[idx].set(vals).reshape(acts.shape)
-
-
-def decode_normalized(sae: SAE, z: Array) -> Array:
-    """Normalised reconstruction ``z [..., d_sae] -> x_hat_n [..., d_in]``."""
-    p = sae.params
-    return _mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
+def decode_normalized(sae: SAE, z: Array, x_n: Array | None = None) -> Array:
+    """Normalised reconstruction ``z [..., d_sae] -> x_hat_n [..., d_in]`` (``x_n``: the
+    encoded input, for architectures whose output also reads it)."""
+    return get_arch(sae.spec.architecture).decode(sae, z, x_n)
 
 
 def encode(sae: SAE, x: Array, **kw: Any) -> Array:
@@ -159,3 +139,7 @@ def fold_norm(sae: SAE) -> SAE:
     p["b_dec"] = p["b_dec"] / s
     p["W_dec"] = p["W_dec"] / s
     return sae.replace(params=p, norm_scale=jnp.ones_like(s))
+
+
+# at the end: the architecture modules import this one (SAE, _mm) when they load
+from jsae.sae.archs import get_arch  # noqa: E402

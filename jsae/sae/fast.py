@@ -26,8 +26,8 @@ and gradients equal the reference path's within float32 rounding (same ``lax.top
 selection, so ties go to the lower latent index in both).  Sparse parts always compute in
 float32; ``spec.dtype="bfloat16"`` only changes the encoder matmul.
 
-The fast path is used by `sae_loss` when ``spec.fast_path`` is true, the architecture is
-topk/batchtopk, and the latents are not split over a mesh's ``model`` axis.  With ``model > 1``
+The fast path is used by `sae_loss` when ``spec.fast_path`` is true, the architecture has
+one (`jsae.sae.archs`: topk, batchtopk, matryoshka), and the latents are not split over a mesh's ``model`` axis.  With ``model > 1``
 TopK takes `jsae.sae.fast_sharded` (the same sparse pieces with explicit collectives) and
 BatchTopK the reference path with the exact sharded batch-wide selection of
 `jsae.parallel.sharded_batch_topk_fn`.
@@ -41,7 +41,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE, _mm, pre_activations
+from jsae.sae.selection import batch_top_k, chunked_top_k, select_topk
 
 Array = jax.Array
 
@@ -83,39 +85,6 @@ def _rows(codes: SparseCodes) -> Array:
 # ---- selection ----------------------------------------------------------------------------
 
 
-def select_topk(pre: Array, k: int, *, recall: float = 1.0, chunk: int = 0
-                ) -> tuple[Array, Array]:
-    """Top-k of each row of ``pre [B, F]`` -> (vals [B, k], idx [B, k]), no gradient.
-
-    ``recall < 1`` uses `jax.lax.approx_max_k` (approximate only on TPU; exact elsewhere).
-    ``chunk`` > 0 selects in two exact stages (`chunked_top_k`) when it divides F and exceeds k.
-    """
-    pre = jax.lax.stop_gradient(pre)
-    if recall < 1.0:
-        return jax.lax.approx_max_k(pre, k, recall_target=recall)
-    if chunk and k < chunk < pre.shape[-1] and pre.shape[-1] % chunk == 0:
-        return chunked_top_k(pre, k, chunk)
-    return jax.lax.top_k(pre, k)
-
-
-def chunked_top_k(pre: Array, k: int, chunk: int) -> tuple[Array, Array]:
-    """Exact `jax.lax.top_k` of each row of ``pre [B, F]`` in two stages.
-
-    Stage 1: the top k of each of the ``F / chunk`` chunks; stage 2: the top k of those
-    ``F / chunk * k`` candidates.  Every member of a row's top k is in its chunk's top k, so
-    the result is exact; candidates are laid out chunk by chunk and in index order within a
-    chunk, so equal values still go to the lower latent index.  Sorting many short rows can
-    be much cheaper than sorting one long row (GPU top-k is sort based for k > 16); whether it
-    is depends on the device: measure with ``benchmarks/sae_step.py --pieces``.
-    """
-    b, f = pre.shape
-    n = f // chunk
-    v1, i1 = jax.lax.top_k(pre.reshape(b, n, chunk), k)  # [B, n, k]
-    i1 = i1.astype(jnp.int32) + (jnp.arange(n, dtype=jnp.int32) * chunk)[:, None]
-    v, pos = jax.lax.top_k(v1.reshape(b, n * k), k)
-    return v, jnp.take_along_axis(i1.reshape(b, n * k), pos, axis=1)
-
-
 def topk_codes(pre: Array, k: int, *, recall: float = 1.0, rectify: bool = True,
                chunk: int = 0) -> SparseCodes:
     """TopK codes of ``pre [B, d_sae]``: relu of each row's k largest entries (no gradient).
@@ -133,38 +102,6 @@ def topk_codes(pre: Array, k: int, *, recall: float = 1.0, rectify: bool = True,
 # 6.6-11 s against 0.6 s without it and 2.2 s for the flat top-k (B=4096, d_sae=12288, k=64):
 # the untaken branch is not free there.  Worth measuring on GPU/TPU.
 BATCH_TOPK_CANDIDATES: int | None = None
-
-
-def batch_top_k(acts: Array, n_keep: int, per_row: int | None = None) -> tuple[Array, Array, Array]:
-    """The ``n_keep`` largest entries of ``acts [B, F]`` as (vals, rows, cols), in the order
-    of ``jax.lax.top_k(acts.reshape(-1), n_keep)`` (ties to the lower flat index).
-
-    Two stages: each row's top ``per_row``, then the top ``n_keep`` of those B * per_row
-    candidates (row-major, so ties still go to the lower flat index).  When some row's smallest
-    kept value is not strictly below the selected threshold, a row might hold more selected
-    entries than it kept, and the exact flat top-k runs instead (lax.cond): the result always
-    equals the flat one, at a fraction of the cost of a flat top-k over B*F entries.
-    """
-    b, f = acts.shape
-
-    def flat_top(a):
-        v, i = jax.lax.top_k(a.reshape(-1), n_keep)
-        i = i.astype(jnp.int32)
-        return v, i // f, i % f
-
-    if per_row is None or per_row >= f or b * per_row < n_keep:
-        return flat_top(acts)
-    rv, ri = jax.lax.top_k(acts, per_row)
-    # stage 2 by a stable sort (XLA:CPU's top_k is very slow for k in the 100,000s); sorting
-    # -v (with -0.0 made +0.0) keeps equal values in candidate, i.e. flat-index, order
-    cand = rv.reshape(-1)
-    neg, pos = jax.lax.sort((-cand + 0.0, jnp.arange(cand.shape[0], dtype=jnp.int32)),
-                            num_keys=1, is_stable=True)
-    v, pos = -neg[:n_keep], pos[:n_keep]
-    rows = (pos // per_row).astype(jnp.int32)
-    cols = ri.reshape(-1)[pos].astype(jnp.int32)
-    exact = jnp.all(rv[:, -1] < v[-1])
-    return jax.lax.cond(exact, lambda a: (v, rows, cols), flat_top, acts)
 
 
 def batch_topk_codes(pre: Array, k: int) -> SparseCodes:
@@ -366,16 +303,16 @@ def min_positive(z) -> Array:
 def fast_applies(sae: SAE, topk_fn=None, batch_topk_fn=None) -> bool:
     """Whether `sae_loss` routes this SAE through the (single latent shard) fast path.
 
-    Not with a sharded top-k (latents split over ``model``: see `jsae.sae.fast_sharded`), and
-    not for BatchTopK with a sharded batch-wide selection (latents split over ``model``),
-    whose flat top-k here would gather the whole batch's pre-activations on every device.
+    Only for architectures with one (`Arch.supports_fast`); not with a sharded top-k (latents
+    split over ``model``: see `jsae.sae.fast_sharded`), and not where the architecture
+    declines the sharded batch-wide selection (BatchTopK with latents split over ``model``,
+    whose flat top-k here would gather the whole batch's pre-activations on every device).
     """
     spec = sae.spec
     if not getattr(spec, "fast_path", False) or topk_fn is not None:
         return False
-    if spec.architecture == "batchtopk":
-        return batch_topk_fn is None
-    return spec.architecture == "topk"
+    arch = get_arch(spec.architecture)
+    return arch.supports_fast and arch.fast_applies(batch_topk_fn)
 
 
 # Rows of pre-activations alive at once in the fast TopK path: the encoder matmul, the
@@ -428,17 +365,9 @@ def select_latents(
 
 
 def sparse_codes(sae: SAE, pre: Array, x_n: Array) -> SparseCodes:
-    """Training codes of a topk/batchtopk SAE from ``pre`` (no gradient through ``pre``),
+    """Training codes of a fast-path SAE from ``pre`` (no gradient through ``pre``),
     differentiable w.r.t. the SAE's parameters."""
-    spec = sae.spec
-    if spec.architecture == "topk":
-        sel = topk_codes(pre, spec.k, recall=spec.topk_recall, rectify=False,
-                         chunk=spec.topk_chunk)
-    elif spec.architecture == "batchtopk":
-        sel = batch_topk_codes(pre, spec.k)  # values already relu(pre): same gradient
-    else:
-        raise ValueError(f"the fast path does not apply to {spec.architecture!r}")
-    return _differentiable(sae, sel, x_n)
+    return _differentiable(sae, get_arch(sae.spec.architecture).fast_codes(sae, pre), x_n)
 
 
 def _differentiable(sae: SAE, sel: SparseCodes, x_n: Array) -> SparseCodes:
@@ -489,8 +418,9 @@ def fast_sae_loss(
     *,
     dead_mask: Array | None = None,
     aux_coef: float = 1.0 / 32.0,
+    x_target: Array | None = None,
 ) -> tuple[Array, dict]:
-    """`sae_loss` for topk/batchtopk on the fast path.
+    """`sae_loss` on the fast path (architectures with `Arch.supports_fast`).
 
     Same loss terms and gradients as the reference; ``aux["z"]`` is a `SparseCodes` instead of
     a dense array (use `l0`, `fired`, `min_positive`, or ``.dense()``), and there is no
@@ -501,7 +431,8 @@ def fast_sae_loss(
         dead_mask = jnp.zeros((spec.d_sae,), bool)
     k_aux = spec.aux_k_resolved
     extra = {}
-    if spec.architecture == "topk":
+    target = x_n if x_target is None else x_target
+    if get_arch(spec.architecture).fast_blockwise:  # topk
         (v, i), aux_sel = select_latents(sae, x_n, dead_mask, k=spec.k, k_aux=k_aux,
                                          recall=spec.topk_recall, chunk=spec.topk_chunk)
         codes = _differentiable(sae, SparseCodes(v.T, None, i.T, x_n.shape[0], spec.d_sae), x_n)
@@ -517,9 +448,10 @@ def fast_sae_loss(
         )
         extra["pre"] = pre
     x_hat = sparse_decode(codes, p["W_dec"]) + p["b_dec"]
-    recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
-    auxk = fast_auxk_loss(sae, aux_sel, x_n, x_n - x_hat, dead_mask)
-    terms = {"recon": recon, "auxk": aux_coef * auxk}
+    arch = get_arch(spec.architecture)
+    auxk = fast_auxk_loss(sae, aux_sel, x_n, target - x_hat, dead_mask)
+    terms = {"recon": arch.recon_loss(sae, x_hat, target),
+             **arch.fast_extra_terms(sae, codes, target), "auxk": aux_coef * auxk}
     loss = sum(terms.values())
     return loss, {**terms, "z": codes, "x_hat": x_hat, **extra}
 

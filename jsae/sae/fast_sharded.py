@@ -37,9 +37,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jsae.parallel import DATA, MODEL, merge_model_topk
 from jsae.sae import fast
+from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE, pre_activations
+from jsae.sae.selection import DATA, MODEL, merge_model_topk
 
 Array = jax.Array
 
@@ -51,7 +52,7 @@ def applies(sae: SAE, mesh: Mesh | None) -> bool:
     """Whether `jsae.sae.losses.sae_loss` routes this SAE here on ``mesh``."""
     return (
         mesh is not None and mesh.shape[MODEL] > 1 and bool(sae.spec.fast_path)
-        and sae.spec.architecture == "topk"
+        and get_arch(sae.spec.architecture).sharded_fast
     )
 
 
@@ -174,6 +175,7 @@ def sharded_fast_sae_loss(
     *,
     dead_mask: Array | None = None,
     aux_coef: float = 1.0 / 32.0,
+    x_target: Array | None = None,
 ) -> tuple[Array, dict]:
     """`jsae.sae.fast.fast_sae_loss` (TopK) with latents split over ``mesh``'s model axis.
 
@@ -193,8 +195,9 @@ def sharded_fast_sae_loss(
     x_part, e_hat = decode(codes, cols, acodes, ai.T, jax.lax.stop_gradient(x_n), any_dead,
                            p["W_dec"], p["W_enc"], p["b_enc"], p["b_dec"])
     x_hat = x_part + p["b_dec"]
-    recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
-    residual = jax.lax.stop_gradient(x_n - x_hat)
+    target = x_n if x_target is None else x_target
+    recon = jnp.sum((x_hat - target) ** 2, axis=-1).mean()
+    residual = jax.lax.stop_gradient(target - x_hat)
     aux_loss = jnp.where(any_dead, jnp.sum((e_hat - residual) ** 2, axis=-1).mean(), 0.0)
     terms = {"recon": recon, "auxk": aux_coef * aux_loss}
     z = fast.SparseCodes(codes, None, cols, x_n.shape[0], spec.d_sae)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE, SAESpec
 
 
@@ -42,11 +43,12 @@ def init_sae(
     *,
     normalize: bool = True,
     b_dec_init: str = "geometric_median",
-    jumprelu_init_threshold: float = 1e-3,
+    **arch_options,
 ) -> SAE:
     """A fresh SAE. ``sample [N, d_in]`` (raw activations) sets norm_scale and b_dec.
 
-    Decoder rows are random unit directions (norm 0.1 for the anthropic relu variant,
+    ``arch_options`` go to the architecture's `Arch.extra_params` (e.g. jumprelu's
+    ``jumprelu_init_threshold``).  Decoder rows are random unit directions (norm 0.1 for the anthropic relu variant,
     which has no norm constraint); W_enc = W_dec^T; b_enc = 0.
     """
     d_in, d_sae = spec.d_in, spec.d_sae
@@ -67,11 +69,5 @@ def init_sae(
         "W_dec": w,
         "b_dec": jnp.asarray(b_dec, jnp.float32),
     }
-    if spec.architecture == "jumprelu":
-        params["log_threshold"] = jnp.full((d_sae,), np.log(jumprelu_init_threshold), jnp.float32)
-    elif spec.architecture == "batchtopk":
-        params["threshold"] = jnp.full((d_sae,), -1.0, jnp.float32)  # set by the first batch
-    elif spec.architecture == "gated":
-        params["r_mag"] = jnp.zeros((d_sae,), jnp.float32)
-        params["b_mag"] = jnp.zeros((d_sae,), jnp.float32)
+    params.update(get_arch(spec.architecture).extra_params(spec, **arch_options))
     return SAE(params=params, norm_scale=jnp.asarray(scale, jnp.float32), spec=spec)

@@ -1,15 +1,10 @@
-"""Per-architecture training losses, in normalised activation space.
+"""The training loss, in normalised activation space: reconstruction + the architecture's terms.
 
 Reconstruction is the squared error summed over d_in and averaged over tokens
 (the convention of Anthropic and Gemma Scope); sparsity coefficients are relative to it.
-
-- relu:      + l1 * sum_i z_i * ||W_dec_i||  (April-2024 "anthropic" variant; "standard"
-             uses sum_i z_i with unit decoder rows)
-- topk / batchtopk: + aux_coef * AuxK (Gao et al. 2024): the top aux_k *dead* latents
-             reconstruct the residual e = x - x_hat (treated as a constant target)
-- jumprelu:  + l0 * sum_i H(pre_i - theta_i)   (straight-through threshold gradient)
-- gated:     + l1 * sum_i relu(pi_gate_i) * ||W_dec_i||
-             + || x - (relu(pi_gate) sg(W_dec) + sg(b_dec)) ||^2   (Rajamanoharan et al. 2024)
+Each architecture's own terms (L1, L0, AuxK, the gate's aux loss...) are documented in its
+module in `jsae.sae.archs`.  AuxK (Gao et al. 2024), shared by topk and batchtopk, lives
+here: the top aux_k *dead* latents reconstruct the residual e = x - x_hat (a constant target).
 """
 
 from __future__ import annotations
@@ -17,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jsae.sae.archs import LossInputs, get_arch
 from jsae.sae.core import SAE, _mm, activate, decode_normalized, pre_activations
-from jsae.sae.jumprelu import heaviside_ste
-from jsae.sae.topk import scatter_rows
+from jsae.sae.selection import scatter_rows
 
 Array = jax.Array
 
@@ -61,46 +56,35 @@ def sae_loss(
     topk_fn=None,
     mesh=None,
     batch_topk_fn=None,
+    x_target: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Total loss and its parts for normalised inputs ``x_n [B, d_in]``.
+    """Total loss and its parts for normalised inputs ``x_n [B, ...]``.
 
-    Returns (loss, aux) where aux holds the loss terms, the codes ``z [B, d_sae]`` and
-    ``pre [B, d_sae]`` for metrics and dead-latent tracking.  ``mesh`` (the training mesh)
-    lets a TopK SAE whose latents are split over ``model`` take the sharded fast path;
-    ``batch_topk_fn`` (a mesh of several devices) makes BatchTopK select without gathering.
+    ``x_target`` (normalised, default ``x_n``) is what the dictionary reconstructs: another
+    hook for a transcoder.  Returns (loss, aux) where aux holds the loss terms, the codes
+    ``z [B, d_sae]`` and ``pre [B, d_sae]`` for metrics and dead-latent tracking.  ``mesh``
+    (the training mesh) lets a TopK SAE whose latents are split over ``model`` take the
+    sharded fast path; ``batch_topk_fn`` (a mesh of several devices) makes BatchTopK select
+    without gathering.
     """
-    spec, p = sae.spec, sae.params
     from jsae.sae import fast, fast_sharded
 
+    arch = get_arch(sae.spec.architecture)
+    if dead_mask is None:
+        dead_mask = jnp.zeros((sae.spec.d_sae,), bool)
+    target = x_n if x_target is None else x_target
     if fast.fast_applies(sae, topk_fn, batch_topk_fn):  # same values/gradients; aux["z"] is SparseCodes
-        return fast.fast_sae_loss(sae, x_n, dead_mask=dead_mask, aux_coef=aux_coef)
+        return fast.fast_sae_loss(sae, x_n, dead_mask=dead_mask, aux_coef=aux_coef,
+                                  x_target=x_target)
     if fast_sharded.applies(sae, mesh):
         return fast_sharded.sharded_fast_sae_loss(sae, x_n, mesh, dead_mask=dead_mask,
-                                                  aux_coef=aux_coef)
+                                                  aux_coef=aux_coef, x_target=x_target)
     pre = pre_activations(sae, x_n)
     z = activate(sae, pre, x_n, train=True, topk_fn=topk_fn, batch_topk_fn=batch_topk_fn)
-    x_hat = decode_normalized(sae, z)
-    recon = jnp.sum((x_hat - x_n) ** 2, axis=-1).mean()
-    terms: dict[str, Array] = {"recon": recon}
-    arch = spec.architecture
-    dec_norm = jnp.linalg.norm(p["W_dec"], axis=-1)  # [d_sae]
-    if arch == "relu":
-        weight = dec_norm if spec.l1_variant == "anthropic" else 1.0
-        terms["sparsity"] = sparsity_coef * jnp.sum(z * weight, axis=-1).mean()
-    elif arch in ("topk", "batchtopk"):
-        if dead_mask is None:
-            dead_mask = jnp.zeros((spec.d_sae,), bool)
-        terms["auxk"] = aux_coef * auxk_loss(sae, pre, x_n - x_hat, dead_mask, topk_fn)
-    elif arch == "jumprelu":
-        l0 = heaviside_ste(pre, jnp.exp(p["log_threshold"]), spec.jumprelu_bandwidth)
-        terms["sparsity"] = sparsity_coef * jnp.sum(l0, axis=-1).mean()
-    elif arch == "gated":
-        gate_act = jax.nn.relu(pre)
-        terms["sparsity"] = sparsity_coef * jnp.sum(gate_act * dec_norm, axis=-1).mean()
-        frozen = _mm(gate_act, jax.lax.stop_gradient(p["W_dec"]), spec.compute_dtype)
-        frozen = frozen + jax.lax.stop_gradient(p["b_dec"])
-        terms["gate_aux"] = jnp.sum((frozen - x_n) ** 2, axis=-1).mean()
-    else:
-        raise ValueError(f"unknown SAE architecture {arch!r}")
+    x_hat = decode_normalized(sae, z, x_n)
+    terms: dict[str, Array] = {"recon": arch.recon_loss(sae, x_hat, target)}
+    terms.update(arch.loss_terms(sae, LossInputs(
+        x_in=x_n, x_target=target, pre=pre, z=z, x_hat=x_hat, sparsity_coef=sparsity_coef,
+        dead_mask=dead_mask, aux_coef=aux_coef, topk_fn=topk_fn)))
     loss = sum(terms.values())
     return loss, {**terms, "z": z, "x_hat": x_hat, "pre": pre}

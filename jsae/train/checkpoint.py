@@ -35,6 +35,7 @@ import numpy as np
 
 from jsae.config import RunConfig, to_dict
 from jsae.errors import JsaeError
+from jsae.sae.archs import get_arch
 from jsae.train.divergence import TrainingDiverged
 
 ITEMS = ("states", "data", "config", "meta")
@@ -333,7 +334,7 @@ class RunCheckpointer:
                 f"{f}={saved.get(f)!r} in the checkpoint but {getattr(spec, f)!r} in the config"
                 for f in _SHAPE_FIELDS if saved.get(f) != getattr(spec, f)
             ]
-            if spec.architecture in ("topk", "batchtopk") and saved.get("k") != spec.k:
+            if get_arch(spec.architecture).needs_k and saved.get("k") != spec.k:
                 diffs.append(f"k={saved.get('k')!r} in the checkpoint but {spec.k!r} in the config")
             if diffs:
                 raise CheckpointMismatchError(

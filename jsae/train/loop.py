@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from jsae import jsonsafe, parallel
 from jsae.config import ConfigError, RunConfig
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
+from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
 from jsae.sae.io import save_sae_from_mesh
@@ -55,22 +56,27 @@ def check_index_range(d_sae: int, model: int = 1) -> None:
 def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
     s = cfg.sae
     d_sae = cfg.resolved_d_sae(d_in)
-    if s.architecture in ("topk", "batchtopk") and s.k > d_sae:
+    if get_arch(s.architecture).needs_k and s.k > d_sae:
         raise ConfigError(f"config key 'sae.k': k={s.k} exceeds d_sae={d_sae}")
-    return SAESpec(
+    spec = SAESpec(
         architecture=s.architecture, d_in=d_in, d_sae=d_sae, k=s.k, l1_variant=s.l1_variant,
         jumprelu_bandwidth=s.jumprelu_bandwidth, aux_k=s.aux_k, dtype=s.dtype,
         fast_path=s.fast_path, topk_recall=s.topk_recall, topk_chunk=s.topk_chunk,
+        matryoshka_groups=tuple(s.matryoshka_groups or ()),
+        matryoshka_weights=tuple(s.matryoshka_weights or ()),
+        jumprelu_sparsity=s.jumprelu_sparsity, jumprelu_tanh_scale=s.jumprelu_tanh_scale,
+        target_l0=s.target_l0,
     )
+    try:
+        get_arch(spec.architecture).check_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    return spec
 
 
 def _sparsity_coef(cfg: RunConfig) -> float:
-    arch = cfg.sae.architecture
-    if arch == "jumprelu":
-        return cfg.sae.l0_coef
-    if arch in ("relu", "gated"):
-        return cfg.sae.l1_coef
-    return 0.0
+    field = get_arch(cfg.sae.architecture).coef_field
+    return 0.0 if field is None else getattr(cfg.sae, field)
 
 
 def _gather_sample(local: np.ndarray) -> np.ndarray:

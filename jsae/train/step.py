@@ -10,15 +10,12 @@ import optax
 
 from jsae import parallel
 from jsae.sae import fast
+from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE
 from jsae.sae.losses import sae_loss
 from jsae.train.state import TrainState
 
 Array = jax.Array
-
-# EMA rate of batchtopk's inference threshold (as in dictionary_learning).
-THRESHOLD_EMA = 0.999
-
 
 def _remove_parallel_grad(g_dec: Array, w_dec: Array) -> Array:
     """Drop the gradient component along each (unit) decoder row: rows stay on the sphere."""
@@ -61,6 +58,7 @@ def make_train_step(
     def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
         sae: SAE = state.sae
         spec = sae.spec
+        arch = get_arch(spec.architecture)
         x_n = x.astype(jnp.float32) * sae.norm_scale
         dead = state.fired_ago >= dead_after_tokens
         coef = sparsity_schedule(state.step)
@@ -75,21 +73,15 @@ def make_train_step(
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(sae.params)
         if spec.unit_decoder:
             grads = {**grads, "W_dec": _remove_parallel_grad(grads["W_dec"], sae.params["W_dec"])}
-        if "threshold" in grads:  # batchtopk's threshold follows an EMA, not the gradient
-            grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
+        for name in arch.frozen_params:  # set by arch.after_update, not by the gradient
+            grads = {**grads, name: jnp.zeros_like(grads[name])}
         grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
         updates, opt_state = optimizer.update(grads, state.opt_state, sae.params)
         params = optax.apply_updates(sae.params, updates)
         if spec.unit_decoder:
             params["W_dec"] = _unit_rows(params["W_dec"])
         z = aux["z"]
-        if spec.architecture == "batchtopk":
-            min_act = fast.min_positive(z)
-            min_act = jnp.where(jnp.isfinite(min_act), min_act, 0.0)
-            old = params["threshold"]
-            params["threshold"] = jnp.where(
-                old < 0, min_act, THRESHOLD_EMA * old + (1 - THRESHOLD_EMA) * min_act
-            )
+        params = arch.after_update(params, z)
         fired = fast.fired(z)
         n_tok = jnp.int32(x.shape[0])
         fired_ago = jnp.where(

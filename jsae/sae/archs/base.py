@@ -1,0 +1,152 @@
+"""`Arch`: what one dictionary architecture decides; the plain SAE is the default of each.
+
+Shapes for the plain SAE: ``x_n [B, d_in]`` normalised inputs, ``pre, z [B, d_sae]``,
+params W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+See `jsae.sae.archs` for how to add one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """What `jsae.sae.losses.sae_loss` hands an architecture's `Arch.loss_terms`.
+
+    x_in: the encoded input (normalised); x_target: what is reconstructed (``is x_in`` for an
+    SAE; another hook for a transcoder); pre / z: pre-activations and codes; x_hat: the
+    reconstruction; dead_mask [d_sae] bool; topk_fn: the sharded per-row top-k or None.
+    """
+
+    x_in: Array
+    x_target: Array
+    pre: Array
+    z: Array
+    x_hat: Array
+    sparsity_coef: Array | float
+    dead_mask: Array
+    aux_coef: float
+    topk_fn: Any = None
+
+
+class Arch:
+    """One architecture. Subclasses set ``name`` and override what differs."""
+
+    name: ClassVar[str] = ""
+    needs_k: ClassVar[bool] = False  # spec.k is the per-token budget (config checks it)
+    elementwise: ClassVar[bool] = True  # a latent's code depends on its own pre-activation only
+    coef_field: ClassVar[str | None] = None  # config key (sae.<field>) of the sparsity coef
+    extra_latent_axes: ClassVar[dict[str, int]] = {}  # per-latent extra params -> latent axis
+    frozen_params: ClassVar[tuple[str, ...]] = ()  # set by `after_update`, not by gradients
+    supports_fast: ClassVar[bool] = False  # has a sparse fast path (`jsae.sae.fast`)
+    fast_blockwise: ClassVar[bool] = False  # fast path selects per row block (never [B, d_sae])
+    sharded_fast: ClassVar[bool] = False  # has the latent-sharded fast path (fast_sharded)
+    saelens_name: ClassVar[str | None] = None  # SAELens architecture it exports to
+    saelens_imports: ClassVar[tuple[str, ...]] = ()  # SAELens architectures it imports
+
+    # ---- parameters ---------------------------------------------------------------------
+
+    def unit_decoder(self, spec) -> bool:
+        """Whether decoder rows are kept at unit norm during training."""
+        return True
+
+    def check_spec(self, spec) -> None:
+        """Raise ValueError (naming the sae.* key) when ``spec`` does not fit this architecture."""
+
+    def latent_axes(self) -> dict[str, int]:
+        """``{param name: latent axis}`` of every per-latent parameter."""
+        return {"W_enc": -1, "b_enc": 0, "W_dec": 0, **self.extra_latent_axes}
+
+    def extra_params(self, spec, **opts: Any) -> dict[str, Array]:
+        """Parameters beyond W_enc, b_enc, W_dec, b_dec for a fresh SAE."""
+        return {}
+
+    def threshold(self, params: dict) -> Array | None:
+        """Per-latent inference threshold (normalised units), where the architecture has one."""
+        return None
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def pre_activations(self, sae, x_n: Array) -> Array:
+        """(x_n - b_dec) W_enc + b_enc."""
+        from jsae.sae.core import _mm
+
+        p = sae.params
+        return _mm(x_n - p["b_dec"], p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
+
+    def activate(self, sae, pre: Array, x_n: Array, *, train: bool = False, topk_fn=None,
+                 batch_topk_fn=None) -> Array:
+        raise NotImplementedError(f"architecture {self.name!r} defines no activation")
+
+    def decode(self, sae, z: Array, x_in: Array | None = None) -> Array:
+        """Normalised reconstruction ``z W_dec + b_dec`` (``x_in``: the encoded input, for
+        architectures whose output also reads it)."""
+        from jsae.sae.core import _mm
+
+        p = sae.params
+        return _mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
+
+    # ---- training -----------------------------------------------------------------------
+
+    def recon_loss(self, sae, x_hat: Array, x_target: Array) -> Array:
+        """Squared error summed over the features of a token, averaged over tokens."""
+        d = x_hat - x_target
+        return jnp.sum(d ** 2, axis=tuple(range(1, d.ndim))).mean()
+
+    def loss_terms(self, sae, t: LossInputs) -> dict[str, Array]:
+        """Terms added to the reconstruction loss (in this order)."""
+        return {}
+
+    def fast_extra_terms(self, sae, codes, x_target: Array) -> dict[str, Array]:
+        """Fast-path terms between the reconstruction and AuxK (``codes``: SparseCodes)."""
+        return {}
+
+    def after_update(self, params: dict, z) -> dict:
+        """Parameters after the optimizer step (``z``: this batch's codes, dense or sparse)."""
+        return params
+
+    # fast path (supports_fast): see jsae.sae.fast
+    def fast_applies(self, batch_topk_fn) -> bool:
+        return False
+
+    def fast_codes(self, sae, pre: Array):
+        """Training codes (`jsae.sae.fast.SparseCodes`, raw values) from ``pre`` (no grad)."""
+        raise ValueError(f"the fast path does not apply to {self.name!r}")
+
+    # ---- SAELens ------------------------------------------------------------------------
+
+    def to_saelens(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """SAELens-named tensors from (norm-folded) params."""
+        if self.saelens_name is None:
+            raise ValueError(f"cannot export architecture {self.name!r} to SAELens")
+        return {"W_enc": params["W_enc"], "W_dec": params["W_dec"], "b_dec": params["b_dec"],
+                "b_enc": params["b_enc"]}
+
+    def saelens_cfg(self, spec) -> dict[str, Any]:
+        """Architecture-specific cfg.json fields."""
+        return {}
+
+    def saelens_required(self, saelens_arch: str) -> tuple[str, ...]:
+        """Per-latent tensors (shape [d_sae]) an import of ``saelens_arch`` needs."""
+        return ("b_enc",)
+
+    def from_saelens(self, saelens_arch: str, t: dict[str, np.ndarray], shift,
+                     source: str) -> dict[str, np.ndarray]:
+        """jsae params (without W_enc, W_dec, b_dec) from SAELens tensors ``t``.
+
+        ``shift(W) -> b_dec @ W`` (zeros when SAELens subtracts b_dec from the input too):
+        jsae always subtracts b_dec, so encoder biases absorb it.
+        """
+        return {"b_enc": t["b_enc"] + shift(t["W_enc"])}
+
+    def spec_from_saelens(self, saelens_arch: str, *, k, unit: bool, source: str) -> dict:
+        """SAESpec fields beyond d_in / d_sae for an imported SAE."""
+        return {"k": None, "l1_variant": "standard"}

@@ -1,0 +1,73 @@
+"""BatchTopK SAE (Bussmann et al. 2024): training keeps the k * B largest relu(pre) of the
+batch; inference is a JumpReLU at a per-latent threshold set by an EMA of the smallest
+active code (as in dictionary_learning), not by gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.sae import selection
+from jsae.sae.archs import register
+from jsae.sae.archs.base import Arch
+from jsae.sae.archs.topk import auxk_terms
+
+# EMA rate of the inference threshold (as in dictionary_learning).
+THRESHOLD_EMA = 0.999
+
+
+def ema_threshold(old, z):
+    """The threshold after a batch with codes ``z``: its smallest positive code seeds it
+    (``old < 0``: untrained), then an EMA follows."""
+    from jsae.sae import fast
+
+    min_act = fast.min_positive(z)
+    min_act = jnp.where(jnp.isfinite(min_act), min_act, 0.0)
+    return jnp.where(old < 0, min_act, THRESHOLD_EMA * old + (1 - THRESHOLD_EMA) * min_act)
+
+
+class BatchTopK(Arch):
+    name = "batchtopk"
+    needs_k = True
+    extra_latent_axes = {"threshold": 0}
+    frozen_params = ("threshold",)
+    supports_fast = True
+    saelens_name = "jumprelu"
+
+    def extra_params(self, spec, **opts):
+        return {"threshold": jnp.full((spec.d_sae,), -1.0, jnp.float32)}  # set by batch 1
+
+    def threshold(self, params):
+        return params["threshold"]
+
+    def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
+        if train:
+            return (batch_topk_fn or selection.batch_topk)(jax.nn.relu(pre), sae.spec.k)
+        return jnp.where(pre > sae.params["threshold"], pre, 0.0)
+
+    def loss_terms(self, sae, t):
+        return auxk_terms(sae, t)
+
+    def after_update(self, params, z):
+        return {**params, "threshold": ema_threshold(params["threshold"], z)}
+
+    def fast_applies(self, batch_topk_fn) -> bool:
+        # not with the sharded batch-wide selection: the flat top-k would gather the batch
+        return batch_topk_fn is None
+
+    def fast_codes(self, sae, pre):
+        from jsae.sae import fast
+
+        return fast.batch_topk_codes(pre, sae.spec.k)  # values already relu(pre): same grad
+
+    def to_saelens(self, params):
+        t = super().to_saelens(params)
+        # SAELens's jumprelu is relu(pre) * (pre > threshold); jsae's batchtopk inference is
+        # pre * (pre > threshold). They agree for threshold >= 0 (a trained threshold is the
+        # smallest positive activation; an untrained one is -1).
+        t["threshold"] = np.maximum(params["threshold"], 0.0)
+        return t
+
+
+register(BatchTopK())
