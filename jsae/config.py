@@ -80,6 +80,8 @@ class SAEConfig:
     jumprelu_sparsity: Literal["step", "tanh", "quadratic"] = "step"  # jumprelu sparsity term
     jumprelu_tanh_scale: float = 4.0  # tanh: c in tanh(c |f_i| ||W_dec_i||)
     target_l0: Optional[float] = None  # quadratic: the L0 the penalty pulls towards
+    jumprelu_threshold: Literal["log", "linear"] = "log"  # how the threshold is stored (linear:
+    # reaches a target L0 in far fewer Adam steps, see jsae/sae/archs/jumprelu.py)
     # matryoshka: prefix sizes (ascending; d_sae is appended if missing), a weight per prefix
     matryoshka_groups: Optional[list[int]] = None
     matryoshka_weights: Optional[list[float]] = None

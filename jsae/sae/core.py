@@ -38,6 +38,7 @@ class SAESpec:
     jumprelu_sparsity: str = "step"  # jumprelu: step (L0) | tanh (Anthropic 2025) | quadratic
     jumprelu_tanh_scale: float = 4.0  # jumprelu tanh: c in tanh(c |f_i| ||W_dec_i||)
     target_l0: float | None = None  # jumprelu quadratic: the L0 the penalty pulls towards
+    jumprelu_threshold: str = "log"  # jumprelu: the threshold is stored as log (Gemma Scope) | linear
 
     def __post_init__(self):  # specs read back from JSON carry lists: keep the spec hashable
         for name in ("matryoshka_groups", "matryoshka_weights"):

@@ -65,7 +65,7 @@ def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
         matryoshka_groups=tuple(s.matryoshka_groups or ()),
         matryoshka_weights=tuple(s.matryoshka_weights or ()),
         jumprelu_sparsity=s.jumprelu_sparsity, jumprelu_tanh_scale=s.jumprelu_tanh_scale,
-        target_l0=s.target_l0,
+        target_l0=s.target_l0, jumprelu_threshold=s.jumprelu_threshold,
     )
     try:
         get_arch(spec.architecture).check_spec(spec)

@@ -9,6 +9,13 @@ threshold gradients.  The sparsity term (``spec.jumprelu_sparsity``; coef = sae.
   (a penalty towards ``spec.target_l0`` rather than towards zero, as Gemma Scope 2 trains)
 
 (each averaged over tokens).
+
+The threshold is a parameter ``log_threshold`` (``spec.jumprelu_threshold="log"``, Gemma
+Scope's and the default) or ``threshold`` (``"linear"``).  Under Adam a log parameter moves by
+about lr per step in log space whatever its gradient, so from a small initial threshold it
+takes thousands of steps to reach the threshold a target L0 needs (SAELens #718; measured in
+tests/test_arch_jumprelu.py); a linear one moves by about lr in activation units and gets
+there in hundreds.  A linear threshold is kept >= 0 after each step.
 """
 
 from __future__ import annotations
@@ -24,20 +31,34 @@ from jsae.sae.jumprelu import heaviside_ste, jumprelu_ste
 class JumpReLU(Arch):
     name = "jumprelu"
     coef_field = "l0_coef"
-    extra_latent_axes = {"log_threshold": 0}
+    extra_latent_axes = {"log_threshold": 0, "threshold": 0}
     saelens_name = "jumprelu"
     saelens_imports = ("jumprelu",)
 
+    def check_spec(self, spec):
+        if spec.jumprelu_threshold not in ("log", "linear"):
+            raise ValueError(f"sae.jumprelu_threshold={spec.jumprelu_threshold!r}: expected "
+                             "log or linear")
+
     def extra_params(self, spec, *, jumprelu_init_threshold: float = 1e-3, **opts):
+        if spec.jumprelu_threshold == "linear":
+            return {"threshold": jnp.full((spec.d_sae,), jumprelu_init_threshold, jnp.float32)}
         return {"log_threshold": jnp.full((spec.d_sae,), np.log(jumprelu_init_threshold),
                                           jnp.float32)}
 
     def threshold(self, params):
-        return jnp.exp(params["log_threshold"])
+        """theta [d_sae] from either parameterisation (old SAEs carry log_threshold)."""
+        if "log_threshold" in params:
+            return jnp.exp(params["log_threshold"])
+        return params["threshold"]
+
+    def after_update(self, params, z):
+        if "threshold" in params:  # projected step: a threshold below 0 would pass negatives
+            return {**params, "threshold": jnp.maximum(params["threshold"], 0.0)}
+        return params
 
     def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
-        return jumprelu_ste(pre, jnp.exp(sae.params["log_threshold"]),
-                            sae.spec.jumprelu_bandwidth)
+        return jumprelu_ste(pre, self.threshold(sae.params), sae.spec.jumprelu_bandwidth)
 
     def loss_terms(self, sae, t):
         spec, p = sae.spec, sae.params
@@ -46,7 +67,7 @@ class JumpReLU(Arch):
             dec_norm = jnp.linalg.norm(p["W_dec"], axis=-1)
             per_tok = jnp.sum(jnp.tanh(spec.jumprelu_tanh_scale * jnp.abs(t.z) * dec_norm), -1)
             return {"sparsity": t.sparsity_coef * per_tok.mean()}
-        l0 = jnp.sum(heaviside_ste(t.pre, jnp.exp(p["log_threshold"]),
+        l0 = jnp.sum(heaviside_ste(t.pre, self.threshold(p),
                                    spec.jumprelu_bandwidth), axis=-1).mean()
         if mode == "step":
             return {"sparsity": t.sparsity_coef * l0}
@@ -57,7 +78,7 @@ class JumpReLU(Arch):
         raise ValueError(f"sae.jumprelu_sparsity={mode!r}: expected step, tanh or quadratic")
 
     def to_saelens(self, params):
-        return {**super().to_saelens(params), "threshold": np.asarray(jnp.exp(params["log_threshold"]))}
+        return {**super().to_saelens(params), "threshold": np.asarray(self.threshold(params))}
 
     def saelens_required(self, saelens_arch):
         return ("b_enc", "threshold")
