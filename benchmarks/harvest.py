@@ -9,6 +9,10 @@ weights, same machine, same batch, in one run.
 `stop_after_capture=True`; transformers: the same model truncated to layer+1 blocks, as
 TransformerLens' `stop_at_layer` does). "body" is every block without the unembedding; "full" is
 the forward with logits. Prints the hardware and tokens/s and the ratios jsae / torch.
+
+"nnx" runs the same three through the Flax NNX modules (`jsae.models.nnx.forward(lm.model, ...)`:
+`nnx.split` + a jitted pure function of the state), interleaved with the pure-dict "jax" path, and
+prints the ratio nnx / jax (the port must stay >= 0.95).
 """
 
 from __future__ import annotations
@@ -85,6 +89,17 @@ def main(argv=None) -> int:
         name: {"jax": (lambda f=f: f(lm.params, toks).block_until_ready())}
         for name, f in (("harvest", harvest), ("body", body), ("full", full))
     }
+    from jsae.models import nnx as mnnx
+
+    model = lm.model  # NNX modules over the same arrays
+    nnx_calls = {
+        "harvest": lambda: mnnx.forward(model, toks, capture=(hook,), stop_after_capture=True).activations[hook],
+        "body": lambda: mnnx.forward(model, toks, capture=("ln_final.hook_normalized",),
+                                     stop_after_capture=True).activations["ln_final.hook_normalized"],
+        "full": lambda: mnnx.forward(model, toks).logits,
+    }
+    for name, f in nnx_calls.items():
+        runs[name]["nnx"] = (lambda f=f: f().block_until_ready())
 
     if not args.no_torch:
         import torch
@@ -151,6 +166,7 @@ def main(argv=None) -> int:
             print(f"  {impl:5s} {name:8s} {ntok / sec:10.0f} tok/s   ({sec * 1e3:8.1f} ms/batch median of "
                   f"{len(ts)}, first call {first[impl]:.1f}s)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print("ratios nnx / jax:  " + ", ".join(f"{k} {v['nnx'] / v['jax']:.2f}x" for k, v in results.items()))
     if not args.no_torch:
         print("ratios jax / torch:  " + ", ".join(
             f"{k} {v['jax'] / v['torch']:.2f}x" for k, v in results.items()))

@@ -233,7 +233,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", *, cfg: Optional[Trans
     params_np = params_from_tree(cfg, tree, source=str(p))
     del tree
     tok = Tokenizer.from_dir(p) if (p / "tokenizer.json").exists() else None
-    return LanguageModel(cfg, to_device(params_np, dtype), tok, name or p.name)
+    return LanguageModel(cfg, to_device(params_np, dtype, consume=True), tok, name or p.name)
 
 
 def export(lm, path: str | os.PathLike) -> Path:

@@ -291,7 +291,7 @@ def load_gguf(
             import warnings
 
             warnings.warn(f"could not write the model cache {entry}: {e}", stacklevel=2)
-    return LanguageModel(cfg, to_device(params_np, dtype), tokenizer, name)
+    return LanguageModel(cfg, to_device(params_np, dtype, consume=True), tokenizer, name)
 
 
 def _complete(entry: Path) -> bool:
@@ -367,10 +367,9 @@ def _write_cache(entry: Path, cfg: TransformerConfig, params_np: dict, tokenizer
 
 def _from_cache(entry: Path, dtype: str, name: str) -> LanguageModel:
     cfg = config_from_dict(json.loads((entry / "config.json").read_text()))
-    flat = read_safetensors([entry / "params.safetensors"])
-    params_np = unflatten_params(flat, cfg.n_layers)
+    params_np = unflatten_params(read_safetensors([entry / "params.safetensors"]), cfg.n_layers)
     tokenizer = Tokenizer.from_dir(entry) if (entry / "tokenizer.json").exists() else None
-    return LanguageModel(cfg, to_device(params_np, dtype), tokenizer, name)
+    return LanguageModel(cfg, to_device(params_np, dtype, consume=True), tokenizer, name)
 
 
 def config_to_dict(cfg: TransformerConfig) -> dict:
@@ -408,7 +407,6 @@ def read_safetensors(files, as_float32: bool = True) -> dict[str, np.ndarray]:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        mm = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -416,7 +414,8 @@ def read_safetensors(files, as_float32: bool = True) -> dict[str, np.ndarray]:
             if kind is None:
                 raise ValueError(f"{f}: tensor {name!r} has unsupported dtype {info['dtype']}")
             a, b = info["data_offsets"]
-            raw = mm[a:b]
+            # one map per tensor, so that dropping a converted tensor unmaps its pages
+            raw = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n + a, shape=(b - a,)) if b > a else np.zeros(0, np.uint8)
             if kind == "bf16":
                 arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
             else:
