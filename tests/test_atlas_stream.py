@@ -205,3 +205,45 @@ def test_bad_input_one_line(corpus):
     assert "\n" not in str(e.value)
     with pytest.raises(AtlasError, match="window"):
         stream_text(model, {HOOK: sae}, tokens[:, :4], mask[:, :4], CFG, progress=False)
+
+
+@pytest.mark.parametrize("m", [3])  # few candidates per feature: the restriction matters
+def test_coactivation_over_the_whole_pass_equals_numpy(corpus, m):
+    """Whole-pass Jaccard neighbours (candidates from the sample, counted over every token)
+    equal a dense NumPy computation over the whole corpus restricted to the candidates, which
+    are each feature's m most frequent partners in the first coact_tokens tokens (NumPy too)."""
+    import dataclasses
+
+    from jsae.analysis.atlas.neighbours import coactivation_from_pass
+
+    model, sae, tokens, mask, z = corpus
+    cfg = dataclasses.replace(CFG, coact_candidates=m)
+    res = stream_text(model, {HOOK: sae}, tokens, mask, cfg, batch_size=BATCH, progress=False)[HOOK]
+    flat = z[mask]  # [n, F] counted tokens in corpus order
+    F = flat.shape[1]
+    A = np.zeros(flat.shape, bool)
+    for t, zz in enumerate(flat):
+        top = np.argsort(-zz, kind="stable")[: cfg.coact_k]
+        A[t, top[zz[top] > 0]] = True
+    S = A[: cfg.coact_tokens].astype(np.int64)
+    co_s = S.T @ S
+    np.fill_diagonal(co_s, 0)
+    cand = np.full((F, m), -1)
+    for f in range(F):
+        order = np.lexsort((np.arange(F), -co_s[f]))
+        order = order[co_s[f, order] > 0][:m]
+        cand[f, : len(order)] = order
+    np.testing.assert_array_equal(res.state["coact_cand"], cand)
+    Af = A.astype(np.int64)
+    both, cnt = Af.T @ Af, Af.sum(0)
+    assert len(flat) > 4 * cfg.coact_tokens  # most tokens lie past the sample
+    ids, vals = coactivation_from_pass(res.state, 6)
+    for f in range(F):
+        g = cand[f][cand[f] >= 0]
+        g = g[both[f, g] >= 2]
+        J = both[f, g] / (cnt[f] + cnt[g] - both[f, g])
+        order = np.lexsort((g, -J))[:6]
+        np.testing.assert_array_equal(ids[f, : len(order)], g[order], err_msg=str(f))
+        assert (ids[f, len(order):] == -1).all()
+        np.testing.assert_allclose(vals[f, : len(order)], J[order], rtol=1e-6)
+    assert (ids[:, 0] >= 0).sum() > 20  # most features have a neighbour: the test means something

@@ -98,7 +98,7 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
     from jsae.analysis.atlas.maps import global_map
     from jsae.analysis.atlas.neighbours import (
         COACT_SCORE,
-        coactivation_neighbours,
+        coactivation_from_pass,
         decoder_neighbours,
     )
 
@@ -117,7 +117,7 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
     lt_i, lt_v, lb_i, lb_v = logit_table(model, sae, vocab, n_logits)
     cos_i, cos_v = decoder_neighbours(W, n_neighbours, candidates=live if live.any() else None,
                                       progress=progress)
-    co_i, co_v = coactivation_neighbours(res.coact_rows(), F, n_neighbours)
+    co_i, co_v = coactivation_from_pass(s, n_neighbours)
     ids_used = np.concatenate([s["top_tok"].ravel(), s["band_tok"].ravel(), lt_i.ravel(), lb_i.ravel()])
     token_str = token_strings(tok, ids_used) if tok is not None else {}
     L = cfg.left_
@@ -133,9 +133,11 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
         "d_in": int(sae.spec.d_in), "architecture": sae.spec.architecture,
         "n_tokens": int(res.n_tokens), "n_contexts": int(res.n_contexts),
         "context_length": int(res.context_length), "source": "text", "logit_method": LOGIT_METHOD,
-        "coact_score": f"{COACT_SCORE}: |f & g| / |f | g| over the firing sets of "
-                       f"{len(res.coact_rows()):,} sampled tokens (the first counted ones; the "
-                       f"{s['coact'].shape[1]} largest codes of each)",
+        "coact_score": f"{COACT_SCORE}: |f & g| / |f | g| over the tokens on which each is "
+                       f"active (among a token's {s['coact'].shape[1]} largest codes), all "
+                       f"{res.n_tokens:,} tokens of the pass, for each feature's "
+                       f"{s['coact_cand'].shape[1]} most frequent partners among the first "
+                       f"{len(res.coact_rows()):,} tokens",
         "band_method": "10 equal-width bands over [0, 2^e) with 2^(e-1) <= max < 2^e; per band "
                        "the tokens of lowest hash priority (uniform, deterministic)".replace(
                            "10", str(cfg.bands)),

@@ -6,9 +6,12 @@ time and scanned against ``col_block`` columns at a time with a running ``lax.to
 so memory is ``row_block * (col_block + n)`` whatever ``d_sae`` (10^6 features fit on one chip;
 time is ``d_sae^2 * d_in`` multiply-adds). Ties go to the lower feature id, as a stable sort.
 
-Co-activation uses the sample of tokens the streaming pass keeps (the active features of its
-first ``coact_tokens`` counted tokens): the score of ``g`` for ``f`` is the Jaccard index of the
-sets of sampled tokens on which each fires, ``|f & g| / |f | g|``.
+Co-activation: the score of ``g`` for ``f`` is the Jaccard index ``|f & g| / |f | g|`` of the
+sets of tokens on which each is active (among a token's ``coact_k`` largest positive codes).
+:func:`coactivation_from_pass` scores over the whole pass: the streaming pass counts, for
+each feature, its co-activations with its ``coact_candidates`` most frequent partners in the
+first ``coact_tokens`` tokens (the sample), exactly, over every token; a partner outside that
+list is not scored. :func:`coactivation_neighbours` scores over the sample alone.
 """
 
 from __future__ import annotations
@@ -104,12 +107,9 @@ def features_within(W_dec, center: int, radius: float, *, candidates=None) -> tu
     return ids.astype(np.int64), cos[ids].astype(np.float32)
 
 
-def coactivation_neighbours(coact_rows: np.ndarray, d_sae: int, n: int = 10, *, min_count: int = 2
-                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Jaccard co-activation neighbours from the pass's token sample ``coact_rows [tokens, k]``
-    (active feature ids, -1 = none): ``(ids [d_sae, n] int64, scores [d_sae, n] float32)``,
-    descending, ties to the lower id; pairs seen together on fewer than ``min_count`` tokens
-    are left out (-1 / NaN). Memory ``tokens * k^2`` pairs (NumPy, no dense [F, F])."""
+def _sample_pairs(coact_rows: np.ndarray, d_sae: int):
+    """Ordered pairs ``(f, g, count)`` (f != g) active together on the sample's tokens, sorted
+    by ``f * d_sae + g``, and each feature's count of active tokens ``[d_sae]``."""
     rows = np.sort(np.asarray(coact_rows, np.int64), axis=1)
     if rows.ndim != 2 or rows.size == 0:
         rows = np.full((0, 1), -1, np.int64)
@@ -122,10 +122,18 @@ def coactivation_neighbours(coact_rows: np.ndarray, d_sae: int, n: int = 10, *, 
     ok = (a >= 0) & (b >= 0) & (a != b)
     keys = (np.broadcast_to(a, ok.shape)[ok] * d_sae + np.broadcast_to(b, ok.shape)[ok])
     pair, both = np.unique(keys, return_counts=True)
-    f, g = pair // d_sae, pair % d_sae
-    keep = both >= min_count
-    f, g, both = f[keep], g[keep], both[keep]
-    score = both / (count[f] + count[g] - both)
+    return pair // d_sae, pair % d_sae, both, count
+
+
+def sample_candidates(coact_rows: np.ndarray, d_sae: int, m: int) -> np.ndarray:
+    """``[d_sae, m]`` int32: each feature's ``m`` most frequent partners in the sample
+    (count descending, ties to the lower id; -1 = none)."""
+    f, g, both, _ = _sample_pairs(coact_rows, d_sae)
+    return _rank_rows(f, g, both.astype(np.float64), d_sae, m)[0].astype(np.int32)
+
+
+def _rank_rows(f, g, score, d_sae: int, n: int):
+    """Per row ``f``, the ``n`` best ``g`` by score (descending, ties to the lower id)."""
     order = np.lexsort((g, -score, f))
     f, g, score = f[order], g[order], score[order]
     start = np.searchsorted(f, np.arange(d_sae))
@@ -136,3 +144,44 @@ def coactivation_neighbours(coact_rows: np.ndarray, d_sae: int, n: int = 10, *, 
     ids[f[sel], rank[sel]] = g[sel]
     vals[f[sel], rank[sel]] = score[sel]
     return ids, vals
+
+
+def coactivation_from_pass(state: dict, n: int = 10, *, min_count: int = 2
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-pass Jaccard neighbours from a finished streaming pass's state (``coact``,
+    ``coact_n``, ``coact_cand``, ``coact_cnt``, ``coact_fires``): ``(ids, scores)``
+    ``[d_sae, n]``, as :func:`coactivation_neighbours`. Counts of a candidate pair are those
+    in the sample plus those the pass counted after it."""
+    cand = np.asarray(state["coact_cand"], np.int64)
+    F, M = cand.shape
+    rows = np.asarray(state["coact"])[: int(state["coact_n"])]
+    if not int(state.get("coact_ready", 0)):  # the sample holds the whole pass
+        return coactivation_neighbours(rows, F, n, min_count=min_count)
+    sf, sg, sboth, _ = _sample_pairs(rows, F)
+    keys = sf * F + sg
+    f = np.repeat(np.arange(F, dtype=np.int64), M)
+    g = cand.reshape(-1)
+    ok = g >= 0
+    f, g = f[ok], g[ok]
+    q = f * F + g
+    in_sample = np.zeros(len(q), np.int64)
+    if len(keys):
+        j = np.clip(np.searchsorted(keys, q), 0, len(keys) - 1)
+        in_sample = np.where(keys[j] == q, sboth[j], 0)
+    both = in_sample + np.asarray(state["coact_cnt"], np.int64).reshape(-1)[ok]
+    fires = np.asarray(state["coact_fires"], np.int64)
+    keep = both >= min_count
+    f, g, both = f[keep], g[keep], both[keep]
+    return _rank_rows(f, g, both / (fires[f] + fires[g] - both), F, n)
+
+
+def coactivation_neighbours(coact_rows: np.ndarray, d_sae: int, n: int = 10, *, min_count: int = 2
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Jaccard co-activation neighbours from the pass's token sample ``coact_rows [tokens, k]``
+    (active feature ids, -1 = none): ``(ids [d_sae, n] int64, scores [d_sae, n] float32)``,
+    descending, ties to the lower id; pairs seen together on fewer than ``min_count`` tokens
+    are left out (-1 / NaN). Memory ``tokens * k^2`` pairs (NumPy, no dense [F, F])."""
+    f, g, both, count = _sample_pairs(coact_rows, d_sae)
+    keep = both >= min_count
+    f, g, both = f[keep], g[keep], both[keep]
+    return _rank_rows(f, g, both / (count[f] + count[g] - both), d_sae, n)

@@ -18,8 +18,14 @@ contexts keeps:
   those old bands by priority gives exactly the bottom-``S`` of the new band. The result is
   therefore the same as "``S`` tokens per band, chosen by priority, over the whole corpus"
   whatever the batch order: deterministic, resumable and mergeable.
-- co-activation: the active features (largest ``coact_k`` codes) of the first ``coact_tokens``
-  counted tokens, for :mod:`jsae.analysis.atlas.neighbours`.
+- co-activation over the whole pass, in bounded memory: a token's *active* features are its
+  largest ``coact_k`` positive codes. The active features of the first ``coact_tokens``
+  counted tokens are kept (the sample); when it is full, each feature's ``coact_candidates``
+  most frequent partners in the sample become its candidates, and from then on every later
+  token adds to the exact co-activation count of each (feature, candidate) pair, beside
+  every feature's count of active tokens. Jaccard scores of candidate pairs are therefore
+  exact over the whole pass (:func:`jsae.analysis.atlas.neighbours.coactivation_from_pass`);
+  a pair is missed only if it never co-fires among the sample's most frequent partners.
 
 Features are the leading axis of every per-feature array, so the state may be sharded over
 ``mesh.model`` with the SAE's latents (:func:`jsae.parallel.tree_shardings`).
@@ -65,6 +71,7 @@ class StreamConfig:
     hist_max: float = 1e2
     coact_tokens: int = 16384
     coact_k: int = 32
+    coact_candidates: int = 32  # partners per feature counted over the whole pass
     sparse_cap: int = 32  # active features per token handled sparsely (TopK: >= k)
 
     @property
@@ -124,13 +131,21 @@ def init_state(d_sae: int, cfg: StreamConfig) -> dict[str, np.ndarray]:
         "band_act": np.zeros((F, Q, S, W), np.float16),
         "coact": np.full((cfg.coact_tokens, min(cfg.coact_k, F)), -1, np.int32),
         "coact_n": np.zeros((), np.int32),
+        "coact_cand": np.full((F, _n_cand(cfg, F)), -1, np.int32),
+        "coact_cnt": np.zeros((F, _n_cand(cfg, F)), np.int32),
+        "coact_fires": np.zeros((F,), np.int32),
+        "coact_ready": np.zeros((), np.int32),
         "n_tokens": np.zeros((), np.int32),
     }
 
 
+def _n_cand(cfg: StreamConfig, F: int) -> int:
+    return max(1, min(cfg.coact_candidates, F - 1))
+
+
 PER_FEATURE = ("fires", "total", "max", "hist", "top_val", "top_ctx", "top_pos", "top_tok",
                "top_act", "band_exp", "band_count", "band_prio", "band_val", "band_ctx",
-               "band_pos", "band_tok", "band_act")
+               "band_pos", "band_tok", "band_act", "coact_cand", "coact_cnt", "coact_fires")
 
 
 def _bottom_per_band(band, prio, Q: int, S: int):
@@ -357,7 +372,55 @@ def _update(state: dict, z, cv, ci, tokens, mask, ctx0, *, cfg: StreamConfig) ->
     cslot = jnp.where(mflat, cslot, C)  # out of range: dropped
     new["coact"] = state["coact"].at[cslot].set(cix, mode="drop")
     new["coact_n"] = jnp.minimum(state["coact_n"] + mflat.sum(dtype=jnp.int32), C)
+    # ... and past the sample, the exact counts of each feature's candidate partners
+    new.update(_coact_count(state, cix, mflat, mflat & (cslot >= C)))
     return new
+
+
+def _coact_count(state, cix, counted, past_sample):
+    """``coact_fires`` += active features of ``counted`` tokens; once the candidates are set,
+    ``coact_cnt[f, m]`` += tokens of ``past_sample`` where ``f`` and ``cand[f, m]`` are both
+    active. ``cix [N, k]``: active ids (-1 none). Cost ``N k^2 M`` compares, no ``[F, F]``."""
+    F, M = state["coact_cand"].shape
+    ok = (cix >= 0) & counted[:, None]
+    fires = state["coact_fires"].at[jnp.where(ok, cix, F)].add(1, mode="drop")
+
+    def count():
+        live = (cix >= 0) & past_sample[:, None]
+        cand = state["coact_cand"][jnp.clip(cix, 0, F - 1)]  # [N, k, M]
+        hit = (cand[..., None] == cix[:, None, None, :]).any(-1) & (cand >= 0) & live[..., None]
+        f = jnp.broadcast_to(jnp.where(live, cix, F)[..., None], hit.shape)
+        m = jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), hit.shape)
+        return state["coact_cnt"].at[f, m].add(hit.astype(jnp.int32), mode="drop")
+
+    cnt = jax.lax.cond(state["coact_ready"] > 0, count, lambda: state["coact_cnt"])
+    return {"coact_fires": fires, "coact_cnt": cnt}
+
+
+@partial(jax.jit, static_argnames=("ck",), donate_argnames=("state",))
+def _boundary_count(state, cv, ci, mask, n_before, *, ck: int):
+    """The batch that filled the sample, counted again for its tokens past the sample (the
+    candidates were set after its update); ``coact_fires`` is already counted."""
+    mflat = mask.reshape(-1)
+    cix = jnp.where(cv[:, :ck] > 0, ci[:, :ck], -1).astype(jnp.int32)
+    idx = n_before + jnp.cumsum(mflat.astype(jnp.int32)) - 1
+    C = state["coact"].shape[0]
+    got = _coact_count(state, cix, jnp.zeros_like(mflat), mflat & (idx >= C))
+    return dict(state, coact_cnt=got["coact_cnt"])
+
+
+def _set_candidates(state, sae, acts, mask, n_before, cfg):
+    """Candidates from the full sample, then the boundary batch's tokens past it counted."""
+    from jsae.analysis.atlas.neighbours import sample_candidates
+
+    F, M = state["coact_cand"].shape
+    cand = sample_candidates(np.asarray(jax.device_get(state["coact"])), F, M)
+    state = dict(state, coact_cand=jax.device_put(cand, state["coact_cand"].sharding),
+                 coact_ready=jnp.ones((), jnp.int32))
+    z = _encode(sae, acts)
+    cv, ci = _active(z, _cap(cfg, state, F))
+    return _boundary_count(state, cv, ci, jnp.asarray(mask), jnp.int32(n_before),
+                           ck=state["coact"].shape[1])
 
 
 def _hash_arrays(h, arrays) -> None:
@@ -520,6 +583,7 @@ def _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn, *
         bar = tqdm(total=int(mask.sum()), initial=int(mask[:start].sum()), unit="tok",
                    desc="atlas", smoothing=0.1)
     done = 0
+    counted = np.concatenate([[0], np.cumsum(mask.sum(1))])  # counted tokens before context i
     try:
         for s in range(start, N, batch_size):
             tok, msk = tokens[s : s + batch_size], mask[s : s + batch_size]
@@ -529,9 +593,14 @@ def _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn, *
                 msk = np.concatenate([msk, np.zeros((pad, T), bool)])
             acts = acts_fn(s, tok)
             tj, mj = jnp.asarray(tok), jnp.asarray(msk)
+            n_before = int(counted[s])  # known on the host: no device sync per batch
+            fills = n_before < cfg.coact_tokens <= n_before + int(msk.sum())
             for h in hooks:
                 states[h] = _encode_update(states[h], sae_dev[h], acts[h][:batch_size], tj, mj,
                                            jnp.int32(s), cfg=cfg)
+                if fills:  # this batch filled the co-activation sample
+                    states[h] = _set_candidates(states[h], sae_dev[h], acts[h][:batch_size], msk,
+                                                n_before, cfg)
             done += 1
             nxt = min(s + batch_size, N)
             if bar:
@@ -611,11 +680,13 @@ def stream_cache(
         tokens, mask = tokens[:max_contexts], mask[:max_contexts]
     cfg, states, expects, paths, start = _prepare(saes, tokens, mask, cfg, batch_size, state_dir)
 
+    counted = np.concatenate([[0], np.cumsum(mask.sum(1))])
+
     def acts_fn(s, tok):
         B = tok.shape[0]
         m = mask[s : s + B]
         out = {}
-        for h, rows in reader.rows(int(mask[:s].sum()), int(m.sum())).items():
+        for h, rows in reader.rows(int(counted[s]), int(m.sum())).items():
             a = np.zeros((B, tokens.shape[1], rows.shape[-1]), np.float32)
             a[: len(m)][m] = rows
             out[h] = jnp.asarray(a)
