@@ -380,7 +380,7 @@ def _update(state: dict, z, cv, ci, tokens, mask, ctx0, *, cfg: StreamConfig) ->
 def _coact_count(state, cix, counted, past_sample):
     """``coact_fires`` += active features of ``counted`` tokens; once the candidates are set,
     ``coact_cnt[f, m]`` += tokens of ``past_sample`` where ``f`` and ``cand[f, m]`` are both
-    active. ``cix [N, k]``: active ids (-1 none). Cost ``N k^2 M`` compares, no ``[F, F]``."""
+    active. ``cix [N, k]``: active ids (-1 none). Cost ``N k M log k``, no ``[F, F]``."""
     F, M = state["coact_cand"].shape
     ok = (cix >= 0) & counted[:, None]
     fires = state["coact_fires"].at[jnp.where(ok, cix, F)].add(1, mode="drop")
@@ -388,7 +388,11 @@ def _coact_count(state, cix, counted, past_sample):
     def count():
         live = (cix >= 0) & past_sample[:, None]
         cand = state["coact_cand"][jnp.clip(cix, 0, F - 1)]  # [N, k, M]
-        hit = (cand[..., None] == cix[:, None, None, :]).any(-1) & (cand >= 0) & live[..., None]
+        srt = jnp.sort(jnp.where(cix >= 0, cix, F), axis=1)  # each token's active set, sorted
+        q = cand.reshape(cand.shape[0], -1)
+        at = jax.vmap(jnp.searchsorted)(srt, q)  # membership by binary search: N k M log k
+        found = jnp.take_along_axis(srt, jnp.clip(at, 0, srt.shape[1] - 1), 1) == q
+        hit = found.reshape(cand.shape) & (cand >= 0) & live[..., None]
         f = jnp.broadcast_to(jnp.where(live, cix, F)[..., None], hit.shape)
         m = jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), hit.shape)
         return state["coact_cnt"].at[f, m].add(hit.astype(jnp.int32), mode="drop")
