@@ -12,6 +12,7 @@ import os
 import sys
 import types
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,23 +86,14 @@ def test_config_from_tree_and_flat_layout():
             cfg.d_mlp) == ("gemma3", V, D, L, N, K, H, F)
     assert cfg.layer_types == ("local",) * 5 + ("global", "local") and cfg.sliding_window == 512
     assert cfg.qk_norm and cfg.post_norms and cfg.attn_scale == H**-0.5
-    # Kaggle's flat form: "transformer/<path>" keys, the MLP weights under "w"
-    flat = {}
-    for k, v in tree.items():
-        for k2, v2 in v.items():
-            if k2 in ("gating_einsum", "linear"):
-                flat[f"transformer/{k}/mlp/{k2}"] = {"w": v2}
-            elif k2 == "attn":
-                for k3, v3 in v2.items():
-                    flat[f"transformer/{k}/attn/{k3}"] = v3
-            elif k2 == "mlp":
-                for k3, v3 in v2.items():
-                    flat[f"transformer/{k}/mlp/{k3}"] = {"w": v3}
-            else:
-                flat[f"transformer/{k}/{k2}"] = v2 if isinstance(v2, dict) else {k2: v2}
-        if k in ("embedder", "final_norm"):
-            flat[f"transformer/{k}"] = v
-    flat = {k: v for k, v in flat.items() if not k.startswith(("transformer/embedder/", "transformer/final_norm/"))}
+    # Kaggle's flat form: "transformer/<module path>": {param: array}; the MLP's two weights under "w"
+    flat: dict = {}
+    for path, arr in flax.traverse_util.flatten_dict(tree).items():
+        if path[-1] in ("linear", "gating_einsum"):
+            flat["transformer/" + "/".join(path)] = {"w": arr}
+        else:
+            flat.setdefault("transformer/" + "/".join(path[:-1]), {})[path[-1]] = arr
+    assert "transformer/layer_3/attn/q_einsum" in flat and "transformer/embedder" in flat
     a = G.params_from_tree(cfg, tree)
     b = G.params_from_tree(cfg, flat)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
@@ -177,7 +169,7 @@ def test_parity_with_gemma_library_tiny():
 @pytest.mark.slow
 def test_parity_with_gemma_library_gemma3_270m(tmp_path):
     """The real Gemma 3 270M (offline GGUF weights) in `gm.nn.Gemma3_270M` and in jsae: logits and
-    every block's residual; then the same weights through an Orbax checkpoint and jsae.load."""
+    every block's residual."""
     gm = _gm()
     lm = M.load("gemma-3-270m")
     tree = G.params_to_tree(lm.cfg, lm.params)
@@ -195,3 +187,20 @@ def test_parity_with_gemma_library_gemma3_270m(tmp_path):
     assert max(diffs) < 1e-5, diffs
     assert logit_diff < 1e-3
     assert (np.asarray(out.logits).argmax(-1) == ref_logits.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_orbax_round_trip_gemma3_270m(tmp_path):
+    """The real Gemma 3 270M exported in the library's layout and loaded back by jsae.load: the same
+    weights, config (up to the float32 rounding of norm_eps in the GGUF) and tokenizer."""
+    lm = M.load("gemma-3-270m")
+    path = G.export(lm, tmp_path / "gemma3-270m")
+    tree = G.read_tree(path)
+    assert tree["layer_5"]["attn"]["kv_einsum"]["w"].shape == (2, 1, 640, 256)
+    assert tree["layer_0"]["mlp"]["gating_einsum"].shape == (2, 2048, 640)
+    del tree
+    back = M.load(str(path))
+    assert back.cfg == dataclasses.replace(lm.cfg, norm_eps=1e-6)
+    same = jax.tree_util.tree_map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), lm.params, back.params)
+    assert all(jax.tree_util.tree_leaves(same))
+    assert back.tokenizer.encode("The Golden Gate Bridge") == lm.tokenizer.encode("The Golden Gate Bridge")
