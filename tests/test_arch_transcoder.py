@@ -1,5 +1,11 @@
-"""Transcoders (TopK) and skip transcoders: loss against NumPy, gradients against finite
-differences, and recovery of a synthetic linear-plus-sparse map (x_target = x_in A + c D)."""
+"""Transcoders (TopK, JumpReLU) and skip transcoders: loss against NumPy, gradients against
+finite differences, recovery of a synthetic linear-plus-sparse map (x_target = x_in A + c D),
+and export -> real sae-lens -> the same codes and outputs."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +14,7 @@ import optax
 import pytest
 
 from jsae import parallel
+from jsae.export.saelens import save_saelens
 from jsae.sae import SAE, SAESpec, encode, fold_norm, init_sae, sae_loss
 from jsae.sae.core import decode_normalized, encode_normalized
 
@@ -207,3 +214,117 @@ def test_transcoder_recovers_linear_plus_sparse_map():
     plain = _train("transcoder", x_tr, y_tr, d_sae=32, k=k_true + 1)
     fvu_plain = _fvu(plain, x_te, y_te)
     assert fvu_plain < 0.05, fvu_plain  # measured 0.012
+
+
+JUMP_ARCHS = ["jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+def _jump_sae(arch, seed=0):
+    sae, x, y = _sae_for(arch, seed)
+    p = dict(sae.params)
+    p["log_threshold"] = jnp.log(jnp.full((D_SAE,), 0.3, jnp.float32))
+    return sae.replace(params=p), x, y
+
+
+def _sae_for(arch, seed):
+    rng = np.random.default_rng(seed)
+    spec = SAESpec(arch, D, D_SAE)
+    sae = init_sae(jax.random.key(seed), spec, None, b_dec_init="zeros")
+    p = {n: v + 0.2 * jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+         for n, v in sae.params.items()}
+    x = rng.standard_normal((32, D)).astype(np.float32)
+    y = (x @ rng.standard_normal((D, D)) * 0.5 + rng.standard_normal((32, D))).astype(np.float32)
+    return sae.replace(params=p), x, y
+
+
+def _np_jump(p, x, y, *, skip, coef):
+    """JumpReLU transcoder loss (step L0 term), float64."""
+    pre = x @ p["W_enc"] + p["b_enc"]
+    theta = np.exp(p["log_threshold"])
+    z = np.where(pre > theta, pre, 0.0)
+    x_hat = z @ p["W_dec"] + p["b_dec"] + (x @ p["W_skip"] if skip else 0.0)
+    return (np.mean(np.sum((x_hat - y) ** 2, -1)) + coef * np.mean(np.sum(pre > theta, -1)),
+            z, x_hat)
+
+
+@pytest.mark.parametrize("arch", JUMP_ARCHS)
+def test_jumprelu_transcoder_loss_and_decoder_gradients(arch):
+    sae, x, y = _jump_sae(arch)
+    skip = arch == "jumprelu_skip_transcoder"
+    loss_fn = jax.jit(lambda prm: sae_loss(sae.replace(params=prm), jnp.asarray(x),
+                                           x_target=jnp.asarray(y), sparsity_coef=0.3))
+    loss, aux = loss_fn(sae.params)
+    p0 = _np_params(sae)
+    xd, yd = x.astype(np.float64), y.astype(np.float64)
+    ref, z_ref, _ = _np_jump(p0, xd, yd, skip=skip, coef=0.3)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux["z"]), z_ref, rtol=1e-5, atol=1e-5)
+    assert 0 < np.mean(z_ref != 0) < 1
+    # the parameters after the activation have exact gradients (the others are straight-through
+    # estimates, tested for `jumprelu` in tests/test_sae_core.py)
+    grads = jax.jit(jax.grad(lambda prm: loss_fn(prm)[0]))(sae.params)
+    rng = np.random.default_rng(3)
+    h = 1e-5
+    for name in ("W_dec", "b_dec") + (("W_skip",) if skip else ()):
+        for _ in range(5):
+            idx = tuple(rng.integers(0, n) for n in p0[name].shape)
+            plus = {n: v.copy() for n, v in p0.items()}
+            minus = {n: v.copy() for n, v in p0.items()}
+            plus[name][idx] += h
+            minus[name][idx] -= h
+            fd = (_np_jump(plus, xd, yd, skip=skip, coef=0.3)[0]
+                  - _np_jump(minus, xd, yd, skip=skip, coef=0.3)[0]) / (2 * h)
+            assert float(np.asarray(grads[name])[idx]) == pytest.approx(fd, rel=1e-3, abs=1e-4)
+
+
+_SAELENS_SCRIPT = r"""
+import json, sys
+import numpy as np, torch
+from sae_lens import SAE
+root = sys.argv[1]
+x = torch.from_numpy(np.load(f"{root}/x.npy"))
+report = {}
+for name in json.loads(open(f"{root}/names.json").read()):
+    sae = SAE.load_from_disk(f"{root}/{name}")
+    with torch.no_grad():
+        np.save(f"{root}/{name}.z.npy", sae.encode(x).numpy())
+        np.save(f"{root}/{name}.out.npy", sae(x).numpy())
+    report[name] = {"cls": type(sae).__name__, "d_out": sae.cfg.d_out}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_export_loads_in_real_saelens(tmp_path):
+    exe = os.environ.get("JSAE_SAELENS_PYTHON")
+    if not exe:
+        import importlib.util
+
+        exe = sys.executable if importlib.util.find_spec("sae_lens") else None
+    if exe is None:
+        pytest.skip("sae_lens is not installed (set JSAE_SAELENS_PYTHON to a Python with it)")
+    saes, x = {}, None
+    for i, arch in enumerate(JUMP_ARCHS):
+        sae, x, _ = _jump_sae(arch, seed=i)
+        saes[arch] = sae.replace(norm_scale=jnp.asarray(0.4, jnp.float32))  # folded on export
+        save_saelens(saes[arch], tmp_path / arch, hook_name="blocks.6.hook_resid_mid",
+                     model_name="gemma-3-270m")
+    x = 3.0 * x
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "names.json").write_text(json.dumps(JUMP_ARCHS))
+    out = subprocess.run([exe, "-c", _SAELENS_SCRIPT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"jumprelu_transcoder": {"cls": "JumpReLUTranscoder", "d_out": D},
+                      "jumprelu_skip_transcoder": {"cls": "JumpReLUSkipTranscoder", "d_out": D}}
+    for arch, sae in saes.items():
+        xs = jnp.asarray(x)
+        z = encode(sae, xs)
+        y_hat = decode_normalized(sae, encode_normalized(sae, xs * sae.norm_scale),
+                                  xs * sae.norm_scale) / sae.norm_scale
+        assert 0 < np.mean(np.asarray(z) != 0) < 1
+        np.testing.assert_allclose(np.load(tmp_path / f"{arch}.z.npy"), np.asarray(z),
+                                   rtol=1e-4, atol=1e-4, err_msg=arch)
+        np.testing.assert_allclose(np.load(tmp_path / f"{arch}.out.npy"), np.asarray(y_hat),
+                                   rtol=1e-4, atol=1e-4, err_msg=arch)

@@ -1,11 +1,14 @@
-"""TopK transcoders: encode one hook, reconstruct another (Dunefsky et al. 2024; sparsify).
+"""Transcoders: encode one hook, reconstruct another (Dunefsky et al. 2024; sparsify).
 
-``transcoder``: z = relu(top_k(x_in W_enc + b_enc)), x_hat = z W_dec + b_dec, trained on
+``transcoder`` (TopK): z = relu(top_k(x_in W_enc + b_enc)), x_hat = z W_dec + b_dec, trained on
 ||x_hat - x_target||^2 (+ AuxK on the residual x_target - x_hat), e.g. x_in an MLP's input
 (blocks.L.hook_resid_mid) and x_target its output (blocks.L.hook_mlp_out).
 ``skip_transcoder`` adds an affine skip connection (Paulo et al. 2025, "skip transcoder";
 Gemma Scope 2's ``affine_skip_connection``): x_hat += x_in W_skip, W_skip [d_in, d_in]
 initialised to zero, so the dictionary only has to explain what a linear map cannot.
+``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``: the same with JumpReLU's activation and
+sparsity terms (Gemma Scope 2's transcoders); these export to SAELens 6's
+``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (TopK ones have no SAELens class).
 
 Shapes: x_in, x_target [B, d_in] (d_out == d_in: `SAESpec` has one width, which holds for the
 MLP of a transformer block); W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in] is the
@@ -20,22 +23,24 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jsae.sae.archs import register
+from jsae.sae.archs.jumprelu import JumpReLU
 from jsae.sae.archs.topk import TopK
 
 
-class Transcoder(TopK):
-    name = "transcoder"
+class _TranscoderForward:
+    """What makes an architecture a transcoder; mixed in before the activation's class."""
+
     skip: bool = False
     supports_fast = False
     fast_blockwise = False
     sharded_fast = False
-    saelens_name = None  # SAELens's Transcoder is a ReLU one: a TopK one does not map onto it
-    saelens_imports = ()
+    saelens_imports = ()  # importing transcoders (d_out, W_skip) is not supported yet
 
     def extra_params(self, spec, **opts):
-        if not self.skip:
-            return {}
-        return {"W_skip": jnp.zeros((spec.d_in, spec.d_in), jnp.float32)}
+        extra = super().extra_params(spec, **opts)
+        if self.skip:
+            extra["W_skip"] = jnp.zeros((spec.d_in, spec.d_in), jnp.float32)
+        return extra
 
     def pre_activations(self, sae, x_n):
         """x_in W_enc + b_enc (no b_dec centring: b_dec is the target's bias)."""
@@ -45,7 +50,7 @@ class Transcoder(TopK):
         return _mm(x_n, p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
 
     def decode(self, sae, z, x_in=None):
-        """z W_dec + b_dec (+ x_in W_skip for the skip transcoder)."""
+        """z W_dec + b_dec (+ x_in W_skip for a skip transcoder)."""
         from jsae.sae.core import _mm
 
         p = sae.params
@@ -60,11 +65,41 @@ class Transcoder(TopK):
     def fast_applies(self, batch_topk_fn) -> bool:
         return False
 
+    def to_saelens(self, params):
+        t = super().to_saelens(params)
+        if self.skip:  # SAELens keeps W_skip as [d_out, d_in] and adds x @ W_skip.T
+            t["W_skip"] = params["W_skip"].T
+        return t
+
+    def saelens_cfg(self, spec):
+        return {**super().saelens_cfg(spec), "d_out": spec.d_in, "apply_b_dec_to_input": False}
+
+
+class Transcoder(_TranscoderForward, TopK):
+    name = "transcoder"
+    saelens_name = None  # SAELens's transcoders are ReLU / JumpReLU: a TopK one does not map
+
 
 class SkipTranscoder(Transcoder):
     name = "skip_transcoder"
     skip = True
 
 
+class JumpReLUTranscoder(_TranscoderForward, JumpReLU):
+    """JumpReLU activation and sparsity terms (`jsae.sae.archs.jumprelu`), as Gemma Scope 2's
+    transcoders; exports to SAELens's ``jumprelu_transcoder``."""
+
+    name = "jumprelu_transcoder"
+    saelens_name = "jumprelu_transcoder"
+
+
+class JumpReLUSkipTranscoder(JumpReLUTranscoder):
+    name = "jumprelu_skip_transcoder"
+    saelens_name = "jumprelu_skip_transcoder"
+    skip = True
+
+
 register(Transcoder())
 register(SkipTranscoder())
+register(JumpReLUTranscoder())
+register(JumpReLUSkipTranscoder())
