@@ -173,6 +173,79 @@ def test_neuronpedia_batches_have_the_exporters_fields(tiny, tmp_path):
             float(data.max_act[r]), rel=1e-2)
 
 
+# Field names of Neuronpedia's importer records (hijohnnylin/neuronpedia,
+# utils/neuronpedia-utils/neuronpedia_utils/db_models/*.py, and what
+# convert-saedashboard-to-neuronpedia-export.py fills in)
+NP_DB_FEATURE = {
+    "modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector",
+    "vectorLabel", "vectorDefaultSteerStrength", "hookName", "topkCosSimIndices",
+    "topkCosSimValues", "neuron_alignment_indices", "neuron_alignment_values",
+    "neuron_alignment_l1", "correlated_neurons_indices", "correlated_neurons_pearson",
+    "correlated_neurons_l1", "correlated_features_indices", "correlated_features_pearson",
+    "correlated_features_l1", "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero",
+    "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "decoder_weights_dist"}
+NP_DB_ACTIVATION = {
+    "id", "tokens", "index", "layer", "modelId", "maxValue", "maxValueTokenIndex", "minValue",
+    "values", "creatorId", "dataSource", "dataIndex", "dfaValues", "dfaTargetIndex",
+    "dfaMaxValue", "createdAt", "lossValues", "logitContributions", "binMin", "binMax",
+    "binContains", "qualifyingTokenIndex"}
+NP_DB_SOURCE = {
+    "id", "modelId", "setName", "creatorId", "hasDashboards", "inferenceEnabled",
+    "inferenceHosts", "saelensConfig", "saelensRelease", "saelensSaeId", "hfRepoId",
+    "hfFolderId", "visibility", "defaultOfModelId", "hasUmap", "hasUmapLogSparsity",
+    "hasUmapClusters", "num_prompts", "num_tokens_in_prompt", "dataset", "notes", "createdAt"}
+NP_DB_REQUIRED = {"feature": {"modelId", "layer", "index"},
+                  "activation": {"id", "tokens", "index", "layer", "modelId", "maxValue",
+                                 "maxValueTokenIndex", "minValue", "values", "creatorId"},
+                  "source": {"id", "modelId", "setName", "creatorId"},
+                  "sourceset": {"modelId", "name", "creatorId"},
+                  "release": {"name", "description", "creatorName", "creatorId"},
+                  "model": {"id", "instruct", "creatorId"}}
+
+
+def test_neuronpedia_logit_histograms_and_bulk_layout(tiny, tmp_path):
+    """Logit histograms equal NumPy's over the whole vocabulary; the bulk-import folder has the
+    converter's layout and only field names of Neuronpedia's db models (required ones present)."""
+    import gzip
+    import json
+
+    from jsae.analysis.atlas.neuronpedia import LOGIT_HIST_BINS, export_bulk, export_neuronpedia
+
+    model, sae, data = tiny
+    files = export_neuronpedia(data, tmp_path / "np", features_per_batch=16, logit_hist=(model, sae))
+    feats = [f for p in files for f in json.loads(p.read_text())["features"]]
+    p = model.params
+    E = np.asarray(p["embed"] if model.cfg.tie_embeddings else np.asarray(p["unembed"]).T, np.float64)
+    scale = np.asarray(p["final_norm"]["scale"], np.float64)
+    W = np.asarray(sae.params["W_dec"], np.float64) / float(sae.norm_scale)
+    for f in feats[:5]:
+        logits = (W[f["feature_index"]] * scale) @ E.T
+        h, edges = np.histogram(logits, LOGIT_HIST_BINS)
+        assert len(f["logits_hist_data_bar_heights"]) == LOGIT_HIST_BINS
+        assert np.abs(np.asarray(f["logits_hist_data_bar_heights"]) - h).sum() <= 2  # edge ties
+        np.testing.assert_allclose(f["logits_hist_data_bar_values"], (edges[:-1] + edges[1:]) / 2,
+                                   rtol=1e-3, atol=1e-3)
+    src = export_bulk(files, tmp_path / "bulk", source_set="res-jsae", hook_point="hook_resid_post")
+    assert src == tmp_path / "bulk" / data.meta["model"].split("/")[-1] / "1-res-jsae"
+    for name in ("release", "model", "sourceset", "source"):
+        rec = json.loads((src / f"{name}.jsonl").read_text())
+        assert NP_DB_REQUIRED[name] <= set(rec), name
+    assert set(json.loads((src / "source.jsonl").read_text())) <= NP_DB_SOURCE
+    assert sorted(x.name for x in (src / "features").iterdir()) == sorted(
+        f.stem + ".jsonl.gz" for f in files)
+    fr = [json.loads(line) for x in sorted((src / "features").iterdir())
+          for line in gzip.decompress(x.read_bytes()).decode().splitlines()]
+    ar = [json.loads(line) for x in sorted((src / "activations").iterdir())
+          for line in gzip.decompress(x.read_bytes()).decode().splitlines()]
+    assert len(fr) == len(feats) and len(ar) == sum(len(f["activations"]) for f in feats)
+    for r in fr:
+        assert NP_DB_REQUIRED["feature"] <= set(r) <= NP_DB_FEATURE
+    for a in ar:
+        assert NP_DB_REQUIRED["activation"] <= set(a) <= NP_DB_ACTIVATION
+        assert a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
+
+
 def test_cli_atlas_then_around(tmp_path, monkeypatch, capsys):
     """`jsae atlas RUN` on a run folder of the tiny model, then `--around` on the saved atlas
     (no LM pass), and a bad feature id / a run without an SAE as one line, exit 2."""
@@ -198,6 +271,7 @@ def test_cli_atlas_then_around(tmp_path, monkeypatch, capsys):
     assert rc == 0
     assert (out / "atlas.npz").exists() and (out / "map.png").exists()
     assert (out / "index.html").exists() and (tmp_path / "np" / "batch-0.json").exists()
+    assert list((tmp_path / "np" / "bulk").glob("*/*/features/batch-0.jsonl.gz"))  # bulk import
     text = capsys.readouterr().out
     assert "features fired" in text
     rc = cli.main(["atlas", str(run), "--out", str(out), "--around", "5", "--radius", "0.9",

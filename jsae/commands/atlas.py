@@ -94,10 +94,13 @@ def _write_outputs(data, out, sae, args, log) -> None:
         index = write_site(out, data)
         log(f"site: {index}  (open it in a browser, or python -m http.server -d {out})")
     if args.neuronpedia:
-        from jsae.analysis.atlas.neuronpedia import export_neuronpedia
+        from pathlib import Path
+
+        from jsae.analysis.atlas.neuronpedia import export_bulk, export_neuronpedia
 
         files = export_neuronpedia(data, args.neuronpedia, vectors=sae.params["W_dec"] / sae.norm_scale)
-        log(f"neuronpedia: {len(files)} batch files in {args.neuronpedia}")
+        bulk = export_bulk(files, Path(args.neuronpedia) / "bulk")
+        log(f"neuronpedia: {len(files)} batch files in {args.neuronpedia}; bulk-import folder {bulk}")
 
 
 def _describe_local(data, lm) -> str:

@@ -42,6 +42,18 @@ def _topk_logits(dirs, scale, W_v, *, k):
     return tv, ti, -bv, bi
 
 
+@partial(jax.jit, static_argnames=("bins",))
+def _logit_hist(dirs, scale, E, *, bins):
+    """Per row of ``dirs [n, d]``: histogram of its logits over all of ``E [V, d]`` in ``bins``
+    equal bins from min to max: ``(counts [n, bins], centres [n, bins])``."""
+    logits = jnp.einsum("fd,vd->fv", dirs * scale, E, preferred_element_type=jnp.float32)
+    lo, hi = logits.min(1, keepdims=True), logits.max(1, keepdims=True)
+    width = jnp.maximum(hi - lo, 1e-12) / bins
+    b = jnp.clip(jnp.floor((logits - lo) / width).astype(jnp.int32), 0, bins - 1)
+    counts = jax.vmap(lambda r: jnp.bincount(r, length=bins))(b)
+    return counts, lo + width * (jnp.arange(bins) + 0.5)
+
+
 def logit_table(model, sae, vocab: np.ndarray, k: int = 10, chunk: int = 1024):
     """``(top_ids, top_vals, bottom_ids, bottom_vals)`` ``[d_sae, k]`` of every feature's
     decoder direction, among the token ids ``vocab`` (see ``LOGIT_METHOD``). Only the
