@@ -32,7 +32,7 @@ def _gm():
     if importlib.util.find_spec("gemma") is None or importlib.util.find_spec("kauldron") is None:
         pytest.skip("the `gemma` library is not installed (pip install --no-deps gemma==3.3.0 kauldron, see "
                     "tools/test.sh)")
-    if importlib.util.find_spec("tensorflow") is None and "tensorflow" not in sys.modules:
+    if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
         tf = types.ModuleType("tensorflow")
         tf.Tensor = type("Tensor", (), {})
         sys.modules["tensorflow"] = tf
