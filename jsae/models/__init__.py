@@ -22,6 +22,9 @@ weight loaders (GGUF, HF safetensors), a torch-free tokenizer, and KV-cache gene
   works on ids.
 - `partition_specs(params, mesh=..., tensor_parallel=True)` / `shard_params` / `LanguageModel.shard`.
 - `center_writing_weights(cfg, params)`: TransformerLens' GPT-2 processing (for SAELens gpt2-small SAEs).
+- `lm.model`: the same model as Flax NNX modules (`jsae.models.nnx`: treescope, surgery,
+  `nnx.forward(model, tokens, ...)`); `jsae.models.gemma_ckpt`: Google's `gemma` library checkpoints
+  (Orbax folders load with `load(folder)` or `load("gemma:folder")`; `gemma_ckpt.export(lm, folder)`).
 """
 
 from jsae.models.config import HOOK_KINDS, TransformerConfig, from_hf_config, parse_hook
