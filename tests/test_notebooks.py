@@ -8,14 +8,9 @@ A cell error fails the test and names the cell.
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+from notebook_runner import NOTEBOOKS, half, run_notebook
 
 
 def _ids(paths):
@@ -35,26 +30,6 @@ def test_notebook_is_stripped(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+@pytest.mark.parametrize("path", half(True), ids=_ids(half(True)))
 def test_notebook_runs(path, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.read(path, as_version=4)
-    env_before = dict(os.environ)
-    os.environ["JSAE_NOTEBOOK_CI"] = "1"
-    os.environ.setdefault("JSAE_REPO_ROOT", str(ROOT))
-    # The kernel must not inherit pytest's 8 simulated devices unless a notebook asks for them.
-    os.environ.pop("XLA_FLAGS", None)
-    try:
-        client = nbclient.NotebookClient(
-            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
-        )
-        try:
-            client.execute()
-        except nbclient.exceptions.CellExecutionError as e:
-            pytest.fail(f"{path.name}: {str(e)[-3000:]}")
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
-    assert sys.executable  # ran in this interpreter's kernel (ipykernel's python3 spec)
+    run_notebook(path, tmp_path)

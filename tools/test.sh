@@ -35,4 +35,5 @@ if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; the
 fi
 
 "$PY" -m ruff check jsae tests benchmarks tools
-"$PY" -m pytest -q "$@"
+# Two workers, one test file each at a time (module fixtures are built once); JSAE_TEST_WORKERS=0 runs serially.
+"$PY" -m pytest -q -n "${JSAE_TEST_WORKERS:-2}" --dist loadfile "$@"
