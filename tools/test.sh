@@ -34,6 +34,22 @@ if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; the
   fi
 fi
 
+# Google's `gemma` library for the parity tests, in a side venv: its normal install resolves for ages
+# and pulls TensorFlow, so it goes in --no-deps with pinned pieces (tests/test_gemma_lib.py explains).
+GEMMA_PY=""
+if [ $# -eq 0 ] || [ "${JSAE_WITH_GEMMA:-0}" = "1" ]; then
+  if "$PY" -m venv --system-site-packages .ci-gemma \
+     && .ci-gemma/bin/pip install -q --no-deps "gemma==3.3.0" "kauldron==1.4.2" "clu==0.0.12" \
+        "ml_collections==1.1.0" "lark==1.3.1" "typeguard==4.6.1" "jaxtyping==0.3.11" "sentencepiece==0.2.3"; then
+    GEMMA_PY="$PWD/.ci-gemma/bin/python"
+  else
+    echo "the gemma library could not be installed; its parity tests skip"
+  fi
+fi
+
 "$PY" -m ruff check jsae tests benchmarks tools
 # Two workers, one test file each at a time (module fixtures are built once); JSAE_TEST_WORKERS=0 runs serially.
 "$PY" -m pytest -q -n "${JSAE_TEST_WORKERS:-2}" --dist loadfile "$@"
+if [ -n "$GEMMA_PY" ]; then
+  "$GEMMA_PY" -m pytest -q -p no:cacheprovider tests/test_gemma_lib.py   # parity with gm.nn (Gemma 3 270M)
+fi
