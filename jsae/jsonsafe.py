@@ -46,13 +46,9 @@ def dumps(obj: Any, **kw) -> str:
 
 def write(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as strict JSON atomically (temp file + rename)."""
-    import os
+    from jsae.fileio import write_text
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(obj, indent=indent))
-    os.replace(tmp, path)
-    return path
+    return write_text(Path(path), dumps(obj, indent=indent))
 
 
 __all__ = ["dumps", "finite", "non_finite_keys", "write"]

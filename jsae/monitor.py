@@ -252,12 +252,9 @@ class Detector:
         return {"format": DETECTOR_FORMAT, "version": 1, **dataclasses.asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
-        tmp.replace(path)
-        return path
+        from jsae.fileio import write_text
+
+        return write_text(Path(path), json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.fileio import atomic_file
 from jsae.sae.core import SAE, encode
 
 Array = jax.Array
@@ -62,9 +63,8 @@ class TopActivations:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no .npz
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> TopActivations:

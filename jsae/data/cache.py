@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +36,7 @@ import numpy as np
 
 from jsae.data.shuffle import ShuffleMixer
 from jsae.errors import FileFormatError
+from jsae.fileio import write_bytes
 
 FORMAT = "jsae-activation-cache"
 VERSION = 1
@@ -51,11 +51,7 @@ def _path(p):
 
 
 def _atomic_write(path, data: bytes) -> None:
-    path = _path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    tmp.replace(path)  # overwrites (a shard rewritten after a crash, the manifest)
+    write_bytes(_path(path), data)  # overwrites (a shard rewritten after a crash, the manifest)
 
 
 def _np_dtype(name: str):

@@ -22,9 +22,6 @@ exp(log_threshold)), batchtopk -> jumprelu (its learned inference threshold; the
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.fileio import atomic_folder
 from jsae.sae.archs import from_saelens_name, get_arch
 from jsae.sae.core import SAE, SAESpec, fold_norm
 
@@ -118,16 +116,9 @@ def save_saelens(sae: SAE, out: str | Path, *, hook_name: str, model_name: str,
     out.parent.mkdir(parents=True, exist_ok=True)
     _, tensors = saelens_tensors(sae)
     cfg = saelens_config(sae, hook_name=hook_name, model_name=model_name, **cfg_fields)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,13 +15,13 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from jsae.fileio import atomic_folder
 from jsae.models.config import TransformerConfig, from_hf_config
 from jsae.models.convert import (
     flatten_params,
@@ -344,25 +344,13 @@ def _usable(entry: Path) -> bool:
 def _write_cache(entry: Path, cfg: TransformerConfig, params_np: dict, tokenizer: Optional[Tokenizer]) -> None:
     from safetensors.numpy import save_file
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    # another process may finish the same entry first: keep theirs when it is whole
+    with atomic_folder(entry, replace=False, keep_existing=_complete) as tmp:
         flat = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flatten_params(params_np).items()}
         save_file(flat, str(tmp / "params.safetensors"))
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not _complete(entry):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _from_cache(entry: Path, dtype: str, name: str) -> LanguageModel:

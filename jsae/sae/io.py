@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -24,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from jsae import jsonsafe
 from jsae.errors import FileFormatError
+from jsae.fileio import atomic_folder
 from jsae.sae.core import SAE, SAESpec
 
 FORMAT = "jsae-sae-v1"
@@ -106,24 +105,11 @@ def save_sae_from_mesh(sae: SAE, path: str | Path, metadata: dict | None = None,
 def _write_folder(path: Path, sae: SAE, metadata: dict | None, write_weights) -> Path:
     """Write sae.safetensors (by ``write_weights(tmp)``) and sae.json into a temporary
     folder next to ``path``, then rename it into place (replacing an older one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         files = write_weights(tmp)
         info = {"format": FORMAT, "spec": dataclasses.asdict(sae.spec),
                 "metadata": metadata or {}, "files": files}
         (tmp / "sae.json").write_text(jsonsafe.dumps(info, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from jsae.config import RunConfig, to_dict
 from jsae.errors import JsaeError
+from jsae.fileio import write_text
 from jsae.sae.archs import get_arch
 from jsae.train.divergence import TrainingDiverged
 
@@ -260,9 +261,7 @@ class RunCheckpointer:
             return
         files = {str(f.relative_to(d)): f.stat().st_size
                  for f in sorted(d.rglob("*")) if f.is_file() and f.name != LISTING}
-        tmp = d / f".{LISTING}.tmp"
-        tmp.write_text(json.dumps(files, indent=0))
-        os.replace(tmp, d / LISTING)
+        write_text(d / LISTING, json.dumps(files, indent=0))
 
     def describe_last_good(self) -> str:
         step = self.latest_step

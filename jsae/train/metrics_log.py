@@ -6,6 +6,8 @@ import csv
 import math
 from pathlib import Path
 
+from jsae.fileio import atomic_file
+
 
 class MetricsLogger:
     """Appends one row per logged step to ``run_dir/metrics.csv`` (and TensorBoard events).
@@ -51,12 +53,10 @@ class MetricsLogger:
         with self.csv_path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         self._fields = [*self._fields, *new]
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_file(self.csv_path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self._fields, restval="")
             w.writeheader()
             w.writerows(rows)
-        tmp.replace(self.csv_path)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -32,6 +32,7 @@ import yaml
 
 from jsae.config import RunConfig, to_dict
 from jsae.errors import JsaeError
+from jsae.fileio import write_text
 
 LOCK_NAME = ".jsae-train.lock"
 HISTORY = "history"
@@ -303,9 +304,7 @@ def _step(row: dict) -> float:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def accept(cfg: RunConfig, start_step: int, total_steps: int, *,

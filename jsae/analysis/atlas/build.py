@@ -21,6 +21,7 @@ import numpy as np
 
 from jsae.analysis.atlas.stream import AtlasError, StreamConfig, StreamResult
 from jsae.analysis.atlas.types import AtlasData, LocalMap
+from jsae.fileio import atomic_file
 
 LOGIT_METHOD = (
     "W_dec[f] / norm_scale, times the final norm's elementwise scale, @ W_U (the final RMSNorm's "
@@ -262,9 +263,8 @@ def save_atlas(data: AtlasData, path: str | Path) -> Path:
         elif v is not None:
             arrays[f.name] = np.asarray(v)
     blob = json.dumps(tables, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __tables__=np.frombuffer(blob, np.uint8), **arrays)
-    tmp.replace(path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no .npz
+        np.savez(f, __tables__=np.frombuffer(blob, np.uint8), **arrays)
     return path
 
 

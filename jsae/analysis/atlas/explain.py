@@ -29,6 +29,7 @@ import numpy as np
 
 from jsae.analysis.atlas.types import AtlasData
 from jsae.errors import JsaeError
+from jsae.fileio import write_text
 
 EXPLAIN_SYSTEM = (
     "You study the internal features of a language model. Each feature responds to some "
@@ -115,10 +116,7 @@ class ChatClient:
         if content is None:
             raise ExplainerError(f"explainer at {self.url} failed after {self.retries + 1} tries: {err}")
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"content": content}))
-            tmp.replace(cached)
+            write_text(cached, json.dumps({"content": content}))
         return content
 
 

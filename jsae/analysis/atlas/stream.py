@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.errors import JsaeError
+from jsae.fileio import atomic_file
 
 EMPTY_PRIO = np.uint32(0xFFFFFFFF)
 
@@ -451,10 +452,9 @@ def save_state(path: str | Path, state: dict, meta: dict) -> None:
     """Atomically write a partial pass (``meta`` holds fingerprints and the position)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     host = {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
-    np.savez(tmp, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **host)
-    tmp.replace(path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no .npz
+        np.savez(f, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **host)
 
 
 def load_state(path: str | Path, expect: Mapping) -> tuple[dict, dict] | None:
