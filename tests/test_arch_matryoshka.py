@@ -118,3 +118,19 @@ def test_meshes_match_single_device():
             np.testing.assert_allclose(st.sae.params[name], v, rtol=2e-4, atol=2e-5,
                                        err_msg=f"{name} mesh {data}x{model}")
         assert float(m["matryoshka"]) == pytest.approx(float(ref_m["matryoshka"]), rel=1e-4)
+
+
+def test_preflight_checks_k_against_the_resolved_d_sae():
+    # d_sae from sae.expansion is only known at preflight: the registry's needs_k drives the check
+    from pathlib import Path
+
+    from jsae import config as config_lib
+    from jsae.config import ConfigError
+    from jsae.train.preflight import preflight
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = config_lib.load(root / "configs" / "synthetic.yaml", [
+        "sae.architecture=matryoshka", "sae.d_sae=null", "sae.expansion=1", "sae.k=100",
+        "sae.matryoshka_groups=[16]"])
+    with pytest.raises(ConfigError, match="'sae.k': k=100 exceeds d_sae=64"):
+        preflight(cfg)

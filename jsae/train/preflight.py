@@ -120,7 +120,9 @@ def preflight(cfg: RunConfig, *, d_in: int | None = None, memory: bool = True) -
             f"config key '{key}': d_sae={d_sae} is not divisible by mesh.model={model} (the "
             f"latents are split evenly over the model axis); use a multiple of {model}, e.g. "
             f"{-(-d_sae // model) * model}")
-    if d_sae is not None and cfg.sae.architecture in ("topk", "batchtopk") and cfg.sae.k > d_sae:
+    from jsae.sae.archs import get_arch
+
+    if d_sae is not None and get_arch(cfg.sae.architecture).needs_k and cfg.sae.k > d_sae:
         raise ConfigError(f"config key 'sae.k': k={cfg.sae.k} exceeds d_sae={d_sae}")
     if memory and d_in is not None:
         check_memory(cfg, d_in, data, model)
