@@ -636,9 +636,11 @@ def _prepare(saes, tokens, mask, cfg, batch_size, state_dir):
     if cfg.window > T:
         raise AtlasError(f"example window {cfg.window} is longer than the contexts ({T} tokens)")
     hooks = list(saes)
-    ks = [int(getattr(saes[h].spec, "k", None) or 0) for h in hooks
-          if saes[h].spec.architecture == "topk"]
-    if ks and max(ks) > cfg.sparse_cap:  # TopK codes never have more than k active features
+    from jsae.sae.archs import get_arch
+
+    ks = [get_arch(saes[h].spec.architecture).max_active(saes[h].spec) for h in hooks]
+    ks = [k for k in ks if k]
+    if ks and max(ks) > cfg.sparse_cap:  # e.g. TopK codes never have more than k active features
         cfg = dataclasses.replace(cfg, sparse_cap=max(ks))
     corpus_fp = corpus_fingerprint(tokens, mask)
     states, expects, paths = {}, {}, {}

@@ -69,6 +69,10 @@ class Arch:
         """Parameters beyond W_enc, b_enc, W_dec, b_dec for a fresh SAE."""
         return {}
 
+    def max_active(self, spec) -> int | None:
+        """The most latents that can be active on one token, where the rule caps it (TopK: k)."""
+        return None
+
     def threshold(self, params: dict) -> Array | None:
         """Per-latent inference threshold (normalised units), where the architecture has one."""
         return None

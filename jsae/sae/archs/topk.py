@@ -30,6 +30,9 @@ class TopK(Arch):
     def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
         return jax.nn.relu((topk_fn or selection.topk_dense)(pre, sae.spec.k))
 
+    def max_active(self, spec):
+        return int(spec.k)
+
     def loss_terms(self, sae, t):
         return auxk_terms(sae, t)
 
