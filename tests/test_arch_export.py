@@ -2,15 +2,15 @@
 matryoshka_batchtopk for inference: a JumpReLU SAE) and jumprelu with a linear threshold."""
 
 import json
-import subprocess
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from saelens_side import run_saelens, saelens_python
 
 from jsae.export.saelens import load_saelens, save_saelens
 from jsae.sae import SAE, SAESpec, decode, encode
-from tests.test_export import D_IN, D_SAE, _random_sae, _saelens_python, _x
+from tests.test_export import D_IN, D_SAE, _random_sae, _x
 
 
 def _new_saes() -> dict[str, SAE]:
@@ -55,9 +55,7 @@ print(json.dumps(report))
 
 @pytest.mark.slow
 def test_new_architectures_load_in_real_saelens(tmp_path):
-    exe = _saelens_python()
-    if exe is None:
-        pytest.skip("sae_lens is not installed (set JSAE_SAELENS_PYTHON to a Python with it)")
+    saelens_python()
     x = _x(32)
     np.save(tmp_path / "x.npy", x)
     saes = _new_saes()
@@ -65,10 +63,7 @@ def test_new_architectures_load_in_real_saelens(tmp_path):
         save_saelens(sae, tmp_path / name, hook_name="blocks.4.hook_resid_post",
                      model_name="gemma-3-270m")
     (tmp_path / "names.json").write_text(json.dumps(list(saes)))
-    out = subprocess.run([exe, "-c", _SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_saelens(_SCRIPT, tmp_path)
     for name, sae in saes.items():
         assert report[name] == "JumpReLUSAE"
         z = np.asarray(encode(sae, x))

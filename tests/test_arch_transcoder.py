@@ -3,15 +3,13 @@ finite differences, recovery of a synthetic linear-plus-sparse map (x_target = x
 and export -> real sae-lens -> the same codes and outputs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from saelens_side import run_saelens, saelens_python
 
 from jsae import parallel
 from jsae.export.saelens import save_saelens
@@ -296,13 +294,7 @@ print(json.dumps(report))
 
 @pytest.mark.slow
 def test_export_loads_in_real_saelens(tmp_path):
-    exe = os.environ.get("JSAE_SAELENS_PYTHON")
-    if not exe:
-        import importlib.util
-
-        exe = sys.executable if importlib.util.find_spec("sae_lens") else None
-    if exe is None:
-        pytest.skip("sae_lens is not installed (set JSAE_SAELENS_PYTHON to a Python with it)")
+    saelens_python()
     saes, x = {}, None
     for i, arch in enumerate(JUMP_ARCHS):
         sae, x, _ = _jump_sae(arch, seed=i)
@@ -312,10 +304,7 @@ def test_export_loads_in_real_saelens(tmp_path):
     x = 3.0 * x
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "names.json").write_text(json.dumps(JUMP_ARCHS))
-    out = subprocess.run([exe, "-c", _SAELENS_SCRIPT, str(tmp_path)], capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_saelens(_SAELENS_SCRIPT, tmp_path)
     assert report == {"jumprelu_transcoder": {"cls": "JumpReLUTranscoder", "d_out": D},
                       "jumprelu_skip_transcoder": {"cls": "JumpReLUSkipTranscoder", "d_out": D}}
     for arch, sae in saes.items():

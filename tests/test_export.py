@@ -2,16 +2,14 @@
 formulas SAELens and Gemma Scope use, and against the real SAELens package when available."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from saelens_side import run_saelens, saelens_python
 from safetensors.numpy import load_file, save_file
 
 from jsae.cli import main as cli_main
@@ -302,21 +300,9 @@ print(json.dumps(report))
 """
 
 
-def _saelens_python():
-    """A Python that has sae_lens: $JSAE_SAELENS_PYTHON, or this one."""
-    exe = os.environ.get("JSAE_SAELENS_PYTHON")
-    if exe:
-        return exe
-    import importlib.util
-
-    return sys.executable if importlib.util.find_spec("sae_lens") else None
-
-
 @pytest.mark.slow
 def test_exported_folders_load_in_real_saelens(tmp_path):
-    exe = _saelens_python()
-    if exe is None:
-        pytest.skip("sae_lens is not installed (set JSAE_SAELENS_PYTHON to a Python with it)")
+    saelens_python()
     x = _x(32)
     np.save(tmp_path / "x.npy", x)
     saes = {arch: _random_sae(arch, seed=i) for i, arch in enumerate(ARCHS)}
@@ -324,10 +310,7 @@ def test_exported_folders_load_in_real_saelens(tmp_path):
         save_saelens(sae, tmp_path / arch, hook_name="blocks.4.hook_resid_post",
                      model_name="gemma-3-270m")
     (tmp_path / "names.json").write_text(json.dumps(ARCHS))
-    out = subprocess.run([exe, "-c", _SAELENS_SCRIPT, str(tmp_path)], capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_saelens(_SAELENS_SCRIPT, tmp_path)
     classes = {"relu": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE",
                "jumprelu": "JumpReLUSAE", "gated": "GatedSAE"}
     for arch, sae in saes.items():

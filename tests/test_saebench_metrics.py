@@ -15,15 +15,13 @@ unembedding) and a random SAE; jsae's `downstream_metrics` is compared with
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from saelens_side import run_saelens, saelens_python
 
 from jsae.evals.downstream import downstream_metrics
 from jsae.evals.reconstruction import ReconstructionStats
@@ -199,13 +197,7 @@ print(json.dumps({k: float(v) for k, v in {**m, **r}.items()}))
 
 @pytest.mark.slow
 def test_scores_match_real_saelens(setup, tmp_path):
-    exe = os.environ.get("JSAE_SAELENS_PYTHON")
-    if not exe:
-        import importlib.util
-
-        exe = sys.executable if importlib.util.find_spec("sae_lens") else None
-    if exe is None:
-        pytest.skip("sae_lens is not installed (set JSAE_SAELENS_PYTHON to a Python with it)")
+    saelens_python()
     from jsae.export.saelens import save_saelens
 
     w, tokens, sae, acts, got = setup
@@ -213,10 +205,7 @@ def test_scores_match_real_saelens(setup, tmp_path):
     np.save(tmp_path / "tokens.npy", tokens)
     (tmp_path / "hook.json").write_text(json.dumps({"hook": HOOK, "bos": BOS}))
     save_saelens(sae, tmp_path / "sae", hook_name=HOOK, model_name="tiny")
-    out = subprocess.run([exe, "-c", _SAELENS_SCRIPT, str(tmp_path)], capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    ref = run_saelens(_SAELENS_SCRIPT, tmp_path)
     for key, ours in (("ce_loss_score", "ce_loss_score"), ("kl_div_score", "kl_div_score"),
                       ("ce_loss_with_ablation", "ce_zero_abl_all"),
                       ("kl_div_with_ablation", "kl_zero_abl_all"),
