@@ -35,6 +35,9 @@ from flax import nnx
 from jsae.models import transformer as T
 from jsae.models.config import TransformerConfig, parse_hook
 
+# nnx.List arrived in flax 0.12 (Python >= 3.11); before it a plain list of Modules is a graph node
+_ModuleList = getattr(nnx, "List", list)
+
 Array = jax.Array
 
 _ATTN_KEYS = ("q", "k", "v", "o", "bq", "bk", "bv", "bo", "q_norm", "k_norm")
@@ -133,7 +136,7 @@ class Transformer(nnx.Module):
                 setattr(self, k, nnx.Param(params[k]))
         if len(params["blocks"]) != cfg.n_layers:
             raise ValueError(f"params have {len(params['blocks'])} blocks; the config says {cfg.n_layers} layers")
-        self.blocks = nnx.List([Block(cfg, i, b) for i, b in enumerate(params["blocks"])])
+        self.blocks = _ModuleList([Block(cfg, i, b) for i, b in enumerate(params["blocks"])])
         fn = params["final_norm"]
         self.final_norm = Norm(cfg, fn["scale"], fn.get("bias"))
 
