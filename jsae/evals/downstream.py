@@ -13,6 +13,11 @@ forward compiles once:
   activation zeroed at *every* position, BOS included: the zero-ablation baseline of SAELens'
   and SAEBench's ``ce_loss_score`` / ``kl_div_score`` (``standard_zero_ablate_hook``).
 
+A transcoder (``targets[key]``: the hook it reconstructs, another than its input hook ``key``)
+is spliced in place of what it models: the activation at ``targets[key]`` (e.g.
+``hook_mlp_out``) is replaced by the transcoder's prediction from ``key`` (``hook_resid_mid``)
+of the same forward, and the ablations zero / mean-ablate ``targets[key]``.
+
 Per variant it returns the per-token cross-entropy of the next token and the per-token
 ``KL(p_clean || p_variant)``. CE counts position ``t`` (predicting token ``t + 1``) when both
 ``mask[t]`` and ``mask[t + 1]``; KL counts every masked position. The ratios are computed
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.models.transformer import ReadsHook
 from jsae.sae.core import SAE, reconstruct
 
 VARIANTS = ("sae", "zero", "mean", "zero_all")  # per hook, after the clean run
@@ -39,6 +45,22 @@ def _replace(sae: SAE, m: jax.Array, s: jax.Array, c: jax.Array, act: jax.Array)
     x = act.astype(jnp.float32)
     new = s * reconstruct(sae, x) + (1.0 - s) * c.astype(jnp.float32)
     return jnp.where(m[..., None], new, x).astype(act.dtype)
+
+
+def _replace_reading(sae: SAE, m: jax.Array, s: jax.Array, c: jax.Array, act: jax.Array,
+                     src: jax.Array) -> jax.Array:
+    """``act`` with masked positions set to ``s * transcoder(src) + (1 - s) * c``."""
+    new = s * reconstruct(sae, src.astype(jnp.float32)) + (1.0 - s) * c.astype(jnp.float32)
+    return jnp.where(m[..., None], new, act.astype(jnp.float32)).astype(act.dtype)
+
+
+def transcoder_intervention(sae: SAE, input_hook: str, mask=None) -> ReadsHook:
+    """The intervention that splices a transcoder in place of what it models: put it at the
+    transcoder's output hook, ``forward(..., interventions={output_hook: this})``; it reads
+    ``input_hook`` of the same forward (at ``mask [B, T]`` positions only, if given)."""
+    m = jnp.ones((), bool) if mask is None else jnp.asarray(mask, bool)
+    return ReadsHook(input_hook, jax.tree_util.Partial(
+        _replace_reading, sae, m, jnp.float32(1.0), jnp.zeros((), jnp.float32)))
 
 
 def splice_intervention(sae: SAE, mask=None) -> Callable:
@@ -77,7 +99,7 @@ def variant_plan(hooks: Sequence[str], means: Mapping[str, np.ndarray]):
     return s, use, const, everywhere
 
 
-@partial(jax.jit, static_argnames=("forward", "model_cfg", "hooks"))
+@partial(jax.jit, static_argnames=("forward", "model_cfg", "hooks", "targets"))
 def variant_losses(
     params,
     tokens: jax.Array,
@@ -92,8 +114,13 @@ def variant_losses(
     forward: Callable,
     model_cfg,
     hooks: tuple,
+    targets: tuple | None = None,
 ):
-    """``(ce [V, B, T-1], kl [V, B, T])`` for the variants of :func:`variant_plan`."""
+    """``(ce [V, B, T-1], kl [V, B, T])`` for the variants of :func:`variant_plan`.
+
+    ``targets[i]``: the hook ``hooks[i]``'s dictionary replaces (a transcoder's output hook;
+    default ``hooks[i]``)."""
+    replaced = hooks if targets is None else targets
     tokens = tokens.astype(jnp.int32)
     mask = mask.astype(bool)
     if everywhere is None:
@@ -108,11 +135,14 @@ def variant_losses(
 
     def body(lp_clean, xs):
         s_v, use_v, c_v, all_v, first = xs
-        fns = {
-            h: jax.tree_util.Partial(_replace, saes[h], (mask | all_v[i]) & use_v[i], s_v[i],
-                                     c_v[i])
-            for i, h in enumerate(hooks)
-        }
+        fns = {}
+        for i, (h, t) in enumerate(zip(hooks, replaced)):
+            where = (mask | all_v[i]) & use_v[i]
+            if t == h:
+                fns[h] = jax.tree_util.Partial(_replace, saes[h], where, s_v[i], c_v[i])
+            else:
+                fns[t] = ReadsHook(h, jax.tree_util.Partial(
+                    _replace_reading, saes[h], where, s_v[i], c_v[i]))
         lp = jax.nn.log_softmax(logits_of(fns).astype(jnp.float32), axis=-1)
         lp_clean = jnp.where(first, lp, lp_clean)
         ce = -jnp.take_along_axis(lp[:, :-1], targets[..., None], axis=-1)[..., 0]
@@ -216,22 +246,27 @@ def downstream_metrics(
     means: Mapping[str, np.ndarray],
     *,
     forward: Callable | None = None,
+    targets: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """CE / KL metrics per hook over ``batches`` of ``(tokens [B, T], mask [B, T])``.
 
-    ``means[hook]`` is the mean activation used for mean ablation (over the same tokens).
+    ``means[hook]`` is the mean activation used for mean ablation (over the same tokens) of
+    what ``hook``'s dictionary replaces; ``targets[hook]``: that hook for a transcoder.
     ``model`` has ``.cfg`` and ``.params``; ``forward`` defaults to ``jsae.models.forward``.
     """
     if forward is None:
         from jsae.models import forward
     hooks = tuple(saes)
+    tgt = tuple((targets or {}).get(h, h) for h in hooks)
+    if len(set(tgt)) < len(tgt):
+        raise ValueError(f"two dictionaries replace the same hook: {dict(zip(hooks, tgt))}")
     s, use, const, everywhere = variant_plan(hooks, means)
     stats = DownstreamStats(hooks)
     for tokens, mask in batches:
         ce, kl = variant_losses(
             model.params, jnp.asarray(tokens), jnp.asarray(mask), None, dict(saes),
             jnp.asarray(s), jnp.asarray(use), jnp.asarray(const), jnp.asarray(everywhere),
-            forward=forward, model_cfg=model.cfg, hooks=hooks,
+            forward=forward, model_cfg=model.cfg, hooks=hooks, targets=tgt,
         )
         stats.add(jax.device_get(ce), jax.device_get(kl), mask)
     stats.merge_processes()  # multi-host: every process evaluated its share

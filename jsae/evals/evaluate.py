@@ -222,18 +222,27 @@ class Evaluator:
             self._means = {h: process_sum(sums[h]) / max(float(n), 1.0) for h in self.hooks}
         return self._means
 
-    def reconstruction(self, saes: Mapping[str, SAE]) -> dict[str, ReconstructionStats]:
+    def reconstruction(self, saes: Mapping[str, SAE], targets: Mapping[str, str] | None = None
+                       ) -> dict[str, ReconstructionStats]:
+        targets = targets or {}
         stats = {h: ReconstructionStats() for h in saes}
         for acts, m in self.activation_batches():
             for h, sae in saes.items():
-                stats[h].add(sae, acts[h], m)
+                t = targets.get(h, h)
+                stats[h].add(sae, acts[h], m, x_target=None if t == h else acts[t])
         for h, sae in saes.items():  # multi-host: combine the processes' shares
             stats[h].merge_processes(sae.spec.d_in, sae.spec.d_sae)
         return stats
 
-    def evaluate(self, saes: Mapping[str, SAE], *, downstream: bool = True) -> EvalResult:
-        """All metrics for ``saes`` (hook -> SAE; hooks must be among ``self.hooks``)."""
-        unknown = [h for h in saes if h not in self.hooks]
+    def evaluate(self, saes: Mapping[str, SAE], *, downstream: bool = True,
+                 targets: Mapping[str, str] | None = None) -> EvalResult:
+        """All metrics for ``saes`` (hook -> SAE; hooks must be among ``self.hooks``).
+
+        ``targets[hook]``: the hook a transcoder at ``hook`` reconstructs (also among
+        ``self.hooks``); its metrics measure that hook, and CE / KL splice the transcoder in
+        place of it (:mod:`jsae.evals.downstream`)."""
+        targets = {h: (targets or {}).get(h, h) for h in saes}
+        unknown = [t for h in saes for t in {h, targets[h]} if t not in self.hooks]
         if unknown:
             raise ValueError(f"no evaluation activations for hooks {unknown}; have {self.hooks}")
         d_model = int(self.model.cfg.d_model)
@@ -241,7 +250,7 @@ class Evaluator:
             if sae.spec.d_in != d_model:
                 raise ValueError(f"SAE at {h} has d_in={sae.spec.d_in}, the model has d_model={d_model}")
         saes = {h: jax.device_get(s) for h, s in saes.items()}
-        stats = self.reconstruction(saes)
+        stats = self.reconstruction(saes, targets)
         metrics = {h: s.result() for h, s in stats.items()}
         density = {h: s.feature_density for h, s in stats.items()}
         for h, s in stats.items():
@@ -251,7 +260,9 @@ class Evaluator:
             means = self.means()
             batches = self.batches(self.downstream_contexts,
                                    desc=f"eval: CE/KL, {1 + 4 * len(saes)} LM passes")
-            ds = downstream_metrics(self.model, saes, batches, means, forward=self.forward)
+            ds = downstream_metrics(self.model, saes, batches,
+                                    {h: means[targets[h]] for h in saes}, forward=self.forward,
+                                    targets=targets)
             n_ds = int(process_sum(float(self.n_downstream_tokens)))
             for h in saes:
                 metrics[h].update(ds[h])
@@ -297,10 +308,11 @@ def make_eval_fn(
                 lm, cfg.data, n_tokens or cfg.eval.tokens, seed=cfg.seed, documents=documents,
                 process_index=jax.process_index(), process_count=jax.process_count(),
             )
-            holder["ev"] = Evaluator(lm, trainer.hooks, toks, mask, forward=forward,
+            holder["ev"] = Evaluator(lm, trainer.source_hooks, toks, mask, forward=forward,
                                      batch_size=cfg.eval.batch_size)
         saes = trainer.host_saes(states)
-        return holder["ev"].evaluate(saes, downstream=downstream).flat()
+        return holder["ev"].evaluate(saes, downstream=downstream,
+                                     targets=trainer.targets).flat()
 
     return eval_fn
 
@@ -507,21 +519,29 @@ def evaluate_path(
     kind = detect_kind(path)
     meta: dict = {}
     if kind == "run":
-        saes = load_run_saes(path)
-    elif kind == "jsae":
-        from jsae.sae.io import load_sae
+        from jsae.runs import output_hooks
 
-        sae, meta = load_sae(path)
-        saes = {hook or meta.get("hook_name") or "": sae}
+        saes = load_run_saes(path)
+        targets = output_hooks(path)
     else:
-        sae, meta = _external(kind, path)
-        saes = {hook or meta.get("hook_name") or "": sae}
+        if kind == "jsae":
+            from jsae.sae.io import load_sae
+
+            sae, meta = load_sae(path)
+        else:
+            sae, meta = _external(kind, path)
+        key = hook or meta.get("hook_name") or ""
+        saes = {key: sae}
+        targets = {key: meta.get("hook_name_out") or key}
     if "" in saes:
         raise ValueError(f"{path}: the hook is unknown; pass --hook (e.g. blocks.6.hook_resid_post)")
+    captured = list(dict.fromkeys([*saes, *targets.values()]))
     cfg = _eval_config(path, kind, overrides)
     run_cfg = _run_config_file(path, kind) is not None
     n_tokens = int(n_tokens or cfg.eval.tokens)
     info = {"path": str(path), "kind": kind, "hooks": list(saes), "n_tokens_requested": n_tokens}
+    if any(t != h for h, t in targets.items()):
+        info["output_hooks"] = {h: t for h, t in targets.items() if t != h}
 
     lm_needed = not run_cfg or cfg.data.source in ("text", "cache")
     if not lm_needed:  # synthetic / array activations: reconstruction metrics only
@@ -531,7 +551,8 @@ def evaluate_path(
         stats = {h: ReconstructionStats() for h in saes}
         for batch in source.eval_batches(n_tokens, 4096):
             for h, sae in saes.items():
-                stats[h].add(sae, batch[h])
+                t = targets[h]
+                stats[h].add(sae, batch[h], x_target=None if t == h else batch[t])
         metrics = {h: s.result() for h, s in stats.items()}
         result = EvalResult(metrics, {h: s.feature_density for h, s in stats.items()},
                             int(next(iter(stats.values())).n_tokens))
@@ -550,10 +571,10 @@ def evaluate_path(
         tokens, mask = eval_contexts(model, cfg.data, n_tokens, seed=cfg.seed, documents=documents)
         ds_tokens = downstream_tokens or cfg.eval.downstream_tokens or (
             min(n_tokens, CPU_DOWNSTREAM_TOKENS) if jax.default_backend() == "cpu" else n_tokens)
-        ev = Evaluator(model, list(saes), tokens, mask, forward=forward,
+        ev = Evaluator(model, captured, tokens, mask, forward=forward,
                        batch_size=batch_size or cfg.eval.batch_size,
                        downstream_tokens=ds_tokens, progress=print_fn is not None)
-        result = ev.evaluate(saes, downstream=downstream)
+        result = ev.evaluate(saes, downstream=downstream, targets=targets)
         info.update(model=getattr(model, "name", None), dataset=cfg.data.dataset,
                     context_length=int(tokens.shape[1]), contexts=int(tokens.shape[0]),
                     exclude_bos=cfg.data.exclude_bos)

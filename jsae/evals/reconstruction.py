@@ -34,14 +34,18 @@ from jsae.sae.core import SAE, decode, encode
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
 
 
-def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None) -> dict[str, jax.Array]:
+def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
+               x_target: jax.Array | None = None) -> dict[str, jax.Array]:
     """Sums over the rows of ``x [N, d]`` weighted by ``w [N]`` (0/1), for
     `ReconstructionStats.add_sums`.  ``topk_fn``: the sharded top-k of `jsae.parallel`, for
-    an SAE whose latents are split over a mesh (pure; jit it with the mesh's shardings)."""
-    x = x.astype(jnp.float32)
+    an SAE whose latents are split over a mesh (pure; jit it with the mesh's shardings).
+    ``x_target [N, d]``: what is reconstructed when it is not ``x`` (a transcoder's output
+    hook); every reconstruction metric is then measured against it."""
+    x_in = x.astype(jnp.float32)
     w = w.astype(jnp.float32)
-    z = encode(sae, x, topk_fn=topk_fn)
-    x_hat = decode(sae, z)
+    z = encode(sae, x_in, topk_fn=topk_fn)
+    x_hat = decode(sae, z, x_in)
+    x = x_in if x_target is None else x_target.astype(jnp.float32)
     err = x - x_hat
     n = jnp.sum(w)
     mean = jnp.sum(x * w[:, None], 0) / jnp.maximum(n, 1.0)
@@ -92,10 +96,14 @@ class ReconstructionStats:
         self.dense_threshold = dense_threshold
         self.max_elements = max_elements  # rows x d_sae per jitted call (bounds memory)
 
-    def add(self, sae: SAE, x, mask=None) -> None:
+    def add(self, sae: SAE, x, mask=None, x_target=None) -> None:
+        """``x_target [..., d]``: a transcoder's output-hook activations (default: ``x``)."""
         x = jnp.asarray(x)
         d = x.shape[-1]
         x = x.reshape(-1, d)
+        y = None if x_target is None else jnp.asarray(x_target).reshape(-1, d)
+        if y is not None and y.shape != x.shape:
+            raise ValueError(f"x_target has shape {y.shape}, the input {x.shape}")
         w = jnp.ones(x.shape[0], bool) if mask is None else jnp.asarray(mask, bool).reshape(-1)
         if w.shape[0] != x.shape[0]:
             raise ValueError(f"mask has {w.shape[0]} entries for {x.shape[0]} tokens")
@@ -105,10 +113,14 @@ class ReconstructionStats:
             pad = -n % rows
             x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)])
             w = jnp.concatenate([w, jnp.zeros(pad, bool)])
+            if y is not None:
+                y = jnp.concatenate([y, jnp.zeros((pad, d), y.dtype)])
             for s in range(0, n + pad, rows):
-                self._merge(jax.device_get(_batch_sums(sae, x[s : s + rows], w[s : s + rows])))
+                part = None if y is None else y[s : s + rows]
+                self._merge(jax.device_get(
+                    _batch_sums(sae, x[s : s + rows], w[s : s + rows], x_target=part)))
             return
-        self._merge(jax.device_get(_batch_sums(sae, x, w)))
+        self._merge(jax.device_get(_batch_sums(sae, x, w, x_target=y)))
 
     def add_sums(self, sums: dict) -> None:
         """Merge the output of `batch_sums` (e.g. computed on a mesh by the trainer)."""

@@ -208,9 +208,31 @@ def logits_from_normed(cfg: TransformerConfig, params: Params, x: Array) -> Arra
 # the forward pass
 
 
+@flax.struct.dataclass
+class ReadsHook:
+    """An intervention that also reads an earlier hook of the same forward: at its own hook it
+    returns ``fn(act, activations[source])``. A transcoder spliced in place of an MLP is one
+    (``{"blocks.6.hook_mlp_out": ReadsHook("blocks.6.hook_resid_mid", fn)}``). A pytree:
+    arrays inside ``fn`` (a `jax.tree_util.Partial`) travel as jit arguments."""
+
+    source: str = flax.struct.field(pytree_node=False)
+    fn: Callable
+
+    def __call__(self, x: Array, src: Array) -> Array:
+        return self.fn(x, src)
+
+
 def _hook(name: str, x: Array, fns: Mapping[str, Callable], acts: dict, capture: frozenset) -> Array:
     fn = fns.get(name)
-    if fn is not None:
+    if isinstance(fn, ReadsHook):
+        if fn.source not in acts:
+            raise ValueError(f"the intervention at {name} reads {fn.source}, which the forward "
+                             "has not reached yet (it must come earlier)")
+        y = fn(x, acts[fn.source])
+        if y.shape != x.shape:
+            raise ValueError(f"intervention at {name} changed the shape {x.shape} -> {y.shape}")
+        x = y.astype(x.dtype)
+    elif fn is not None:
         y = fn(x)
         if y.shape != x.shape:
             raise ValueError(f"intervention at {name} changed the shape {x.shape} -> {y.shape}")
@@ -359,7 +381,8 @@ def run(
     """
     fns = dict(interventions or {})
     capture = frozenset(capture)
-    for name in list(fns) + list(capture):
+    read = frozenset(f.source for f in fns.values() if isinstance(f, ReadsHook))
+    for name in list(fns) + list(capture) + list(read):
         parse_hook(name, cfg)
     B, T = tokens.shape
     valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -391,9 +414,10 @@ def run(
     else:
         idx, k_pos, k_valid = None, positions, valid
     new_k, new_v = [], []
+    kept = capture | read  # what the blocks record: the captures and what interventions read
     for i in range(n_run):
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
-        args = (x, positions, k_pos, k_valid, fns, acts, capture, kv, idx)
+        args = (x, positions, k_pos, k_valid, fns, acts, kept, kv, idx)
         last_upto = upto if i == n_run - 1 else "hook_resid_post"
         if block_fns is None:
             x, nkv = block(cfg, i, params["blocks"][i], *args, upto=last_upto, extra_mask=extra)
@@ -405,6 +429,8 @@ def run(
     new_cache = None
     if cache is not None:
         new_cache = KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + T)
+    for name in read - capture:
+        acts.pop(name, None)
     if stopping and FINAL_HOOK not in capture:
         return None, acts, new_cache  # harvesting never pays for the unembedding
     if last_only:

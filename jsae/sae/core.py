@@ -118,14 +118,18 @@ def encode(sae: SAE, x: Array, **kw: Any) -> Array:
     return encode_normalized(sae, x.astype(jnp.float32) * sae.norm_scale, **kw)
 
 
-def decode(sae: SAE, z: Array) -> Array:
-    """Raw-activation reconstruction ``z [..., d_sae] -> x_hat [..., d_in]``."""
-    return decode_normalized(sae, z) / sae.norm_scale
+def decode(sae: SAE, z: Array, x: Array | None = None) -> Array:
+    """Raw-activation reconstruction ``z [..., d_sae] -> x_hat [..., d_in]`` (``x``: the raw
+    encoded input, for a skip transcoder)."""
+    x_n = None if x is None else x.astype(jnp.float32) * sae.norm_scale
+    return decode_normalized(sae, z, x_n) / sae.norm_scale
 
 
-def reconstruct(sae: SAE, x: Array) -> Array:
-    """decode(encode(x)) in raw activation units."""
-    return decode(sae, encode(sae, x))
+def reconstruct(sae: SAE, x: Array, **kw: Any) -> Array:
+    """decode(encode(x)) in raw activation units: for a transcoder, its output hook's
+    prediction from the input hook's ``x``."""
+    x_n = x.astype(jnp.float32) * sae.norm_scale
+    return decode_normalized(sae, encode_normalized(sae, x_n, **kw), x_n) / sae.norm_scale
 
 
 def fold_norm(sae: SAE) -> SAE:
