@@ -24,7 +24,13 @@ class ConfigError(JsaeError, ValueError):
     """A config value that is unknown, of the wrong type, or impossible."""
 
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "transcoder",
+                 "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+# What the config checks per kind without importing jax (tests/test_arch_registry.py holds them
+# equal to the registry's `needs_k` / `transcoder` / JumpReLU sparsity terms).
+NEEDS_K = ("topk", "batchtopk", "matryoshka", "transcoder", "skip_transcoder")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+JUMPRELU_KINDS = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
 @dataclasses.dataclass
@@ -68,7 +74,12 @@ class DataConfig:
 
 @dataclasses.dataclass
 class SAEConfig:
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"] = "topk"
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka",
+                          "transcoder", "skip_transcoder", "jumprelu_transcoder",
+                          "jumprelu_skip_transcoder"] = "topk"
+    # transcoders: encode input_hook, reconstruct output_hook (model.hooks is then both)
+    input_hook: Optional[str] = None
+    output_hook: Optional[str] = None
     d_sae: Optional[int] = None  # number of latents; or give expansion
     expansion: Optional[int] = None  # d_sae = expansion * d_in
     k: Optional[int] = 32  # topk/batchtopk/matryoshka: active latents per token
@@ -279,7 +290,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "sae.d_sae",
         "give sae.d_sae or sae.expansion",
     )
-    if s.architecture in ("topk", "batchtopk", "matryoshka"):
+    if s.architecture in NEEDS_K:
         need(s.k is not None and s.k > 0, "sae.k", f"must be a positive integer for {s.architecture}")
         if s.d_sae is not None:
             need(s.k <= s.d_sae, "sae.k", f"k={s.k} exceeds sae.d_sae={s.d_sae}")
@@ -338,7 +349,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(s.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold", "must be > 0")
     need(s.jumprelu_tanh_scale > 0, "sae.jumprelu_tanh_scale", "must be > 0")
     need(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "must be > 0")
-    need(s.architecture != "jumprelu" or s.jumprelu_sparsity != "quadratic"
+    need(s.architecture not in JUMPRELU_KINDS or s.jumprelu_sparsity != "quadratic"
          or s.target_l0 is not None, "sae.target_l0",
          "is required for sae.jumprelu_sparsity: quadratic (the L0 to train towards)")
     g = s.matryoshka_groups or []
@@ -358,10 +369,37 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(e.show_features_contexts > 0, "eval.show_features_contexts",
          "must be a positive integer")
     need(len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
+    _check_transcoder_hooks(cfg, need)
     need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
     if d.exclude_norm_outliers is not None:
         need(d.exclude_norm_outliers > 1.0, "data.exclude_norm_outliers", "must be > 1 (a multiple of the median norm)")
     return cfg
+
+
+DEFAULT_HOOKS = ModelConfig().hooks
+
+
+def _check_transcoder_hooks(cfg: RunConfig, need) -> None:
+    """A transcoder harvests exactly its two hooks: ``model.hooks`` becomes [input, output]."""
+    s = cfg.sae
+    if s.architecture not in TRANSCODERS:
+        need(s.input_hook is None and s.output_hook is None,
+             "sae.input_hook" if s.input_hook is not None else "sae.output_hook",
+             f"only transcoders ({', '.join(TRANSCODERS)}) read one hook and reconstruct "
+             f"another; sae.architecture is {s.architecture!r}")
+        return
+    for key in ("input_hook", "output_hook"):
+        need(bool(getattr(s, key)), f"sae.{key}",
+             f"is required for sae.architecture {s.architecture!r} (e.g. "
+             f"{'blocks.6.hook_resid_mid' if key == 'input_hook' else 'blocks.6.hook_mlp_out'})")
+    need(s.input_hook != s.output_hook, "sae.output_hook",
+         f"must differ from sae.input_hook ({s.input_hook}); to reconstruct the input hook "
+         "itself, train an SAE (e.g. sae.architecture: topk)")
+    pair = [s.input_hook, s.output_hook]
+    need(cfg.model.hooks in (DEFAULT_HOOKS, pair), "model.hooks",
+         f"a transcoder harvests sae.input_hook and sae.output_hook ({pair}); leave "
+         f"model.hooks unset or set it to that list, got {cfg.model.hooks}")
+    cfg.model.hooks = pair
 
 
 def _leaves(obj: Any, prefix: str = ""):

@@ -3,7 +3,9 @@
 What ``jsae train`` writes (``jsae.train.rundir`` guards the writing)::
 
     RUN/config.yaml                 the accepted config
-    RUN/saes/<hook>/                final SAEs (``jsae.sae.io``; '/' in a hook name -> '_')
+    RUN/saes/<hook>/                final SAEs (``jsae.sae.io``; '/' in a hook name -> '_'); a
+                                transcoder's is under its input hook, metadata
+                                ``hook_name_out`` naming the hook it reconstructs
     RUN/checkpoints/<step>/         Orbax checkpoints (``jsae.train.checkpoint``)
 
 Export, evaluation, analysis and the CLI commands all open runs through this module, so a run
@@ -67,6 +69,23 @@ def saved_hooks(run_dir: str | Path) -> list[str]:
     return hooks
 
 
+def output_hook(run_dir: str | Path, hook: str) -> str | None:
+    """The hook ``hook``'s dictionary reconstructs when it is not ``hook`` itself (a
+    transcoder's ``sae.output_hook``), from config.yaml; None for an SAE."""
+    try:
+        sae_cfg = run_config(run_dir).get("sae") or {}
+    except FileNotFoundError:
+        return None
+    if sae_cfg.get("input_hook") == hook and sae_cfg.get("output_hook"):
+        return str(sae_cfg["output_hook"])
+    return None
+
+
+def output_hooks(run_dir: str | Path) -> dict[str, str]:
+    """hook -> the hook its dictionary reconstructs (itself for an SAE), for every run hook."""
+    return {h: output_hook(run_dir, h) or h for h in run_hooks(run_dir)}
+
+
 def latest_step(run_dir: str | Path) -> int | None:
     """Step of the newest finished checkpoint (None if there is none)."""
     from jsae.train.checkpoint import latest_checkpoint
@@ -111,8 +130,12 @@ def sae_from_checkpoint(run_dir: str | Path, hook: str, step: int | None = None
     s = ck["states"][hook]["sae"]
     sae = SAE(params={k: jnp.asarray(v) for k, v in s["params"].items()},
               norm_scale=jnp.asarray(s["norm_scale"]), spec=spec)
-    return sae, {"hook_name": hook, "step": ck["step"],
-                 "from": str(Path(run_dir) / "checkpoints" / str(ck["step"]))}
+    info = {"hook_name": hook, "step": ck["step"],
+            "from": str(Path(run_dir) / "checkpoints" / str(ck["step"]))}
+    out = output_hook(run_dir, hook)
+    if out is not None:
+        info["hook_name_out"] = out
+    return sae, info
 
 
 def sae_from_run(run_dir: str | Path, hook: str | None = None, *,
@@ -145,6 +168,7 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 
 
 __all__ = [
-    "is_run", "latest_step", "model_section", "run_config", "run_hooks", "sae_dirname",
+    "is_run", "latest_step", "model_section", "output_hook", "output_hooks", "run_config",
+    "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",
 ]

@@ -19,6 +19,22 @@ def test_every_configurable_kind_is_registered():
     assert {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"} <= set(names())
 
 
+def test_config_kind_lists_match_the_registry():
+    """config.py checks k / output hooks / target_l0 without importing jax: its lists of
+    kinds must say what the registry says."""
+    from jsae import config
+    from jsae.sae.archs.jumprelu import JumpReLU
+
+    assert set(config.ARCHITECTURES) == set(names())
+    assert set(config.NEEDS_K) == {n for n in names() if get_arch(n).needs_k}
+    assert set(config.TRANSCODERS) == {n for n in names() if get_arch(n).transcoder}
+    assert set(config.JUMPRELU_KINDS) == {n for n in names() if isinstance(get_arch(n), JumpReLU)}
+    import typing
+
+    lit = typing.get_type_hints(config.SAEConfig)["architecture"]
+    assert set(typing.get_args(lit)) == set(names())  # the Literal lists every kind
+
+
 def test_max_active_per_token():
     k = 7
     spec = lambda a: SAESpec(a, d_in=8, d_sae=32, k=k)  # noqa: E731

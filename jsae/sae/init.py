@@ -43,9 +43,13 @@ def init_sae(
     *,
     normalize: bool = True,
     b_dec_init: str = "geometric_median",
+    target_sample: np.ndarray | None = None,
     **arch_options,
 ) -> SAE:
     """A fresh SAE. ``sample [N, d_in]`` (raw activations) sets norm_scale and b_dec.
+
+    ``target_sample [N, d_in]``: a transcoder's output-hook rows for the same tokens; b_dec
+    (its output bias) then starts at their median / mean, norm_scale still comes from ``sample``.
 
     ``arch_options`` go to the architecture's `Arch.extra_params` (e.g. jumprelu's
     ``jumprelu_init_threshold``).  Decoder rows are random unit directions (norm 0.1 for the anthropic relu variant,
@@ -61,13 +65,14 @@ def init_sae(
     scale = norm_scale_for(sample) if (normalize and sample is not None) else 1.0
     b_dec = np.zeros((d_in,), np.float32)
     if sample is not None and b_dec_init != "zeros":
-        xs = np.asarray(sample, np.float64) * scale
+        xs = np.asarray(sample if target_sample is None else target_sample, np.float64) * scale
         b_dec = geometric_median(xs) if b_dec_init == "geometric_median" else xs.mean(0)
+    arch = get_arch(spec.architecture)
     params = {
-        "W_enc": w.T,
+        "W_enc": w.T * arch.encoder_init_scale,
         "b_enc": jnp.zeros((d_sae,), jnp.float32),
         "W_dec": w,
         "b_dec": jnp.asarray(b_dec, jnp.float32),
     }
-    params.update(get_arch(spec.architecture).extra_params(spec, **arch_options))
+    params.update(arch.extra_params(spec, **arch_options))
     return SAE(params=params, norm_scale=jnp.asarray(scale, jnp.float32), spec=spec)

@@ -1,4 +1,5 @@
-"""The training loop: one jitted, sharded step over one SAE per hook point.
+"""The training loop: one jitted, sharded step over one SAE per hook point (a transcoder: one
+per input hook, reconstructing its output hook from the same LM pass).
 
 ``Trainer`` owns the mesh, the jitted step and the states; ``Trainer.fit`` pulls batches
 from an ActivationSource, steps, logs, evaluates and checkpoints.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,10 +91,19 @@ def _gather_sample(local: np.ndarray) -> np.ndarray:
 class Trainer:
     def __init__(self, cfg: RunConfig, source, *, mesh=None):
         self.cfg, self.source = cfg, source
-        self.hooks: list[str] = list(source.hooks)
+        self.source_hooks: list[str] = list(source.hooks)
+        # one dictionary per key (its input hook); targets[key]: the hook it reconstructs
+        self.targets = _targets(cfg, self.source_hooks)
+        self.hooks: list[str] = list(self.targets)
         self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
         self.total_steps = cfg.resolved_steps()
         self.specs = {h: spec_from_config(cfg, source.d_in[h]) for h in self.hooks}
+        for h, t in self.targets.items():
+            if source.d_in[t] != source.d_in[h]:
+                raise ConfigError(
+                    f"config key 'sae.output_hook': {t} has width {source.d_in[t]}, "
+                    f"sae.input_hook {h} has {source.d_in[h]}; jsae's transcoders map a width "
+                    "to itself (an MLP's input and output)")
         for spec in self.specs.values():
             try:
                 parallel.check_divisible(self.mesh, batch_size=cfg.train.batch_size,
@@ -112,8 +121,11 @@ class Trainer:
             mesh=self.mesh,
         )
 
+        targets = self.targets
+
         def multi_step(states: States, batches: dict[str, jax.Array]):
-            out = {h: step_fn(states[h], batches[h]) for h in states}
+            out = {h: step_fn(states[h], batches[h], None if targets[h] == h
+                              else batches[targets[h]]) for h in states}
             return {h: o[0] for h, o in out.items()}, {h: o[1] for h, o in out.items()}
 
         self._multi_step = multi_step
@@ -130,9 +142,11 @@ class Trainer:
         states = {}
         for i, h in enumerate(self.hooks):
             k_init, k_state = jax.random.split(jax.random.fold_in(key, i))
+            t = self.targets[h]
             sae = init_sae(
                 k_init, self.specs[h], _gather_sample(sample[h]), normalize=cfg.sae.normalize,
                 b_dec_init=cfg.sae.b_dec_init,
+                target_sample=None if t == h else _gather_sample(sample[t]),
                 jumprelu_init_threshold=cfg.sae.jumprelu_init_threshold,
             )
             states[h] = init_state(sae, self.optimizer, k_state)
@@ -148,7 +162,7 @@ class Trainer:
     def _compiled(self, states: States):
         if self._jitted is None:
             st_sh = self.state_shardings(states)
-            b_sh = {h: parallel.batch_sharding(self.mesh) for h in self.hooks}
+            b_sh = {h: parallel.batch_sharding(self.mesh) for h in self.source_hooks}
             self._jitted = jax.jit(
                 self._multi_step,
                 in_shardings=(st_sh, b_sh),
@@ -158,7 +172,8 @@ class Trainer:
         return self._jitted
 
     def step(self, states: States, local_batches: dict[str, np.ndarray]):
-        batches = {h: parallel.global_batch(local_batches[h], self.mesh) for h in self.hooks}
+        batches = {h: parallel.global_batch(local_batches[h], self.mesh)
+                   for h in self.source_hooks}
         return self._compiled(states)(states, batches)
 
     # ---- evaluation -------------------------------------------------------------------
@@ -191,29 +206,40 @@ class Trainer:
             batch = next(it, None)
             for h in self.hooks:
                 d = self.source.d_in[h]
+                t = self.targets[h]
                 x = np.zeros((rows, d), np.float32)
+                y = np.zeros((rows, d), np.float32) if t != h else None
                 w = np.zeros((rows,), bool)
                 if batch is not None:
                     n = len(batch[h])
                     x[:n], w[:n] = batch[h], True
-                sums = fn[h](states[h].sae, parallel.global_batch(x, self.mesh),
-                             parallel.global_batch(w, self.mesh))
-                stats[h].add_sums(sums)
+                    if y is not None:
+                        y[:n] = batch[t]
+                args = [states[h].sae, parallel.global_batch(x, self.mesh),
+                        parallel.global_batch(w, self.mesh)]
+                if y is not None:
+                    args.append(parallel.global_batch(y, self.mesh))
+                stats[h].add_sums(fn[h](*args))
         return {h: s.result() for h, s in stats.items()}
 
     def _eval_sums(self, states: States) -> dict:
-        """Per hook, `batch_sums` jitted with the training shardings (sharded top-k for TopK)."""
+        """Per hook, `batch_sums` jitted with the training shardings (sharded top-k for TopK);
+        a transcoder's takes its output hook's rows as a fourth argument."""
         if self._eval_fns is None:
             topk_fn = parallel.sharded_topk_fn(self.mesh)
             self._eval_fns = {}
             for h in self.hooks:
                 sae_sh = parallel.tree_shardings(states[h].sae, self.mesh)
-                self._eval_fns[h] = jax.jit(
-                    partial(batch_sums, topk_fn=topk_fn),
-                    in_shardings=(sae_sh, parallel.batch_sharding(self.mesh),
-                                  parallel.batch_sharding(self.mesh, 1)),
-                    out_shardings=parallel.replicated(self.mesh),
-                )
+                rows_sh = parallel.batch_sharding(self.mesh)
+                in_sh = (sae_sh, rows_sh, parallel.batch_sharding(self.mesh, 1))
+                if self.targets[h] != h:
+                    in_sh = (*in_sh, rows_sh)
+
+                def sums(sae, x, w, x_target=None):
+                    return batch_sums(sae, x, w, topk_fn=topk_fn, x_target=x_target)
+
+                self._eval_fns[h] = jax.jit(sums, in_shardings=in_sh,
+                                            out_shardings=parallel.replicated(self.mesh))
         return self._eval_fns
 
     # ---- the loop ---------------------------------------------------------------------
@@ -300,11 +326,12 @@ class Trainer:
                 "contain NaN/inf values or no held-out token was evaluated; written as null")
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
         for h in self.hooks:  # every process takes part in the fetches; process 0 writes
-            save_sae_from_mesh(
-                states[h].sae, run_dir / "saes" / _dirname(h), write=is_main,
-                metadata={"hook_name": h, "model_name": cfg.model.name,
-                          "steps": self.total_steps, "heldout": final[h]},
-            )
+            meta = {"hook_name": h, "model_name": cfg.model.name, "steps": self.total_steps,
+                    "heldout": final[h]}
+            if self.targets[h] != h:
+                meta["hook_name_out"] = self.targets[h]
+            save_sae_from_mesh(states[h].sae, run_dir / "saes" / _dirname(h), write=is_main,
+                               metadata=meta)
         if is_main:
             if logger:
                 logger.log(self.total_steps, {f"eval_{k}": v for k, v in _flatten(final, multi).items()})
@@ -338,6 +365,20 @@ class TrainingStopped(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step} on request (SIGTERM); checkpoint saved")
         self.step = step
+
+
+def _targets(cfg: RunConfig, source_hooks: list[str]) -> dict[str, str]:
+    """Dictionary key (its input hook) -> the hook it reconstructs."""
+    if not get_arch(cfg.sae.architecture).transcoder:
+        return {h: h for h in source_hooks}
+    pair = (cfg.sae.input_hook, cfg.sae.output_hook)
+    missing = [h for h in pair if h not in source_hooks]
+    if missing:
+        raise ConfigError(
+            f"config key 'sae.input_hook'/'sae.output_hook': the data source has no "
+            f"{', '.join(missing)} (it has {', '.join(source_hooks)}); harvest both hooks "
+            "(model.hooks, or the cache's hooks)")
+    return {pair[0]: pair[1]}
 
 
 def _dirname(hook: str) -> str:

@@ -78,7 +78,10 @@ def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
     if have is None:
         return
     on_host = what.startswith("this machine")
-    total = need * (data * model if on_host else 1) * len(cfg.model.hooks)
+    from jsae.config import TRANSCODERS
+
+    n_dicts = 1 if cfg.sae.architecture in TRANSCODERS else len(cfg.model.hooks)
+    total = need * (data * model if on_host else 1) * n_dicts
     if total <= have:
         return
     per_latent = total / d_sae

@@ -47,7 +47,9 @@ def make_train_step(
     aux_coef: float = 1.0 / 32.0,
     mesh=None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
-    """Build ``train_step(state, x [B, d_in] raw activations) -> (state, metrics)`` (pure).
+    """Build ``train_step(state, x [B, d_in] raw activations, x_target=None) -> (state,
+    metrics)`` (pure). ``x_target [B, d_in]`` (raw): what a transcoder reconstructs (its output
+    hook), scaled by the same ``norm_scale`` as ``x``; metrics then measure against it.
 
     ``mesh``: the training mesh; when it splits the latents over ``model`` the step uses the
     sharded selections of `jsae.parallel` and the sharded fast path.
@@ -55,11 +57,13 @@ def make_train_step(
     topk_fn = None if mesh is None else parallel.sharded_topk_fn(mesh)
     batch_topk_fn = None if mesh is None else parallel.sharded_batch_topk_fn(mesh)
 
-    def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
+    def train_step(state: TrainState, x: Array, x_target: Array | None = None
+                   ) -> tuple[TrainState, dict[str, Array]]:
         sae: SAE = state.sae
         spec = sae.spec
         arch = get_arch(spec.architecture)
         x_n = x.astype(jnp.float32) * sae.norm_scale
+        y_n = None if x_target is None else x_target.astype(jnp.float32) * sae.norm_scale
         dead = state.fired_ago >= dead_after_tokens
         coef = sparsity_schedule(state.step)
 
@@ -67,7 +71,7 @@ def make_train_step(
             return sae_loss(
                 sae.replace(params=params), x_n, sparsity_coef=coef, dead_mask=dead,
                 aux_coef=aux_coef, topk_fn=topk_fn, mesh=mesh,
-                batch_topk_fn=batch_topk_fn,
+                batch_topk_fn=batch_topk_fn, x_target=y_n,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(sae.params)
@@ -90,7 +94,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             **{k: v for k, v in aux.items() if k not in ("z", "x_hat", "pre")},
-            **batch_metrics(x_n, aux["x_hat"], z),
+            **batch_metrics(x_n if y_n is None else y_n, aux["x_hat"], z),
             "dead_frac": jnp.mean((fired_ago >= dead_after_tokens).astype(jnp.float32)),
             "grad_norm": grad_norm,
             "lr": lr_schedule(state.step),

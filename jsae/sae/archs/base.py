@@ -51,6 +51,8 @@ class Arch:
     sharded_fast: ClassVar[bool] = False  # has the latent-sharded fast path (fast_sharded)
     saelens_name: ClassVar[str | None] = None  # SAELens architecture it exports to
     saelens_imports: ClassVar[tuple[str, ...]] = ()  # SAELens architectures it imports
+    transcoder: ClassVar[bool] = False  # reconstructs another hook (sae.output_hook)
+    encoder_init_scale: ClassVar[float] = 1.0  # W_enc starts as this x W_dec^T
 
     # ---- parameters ---------------------------------------------------------------------
 

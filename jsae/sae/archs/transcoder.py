@@ -31,10 +31,13 @@ class _TranscoderForward:
     """What makes an architecture a transcoder; mixed in before the activation's class."""
 
     skip: bool = False
+    transcoder = True
+    # W_enc = W_dec^T makes sense only where input and output share a space: a transcoder
+    # starts with small codes, so its first outputs are ~b_dec (the target's median), not noise
+    encoder_init_scale = 0.1
     supports_fast = False
     fast_blockwise = False
     sharded_fast = False
-    saelens_imports = ()  # importing transcoders (d_out, W_skip) is not supported yet
 
     def extra_params(self, spec, **opts):
         extra = super().extra_params(spec, **opts)
@@ -65,6 +68,27 @@ class _TranscoderForward:
     def fast_applies(self, batch_topk_fn) -> bool:
         return False
 
+    def from_saelens(self, saelens_arch, t, shift, source):
+        """Encoder biases as jsae's transcoder uses them (it never subtracts b_dec: b_dec
+        lives in the output space); W_skip [d_out, d_in] (SAELens) -> [d_in, d_out]."""
+        import numpy as np
+
+        b_dec = t["b_dec"].astype(np.float64)
+
+        def no_b_dec_shift(w):  # undo what `shift` assumes and remove any b_dec @ W_enc
+            return shift(w) - (b_dec @ w.astype(np.float64)).astype(np.float32)
+
+        out = super().from_saelens(saelens_arch, t, no_b_dec_shift, source)
+        if self.skip:
+            d = t["W_enc"].shape[0]
+            w = t.get("W_skip")
+            if w is None or w.shape != (d, d):
+                got = "missing" if w is None else f"of shape {w.shape}"
+                raise ValueError(f"{source}: a skip transcoder needs W_skip [{d}, {d}] "
+                                 f"(d_out == d_in); it is {got}")
+            out["W_skip"] = np.ascontiguousarray(w.T)
+        return out
+
     def to_saelens(self, params):
         t = super().to_saelens(params)
         if self.skip:  # SAELens keeps W_skip as [d_out, d_in] and adds x @ W_skip.T
@@ -78,6 +102,7 @@ class _TranscoderForward:
 class Transcoder(_TranscoderForward, TopK):
     name = "transcoder"
     saelens_name = None  # SAELens's transcoders are ReLU / JumpReLU: a TopK one does not map
+    saelens_imports = ()
 
 
 class SkipTranscoder(Transcoder):
@@ -91,11 +116,13 @@ class JumpReLUTranscoder(_TranscoderForward, JumpReLU):
 
     name = "jumprelu_transcoder"
     saelens_name = "jumprelu_transcoder"
+    saelens_imports = ("jumprelu_transcoder",)
 
 
 class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     name = "jumprelu_skip_transcoder"
     saelens_name = "jumprelu_skip_transcoder"
+    saelens_imports = ("jumprelu_skip_transcoder",)
     skip = True
 
 
