@@ -12,6 +12,12 @@ or to generation as ``interventions={hook: fn}``:
 - :func:`add` adds a fixed direction (e.g. a feature's decoder row, :func:`feature_direction`).
 - :func:`compose` chains transforms; :func:`at_positions` applies one only where a mask is set.
 
+Transcoders: a transcoder's features are read at its input hook and write to its output hook,
+so ``clamp`` / ``scale`` / ``ablate`` take ``reads=INPUT_HOOK`` and go at the output hook,
+``interventions={output_hook: clamp(tc, f, v, reads=input_hook)}``: the codes come from the
+input hook of the same forward, the change ``(z_edited - z) @ W_dec`` lands on the output
+(`jsae.models.transformer.ReadsHook`). :func:`interventions_for` picks the right form.
+
 Several features at once: ``features`` and ``values`` may be lists (a scalar value is broadcast).
 Values are in the SAE's code units, the units of ``jsae.sae.encode``.
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from jsae.models.transformer import ReadsHook
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE, activate, decode, encode, pre_activations
 
@@ -92,6 +99,37 @@ def _edit(sae: SAE, features: Array, new_codes: Callable, keep_error: bool, x: A
     return decode(sae, z).astype(x.dtype)
 
 
+def _edit_reading(sae: SAE, features: Array, new_codes: Callable, keep_error: bool, act: Array,
+                  src: Array) -> Array:
+    """A transcoder's edit: codes from ``src`` (its input hook), the change added to ``act``
+    (its output hook); ``keep_error=False`` replaces ``act`` by the edited prediction."""
+    srcf = src.astype(jnp.float32)
+    if keep_error:
+        z_f = feature_codes(sae, srcf, features)
+        delta = jnp.matmul(new_codes(z_f) - z_f, sae.params["W_dec"][features]) / sae.norm_scale
+        return (act.astype(jnp.float32) + delta).astype(act.dtype)
+    z = encode(sae, srcf)
+    z = z.at[..., features].set(new_codes(z[..., features]))
+    return decode(sae, z, srcf).astype(act.dtype)
+
+
+def _clamp_r(sae, features, values, act, src):
+    return _edit_reading(sae, features, lambda z: jnp.broadcast_to(values, z.shape), True, act, src)
+
+
+def _clamp_replace_r(sae, features, values, act, src):
+    return _edit_reading(sae, features, lambda z: jnp.broadcast_to(values, z.shape), False, act,
+                         src)
+
+
+def _scale_r(sae, features, factors, act, src):
+    return _edit_reading(sae, features, lambda z: z * factors, True, act, src)
+
+
+def _scale_replace_r(sae, features, factors, act, src):
+    return _edit_reading(sae, features, lambda z: z * factors, False, act, src)
+
+
 # module-level so that a transform's pytree structure (and the jit cache key) is stable; the
 # error-term choice is part of the function, never a traced argument
 def _clamp(sae, features, values, x):
@@ -110,21 +148,57 @@ def _scale_replace(sae, features, factors, x):
     return _edit(sae, features, lambda z: z * factors, False, x)
 
 
-def clamp(sae: SAE, feature, value, *, keep_error: bool = True) -> Transform:
-    """Set feature(s) to ``value`` at every position the transform is applied to."""
+def _check_reads(sae: SAE, reads: str | None) -> None:
+    tc = get_arch(sae.spec.architecture).transcoder
+    if tc and reads is None:
+        raise ValueError(f"a {sae.spec.architecture} reads one hook and writes another: pass "
+                         "reads=<its input hook> and put the transform at its output hook "
+                         "(or use jsae.steering.interventions_for)")
+    if reads is not None and not tc:
+        raise ValueError(f"reads= is for transcoders; a {sae.spec.architecture} SAE edits the "
+                         "hook it reads")
+
+
+def clamp(sae: SAE, feature, value, *, keep_error: bool = True, reads: str | None = None
+          ) -> Transform:
+    """Set feature(s) to ``value`` at every position the transform is applied to
+    (``reads``: a transcoder's input hook; see the module docstring)."""
+    _check_reads(sae, reads)
     f = _as_features(sae, feature)
-    return Partial(_clamp if keep_error else _clamp_replace, sae, f, _as_values(value, f.shape[0], "value"))
+    v = _as_values(value, f.shape[0], "value")
+    if reads is not None:
+        return ReadsHook(reads, Partial(_clamp_r if keep_error else _clamp_replace_r, sae, f, v))
+    return Partial(_clamp if keep_error else _clamp_replace, sae, f, v)
 
 
-def scale(sae: SAE, feature, factor, *, keep_error: bool = True) -> Transform:
+def scale(sae: SAE, feature, factor, *, keep_error: bool = True, reads: str | None = None
+          ) -> Transform:
     """Multiply feature(s) by ``factor`` (``0``: ablate, ``2``: double)."""
+    _check_reads(sae, reads)
     f = _as_features(sae, feature)
-    return Partial(_scale if keep_error else _scale_replace, sae, f, _as_values(factor, f.shape[0], "factor"))
+    v = _as_values(factor, f.shape[0], "factor")
+    if reads is not None:
+        return ReadsHook(reads, Partial(_scale_r if keep_error else _scale_replace_r, sae, f, v))
+    return Partial(_scale if keep_error else _scale_replace, sae, f, v)
 
 
-def ablate(sae: SAE, feature, *, keep_error: bool = True) -> Transform:
+def ablate(sae: SAE, feature, *, keep_error: bool = True, reads: str | None = None
+           ) -> Transform:
     """Remove feature(s): ``x - z_f * W_dec[f] / norm_scale`` (their whole contribution)."""
-    return scale(sae, feature, 0.0, keep_error=keep_error)
+    return scale(sae, feature, 0.0, keep_error=keep_error, reads=reads)
+
+
+def interventions_for(sae: SAE, hook: str, transform: Callable[..., Transform], *args,
+                      output_hook: str | None = None, **kw) -> dict[str, Transform]:
+    """``{hook: transform(sae, *args)}`` for an SAE; for a transcoder read at ``hook`` and
+    writing ``output_hook``: ``{output_hook: transform(sae, *args, reads=hook)}``.
+
+    >>> interventions_for(tc, "blocks.6.hook_resid_mid", clamp, 123, 8.0,
+    ...                   output_hook="blocks.6.hook_mlp_out")
+    """
+    if output_hook is None or output_hook == hook:
+        return {hook: transform(sae, *args, **kw)}
+    return {output_hook: transform(sae, *args, reads=hook, **kw)}
 
 
 def _add(direction, coefficient, x):
@@ -156,6 +230,9 @@ def compose(*fns: Transform) -> Transform:
     """Apply ``fns`` in order (the first one sees the original activation)."""
     if not fns:
         raise ValueError("compose needs at least one transform")
+    if any(isinstance(f, ReadsHook) for f in fns):
+        raise ValueError("compose takes transforms of one hook; a transcoder's edit (reads=) "
+                         "goes alone at its output hook")
     return Partial(_compose, tuple(fns))
 
 
@@ -166,10 +243,19 @@ def _at_positions(fn, mask, x):
     return jnp.where(m, fn(x), x)
 
 
+def _at_positions_reading(fn, mask, x, src):
+    m = jnp.asarray(mask, bool)
+    while m.ndim < x.ndim:
+        m = m[..., None]
+    return jnp.where(m, fn(x, src), x)
+
+
 def at_positions(fn: Transform, mask) -> Transform:
     """Apply ``fn`` only where ``mask`` is true (``x`` elsewhere). ``mask [B, T]`` selects
     positions; ``mask [B]`` selects whole rows of a batch (any sequence length, so it also
     works inside cached generation)."""
+    if isinstance(fn, ReadsHook):
+        return ReadsHook(fn.source, Partial(_at_positions_reading, fn.fn, jnp.asarray(mask, bool)))
     return Partial(_at_positions, fn, jnp.asarray(mask, bool))
 
 
@@ -222,5 +308,5 @@ def generate_pair(
 
 __all__ = [
     "ablate", "add", "at_positions", "clamp", "compose", "feature_codes", "feature_direction",
-    "generate", "generate_pair", "scale", "sub_sae",
+    "generate", "generate_pair", "interventions_for", "scale", "sub_sae",
 ]

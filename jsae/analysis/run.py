@@ -27,6 +27,7 @@ class Run:
     sae: SAE
     hook: str
     model_name: str
+    output_hook: str | None = None  # a transcoder's: the hook its features write to
 
 
 def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run:
@@ -48,7 +49,8 @@ def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run
         from jsae.models import load
 
         model = load(name, dtype=mcfg.get("dtype") or "float32")
-    return Run(path, model, sae, hook, str(name or getattr(model, "name", "")))
+    return Run(path, model, sae, hook, str(name or getattr(model, "name", "")),
+               runs.output_hook(path, hook))
 
 
 def _sae_fingerprint(run: Run) -> str:

@@ -44,8 +44,10 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
     from jsae import steering
     from jsae.analysis.cli_utils import parse_value
 
+    out = getattr(run, "output_hook", None)  # a transcoder writes to another hook
     if mode == "ablate":
-        return {run.hook: steering.ablate(run.sae, features, keep_error=keep_error)}, \
+        return steering.interventions_for(run.sae, run.hook, steering.ablate, features,
+                                          keep_error=keep_error, output_hook=out), \
             ", ".join(f"f{f} ablated" for f in features)
     if not values:
         raise SystemExit(f"jsae steer: --mode {mode} needs --value")
@@ -63,17 +65,15 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
             v = v * peak
         resolved.append(v)
     vals = np.asarray(resolved, np.float32)
-    if mode == "clamp":
-        fn = steering.clamp(run.sae, features, vals, keep_error=keep_error)
-        desc = ", ".join(f"f{f} := {v:.3g}" for f, v in zip(features, vals))
-    elif mode == "scale":
-        fn = steering.scale(run.sae, features, vals, keep_error=keep_error)
-        desc = ", ".join(f"f{f} x {v:.3g}" for f, v in zip(features, vals))
-    else:
-        fns = [steering.add(steering.feature_direction(run.sae, f), v) for f, v in zip(features, vals)]
-        fn = steering.compose(*fns)
-        desc = ", ".join(f"+{v:.3g} x dir(f{f})" for f, v in zip(features, vals))
-    return {run.hook: fn}, desc
+    if mode in ("clamp", "scale"):
+        transform = steering.clamp if mode == "clamp" else steering.scale
+        sym = ":=" if mode == "clamp" else "x"
+        desc = ", ".join(f"f{f} {sym} {v:.3g}" for f, v in zip(features, vals))
+        return steering.interventions_for(run.sae, run.hook, transform, features, vals,
+                                          keep_error=keep_error, output_hook=out), desc
+    fns = [steering.add(steering.feature_direction(run.sae, f), v) for f, v in zip(features, vals)]
+    desc = ", ".join(f"+{v:.3g} x dir(f{f})" for f, v in zip(features, vals))
+    return {out or run.hook: steering.compose(*fns)}, desc  # decoder rows live where it writes
 
 
 def run(args) -> int:
@@ -91,7 +91,8 @@ def run(args) -> int:
         corpus, _ = corpus_stats(r, args.contexts, log=log)
     fns, desc = build_interventions(r, args.feature, args.value, args.mode, not args.no_error_term, corpus)
     log(f"generating {args.tokens} tokens for {len(args.prompt)} prompt(s) on {r.model_name}, "
-        f"{desc} at {r.hook} (positions: {args.on}) ...")
+        f"{desc} at {r.hook}{f' -> {r.output_hook}' if r.output_hook else ''} "
+        f"(positions: {args.on}) ...")
     base, steered = generate_pair(r.model, args.prompt, fns, args.tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, intervene_on=args.on)
     for prompt, b, s in zip(args.prompt, base, steered):

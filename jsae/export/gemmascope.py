@@ -5,6 +5,13 @@ d_in]``, ``b_enc``, ``b_dec``, ``threshold``; Gemma Scope 2 (Gemma 3) ships
 ``params.safetensors`` with ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``. Both
 encode ``relu(x @ W_enc + b_enc) * (pre > threshold)`` on raw activations, without
 subtracting b_dec (SAELens: ``apply_b_dec_to_input = False``).
+
+Gemma Scope 2's transcoders (folders ``transcoder...``/``clt...``, config.json with
+``hf_hook_point_out``) read the MLP's input and write its output; with
+``affine_connection`` they also hold ``affine_skip_connection [d_in, d_out]`` (x @ it is
+added to the output): jsae's ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``, keyed
+at ``blocks.L.hook_resid_mid`` (TransformerLens's ``hook_mlp_in``, as SAELens names it)
+with ``hook_name_out`` ``blocks.L.hook_mlp_out``.
 """
 
 from __future__ import annotations
@@ -60,7 +67,6 @@ def load_gemmascope(
             tensors = {k: np.asarray(data[k], np.float32) for k in data.files}
     else:
         tensors = _read_safetensors(f)
-    sae = sae_from_tensors("jumprelu", tensors, apply_b_dec_to_input=False, source=str(f))
     meta: dict[str, Any] = {"source": "gemma-scope", "file": str(f)}
     cfg_file = f.parent / "config.json"
     if cfg_file.exists():
@@ -68,9 +74,24 @@ def load_gemmascope(
             meta["config"] = json.loads(cfg_file.read_text())
         except json.JSONDecodeError:
             pass
-    raw_model = meta.get("config", {}).get("model_name") if "config" in meta else None
-    meta["model_name"] = model_name or raw_model
-    meta["hook_name"] = hook_name or _guess_hook("/".join(f.parent.parts[-4:]))
+    raw = meta.get("config") or {}
+    where = "/".join(f.parent.parts[-4:])
+    transcoder = ("affine_skip_connection" in tensors or bool(raw.get("hf_hook_point_out"))
+                  or bool(re.search(r"(^|/)(transcoder|clt)", where)))
+    arch = "jumprelu"
+    if transcoder:
+        arch = "jumprelu_transcoder"
+        if "affine_skip_connection" in tensors:
+            arch = "jumprelu_skip_transcoder"  # SAELens's W_skip is [d_out, d_in]
+            tensors = {**tensors, "W_skip": np.asarray(tensors.pop("affine_skip_connection")).T}
+    sae = sae_from_tensors(arch, tensors, apply_b_dec_to_input=False, source=str(f))
+    meta["model_name"] = model_name or raw.get("model_name")
+    if transcoder:
+        layer = re.search(r"layer_(\d+)", where)
+        meta["hook_name"] = hook_name or (f"blocks.{layer.group(1)}.hook_resid_mid" if layer else None)
+        meta["hook_name_out"] = (f"blocks.{layer.group(1)}.hook_mlp_out" if layer else None)
+    else:
+        meta["hook_name"] = hook_name or _guess_hook(where)
     return sae, meta
 
 

@@ -55,13 +55,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
                 prepend_bos=None if synthetic else data.get("prepend_bos"),
                 dataset_path=dataset,
                 exclude_special_tokens=None if synthetic else data.get("exclude_bos"),
-                metadata={"jsae_run_dir": str(run_dir.absolute()), "jsae_step": info["step"]},
+                metadata={"jsae_run_dir": str(run_dir.absolute()), "jsae_step": info["step"],
+                          **({"hook_name_out": info["hook_name_out"]}
+                             if info.get("hook_name_out") else {})},
             )
             written.append(dest)
         elif format == "gemmascope":
             written.append(save_gemmascope(sae, dest))
         else:
-            written.append(save_sae(sae, dest, metadata={"hook_name": h, "steps": info["step"]}))
+            meta = {"hook_name": h, "steps": info["step"]}
+            if info.get("hook_name_out"):
+                meta["hook_name_out"] = info["hook_name_out"]
+            written.append(save_sae(sae, dest, metadata=meta))
     return written
 
 

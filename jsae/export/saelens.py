@@ -152,7 +152,7 @@ def sae_from_tensors(
     """A jsae SAE (norm_scale 1) from SAELens-named tensors of a SAELens architecture.
 
     ``arch``: a SAELens architecture some jsae architecture imports (`Arch.saelens_imports`:
-    standard, topk, jumprelu, gated). Without ``apply_b_dec_to_input`` (Gemma
+    standard, topk, jumprelu, gated, jumprelu_transcoder, jumprelu_skip_transcoder). Without ``apply_b_dec_to_input`` (Gemma
     Scope) the encoder computes ``x @ W_enc + b_enc``; jsae always subtracts b_dec, so the
     encoder biases absorb ``b_dec @ W_enc``.
     """
@@ -209,6 +209,14 @@ def _upgrade_old_cfg(cfg: dict) -> dict:
     return new
 
 
+def tl_hook_to_jsae(name: str) -> str:
+    """TransformerLens's ``blocks.L.hook_mlp_in`` is the residual stream before the MLP's
+    norm, jsae's ``blocks.L.hook_resid_mid``; other names are shared."""
+    if name.startswith("blocks.") and name.endswith(".hook_mlp_in"):
+        return name[: -len("hook_mlp_in")] + "hook_resid_mid"
+    return name
+
+
 def load_saelens(path: str | Path) -> tuple[SAE, dict[str, Any]]:
     """A SAELens folder (cfg.json + sae_weights.safetensors) as ``(jsae SAE, metadata)``.
 
@@ -246,9 +254,14 @@ def load_saelens(path: str | Path) -> tuple[SAE, dict[str, Any]]:
     out = dict(cfg.get("metadata") or {})
     out.setdefault("model_name", cfg.get("model_name"))
     out.setdefault("hook_name", cfg.get("hook_name"))
+    if cfg.get("hook_name_out") and not out.get("hook_name_out"):
+        out["hook_name_out"] = cfg["hook_name_out"]
+    for key in ("hook_name", "hook_name_out"):  # TransformerLens's pre-norm MLP input
+        if out.get(key):
+            out[key] = tl_hook_to_jsae(out[key])
     out["saelens_architecture"] = arch
     return sae, out
 
 
 __all__ = ["load_saelens", "sae_from_tensors", "save_saelens", "saelens_config",
-           "saelens_tensors"]
+           "saelens_tensors", "tl_hook_to_jsae"]
