@@ -205,3 +205,57 @@ def test_at_positions_keeps_a_transcoder_edit_to_its_rows():
     np.testing.assert_allclose(got.activations[OUT][0], clean[0], rtol=1e-6)
     np.testing.assert_allclose(got.activations[OUT][1], full[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(clean, full)
+
+
+class _PairSource:
+    """x -> y = x A + sparse codes D: a two-hook source (rows aligned) for the mesh test."""
+
+    hooks = ["in", "out"]
+
+    def __init__(self, d=16, n=64, seed=0):
+        rng = np.random.default_rng(seed)
+        self.d_in = {"in": d, "out": d}
+        self.A = rng.standard_normal((d, d)).astype(np.float32) * 0.3
+        self.D = rng.standard_normal((n, d)).astype(np.float32)
+        self.rng = np.random.default_rng(seed + 1)
+
+    def next_batch(self, n):
+        x = self.rng.standard_normal((n, self.A.shape[0])).astype(np.float32)
+        c = (self.rng.random((n, len(self.D))) < 0.05) * self.rng.random((n, len(self.D)))
+        return {"in": x, "out": (x @ self.A + c.astype(np.float32) @ self.D).astype(np.float32)}
+
+    def eval_batches(self, n_tokens, rows):
+        for s in range(0, n_tokens, rows):
+            yield self.next_batch(min(rows, n_tokens - s))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulated devices")
+@pytest.mark.parametrize("arch", ["skip_transcoder", "jumprelu_skip_transcoder"])
+def test_meshes_match_single_device(arch):
+    from jsae import parallel
+    from jsae.train.loop import Trainer
+
+    def train(data, model):
+        cfg = config.from_dict({
+            "sae": {"architecture": arch, "input_hook": "in", "output_hook": "out",
+                    "d_sae": 128, "k": 4, "dead_after_tokens": 2048, "l0_coef": 1e-3},
+            "train": {"steps": 4, "batch_size": 128, "lr": 1e-2, "lr_warmup_steps": 0,
+                      "log_every": 2, "progress": False},
+            "checkpoint": {"enabled": False},
+        })
+        tr = Trainer(cfg, _PairSource(seed=3), mesh=parallel.make_mesh(data, model))
+        states = tr.init_states()
+        for _ in range(cfg.train.steps):
+            states, m = tr.step(states, tr.source.next_batch(cfg.train.batch_size))
+        ev = tr.evaluate(states, 512)
+        return jax.device_get(states["in"]), jax.device_get(m["in"]), ev["in"]
+
+    ref, ref_m, ref_ev = train(1, 1)
+    assert "W_skip" in ref.sae.params and float(np.abs(ref.sae.params["W_skip"]).max()) > 0
+    for data, model in [(8, 1), (2, 4)]:
+        st, m, ev = train(data, model)
+        for name, v in ref.sae.params.items():
+            np.testing.assert_allclose(st.sae.params[name], v, rtol=2e-4, atol=2e-5,
+                                       err_msg=f"{name} mesh {data}x{model}")
+        assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-4)
+        assert ev["fvu"] == pytest.approx(ref_ev["fvu"], rel=1e-4)
