@@ -42,11 +42,12 @@ def test_sparsity_terms_match_numpy(mode):
     sae, x = _sae(mode, target_l0=3.0)
     loss, aux = sae_loss(sae, jnp.asarray(x), sparsity_coef=0.7)
     p, pre, z, thr, recon = _np_parts(sae, x.astype(np.float64))
-    l0 = np.sum(pre > thr, -1).mean()
+    l0_tok = np.sum(pre > thr, -1)
+    l0 = l0_tok.mean()
     norms = np.linalg.norm(p["W_dec"], axis=-1)
     want = {"step": 0.7 * l0,
             "tanh": 0.7 * np.sum(np.tanh(4.0 * np.abs(z) * norms), -1).mean(),
-            "quadratic": 0.7 * (l0 / 3.0 - 1.0) ** 2}[mode]
+            "quadratic": 0.7 * np.mean(2 / 3.0 * (l0_tok - 3.0) ** 2)}[mode]  # SAELens 6
     assert float(aux["recon"]) == pytest.approx(recon, rel=1e-5)
     assert float(aux["sparsity"]) == pytest.approx(want, rel=1e-5)
     assert float(loss) == pytest.approx(recon + want, rel=1e-5)
@@ -94,7 +95,7 @@ def _train_l0(threshold: str) -> float:
     cfg = from_dict({
         "data": {"source": "synthetic", "d_in": 16, "n_features": 64, "active_per_sample": 3},
         "sae": {"architecture": "jumprelu", "d_sae": 64, "jumprelu_sparsity": "quadratic",
-                "target_l0": TARGET, "l0_coef": 20.0, "jumprelu_bandwidth": 0.05,
+                "target_l0": TARGET, "l0_coef": 2.5, "jumprelu_bandwidth": 0.05,
                 "jumprelu_init_threshold": 0.01, "jumprelu_threshold": threshold},
         "train": {"steps": STEPS, "batch_size": 256, "lr": 1e-2, "lr_warmup_steps": 0,
                   "lr_decay": "constant", "log_every": 1000, "progress": False},

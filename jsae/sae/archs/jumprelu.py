@@ -5,8 +5,9 @@ threshold gradients.  The sparsity term (``spec.jumprelu_sparsity``; coef = sae.
 - ``step`` (default):  coef * sum_i H(pre_i - theta_i)                      (the L0)
 - ``tanh``:            coef * sum_i tanh(c |z_i| ||W_dec_i||)   (Anthropic, 2025; c =
   ``spec.jumprelu_tanh_scale``, SAELens's ``jumprelu_tanh_scale``, default 4)
-- ``quadratic``:       coef * (L0 / target_l0 - 1)^2 with L0 the batch mean of the step L0
-  (a penalty towards ``spec.target_l0`` rather than towards zero, as Gemma Scope 2 trains)
+- ``quadratic``:       coef * (2 / T) (L0_t - T)^2 with L0_t a token's step L0 and
+  T = ``spec.target_l0`` (Gemma Scope 2's penalty towards a target rather than towards zero,
+  in the per-token form SAELens 6 implements; it also penalises the spread of L0 over tokens)
 
 (each averaged over tokens).
 
@@ -67,14 +68,15 @@ class JumpReLU(Arch):
             dec_norm = jnp.linalg.norm(p["W_dec"], axis=-1)
             per_tok = jnp.sum(jnp.tanh(spec.jumprelu_tanh_scale * jnp.abs(t.z) * dec_norm), -1)
             return {"sparsity": t.sparsity_coef * per_tok.mean()}
-        l0 = jnp.sum(heaviside_ste(t.pre, self.threshold(p),
-                                   spec.jumprelu_bandwidth), axis=-1).mean()
+        l0_tok = jnp.sum(heaviside_ste(t.pre, self.threshold(p), spec.jumprelu_bandwidth),
+                         axis=-1)  # [B]
         if mode == "step":
-            return {"sparsity": t.sparsity_coef * l0}
-        if mode == "quadratic":
+            return {"sparsity": t.sparsity_coef * l0_tok.mean()}
+        if mode == "quadratic":  # Gemma Scope 2, per token (as SAELens implements it)
             if not spec.target_l0 or spec.target_l0 <= 0:
                 raise ValueError("sae.target_l0 must be > 0 for jumprelu_sparsity=quadratic")
-            return {"sparsity": t.sparsity_coef * (l0 / spec.target_l0 - 1.0) ** 2}
+            target = spec.target_l0
+            return {"sparsity": t.sparsity_coef * (2.0 / target * (l0_tok - target) ** 2).mean()}
         raise ValueError(f"sae.jumprelu_sparsity={mode!r}: expected step, tanh or quadratic")
 
     def to_saelens(self, params):
