@@ -25,7 +25,8 @@ class ConfigError(JsaeError, ValueError):
 
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "transcoder",
-                 "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+                 "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder",
+                 "crosscoder")
 # What the config checks per kind without importing jax (tests/test_arch_registry.py holds them
 # equal to the registry's `needs_k` / `transcoder` / JumpReLU sparsity terms).
 NEEDS_K = ("topk", "batchtopk", "matryoshka", "transcoder", "skip_transcoder")
@@ -76,14 +77,14 @@ class DataConfig:
 class SAEConfig:
     architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka",
                           "transcoder", "skip_transcoder", "jumprelu_transcoder",
-                          "jumprelu_skip_transcoder"] = "topk"
+                          "jumprelu_skip_transcoder", "crosscoder"] = "topk"
     # transcoders: encode input_hook, reconstruct output_hook (model.hooks is then both)
     input_hook: Optional[str] = None
     output_hook: Optional[str] = None
     d_sae: Optional[int] = None  # number of latents; or give expansion
     expansion: Optional[int] = None  # d_sae = expansion * d_in
     k: Optional[int] = 32  # topk/batchtopk/matryoshka: active latents per token
-    l1_coef: float = 5.0  # relu/gated sparsity coefficient (after normalisation)
+    l1_coef: float = 5.0  # relu/gated/crosscoder sparsity coefficient (after normalisation)
     l1_variant: Literal["standard", "anthropic"] = "anthropic"  # relu only
     l0_coef: float = 1e-3  # jumprelu sparsity coefficient
     jumprelu_bandwidth: float = 1e-3
@@ -369,6 +370,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(e.show_features_contexts > 0, "eval.show_features_contexts",
          "must be a positive integer")
     need(len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
+    need(s.architecture != "crosscoder" or len(set(cfg.model.hooks)) >= 2, "model.hooks",
+         f"a crosscoder reads several hooks at once: give two or more distinct hooks, got "
+         f"{cfg.model.hooks}")
     _check_transcoder_hooks(cfg, need)
     need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
     if d.exclude_norm_outliers is not None:

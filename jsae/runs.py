@@ -27,6 +27,24 @@ from jsae.errors import FileFormatError
 from jsae.sae.core import SAE
 
 
+KEY_JOIN = "+"  # a crosscoder's key: its hooks joined ("blocks.3.hook_resid_post+blocks.6...")
+
+
+def input_hooks(key: str) -> list[str]:
+    """The hooks a dictionary keyed ``key`` reads: one, or a crosscoder's several."""
+    return key.split(KEY_JOIN)
+
+
+def stack_hooks(acts, key: str, xp=None):
+    """``acts[hook]`` for a one-hook key; a crosscoder's hooks stacked ``[..., L, d]``."""
+    hooks = input_hooks(key)
+    if len(hooks) == 1:
+        return acts[hooks[0]]
+    if xp is None:
+        import numpy as xp
+    return xp.stack([acts[h] for h in hooks], axis=-2)
+
+
 def sae_dirname(hook: str) -> str:
     """The folder name of ``hook``'s SAE under ``RUN/saes/``."""
     return hook.replace("/", "_")
@@ -168,7 +186,7 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 
 
 __all__ = [
-    "is_run", "latest_step", "model_section", "output_hook", "output_hooks", "run_config",
+    "KEY_JOIN", "input_hooks", "is_run", "latest_step", "stack_hooks", "model_section", "output_hook", "output_hooks", "run_config",
     "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",
 ]

@@ -51,8 +51,13 @@ def _unembed(model, x) -> jax.Array:
 
 
 def feature_directions(sae: SAE, features) -> jax.Array:
-    """Raw-activation decoder directions ``[F, d_model]`` (``W_dec[f] / norm_scale``)."""
-    return sae.params["W_dec"][jnp.asarray(features, jnp.int32)] / sae.norm_scale
+    """Raw-activation decoder directions ``[F, d_model]`` (``W_dec[f] / norm_scale``; a
+    crosscoder's rows at its last hook)."""
+    from jsae.sae.archs import get_arch
+
+    rows = get_arch(sae.spec.architecture).decoder_directions(
+        sae.params, jnp.asarray(features, jnp.int32))
+    return rows / sae.norm_scale
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "k"))

@@ -116,12 +116,16 @@ def default_mask(model, contexts: np.ndarray) -> np.ndarray:
 
 
 def hook_activations(model, hook: str, tokens, attention_mask=None, forward: Callable | None = None) -> Array:
-    """Activations ``[B, T, d_model]`` at ``hook``, the forward stopped right after it."""
+    """Activations ``[B, T, d_model]`` at ``hook``, the forward stopped right after it (a
+    crosscoder's key ``a+b+c``: its hooks stacked ``[B, T, L, d_model]``)."""
+    from jsae.runs import input_hooks, stack_hooks
+
     if forward is None:
         from jsae.models.transformer import forward
-    out = forward(model.cfg, model.params, jnp.asarray(tokens, jnp.int32), capture=(hook,),
-                  stop_after_capture=True, attention_mask=attention_mask)
-    return out.activations[hook]
+    out = forward(model.cfg, model.params, jnp.asarray(tokens, jnp.int32),
+                  capture=tuple(input_hooks(hook)), stop_after_capture=True,
+                  attention_mask=attention_mask)
+    return stack_hooks(out.activations, hook, jnp)
 
 
 def top_activations(

@@ -39,8 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def describe(model, sae, feature: int, corpus, contexts, *, snippets: int, logits: int, style: str,
-             header: str = "", vocab=None) -> str:
-    """Text block for one feature: frequency, logit effects, snippets."""
+             header: str = "", vocab=None, key: str | None = None) -> str:
+    """Text block for one feature: frequency, logit effects, snippets (``key``: the run's
+    dictionary key; a crosscoder's names the hooks of its layer profile)."""
     from jsae.analysis.cli_utils import token_repr
     from jsae.analysis.logits import logit_effects
     from jsae.analysis.render import render_snippets
@@ -49,6 +50,15 @@ def describe(model, sae, feature: int, corpus, contexts, *, snippets: int, logit
     row = corpus.row(feature)
     lines = [f"feature {feature}{header}  |  fires on {100 * corpus.frequency[row]:.3f}% of corpus tokens, "
              f"max {corpus.max[row]:.2f}"]
+    if sae.spec.n_layers > 1:  # a crosscoder: where the feature writes
+        from jsae.sae.archs.crosscoder import layer_profile
+
+        prof = layer_profile(sae)[feature]
+        from jsae.runs import input_hooks
+
+        hooks = input_hooks(key) if key else [f"hook {i}" for i in range(len(prof))]
+        lines.append("  writes to:  " + "  ".join(f"{h} {100 * v:.0f}%"
+                                                 for h, v in zip(hooks, prof)))
     le = logit_effects(model, sae, [feature], k=logits, vocab=vocab)
     lines.append("  promotes:   " + " ".join(token_repr(tok, i) for i in le.top_ids[0]))
     lines.append("  suppresses: " + " ".join(token_repr(tok, i) for i in le.bottom_ids[0]))
@@ -77,7 +87,7 @@ def run(args) -> int:
         tok = r.model.tokenizer
         specials = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]
         vocab = np.setdiff1d(np.unique(contexts), specials)
-    kw = dict(snippets=args.snippets, logits=args.logits, style=style, vocab=vocab)
+    kw = dict(snippets=args.snippets, logits=args.logits, style=style, vocab=vocab, key=r.hook)
     if args.search:
         res = search_features(r.model, r.sae, r.hook, args.search, k=args.top, corpus=corpus, rank=args.rank)
         from jsae.analysis.render import token_pieces

@@ -224,14 +224,16 @@ class Evaluator:
 
     def reconstruction(self, saes: Mapping[str, SAE], targets: Mapping[str, str] | None = None
                        ) -> dict[str, ReconstructionStats]:
+        from jsae.runs import stack_hooks
+
         targets = targets or {}
         stats = {h: ReconstructionStats() for h in saes}
         for acts, m in self.activation_batches():
             for h, sae in saes.items():
                 t = targets.get(h, h)
-                stats[h].add(sae, acts[h], m, x_target=None if t == h else acts[t])
+                stats[h].add(sae, stack_hooks(acts, h), m, x_target=None if t == h else acts[t])
         for h, sae in saes.items():  # multi-host: combine the processes' shares
-            stats[h].merge_processes(sae.spec.d_in, sae.spec.d_sae)
+            stats[h].merge_processes(sae.spec.d_in * sae.spec.n_layers, sae.spec.d_sae)
         return stats
 
     def evaluate(self, saes: Mapping[str, SAE], *, downstream: bool = True,
@@ -241,8 +243,12 @@ class Evaluator:
         ``targets[hook]``: the hook a transcoder at ``hook`` reconstructs (also among
         ``self.hooks``); its metrics measure that hook, and CE / KL splice the transcoder in
         place of it (:mod:`jsae.evals.downstream`)."""
+        from jsae.runs import input_hooks, stack_hooks
+
         targets = {h: (targets or {}).get(h, h) for h in saes}
-        unknown = [t for h in saes for t in {h, targets[h]} if t not in self.hooks]
+        needed = [t for h in saes for t in [*input_hooks(h), targets[h]]
+                  if t != h or len(input_hooks(h)) == 1]
+        unknown = [t for t in dict.fromkeys(needed) if t not in self.hooks]
         if unknown:
             raise ValueError(f"no evaluation activations for hooks {unknown}; have {self.hooks}")
         d_model = int(self.model.cfg.d_model)
@@ -256,15 +262,17 @@ class Evaluator:
         for h, s in stats.items():
             health = latent_health(s.feature_counts, s.n_tokens)
             metrics[h].update({k: v for k, v in health.items() if k.startswith("log10")})
-        if downstream:
+        # an acausal crosscoder reads later layers than it writes: no single spliced forward
+        spliced = {h: s for h, s in saes.items() if len(input_hooks(h)) == 1}
+        if downstream and spliced:
             means = self.means()
             batches = self.batches(self.downstream_contexts,
-                                   desc=f"eval: CE/KL, {1 + 4 * len(saes)} LM passes")
-            ds = downstream_metrics(self.model, saes, batches,
-                                    {h: means[targets[h]] for h in saes}, forward=self.forward,
-                                    targets=targets)
+                                   desc=f"eval: CE/KL, {1 + 4 * len(spliced)} LM passes")
+            ds = downstream_metrics(self.model, spliced, batches,
+                                    {h: means[targets[h]] for h in spliced},
+                                    forward=self.forward, targets=targets)
             n_ds = int(process_sum(float(self.n_downstream_tokens)))
-            for h in saes:
+            for h in spliced:
                 metrics[h].update(ds[h])
                 metrics[h]["downstream_tokens"] = float(n_ds)
         return EvalResult(metrics, density, int(process_sum(float(self.n_tokens))))
@@ -535,7 +543,10 @@ def evaluate_path(
         targets = {key: meta.get("hook_name_out") or key}
     if "" in saes:
         raise ValueError(f"{path}: the hook is unknown; pass --hook (e.g. blocks.6.hook_resid_post)")
-    captured = list(dict.fromkeys([*saes, *targets.values()]))
+    from jsae.runs import input_hooks
+
+    captured = list(dict.fromkeys([p for h, t in targets.items() for p in [*input_hooks(h), t]
+                                   if p != h or len(input_hooks(h)) == 1]))
     cfg = _eval_config(path, kind, overrides)
     run_cfg = _run_config_file(path, kind) is not None
     n_tokens = int(n_tokens or cfg.eval.tokens)
@@ -547,12 +558,14 @@ def evaluate_path(
     if not lm_needed:  # synthetic / array activations: reconstruction metrics only
         from jsae.data import make_source
 
+        from jsae.runs import stack_hooks
+
         source = make_source(cfg)
         stats = {h: ReconstructionStats() for h in saes}
         for batch in source.eval_batches(n_tokens, 4096):
             for h, sae in saes.items():
                 t = targets[h]
-                stats[h].add(sae, batch[h], x_target=None if t == h else batch[t])
+                stats[h].add(sae, stack_hooks(batch, h), x_target=None if t == h else batch[t])
         metrics = {h: s.result() for h, s in stats.items()}
         result = EvalResult(metrics, {h: s.feature_density for h, s in stats.items()},
                             int(next(iter(stats.values())).n_tokens))

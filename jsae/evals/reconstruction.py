@@ -46,6 +46,8 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
     z = encode(sae, x_in, topk_fn=topk_fn)
     x_hat = decode(sae, z, x_in)
     x = x_in if x_target is None else x_target.astype(jnp.float32)
+    # a crosscoder's rows are [N, L, d]: metrics over the concatenated hooks
+    x, x_hat = x.reshape(x.shape[0], -1), x_hat.reshape(x_hat.shape[0], -1)
     err = x - x_hat
     n = jnp.sum(w)
     mean = jnp.sum(x * w[:, None], 0) / jnp.maximum(n, 1.0)
@@ -100,9 +102,10 @@ class ReconstructionStats:
         """``x_target [..., d]``: a transcoder's output-hook activations (default: ``x``)."""
         x = jnp.asarray(x)
         d = x.shape[-1]
-        x = x.reshape(-1, d)
+        row = (sae.spec.n_layers, d) if sae.spec.n_layers > 1 else (d,)  # a crosscoder's [L, d]
+        x = x.reshape(-1, *row)
         y = None if x_target is None else jnp.asarray(x_target).reshape(-1, d)
-        if y is not None and y.shape != x.shape:
+        if y is not None and y.shape != x.shape:  # noqa: SIM102 - a transcoder's rows
             raise ValueError(f"x_target has shape {y.shape}, the input {x.shape}")
         w = jnp.ones(x.shape[0], bool) if mask is None else jnp.asarray(mask, bool).reshape(-1)
         if w.shape[0] != x.shape[0]:
@@ -111,7 +114,7 @@ class ReconstructionStats:
         rows = max(1, min(n, self.max_elements // max(sae.spec.d_sae, 1)))
         if rows < n:  # big dictionary: equal-sized chunks (the last padded with weight 0)
             pad = -n % rows
-            x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)])
+            x = jnp.concatenate([x, jnp.zeros((pad, *row), x.dtype)])
             w = jnp.concatenate([w, jnp.zeros(pad, bool)])
             if y is not None:
                 y = jnp.concatenate([y, jnp.zeros((pad, d), y.dtype)])

@@ -39,6 +39,7 @@ class SAESpec:
     jumprelu_tanh_scale: float = 4.0  # jumprelu tanh: c in tanh(c |f_i| ||W_dec_i||)
     target_l0: float | None = None  # jumprelu quadratic: the L0 the penalty pulls towards
     jumprelu_threshold: str = "log"  # jumprelu: the threshold is stored as log (Gemma Scope) | linear
+    n_layers: int = 1  # crosscoder: hooks read and reconstructed at once (x [..., n_layers, d_in])
 
     def __post_init__(self):  # specs read back from JSON carry lists: keep the spec hashable
         for name in ("matryoshka_groups", "matryoshka_weights"):

@@ -66,7 +66,10 @@ def init_sae(
     b_dec = np.zeros((d_in,), np.float32)
     if sample is not None and b_dec_init != "zeros":
         xs = np.asarray(sample if target_sample is None else target_sample, np.float64) * scale
-        b_dec = geometric_median(xs) if b_dec_init == "geometric_median" else xs.mean(0)
+        centre = geometric_median if b_dec_init == "geometric_median" else (lambda v: v.mean(0))
+        # [N, L, d_in] (a crosscoder's hooks): one centre per hook
+        b_dec = centre(xs) if xs.ndim == 2 else np.stack([centre(xs[:, i])
+                                                          for i in range(xs.shape[1])])
     arch = get_arch(spec.architecture)
     params = {
         "W_enc": w.T * arch.encoder_init_scale,
@@ -74,5 +77,7 @@ def init_sae(
         "W_dec": w,
         "b_dec": jnp.asarray(b_dec, jnp.float32),
     }
-    params.update(arch.extra_params(spec, **arch_options))
+    params.update(arch.extra_params(spec, key=jax.random.fold_in(key, 1), **arch_options))
+    if sample is not None and b_dec_init != "zeros" and np.shape(b_dec) == params["b_dec"].shape:
+        params["b_dec"] = jnp.asarray(b_dec, jnp.float32)
     return SAE(params=params, norm_scale=jnp.asarray(scale, jnp.float32), spec=spec)

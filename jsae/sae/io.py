@@ -188,8 +188,9 @@ def load_sae(path: str | Path) -> tuple[SAE, dict]:
     if "norm_scale" not in tensors:
         raise FileFormatError(f"{weights}: tensor norm_scale is missing{fallback_hint(path)}")
     scale = tensors.pop("norm_scale")
-    expected = {"W_enc": (spec.d_in, spec.d_sae), "W_dec": (spec.d_sae, spec.d_in),
-                "b_enc": (spec.d_sae,), "b_dec": (spec.d_in,)}
+    from jsae.sae.archs import get_arch
+
+    expected = get_arch(spec.architecture).param_shapes(spec)
     for name, shape in expected.items():
         if name not in tensors:
             raise FileFormatError(f"{weights}: tensor {name} is missing{fallback_hint(path)}")

@@ -53,7 +53,7 @@ def check_index_range(d_sae: int, model: int = 1) -> None:
             "smaller sae.d_sae")
 
 
-def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
+def spec_from_config(cfg: RunConfig, d_in: int, n_layers: int = 1) -> SAESpec:
     s = cfg.sae
     d_sae = cfg.resolved_d_sae(d_in)
     if get_arch(s.architecture).needs_k and s.k > d_sae:
@@ -65,7 +65,7 @@ def spec_from_config(cfg: RunConfig, d_in: int) -> SAESpec:
         matryoshka_groups=tuple(s.matryoshka_groups or ()),
         matryoshka_weights=tuple(s.matryoshka_weights or ()),
         jumprelu_sparsity=s.jumprelu_sparsity, jumprelu_tanh_scale=s.jumprelu_tanh_scale,
-        target_l0=s.target_l0, jumprelu_threshold=s.jumprelu_threshold,
+        target_l0=s.target_l0, jumprelu_threshold=s.jumprelu_threshold, n_layers=n_layers,
     )
     try:
         get_arch(spec.architecture).check_spec(spec)
@@ -92,14 +92,16 @@ class Trainer:
     def __init__(self, cfg: RunConfig, source, *, mesh=None):
         self.cfg, self.source = cfg, source
         self.source_hooks: list[str] = list(source.hooks)
-        # one dictionary per key (its input hook); targets[key]: the hook it reconstructs
-        self.targets = _targets(cfg, self.source_hooks)
+        # one dictionary per key: inputs[key] the hooks it reads (one; a crosscoder's several,
+        # stacked [B, L, d]), targets[key] the hook it reconstructs (a transcoder's other one)
+        self.inputs, self.targets = _layout(cfg, self.source_hooks, source.d_in)
         self.hooks: list[str] = list(self.targets)
         self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
         self.total_steps = cfg.resolved_steps()
-        self.specs = {h: spec_from_config(cfg, source.d_in[h]) for h in self.hooks}
+        self.specs = {h: spec_from_config(cfg, source.d_in[self.inputs[h][0]],
+                                          n_layers=len(self.inputs[h])) for h in self.hooks}
         for h, t in self.targets.items():
-            if source.d_in[t] != source.d_in[h]:
+            if t != h and source.d_in[t] != source.d_in[h]:
                 raise ConfigError(
                     f"config key 'sae.output_hook': {t} has width {source.d_in[t]}, "
                     f"sae.input_hook {h} has {source.d_in[h]}; jsae's transcoders map a width "
@@ -121,11 +123,11 @@ class Trainer:
             mesh=self.mesh,
         )
 
-        targets = self.targets
+        targets, inputs = self.targets, self.inputs
 
         def multi_step(states: States, batches: dict[str, jax.Array]):
-            out = {h: step_fn(states[h], batches[h], None if targets[h] == h
-                              else batches[targets[h]]) for h in states}
+            out = {h: step_fn(states[h], _rows(batches, inputs[h], jax.numpy),
+                              None if targets[h] == h else batches[targets[h]]) for h in states}
             return {h: o[0] for h, o in out.items()}, {h: o[1] for h, o in out.items()}
 
         self._multi_step = multi_step
@@ -144,7 +146,8 @@ class Trainer:
             k_init, k_state = jax.random.split(jax.random.fold_in(key, i))
             t = self.targets[h]
             sae = init_sae(
-                k_init, self.specs[h], _gather_sample(sample[h]), normalize=cfg.sae.normalize,
+                k_init, self.specs[h], _gather_sample(_rows(sample, self.inputs[h])),
+                normalize=cfg.sae.normalize,
                 b_dec_init=cfg.sae.b_dec_init,
                 target_sample=None if t == h else _gather_sample(sample[t]),
                 jumprelu_init_threshold=cfg.sae.jumprelu_init_threshold,
@@ -205,14 +208,14 @@ class Trainer:
         for _ in range(n_batches):
             batch = next(it, None)
             for h in self.hooks:
-                d = self.source.d_in[h]
-                t = self.targets[h]
-                x = np.zeros((rows, d), np.float32)
+                ins, t = self.inputs[h], self.targets[h]
+                d = self.source.d_in[ins[0]]
+                x = np.zeros((rows, *((len(ins),) if len(ins) > 1 else ()), d), np.float32)
                 y = np.zeros((rows, d), np.float32) if t != h else None
                 w = np.zeros((rows,), bool)
                 if batch is not None:
-                    n = len(batch[h])
-                    x[:n], w[:n] = batch[h], True
+                    n = len(batch[ins[0]])
+                    x[:n], w[:n] = _rows(batch, ins), True
                     if y is not None:
                         y[:n] = batch[t]
                 args = [states[h].sae, parallel.global_batch(x, self.mesh),
@@ -328,6 +331,8 @@ class Trainer:
         for h in self.hooks:  # every process takes part in the fetches; process 0 writes
             meta = {"hook_name": h, "model_name": cfg.model.name, "steps": self.total_steps,
                     "heldout": final[h]}
+            if len(self.inputs[h]) > 1:
+                meta["hook_names"] = list(self.inputs[h])
             if self.targets[h] != h:
                 meta["hook_name_out"] = self.targets[h]
             save_sae_from_mesh(states[h].sae, run_dir / "saes" / _dirname(h), write=is_main,
@@ -365,6 +370,27 @@ class TrainingStopped(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step} on request (SIGTERM); checkpoint saved")
         self.step = step
+
+
+def _rows(batch: dict, hooks: list[str], xp=np):
+    """One hook's rows [B, d], or several hooks' stacked [B, L, d] (a crosscoder's input)."""
+    return batch[hooks[0]] if len(hooks) == 1 else xp.stack([batch[h] for h in hooks], axis=1)
+
+
+def _layout(cfg: RunConfig, source_hooks: list[str], d_in: dict[str, int]):
+    """(inputs, targets): dictionary key -> the hooks it reads, and -> what it reconstructs."""
+    arch = get_arch(cfg.sae.architecture)
+    if arch.multi_hook:
+        widths = {d_in[h] for h in source_hooks}
+        if len(widths) > 1:
+            raise ConfigError(f"config key 'model.hooks': a crosscoder's hooks must have one "
+                              f"width; got {dict((h, d_in[h]) for h in source_hooks)}")
+        from jsae.runs import KEY_JOIN
+
+        key = KEY_JOIN.join(source_hooks)
+        return {key: list(source_hooks)}, {key: key}
+    targets = _targets(cfg, source_hooks)
+    return {h: [h] for h in targets}, targets
 
 
 def _targets(cfg: RunConfig, source_hooks: list[str]) -> dict[str, str]:

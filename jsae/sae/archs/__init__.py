@@ -89,7 +89,7 @@ def from_saelens_name(saelens_arch: str, source: str = "tensors") -> Arch:
 
 
 # registration order = the order of `names()` (config help, docs)
-from jsae.sae.archs import relu, topk, batchtopk, jumprelu, gated, matryoshka, transcoder  # noqa: E402,F401,I001
+from jsae.sae.archs import relu, topk, batchtopk, jumprelu, gated, matryoshka, transcoder, crosscoder  # noqa: E402,F401,I001
 
 __all__ = ["Arch", "LossInputs", "all_archs", "from_saelens_name", "get_arch", "latent_axes",
            "names", "register"]

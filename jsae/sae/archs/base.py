@@ -53,6 +53,7 @@ class Arch:
     saelens_imports: ClassVar[tuple[str, ...]] = ()  # SAELens architectures it imports
     transcoder: ClassVar[bool] = False  # reconstructs another hook (sae.output_hook)
     encoder_init_scale: ClassVar[float] = 1.0  # W_enc starts as this x W_dec^T
+    multi_hook: ClassVar[bool] = False  # one dictionary over all model.hooks (a crosscoder)
 
     # ---- parameters ---------------------------------------------------------------------
 
@@ -68,8 +69,19 @@ class Arch:
         return {"W_enc": -1, "b_enc": 0, "W_dec": 0, **self.extra_latent_axes}
 
     def extra_params(self, spec, **opts: Any) -> dict[str, Array]:
-        """Parameters beyond W_enc, b_enc, W_dec, b_dec for a fresh SAE."""
+        """Parameters beyond W_enc, b_enc, W_dec, b_dec for a fresh SAE (or replacing them:
+        ``opts["key"]`` is the init key)."""
         return {}
+
+    def param_shapes(self, spec) -> dict[str, tuple[int, ...]]:
+        """Shapes of W_enc, W_dec, b_enc, b_dec (what a saved SAE is checked against)."""
+        return {"W_enc": (spec.d_in, spec.d_sae), "W_dec": (spec.d_sae, spec.d_in),
+                "b_enc": (spec.d_sae,), "b_dec": (spec.d_in,)}
+
+    def decoder_directions(self, params: dict, features: Array) -> Array:
+        """``[F, d_in]`` normalised-space decoder rows of ``features`` (the directions whose
+        logit effects are shown)."""
+        return params["W_dec"][features]
 
     def max_active(self, spec) -> int | None:
         """The most latents that can be active on one token, where the rule caps it (TopK: k)."""
