@@ -49,7 +49,8 @@ def init_sae(
     """A fresh SAE. ``sample [N, d_in]`` (raw activations) sets norm_scale and b_dec.
 
     ``target_sample [N, d_in]``: a transcoder's output-hook rows for the same tokens; b_dec
-    (its output bias) then starts at their median / mean, norm_scale still comes from ``sample``.
+    (its output bias) then starts at their median / mean, norm_scale still comes from ``sample``,
+    and b_enc at ``-mean(sample) W_enc`` (its input is never centred by b_dec).
 
     ``arch_options`` go to the architecture's `Arch.extra_params` (e.g. jumprelu's
     ``jumprelu_init_threshold``).  Decoder rows are random unit directions (norm 0.1 for the anthropic relu variant,
@@ -77,6 +78,11 @@ def init_sae(
         "W_dec": w,
         "b_dec": jnp.asarray(b_dec, jnp.float32),
     }
+    if target_sample is not None and sample is not None:
+        # a transcoder's input is not centred by b_dec (another space): start b_enc at
+        # -mean(x_in) W_enc so the first codes do not all follow the input's mean direction
+        mean_in = np.asarray(sample, np.float64).mean(0) * scale
+        params["b_enc"] = -jnp.asarray(mean_in, jnp.float32) @ params["W_enc"]
     params.update(arch.extra_params(spec, key=jax.random.fold_in(key, 1), **arch_options))
     if sample is not None and b_dec_init != "zeros" and np.shape(b_dec) == params["b_dec"].shape:
         params["b_dec"] = jnp.asarray(b_dec, jnp.float32)

@@ -1,0 +1,119 @@
+"""Every dictionary architecture on the same tokens: FVU, L0 and CE loss recovered, side by side.
+
+    python benchmarks/architectures.py                      # 300k tokens, Gemma 3 270M, layer 6
+    python benchmarks/architectures.py --tokens 100000 --archs topk,skip_transcoder
+
+One `jsae harvest` of Gemma 3 270M's layer 6 (hook_resid_post for the SAEs, hook_resid_mid ->
+hook_mlp_out for the transcoders) over the offline text, then `jsae train` of each architecture
+from that cache (same rows, same order, same steps, lr and batch as configs/quickstart.yaml),
+then `jsae eval` of each run on the same held-out contexts. Per-token budgets are matched where
+the architecture has one (k = 32 for TopK, BatchTopK, Matryoshka and the TopK transcoders;
+target_l0 = 32 for JumpReLU's quadratic penalty); ReLU and Gated use their default L1
+coefficients, so their L0 is what it comes out as. A transcoder's FVU is of the MLP's output and
+its CE is with the MLP replaced (zero ablation: the MLP's output zeroed), so compare
+transcoders with transcoders and SAEs with SAEs. Prints the hardware and a Markdown table; each
+run's eval.json is kept under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAYER = 6
+SAE_HOOK = f"blocks.{LAYER}.hook_resid_post"
+TC_IN, TC_OUT = f"blocks.{LAYER}.hook_resid_mid", f"blocks.{LAYER}.hook_mlp_out"
+
+# architecture -> (base config, overrides); every run also gets the shared overrides below
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "topk": ("configs/quickstart.yaml", []),
+    "batchtopk": ("configs/quickstart.yaml", ["sae.architecture=batchtopk"]),
+    "matryoshka": ("configs/matryoshka.yaml", []),
+    "jumprelu": ("configs/jumprelu_target_l0.yaml", []),
+    "relu": ("configs/quickstart.yaml", ["sae.architecture=relu"]),
+    "gated": ("configs/quickstart.yaml", ["sae.architecture=gated"]),
+    "transcoder": ("configs/transcoder.yaml", ["sae.architecture=transcoder"]),
+    "skip_transcoder": ("configs/transcoder.yaml", []),
+}
+
+
+def hardware() -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harvest import hardware as hw
+
+    return hw()
+
+
+def jsae(*args: str) -> float:
+    """Run ``python -m jsae ARGS`` (the CLI a user runs); its wall time in seconds."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jsae", *args], check=True)
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=300_000, help="training tokens per run")
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--downstream-tokens", type=int, default=4096)
+    ap.add_argument("--archs", default=",".join(RUNS), help=f"comma-separated, of {list(RUNS)}")
+    ap.add_argument("--out", default="runs/architectures")
+    ap.add_argument("--cache", help="reuse this harvest (default OUT/cache, harvested first)")
+    ap.add_argument("--set", action="append", default=[], metavar="ARCH:KEY=VALUE",
+                    help="an extra override for one architecture, e.g. relu:sae.l1_coef=20")
+    args = ap.parse_args(argv)
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in RUNS]
+    if unknown:
+        ap.error(f"unknown architectures {unknown}; known: {', '.join(RUNS)}")
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else out / "cache"
+    extra: dict[str, list[str]] = {}
+    for item in args.set:
+        arch, _, kv = item.partition(":")
+        extra.setdefault(arch, []).append(kv)
+    print(hardware(), flush=True)
+
+    hooks = f"[{SAE_HOOK},{TC_IN},{TC_OUT}]"
+    t_harvest = 0.0 if args.cache else jsae(
+        "harvest", "configs/quickstart.yaml", "--out", str(cache), "--tokens", str(args.tokens),
+        "--eval-tokens", str(args.eval_tokens), "--set", f"model.hooks={hooks}")
+    rows = []
+    for arch in archs:
+        base, over = RUNS[arch]
+        run = out / arch
+        shared = [f"run_dir={run}", "data.source=cache", f"data.path={cache}",
+                  f"train.tokens={args.tokens}", f"eval.tokens={args.eval_tokens}",
+                  "eval.show_features=0", "checkpoint.enabled=false"]
+        sets = [x for s in shared + over + extra.get(arch, []) for x in ("--set", s)]
+        t_train = jsae("train", base, *sets, "--fresh")
+        t_eval = jsae("eval", str(run), "--tokens", str(args.eval_tokens),
+                      "--downstream-tokens", str(args.downstream_tokens))
+        doc = json.loads((run / "eval" / "eval.json").read_text())
+        (hook, m), = doc["metrics"].items()
+        rows.append({"arch": arch, "hook": hook, "replaces": (doc["info"].get("output_hooks")
+                                                              or {}).get(hook, hook),
+                     "overrides": over + extra.get(arch, []),
+                     "train_s": t_train, "eval_s": t_eval, **m})
+        (out / "results.json").write_text(json.dumps(  # after every run: a partial table too
+            {"hardware": hardware(), "tokens": args.tokens, "harvest_s": t_harvest,
+             "runs": rows}, indent=2))
+    print(f"\nharvest of {args.tokens:,} tokens x 3 hooks: {t_harvest:.0f} s")
+    print("\n| architecture | reads -> reconstructs | L0 | FVU | CE loss recovered (zero abl.) "
+          "| CE increase | KL / token | dead | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        where = r["hook"] if r["replaces"] == r["hook"] else f"{r['hook']} -> {r['replaces']}"
+        print(f"| {r['arch']} | {where} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+              f"{r['ce_recovered_zero']:.4f} | {r['ce_delta']:.4f} | {r['kl_spliced']:.4f} | "
+              f"{r['dead_frac']:.1%} | {r['train_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
