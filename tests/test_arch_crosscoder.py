@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mesh_check import assert_meshes_match
 
 from jsae import config
 from jsae.config import ConfigError
@@ -143,13 +144,7 @@ def test_meshes_match_single_device():
             states, m = tr.step(states, src.next_batch(256))
         return jax.device_get(states["h0+h1+h2"]), jax.device_get(m["h0+h1+h2"])
 
-    ref, ref_m = train(1, 1)
-    for data, model in [(8, 1), (2, 4)]:
-        st, m = train(data, model)
-        for name, v in ref.sae.params.items():
-            np.testing.assert_allclose(st.sae.params[name], v, rtol=2e-4, atol=2e-5,
-                                       err_msg=f"{name} mesh {data}x{model}")
-        assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-4)
+    assert_meshes_match(train)
 
 
 def test_one_hook_is_a_clear_error():

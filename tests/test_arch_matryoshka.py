@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mesh_check import assert_meshes_match
 
 from jsae import parallel
 from jsae.config import from_dict
@@ -111,13 +112,7 @@ def test_meshes_match_single_device():
             states, m = tr.step(states, tr.source.next_batch(cfg.train.batch_size))
         return jax.device_get(states["synthetic"]), jax.device_get(m["synthetic"])
 
-    ref, ref_m = train(1, 1)
-    for data, model in [(8, 1), (2, 4)]:
-        st, m = train(data, model)
-        for name, v in ref.sae.params.items():
-            np.testing.assert_allclose(st.sae.params[name], v, rtol=2e-4, atol=2e-5,
-                                       err_msg=f"{name} mesh {data}x{model}")
-        assert float(m["matryoshka"]) == pytest.approx(float(ref_m["matryoshka"]), rel=1e-4)
+    assert_meshes_match(train, metric="matryoshka")
 
 
 def test_preflight_checks_k_against_the_resolved_d_sae():
