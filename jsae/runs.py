@@ -26,7 +26,6 @@ import yaml
 from jsae.errors import FileFormatError
 from jsae.sae.core import SAE
 
-
 KEY_JOIN = "+"  # a crosscoder's key: its hooks joined ("blocks.3.hook_resid_post+blocks.6...")
 
 

@@ -243,7 +243,7 @@ class Evaluator:
         ``targets[hook]``: the hook a transcoder at ``hook`` reconstructs (also among
         ``self.hooks``); its metrics measure that hook, and CE / KL splice the transcoder in
         place of it (:mod:`jsae.evals.downstream`)."""
-        from jsae.runs import input_hooks, stack_hooks
+        from jsae.runs import input_hooks
 
         targets = {h: (targets or {}).get(h, h) for h in saes}
         needed = [t for h in saes for t in [*input_hooks(h), targets[h]]
@@ -557,7 +557,6 @@ def evaluate_path(
     lm_needed = not run_cfg or cfg.data.source in ("text", "cache")
     if not lm_needed:  # synthetic / array activations: reconstruction metrics only
         from jsae.data import make_source
-
         from jsae.runs import stack_hooks
 
         source = make_source(cfg)
