@@ -213,11 +213,38 @@ def add(direction, coefficient=1.0) -> Transform:
     return Partial(_add, d, jnp.asarray(coefficient, jnp.float32))
 
 
-def feature_direction(sae: SAE, feature: int, *, unit: bool = False) -> Array:
+def feature_direction(sae: SAE, feature: int, *, unit: bool = False,
+                      layer: int | None = None) -> Array:
     """The raw-activation change per unit of a feature's code: ``W_dec[f] / norm_scale``
-    (``unit=True``: that vector normalised to length 1)."""
-    d = sae.params["W_dec"][int(feature)] / sae.norm_scale
+    (``unit=True``: that vector normalised to length 1); a crosscoder's row at its ``layer``-th
+    hook."""
+    w = sae.params["W_dec"][int(feature)]
+    if sae.spec.n_layers > 1:
+        if layer is None:
+            raise ValueError(f"a crosscoder writes {sae.spec.n_layers} hooks: pass layer= "
+                             f"(0..{sae.spec.n_layers - 1}), or use add_feature")
+        w = w[int(layer)]
+    d = w / sae.norm_scale
     return d / jnp.linalg.norm(d) if unit else d
+
+
+def add_feature(sae: SAE, hooks: Sequence[str], features, values) -> dict[str, Transform]:
+    """``{hook: fn}`` adding ``values[i] * W_dec[features[i]]`` wherever the dictionary writes:
+    its one hook, or each of a crosscoder's ``hooks`` (its row at that hook). The way to steer
+    an acausal crosscoder: its codes read every hook, later ones included, so no single hook of
+    a forward pass knows them and clamp cannot be causal."""
+    hooks = list(hooks)
+    if len(hooks) != max(1, sae.spec.n_layers):
+        raise ValueError(f"{len(hooks)} hooks given for a dictionary that writes "
+                         f"{max(1, sae.spec.n_layers)}")
+    fs = np.atleast_1d(np.asarray(features, np.int64))
+    vs = np.broadcast_to(np.asarray(values, np.float32), fs.shape)
+    out = {}
+    for i, h in enumerate(hooks):
+        lay = i if sae.spec.n_layers > 1 else None
+        fns = [add(feature_direction(sae, int(f), layer=lay), float(v)) for f, v in zip(fs, vs)]
+        out[h] = fns[0] if len(fns) == 1 else compose(*fns)
+    return out
 
 
 def _compose(fns, x):

@@ -258,10 +258,7 @@ def test_cli_atlas_then_around(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     save_sae(sae, run / "saes" / HOOK, {"hook": HOOK})
     (run / "config.yaml").write_text(f"model:\n  name: tiny\n  hooks: [{HOOK}]\n")
-    import jsae.analysis.atlas.build as build
-
-    real = build._resolve
-    monkeypatch.setattr(build, "_resolve", lambda s, h, m: real(s, h, model))
+    monkeypatch.setattr("jsae.models.load", lambda name, dtype="float32": model)  # "tiny"
     (tmp_path / "a.txt").write_text(" ".join(TEXTS[:60]))
     (tmp_path / "b.txt").write_text(" ".join(TEXTS[60:]))
     out = tmp_path / "atlas"
@@ -286,3 +283,59 @@ def test_cli_atlas_then_around(tmp_path, monkeypatch, capsys):
     rc = cli.main(["atlas", str(tmp_path / "empty")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "no saved SAEs" in err and len(err.splitlines()) == 1
+
+
+def test_crosscoder_atlas_stacks_its_hooks_and_shows_where_features_write(tmp_path):
+    """A crosscoder over two hooks: the pass reads both from one LM forward (stacked
+    [B, T, L, d]), so its top activations equal the codes of the stacked activations; logit
+    effects use each feature's row at the last hook, decoder neighbours compare all hooks'
+    rows together, and every card says how much of its decoder norm goes to each hook."""
+    import jax
+    import jax.numpy as jnp
+
+    from jsae.analysis.atlas.site import card_html, write_site
+    from jsae.models.transformer import forward
+    from jsae.sae import SAESpec, encode, init_sae
+    from jsae.sae.archs.crosscoder import layer_profile
+
+    model = TinyModel()
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    key = "+".join(hooks)
+    d = model.cfg.d_model
+    sae = init_sae(jax.random.key(0), SAESpec("crosscoder", d, 48, n_layers=2), None)
+    rng = np.random.default_rng(0)
+    W = np.asarray(sae.params["W_dec"]) * rng.uniform(0.2, 2.0, (48, 2, 1))  # uneven profiles
+    sae = sae.replace(params={**sae.params, "W_dec": jnp.asarray(W, jnp.float32),
+                              "b_enc": jnp.asarray(rng.normal(0, 0.1, 48), jnp.float32)})
+    data = atlas((model, sae, key), tokens=3000, context_length=32, cfg=CFG, texts=TEXTS,
+                 progress=False, n_logits=5, n_neighbours=4, map_method="pca")
+    assert data.meta["layer_hooks"] == hooks
+    np.testing.assert_allclose(data.layer_profile, layer_profile(sae), rtol=1e-6)
+    # top activation of each feature = the max code of the stacked activations
+    from jsae.analysis.corpus import pack_texts
+
+    tok, msk = pack_texts(model.tokenizer, TEXTS, 32)
+    tok, msk = tok[: data.meta["n_contexts"]], msk[: data.meta["n_contexts"]]
+    acts = forward(model.cfg, model.params, jnp.asarray(tok), capture=hooks).activations
+    z = np.asarray(encode(sae, jnp.stack([acts[h] for h in hooks], axis=-2)))
+    zmax = np.where(msk[..., None], z, 0).reshape(-1, 48).max(0)
+    np.testing.assert_allclose(data.top_value[:, 0], zmax, rtol=1e-5, atol=1e-6)
+    # logit effects from the last hook's rows
+    vocab = np.unique(data.top_tokens[data.top_tokens >= 0])
+    vocab = vocab[vocab > 2]
+    dirs = W[:, -1] / float(sae.norm_scale) * np.asarray(model.params["final_norm"]["scale"])
+    logits = dirs @ np.asarray(model.params["embed"], np.float64)[vocab].T
+    assert (data.logit_top_ids[:, 0] == vocab[np.argmax(logits, 1)]).mean() > 0.97
+    # decoder neighbours over both hooks' rows (live features are the candidates)
+    flat = W.reshape(48, -1)
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    live = data.density > 0
+    cos[:, ~live] = -np.inf
+    np.fill_diagonal(cos, -np.inf)
+    f = int(np.flatnonzero(live)[0])
+    assert data.cos_ids[f, 0] == int(np.argmax(cos[f]))
+    html = card_html(data, f)
+    assert "writes to" in html and f"L0 {100 * data.layer_profile[f, 0]:.0f}%" in html
+    write_site(tmp_path / "site", data)
+    assert (tmp_path / "site" / "index.html").exists()

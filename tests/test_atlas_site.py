@@ -472,3 +472,23 @@ def test_real_model_site(browser, tmp_path):
     w.shot(tmp_path, "atlas_card_real")
     assert w.problems == []
     w.close()
+
+
+def test_crosscoder_card_shows_its_layer_profile(browser, tmp_path):
+    """A crosscoder atlas (layer_profile and meta["layer_hooks"]): the browser's card and the
+    notebook card both say how much of the feature's decoder norm goes to each hook."""
+    data = random_atlas_data(40, seed=5, n_local_maps=0, explanations=False)
+    prof = np.random.default_rng(0).dirichlet(np.ones(3), size=40).astype(np.float32)
+    data.layer_profile = prof
+    data.meta["layer_hooks"] = [f"blocks.{i}.hook_resid_post" for i in (3, 6, 9)]
+    write_site(tmp_path / "cc", data, progress=False)
+    fid = int(data.feature_ids[4])
+    want = " · ".join(f"L{n} {round(100 * float(v))}%" for n, v in zip((3, 6, 9), prof[4]))
+    w = Watch(browser)
+    w.goto((tmp_path / "cc" / "index.html").as_uri())
+    w.page.evaluate(f"atlas.open({fid})")
+    w.open_card(fid)
+    assert want in w.page.inner_text("#panel .stats")
+    assert w.problems == []
+    w.close()
+    assert "writes to" in card_html(data, fid)

@@ -229,3 +229,44 @@ def test_generate_pair_equals_separate_runs():
     assert base == steering.generate(model, prompts, 6)
     assert steered == steering.generate(model, prompts, 6, interventions=fns)
     assert base != steered
+
+
+def test_crosscoder_steers_by_adding_its_rows_at_every_hook(tmp_path, monkeypatch, capsys):
+    """add_feature puts v * W_dec[f, l] / norm_scale at the l-th hook of a crosscoder (checked
+    against a forward with the two additions written out), feature_direction needs the layer,
+    and `jsae steer` on a crosscoder run refuses clamp in one line and generates with --mode
+    add."""
+    from jsae import cli
+    from jsae.sae import SAESpec, init_sae
+    from jsae.sae.io import save_sae
+
+    model = TinyModel()
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    sae = init_sae(jax.random.key(0), SAESpec("crosscoder", model.cfg.d_model, 24, n_layers=2), None)
+    sae = sae.replace(norm_scale=jnp.float32(2.0))
+    fns = steering.add_feature(sae, hooks, [5, 7], [3.0, -1.5])
+    assert set(fns) == set(hooks)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (2, 7)), jnp.int32)
+    W = np.asarray(sae.params["W_dec"])
+    manual = {h: steering.add(jnp.asarray((3.0 * W[5, i] - 1.5 * W[7, i]) / 2.0), 1.0)
+              for i, h in enumerate(hooks)}
+    got = forward(model.cfg, model.params, tokens, interventions=fns).logits
+    ref = forward(model.cfg, model.params, tokens, interventions=manual).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="layer="):
+        steering.feature_direction(sae, 5)
+    with pytest.raises(ValueError, match="2 hooks given|1 hooks given"):
+        steering.add_feature(sae, hooks[:1], 5, 1.0)
+
+    key = "+".join(hooks)
+    run = tmp_path / "run"
+    save_sae(sae, run / "saes" / key, {"hook": key, "hook_names": hooks})
+    (run / "config.yaml").write_text(f"model:\n  name: tiny\n  hooks: [{', '.join(hooks)}]\n"
+                                     "sae:\n  architecture: crosscoder\n")
+    monkeypatch.setattr("jsae.models.load", lambda name, dtype="float32": model)
+    with pytest.raises(SystemExit, match="use --mode add") as e:
+        cli.main(["steer", str(run), "--feature", "5", "--value", "3", "--prompt", "ab", "--tokens", "3"])
+    assert len(str(e.value).splitlines()) == 1
+    rc = cli.main(["steer", str(run), "--feature", "5", "--value", "3", "--mode", "add",
+                   "--prompt", "ab", "--tokens", "3"])
+    assert rc == 0 and "+3 x dir(f5)" in capsys.readouterr().out

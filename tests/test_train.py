@@ -154,3 +154,20 @@ def test_metrics_logger_adds_columns_for_new_metrics(tmp_path):
     assert cols["step"] == [10, 20, 30]
     assert cols["loss"] == [1.0, 0.8, 0.7]
     assert np.isnan(cols["eval_fvu"][0]) and cols["eval_fvu"][1] == 0.45
+
+
+def test_batchtopk_threshold_is_a_running_mean_then_the_ema():
+    """The inference threshold: the mean of the batches' smallest positive codes for the first
+    100 updates, then SAELens's EMA (rate 0.01); a large first batch no longer sets it."""
+    from jsae.sae.archs.batchtopk import ema_threshold
+
+    rng = np.random.default_rng(0)
+    minima = np.concatenate([[10.0], rng.uniform(0.9, 1.1, 299)])
+    thr, ref = jnp.full((4,), -1.0), None
+    for step, m in enumerate(minima):
+        z = jnp.asarray([[0.0, m, m + 1.0, 0.0], [m + 2.0, 0.0, 0.0, 0.0]], jnp.float32)
+        thr = ema_threshold(thr, z, jnp.int32(step))
+        rate = max(0.01, 1.0 / (step + 1))
+        ref = m if ref is None else (1 - rate) * ref + rate * m
+        np.testing.assert_allclose(np.asarray(thr), ref, rtol=1e-5)
+    assert abs(ref - 1.0) < 0.05  # the seed's weight is gone (a plain 0.99 EMA: 10 * 0.99^299)

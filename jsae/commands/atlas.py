@@ -76,7 +76,7 @@ def _load_sae(run_dir, hook):
     return load_sae(Path(run_dir) / "saes" / hook)[0], hook
 
 
-def _write_outputs(data, out, sae, args, log) -> None:
+def _write_outputs(data, out, sae, args, log, model=None) -> None:
     from jsae.analysis.atlas.build import save_atlas
     from jsae.analysis.atlas.maps import plot_global, plot_local
 
@@ -96,9 +96,17 @@ def _write_outputs(data, out, sae, args, log) -> None:
     if args.neuronpedia:
         from pathlib import Path
 
-        from jsae.analysis.atlas.neuronpedia import export_bulk, export_neuronpedia
+        import numpy as np
 
-        files = export_neuronpedia(data, args.neuronpedia, vectors=sae.params["W_dec"] / sae.norm_scale)
+        from jsae.analysis.atlas.neuronpedia import export_bulk, export_neuronpedia
+        from jsae.analysis.logits import feature_directions
+
+        if model is None:  # the logit histograms need the unembedding
+            from jsae.analysis.run import load_run
+
+            model = load_run(args.run_dir, data.meta.get("hook")).model
+        vectors = feature_directions(sae, np.arange(sae.spec.d_sae))
+        files = export_neuronpedia(data, args.neuronpedia, vectors=vectors, logit_hist=(model, sae))
         bulk = export_bulk(files, Path(args.neuronpedia) / "bulk")
         log(f"neuronpedia: {len(files)} batch files in {args.neuronpedia}; bulk-import folder {bulk}")
 
@@ -160,7 +168,10 @@ def run(args) -> int:
                              f"{d.get('source')!r}); give the harvest folder: --cache DIR")
         cache = d["path"]
     log(f"loading {args.run_dir} ...")
-    data = atlas(args.run_dir, hook=args.hook, tokens=args.tokens,
+    from jsae.analysis.run import load_run
+
+    model = load_run(args.run_dir, args.hook).model
+    data = atlas(args.run_dir, hook=args.hook, model=model, tokens=args.tokens,
                  context_length=args.context_length, cfg=cfg, batch_size=args.batch_size,
                  n_neighbours=args.neighbours, maps=args.map != "none", around=args.around,
                  radius=args.radius, seed=args.seed, state_dir=state_dir, texts=texts,
@@ -170,7 +181,7 @@ def run(args) -> int:
 
         client = ChatClient(args.explainer, model=args.explainer_model, cache_dir=out / "explain_cache")
         explain_atlas(data, client, n_features=args.explain, seed=args.seed)
-    _write_outputs(data, out, sae, args, log)
+    _write_outputs(data, out, sae, args, log, model)
     live = int((data.density > 0).sum())
     print(f"atlas of {data.meta['hook']}: {live} of {data.n_features} features fired on "
           f"{data.meta['n_tokens']:,} tokens; {len(data.cluster_labels)} clusters; wrote {out}")

@@ -43,8 +43,13 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
 
     from jsae import steering
     from jsae.analysis.cli_utils import parse_value
+    from jsae.runs import input_hooks
 
     out = getattr(run, "output_hook", None)  # a transcoder writes to another hook
+    if run.sae.spec.n_layers > 1 and mode != "add":
+        raise SystemExit(f"jsae steer: a crosscoder's codes read all of its hooks, later ones "
+                         f"included, so --mode {mode} cannot act during the forward pass; use "
+                         "--mode add (adds value x its decoder row at every hook)")
     if mode == "ablate":
         return steering.interventions_for(run.sae, run.hook, steering.ablate, features,
                                           keep_error=keep_error, output_hook=out), \
@@ -71,9 +76,9 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
         desc = ", ".join(f"f{f} {sym} {v:.3g}" for f, v in zip(features, vals))
         return steering.interventions_for(run.sae, run.hook, transform, features, vals,
                                           keep_error=keep_error, output_hook=out), desc
-    fns = [steering.add(steering.feature_direction(run.sae, f), v) for f, v in zip(features, vals)]
     desc = ", ".join(f"+{v:.3g} x dir(f{f})" for f, v in zip(features, vals))
-    return {out or run.hook: steering.compose(*fns)}, desc  # decoder rows live where it writes
+    writes = [out] if out else input_hooks(run.hook)  # decoder rows live where it writes
+    return steering.add_feature(run.sae, writes, features, vals), desc
 
 
 def run(args) -> int:

@@ -85,7 +85,7 @@ def make_train_step(
         if spec.unit_decoder:
             params["W_dec"] = _unit_rows(params["W_dec"])
         z = aux["z"]
-        params = arch.after_update(params, z)
+        params = arch.after_update(params, z, state.step)
         fired = fast.fired(z)
         n_tok = jnp.int32(x.shape[0])
         fired_ago = jnp.where(

@@ -21,10 +21,11 @@ import numpy as np
 
 from jsae.analysis.atlas.stream import AtlasError, StreamConfig, StreamResult
 from jsae.analysis.atlas.types import AtlasData, LocalMap
+from jsae.analysis.logits import feature_directions
 from jsae.fileio import atomic_file
 
 LOGIT_METHOD = (
-    "W_dec[f] / norm_scale, times the final norm's elementwise scale, @ W_U (the final RMSNorm's "
+    "W_dec[f] / norm_scale (a crosscoder's row at its last hook), times the final norm's elementwise scale, @ W_U (the final RMSNorm's "
     "weight folded into the unembedding as TransformerLens/SAELens fold_ln do; its division by "
     "the RMS is left out, so effects rank tokens but are not calibrated logits); ranked among "
     "the token ids seen in the atlas corpus"
@@ -65,11 +66,10 @@ def logit_table(model, sae, vocab: np.ndarray, k: int = 10, chunk: int = 1024):
     E = p["embed"] if model.cfg.tie_embeddings else jnp.transpose(p["unembed"])
     W_v = jnp.asarray(E)[jnp.asarray(vocab, jnp.int32)].astype(jnp.float32)  # [V', d]
     scale = jnp.asarray(p["final_norm"]["scale"], jnp.float32)
-    W = sae.params["W_dec"]
-    F = W.shape[0]
+    F = sae.spec.d_sae
     outs = [[], [], [], []]
     for s in range(0, F, chunk):
-        dirs = jnp.asarray(W[s : s + chunk], jnp.float32) / sae.norm_scale
+        dirs = feature_directions(sae, np.arange(s, min(s + chunk, F))).astype(jnp.float32)
         if dirs.shape[0] < chunk and F > chunk:
             dirs = jnp.pad(dirs, ((0, chunk - dirs.shape[0]), (0, 0)))
         res = _topk_logits(dirs, scale, W_v, k=k)
@@ -113,12 +113,13 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
         COACT_SCORE,
         coactivation_from_pass,
         decoder_neighbours,
+        decoder_rows,
     )
 
     s, cfg = res.state, res.cfg
     F = sae.spec.d_sae
     live = s["fires"] > 0
-    W = np.asarray(jax.device_get(sae.params["W_dec"]), np.float32)
+    W = decoder_rows(sae)
     log = _log if progress else (lambda m: None)
     log(f"atlas: {int(live.sum())} of {F} features fired on {res.n_tokens:,} tokens; "
         "logit effects, neighbours ...")
@@ -158,6 +159,13 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
         "band_samples": cfg.band_samples, "n_live": int(live.sum()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    profile = None
+    if sae.spec.n_layers > 1:  # a crosscoder: where each feature writes
+        from jsae.runs import input_hooks
+        from jsae.sae.archs.crosscoder import layer_profile
+
+        profile = layer_profile(sae).astype(np.float32)
+        m["layer_hooks"] = input_hooks(hook)
     m.update(meta or {})
     return AtlasData(
         meta=m, feature_ids=np.arange(F, dtype=np.int64), density=res.density,
@@ -172,6 +180,7 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
         logit_top_ids=lt_i, logit_top_vals=lt_v, logit_bottom_ids=lb_i, logit_bottom_vals=lb_v,
         cos_ids=cos_i, cos_vals=cos_v, coact_ids=co_i, coact_vals=co_v,
         map_xy=xy, cluster=cl, cluster_labels=cl_labels, labels=labels, token_str=token_str,
+        layer_profile=profile,
     )
 
 

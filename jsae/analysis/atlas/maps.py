@@ -86,12 +86,12 @@ def local_map(sae_or_W, center: int, radius: float = 0.3, *, data: AtlasData | N
     radius, as in a young dictionary whose directions are nearly orthogonal: ``radius`` then
     grows to the farthest of them; at most
     ``max_features``, the nearest), laid out and clustered.
-    ``sae_or_W``: an SAE or ``W_dec [F, d]``; ``data``: an atlas whose labels (and live
+    ``sae_or_W``: an SAE or its :func:`~jsae.analysis.atlas.neighbours.decoder_rows`; ``data``: an atlas whose labels (and live
     features, when ``include`` is not given) are used."""
-    from jsae.analysis.atlas.neighbours import features_within
+    from jsae.analysis.atlas.neighbours import decoder_rows, features_within
     from jsae.analysis.atlas.stream import AtlasError
 
-    W = np.asarray(sae_or_W.params["W_dec"] if hasattr(sae_or_W, "params") else sae_or_W)
+    W = decoder_rows(sae_or_W) if hasattr(sae_or_W, "params") else np.asarray(sae_or_W)
     F = len(W)
     if not 0 <= int(center) < F:
         raise AtlasError(f"feature {center} is out of range: the dictionary has {F} features (0..{F - 1})")

@@ -25,6 +25,14 @@ import numpy as np
 COACT_SCORE = "jaccard"
 
 
+def decoder_rows(sae) -> np.ndarray:
+    """``[F, d]`` the decoder rows that neighbours and maps compare: ``W_dec``; a crosscoder's
+    rows at all its hooks concatenated ``[F, L * d]`` (two features are near when they write
+    the same directions at every layer, weighted by how much they write at each)."""
+    W = np.asarray(jax.device_get(sae.params["W_dec"]), np.float32)
+    return W.reshape(W.shape[0], -1)
+
+
 def _unit(w):
     w = jnp.asarray(w, jnp.float32)
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)

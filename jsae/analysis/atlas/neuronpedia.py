@@ -59,18 +59,18 @@ def logit_histograms(model, sae, features, bins: int = LOGIT_HIST_BINS, chunk: i
     import jax.numpy as jnp
 
     from jsae.analysis.atlas.build import _logit_hist
+    from jsae.analysis.logits import feature_directions
 
     p = model.params
     E = p["embed"] if model.cfg.tie_embeddings else jnp.transpose(p["unembed"])
     E = jnp.asarray(E, jnp.float32)
     scale = jnp.asarray(p["final_norm"]["scale"], jnp.float32)
-    W = np.asarray(sae.params["W_dec"], np.float32)
     feats = np.asarray(features, np.int64)
     hs, cs = [], []
     for s in range(0, len(feats), chunk):
         idx = feats[s : s + chunk]
         pad = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))]) if len(idx) < chunk else idx
-        h, c = _logit_hist(jnp.asarray(W[pad]) / sae.norm_scale, scale, E, bins=bins)
+        h, c = _logit_hist(feature_directions(sae, pad).astype(jnp.float32), scale, E, bins=bins)
         hs.append(np.asarray(h)[: len(idx)])
         cs.append(np.asarray(c)[: len(idx)])
     if not hs:

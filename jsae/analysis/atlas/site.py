@@ -158,6 +158,16 @@ def _quantized(acts, peak) -> list:
     return np.clip(np.rint(acts * scale), 0, ACT_LEVELS).astype(np.int32).tolist()
 
 
+def profile_text(profile, hooks) -> str:
+    """A crosscoder feature's layer profile as ``"L3 12% · L6 70% · L9 18%"`` (the layer
+    number of each hook when it has one, else the hook's name)."""
+    names = []
+    for h in hooks or [f"hook {i}" for i in range(len(profile))]:
+        m = re.search(r"blocks\.(\d+)\.", str(h))
+        names.append(f"L{m.group(1)}" if m else str(h))
+    return " · ".join(f"{n} {100 * float(v):.0f}%" for n, v in zip(names, profile))
+
+
 def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
     """Everything a card shows about the features in rows ``lo:hi``, JSON-ready (the viewer's
     record format), computed a block at a time."""
@@ -177,6 +187,7 @@ def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
     edges, counts = _num(data.band_edges[sl]), np.asarray(data.band_count[sl]).astype(np.int64).tolist()
     pairs = {k: (np.asarray(getattr(data, f"{a}_ids")[sl]).astype(np.int64).tolist(),
                  _num(getattr(data, f"{a}_vals")[sl])) for k, a in _PAIRS}
+    profile = None if data.layer_profile is None else _num(data.layer_profile[sl])
     recs = []
     for j in range(hi - lo):
         bands = [[edges[j][b], edges[j][b + 1], counts[j][b],
@@ -188,6 +199,7 @@ def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
             "density": density[j], "mean": mean[j], "max": mx[j], "cluster": cluster[j],
             "hist": hist[j], "top": _examples(top[0][j], top[1][j], top[2][j], top[3][j]),
             "bands": bands, **{k: _pairs(v[0][j], v[1][j]) for k, v in pairs.items()},
+            "profile": profile[j] if profile is not None else None,
         })
     return recs
 
@@ -233,6 +245,7 @@ def shard_payload(data: AtlasData, lo: int, hi: int) -> dict:
         "band_q": band_q,
         **{f"{k}_ids": ids(getattr(data, f"{a}_ids")) for k, a in _PAIRS},
         **{f"{k}_vals": _num(getattr(data, f"{a}_vals")[sl]) for k, a in _PAIRS},
+        "profile": None if data.layer_profile is None else _num(data.layer_profile[sl]),
         "tokens": {str(t): _token_text(data, t) for t in used},
     }
 
@@ -301,11 +314,15 @@ def _token_payload(data: AtlasData) -> dict:
 
 def steer_command(meta: dict, feature: int, value: str = "5x",
                   prompt: str = "My favourite place is") -> str:
-    """The ``jsae steer`` line that clamps ``feature`` (shell-quoted)."""
+    """The ``jsae steer`` line that clamps ``feature`` (shell-quoted; a crosscoder's adds
+    its decoder rows)."""
     parts = ["jsae", "steer", str(meta.get("run") or "RUN_DIR")]
     if meta.get("hook"):
         parts += ["--hook", str(meta["hook"])]
-    parts += ["--feature", str(int(feature)), "--value", value, "--prompt", prompt]
+    parts += ["--feature", str(int(feature)), "--value", value]
+    if meta.get("layer_hooks"):  # a crosscoder steers by adding its rows (clamp is acausal)
+        parts += ["--mode", "add"]
+    parts += ["--prompt", prompt]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -333,7 +350,11 @@ def _index_payload(data: AtlasData, shard_size: int) -> dict:
     for k, v in data.meta.items():
         if isinstance(v, np.generic):
             v = v.item()
-        meta[str(k)] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+        if isinstance(v, (list, tuple)):  # e.g. a crosscoder's layer_hooks
+            v = [str(x) for x in v]
+        elif not (isinstance(v, (int, float, str, bool)) or v is None):
+            v = str(v)
+        meta[str(k)] = v
         if isinstance(v, float) and not math.isfinite(v):
             meta[str(k)] = None
     return {
@@ -380,6 +401,8 @@ def check_atlas(data: AtlasData) -> None:
         "cos_vals": data.cos_ids.shape, "coact_vals": data.coact_ids.shape,
         "logit_top_vals": data.logit_top_ids.shape, "logit_bottom_vals": data.logit_bottom_ids.shape,
     }
+    if data.layer_profile is not None:
+        want["layer_profile"] = (F, len(data.meta.get("layer_hooks") or data.layer_profile[0]))
     for name in ("top_tokens", "top_acts"):
         want[name] = (F, K, data.top_tokens.shape[-1])
     for name in ("band_tokens", "band_acts"):
@@ -575,6 +598,8 @@ def card_html(data: AtlasData, feature: int, *, max_examples: int = 10, style: b
              ("max act", _fmt(rec["max"]))]
     if clabel:
         stats.append(("cluster", _clean_str(str(clabel))))
+    if rec["profile"] is not None:
+        stats.append(("writes to", profile_text(rec["profile"], data.meta.get("layer_hooks"))))
     parts.append('<div class="stats">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{html.escape(v)}</div></div>'
         for k, v in stats) + "</div>")

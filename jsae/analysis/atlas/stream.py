@@ -564,11 +564,24 @@ def stream_text(
     tokens = np.asarray(tokens, np.int32)
     mask = np.asarray(mask, bool)
     cfg, states, expects, paths, start = _prepare(saes, tokens, mask, cfg, batch_size, state_dir)
-    hooks = list(saes)
-    harvester = Harvester(model, hooks, forward=forward)
+    harvester = Harvester(model, _read_hooks(saes), forward=forward)
     return _run_pass(saes, tokens, mask, cfg, states, expects, paths, start,
-                     lambda s, tok: harvester.activations(tok), batch_size=batch_size,
+                     lambda s, tok: _stacked(saes, harvester.activations(tok)), batch_size=batch_size,
                      save_every=save_every, mesh=mesh, progress=progress, stop_after=stop_after)
+
+
+def _read_hooks(saes) -> list[str]:
+    """Every hook the dictionaries read (a crosscoder's key names several), each once."""
+    from jsae.runs import input_hooks
+
+    return list(dict.fromkeys(h for key in saes for h in input_hooks(key)))
+
+
+def _stacked(saes, acts) -> dict:
+    """``{key: [B, T, d]}`` per dictionary; a crosscoder's hooks stacked ``[B, T, L, d]``."""
+    from jsae.runs import stack_hooks
+
+    return {key: stack_hooks(acts, key, jnp) for key in saes}
 
 
 def _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn, *, batch_size,
@@ -680,7 +693,7 @@ def stream_cache(
     contexts; ``max_contexts`` limits the pass to the first contexts."""
     from jsae.data.cache import ContextRows
 
-    reader = ContextRows(cache_dir, list(saes))
+    reader = ContextRows(cache_dir, _read_hooks(saes))
     tokens, mask = reader.tokens, reader.mask
     if max_contexts is not None:
         tokens, mask = tokens[:max_contexts], mask[:max_contexts]
@@ -696,7 +709,7 @@ def stream_cache(
             a = np.zeros((B, tokens.shape[1], rows.shape[-1]), np.float32)
             a[: len(m)][m] = rows
             out[h] = jnp.asarray(a)
-        return out
+        return _stacked(saes, out)
 
     return _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn,
                      batch_size=batch_size, save_every=save_every, mesh=mesh, progress=progress,

@@ -70,6 +70,8 @@ class AtlasData:
     explanations: list[str | None] | None = None  # [F] written by an explainer LLM
     explanation_scores: np.ndarray | None = None  # [F] detection score of each explanation
     local_maps: list[LocalMap] = dataclasses.field(default_factory=list)
+    layer_profile: np.ndarray | None = None  # [F, L] a crosscoder's decoder norm per hook
+    #                                          (meta["layer_hooks"]), each row summing to 1
 
     @property
     def n_features(self) -> int:

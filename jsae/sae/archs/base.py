@@ -127,8 +127,9 @@ class Arch:
         """Fast-path terms between the reconstruction and AuxK (``codes``: SparseCodes)."""
         return {}
 
-    def after_update(self, params: dict, z) -> dict:
-        """Parameters after the optimizer step (``z``: this batch's codes, dense or sparse)."""
+    def after_update(self, params: dict, z, step=None) -> dict:
+        """Parameters after the optimizer step (``z``: this batch's codes, dense or sparse;
+        ``step``: the number of updates before this one)."""
         return params
 
     # fast path (supports_fast): see jsae.sae.fast

@@ -13,20 +13,25 @@ from jsae.sae.archs import register
 from jsae.sae.archs.base import Arch
 from jsae.sae.archs.topk import auxk_terms
 
-# EMA rate of the inference threshold: SAELens's topk_threshold_lr = 0.01. (dictionary_learning's
-# 0.999 left a short run's threshold at its first batch's value: the quickstart-sized run's
-# held-out L0 was 10.5 for k = 32, see benchmarks/RESULTS.md.)
+# EMA rate of the inference threshold: SAELens's topk_threshold_lr = 0.01, reached after a
+# running mean over the first 100 batches (Bussmann et al. average the batches' minima). A plain
+# EMA seeded by batch 1 keeps that batch's weight at 0.99^n: early codes are larger, so a short
+# run's threshold stayed too high (held-out L0 17 for k = 32 at 146 steps; benchmarks/RESULTS.md).
 THRESHOLD_EMA = 0.99
 
 
-def ema_threshold(old, z):
-    """The threshold after a batch with codes ``z``: its smallest positive code seeds it
-    (``old < 0``: untrained), then an EMA follows."""
+def ema_threshold(old, z, step=None):
+    """The threshold after a batch with codes ``z`` and ``step`` earlier updates: the mean of
+    the batches' smallest positive codes while that gives more weight to the new one than the
+    EMA would (step < 100), then the EMA. ``old < 0`` (untrained) or step 0 seeds it."""
     from jsae.sae import fast
 
     min_act = fast.min_positive(z)
     min_act = jnp.where(jnp.isfinite(min_act), min_act, 0.0)
-    return jnp.where(old < 0, min_act, THRESHOLD_EMA * old + (1 - THRESHOLD_EMA) * min_act)
+    rate = 1.0 - THRESHOLD_EMA
+    if step is not None:
+        rate = jnp.maximum(rate, 1.0 / (jnp.asarray(step, jnp.float32) + 1.0))
+    return jnp.where(old < 0, min_act, (1.0 - rate) * old + rate * min_act)
 
 
 class BatchTopK(Arch):
@@ -51,8 +56,8 @@ class BatchTopK(Arch):
     def loss_terms(self, sae, t):
         return auxk_terms(sae, t)
 
-    def after_update(self, params, z):
-        return {**params, "threshold": ema_threshold(params["threshold"], z)}
+    def after_update(self, params, z, step=None):
+        return {**params, "threshold": ema_threshold(params["threshold"], z, step)}
 
     def fast_applies(self, batch_topk_fn) -> bool:
         # not with the sharded batch-wide selection: the flat top-k would gather the batch

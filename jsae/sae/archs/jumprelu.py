@@ -53,7 +53,7 @@ class JumpReLU(Arch):
             return jnp.exp(params["log_threshold"])
         return params["threshold"]
 
-    def after_update(self, params, z):
+    def after_update(self, params, z, step=None):
         if "threshold" in params:  # projected step: a threshold below 0 would pass negatives
             return {**params, "threshold": jnp.maximum(params["threshold"], 0.0)}
         return params

@@ -433,6 +433,7 @@
         examples(s.band_value[j][b], s.band_anchor[j][b], s.band_tokens[j][b], s.band_q[j][b])]),
       lt: pairsAt(s.lt_ids[j], s.lt_vals[j]), lb: pairsAt(s.lb_ids[j], s.lb_vals[j]),
       cos: pairsAt(s.cos_ids[j], s.cos_vals[j]), coact: pairsAt(s.coact_ids[j], s.coact_vals[j]),
+      profile: s.profile ? s.profile[j] : null,
     };
   }
 
@@ -526,10 +527,18 @@
     return el(known ? "a" : "span", { class: "pname nb", href: known ? "#f=" + id : null, "data-fid": String(id) },
       el("span", { class: "nbid", text: "#" + id }), " ", labelOf(id) || (known ? "" : "(not in this atlas)"));
   }
+  function profileText(profile, hooks) { // a crosscoder feature's share of decoder norm per hook
+    return profile.map((v, i) => {
+      const h = hooks && hooks[i] ? String(hooks[i]) : `hook ${i}`, m = /blocks\.(\d+)\./.exec(h);
+      return `${m ? "L" + m[1] : h} ${Math.round(100 * v)}%`;
+    }).join(" · ");
+  }
   function steerCommand(id) {
     const m = store.index.meta, parts = ["jsae", "steer", String(m.run || "RUN_DIR")];
     if (m.hook) parts.push("--hook", String(m.hook));
-    parts.push("--feature", String(id), "--value", "5x", "--prompt", "My favourite place is");
+    parts.push("--feature", String(id), "--value", "5x");
+    if (m.layer_hooks) parts.push("--mode", "add"); // a crosscoder: clamp would be acausal
+    parts.push("--prompt", "My favourite place is");
     return parts.map(shellQuote).join(" ");
   }
   function copyButton(text) {
@@ -559,6 +568,7 @@
     if (rec.expl) kids.push(el("p", { class: "expl" }, rec.expl, rec.score != null ? el("span", { class: "muted", text: ` (detection score ${fmt(rec.score)})` }) : null));
     const stats = [["density", densityText(rec.density)], ["mean act", fmt(rec.mean)], ["max act", fmt(rec.max)]];
     if (clusterName) stats.push(["cluster", clusterName]);
+    if (rec.profile) stats.push(["writes to", profileText(rec.profile, ix.meta.layer_hooks)]);
     kids.push(el("div", { class: "stats" }, stats.map(([k, v]) => el("div", { class: "stat" }, el("div", { class: "k", text: k }), el("div", { class: "v", text: v })))));
     const tools = el("div", { class: "tools" });
     if (PAGE.kind === "global" && atlas.map && atlas.map.rowOf.has(rec.id) && atlas.map.ok[atlas.map.rowOf.get(rec.id)]) {
