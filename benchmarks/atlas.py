@@ -3,6 +3,7 @@ and memory of decoder neighbours and the UMAP map at several dictionary sizes.
 
     python benchmarks/atlas.py --run runs/quickstart --tokens 20000
     python benchmarks/atlas.py --sizes 10000,100000 --no-pass       # neighbours / UMAP only
+    python benchmarks/atlas.py --run RUN --cache HARVEST --no-maps   # + the pass from a cache
 
 The pass and the harvest run interleaved in one process on the same contexts (after a warm-up
 batch each, so compilation is excluded); tokens/s count the masked-in tokens. Neighbours use
@@ -58,6 +59,42 @@ def bench_pass(run: str, tokens: int, context_length: int, batch_size: int, repe
             "atlas_overhead": at / hs - 1, "devices": str(jax.devices()[0].platform)}
 
 
+def bench_cache(run: str, cache: str, tokens: int, batch_size: int, repeats: int) -> dict:
+    """The pass from a `jsae harvest` cache (no LM) next to reading the same rows alone."""
+    import jax
+
+    from jsae.analysis.atlas.stream import StreamConfig, stream_cache
+    from jsae.data.cache import ContextRows
+    from jsae.runs import input_hooks, run_hooks, sae_from_run
+
+    hook = run_hooks(run)[0]
+    sae, _ = sae_from_run(run, hook)
+    reader = ContextRows(cache, input_hooks(hook))
+    n_ctx = int(min(len(reader.tokens), max(batch_size, -(-tokens // reader.tokens.shape[1]))))
+    n_ctx -= n_ctx % batch_size
+    counted = int(reader.mask[:n_ctx].sum())
+    cfg = StreamConfig()
+    stream_cache({hook: sae}, cache, cfg, batch_size=batch_size, max_contexts=batch_size * 2,
+                 progress=False)  # compile outside the timing
+    res = {"read_s": [], "atlas_s": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        done = 0
+        for s in range(0, n_ctx, batch_size):
+            n = int(reader.mask[s : s + batch_size].sum())
+            jax.block_until_ready(jax.numpy.asarray(reader.rows(done, n)[input_hooks(hook)[0]]))
+            done += n
+        res["read_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        stream_cache({hook: sae}, cache, cfg, batch_size=batch_size, max_contexts=n_ctx,
+                     progress=False)
+        res["atlas_s"].append(time.perf_counter() - t)
+    rs, at = min(res["read_s"]), min(res["atlas_s"])
+    return {"source": "cache", "d_sae": sae.spec.d_sae, "tokens": counted, "contexts": n_ctx,
+            "batch": batch_size, "read_tok_s": counted / rs, "atlas_tok_s": counted / at,
+            "devices": str(jax.devices()[0].platform)}
+
+
 def bench_maps(sizes, d_in: int, n: int, umap_max: int) -> list[dict]:
     from jsae.analysis.atlas.maps import clusters, layout
     from jsae.analysis.atlas.neighbours import decoder_neighbours
@@ -107,6 +144,7 @@ def main() -> None:
     ap.add_argument("--neighbours", type=int, default=10)
     ap.add_argument("--umap-max", type=int, default=100000, help="skip UMAP above this size")
     ap.add_argument("--no-pass", action="store_true", help="skip the LM pass benchmark")
+    ap.add_argument("--cache", help="also time the pass from this `jsae harvest` folder (no LM)")
     ap.add_argument("--no-maps", action="store_true", help="skip neighbours / UMAP")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
@@ -114,6 +152,9 @@ def main() -> None:
     if not a.no_pass:
         res["pass"] = bench_pass(a.run, a.tokens, a.context_length, a.batch_size, a.repeats)
         print(json.dumps(res["pass"]), flush=True)
+    if a.cache:
+        res["cache"] = bench_cache(a.run, a.cache, a.tokens, a.batch_size, a.repeats)
+        print(json.dumps(res["cache"]), flush=True)
     if not a.no_maps:
         res["maps"] = bench_maps([int(s) for s in a.sizes.split(",") if s], a.d_in, a.neighbours,
                                  a.umap_max)
