@@ -92,14 +92,15 @@ def test_labels():
 
 def test_labels_decode_byte_tokens():
     """Byte-fallback pieces are decoded as UTF-8 around the anchor (the label never shows
-    '<0xC3>'); a byte run that is no text (cut by the window) is left out."""
+    '<0xC3>'); a byte run that is no text (cut by the window) is left out, unless nothing else
+    is left: then the byte token itself labels the feature."""
     tok = {1: " caf", 2: "<0xC3>", 3: "<0xA9>", 4: "<0xE2>", 5: "<0x82>", 6: "<0xAC>", 7: " x"}
     t = np.array([[1, 2, 3, 7], [1, 2, 3, 7], [7, 4, 5, 6], [7, 7, 2, 3]])
     lab = auto_label(t, np.array([1, 2, 2, 3]), np.array([3.0, 2.0, 2.0, 0.5]), tok)
     assert lab == "é · €" and "<0x" not in lab
     cut = np.array([[5, 6, 7, 7], [1, 1, 1, 1]])  # the euro's lead byte fell outside the window
     assert auto_label(cut, np.array([0, 0]), np.array([5.0, 1.0]), tok) == "caf"
-    assert auto_label(np.array([[4, 5, 7]]), np.array([0]), np.array([1.0]), tok) == ""
+    assert auto_label(np.array([[4, 5, 7]]), np.array([0]), np.array([1.0]), tok) == "<0xE2>"
 
 
 def test_bad_input_one_line(tiny, tmp_path):
@@ -339,3 +340,12 @@ def test_crosscoder_atlas_stacks_its_hooks_and_shows_where_features_write(tmp_pa
     assert "writes to" in html and f"L0 {100 * data.layer_profile[f, 0]:.0f}%" in html
     write_site(tmp_path / "site", data)
     assert (tmp_path / "site" / "index.html").exists()
+
+
+def test_a_feature_seen_only_on_a_lone_byte_token_still_has_a_label():
+    """Its only example's anchor is a UTF-8 continuation byte (0xA0 of a non-breaking space,
+    no text alone): the label is the byte token itself, never empty."""
+    token_str = {5: "<0xA0>", 6: " word"}
+    tokens = np.array([[6, 5, -1], [-1, -1, -1]])
+    assert auto_label(tokens, np.array([1, 0]), np.array([0.5, 0.0]), token_str) == "<0xA0>"
+    assert auto_label(tokens, np.array([1, 0]), np.array([0.0, 0.0]), token_str) == ""
