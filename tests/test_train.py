@@ -156,9 +156,10 @@ def test_metrics_logger_adds_columns_for_new_metrics(tmp_path):
     assert np.isnan(cols["eval_fvu"][0]) and cols["eval_fvu"][1] == 0.45
 
 
-def test_batchtopk_threshold_is_a_running_mean_then_the_ema():
-    """The inference threshold: the mean of the batches' smallest positive codes for the first
-    100 updates, then SAELens's EMA (rate 0.01); a large first batch no longer sets it."""
+def test_batchtopk_threshold_follows_recent_batches():
+    """The inference threshold: an EMA of the batches' smallest positive codes whose horizon is
+    a tenth of the updates so far, then SAELens's (rate 0.01 from update 990); neither a large
+    first batch nor a run's early, larger codes set it."""
     from jsae.sae.archs.batchtopk import ema_threshold
 
     rng = np.random.default_rng(0)
@@ -167,7 +168,15 @@ def test_batchtopk_threshold_is_a_running_mean_then_the_ema():
     for step, m in enumerate(minima):
         z = jnp.asarray([[0.0, m, m + 1.0, 0.0], [m + 2.0, 0.0, 0.0, 0.0]], jnp.float32)
         thr = ema_threshold(thr, z, jnp.int32(step))
-        rate = max(0.01, 1.0 / (step + 1))
+        rate = max(0.01, 1.0 / (1.0 + step / 10))
         ref = m if ref is None else (1 - rate) * ref + rate * m
         np.testing.assert_allclose(np.asarray(thr), ref, rtol=1e-5)
     assert abs(ref - 1.0) < 0.05  # the seed's weight is gone (a plain 0.99 EMA: 10 * 0.99^299)
+
+    # codes shrinking through a short run (minima 2 -> 1 over 150 updates): the threshold ends
+    # near the last batches' minima, where a running mean of all of them would sit at 1.5
+    thr = jnp.full((4,), -1.0)
+    for step, m in enumerate(np.linspace(2.0, 1.0, 150)):
+        z = jnp.asarray([[m, 0.0, 0.0, 0.0]], jnp.float32)
+        thr = ema_threshold(thr, z, jnp.int32(step))
+    assert float(thr[0]) < 1.12
