@@ -51,7 +51,7 @@ class ImageItem:
 
 def skimage_photos() -> list[ImageItem]:
     """scikit-image's real photographs with a caption from each one's docstring (offline)."""
-    skimage = require("skimage", "test", "the offline photographs (scikit-image)")
+    skimage = require("skimage", "vision", "the offline photographs (scikit-image)")
     import skimage.data as skd
 
     folder = Path(skimage.__file__).parent / "data"
