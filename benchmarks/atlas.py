@@ -4,6 +4,7 @@ and memory of decoder neighbours and the UMAP map at several dictionary sizes.
     python benchmarks/atlas.py --run runs/quickstart --tokens 20000
     python benchmarks/atlas.py --sizes 10000,100000 --no-pass       # neighbours / UMAP only
     python benchmarks/atlas.py --run RUN --cache HARVEST --no-maps   # + the pass from a cache
+    python benchmarks/atlas.py --run RUN --pieces --no-pass --no-maps  # one batch's pieces
 
 The pass and the harvest run interleaved in one process on the same contexts (after a warm-up
 batch each, so compilation is excluded); tokens/s count the masked-in tokens. Neighbours use
@@ -95,6 +96,46 @@ def bench_cache(run: str, cache: str, tokens: int, batch_size: int, repeats: int
             "devices": str(jax.devices()[0].platform)}
 
 
+def bench_pieces(run: str, context_length: int, batch_size: int, repeats: int) -> dict:
+    """Seconds of each piece of one atlas batch (best of ``repeats + 4``): the LM to the hook,
+    the SAE's encoder matmul alone, the whole encode, each token's active set, the update."""
+    import jax
+    import jax.numpy as jnp
+
+    from jsae.analysis.atlas import stream as S
+    from jsae.analysis.corpus import corpus_contexts
+    from jsae.analysis.run import load_run
+    from jsae.data.harvest import Harvester
+
+    r = load_run(run)
+    tok, msk = corpus_contexts(r.model.tokenizer, batch_size, context_length, seed=1)
+    h = Harvester(r.model, [r.hook])
+    cfg = S.StreamConfig()
+    state = jax.device_put(S.init_state(r.sae.spec.d_sae, cfg))
+    acts = jnp.asarray(h.activations(tok)[r.hook], jnp.float32)
+    z = S._encode(r.sae, acts)
+    cv, ci = S._active(z, S._cap(cfg, state, z.shape[-1]))
+    matmul = jax.jit(lambda x: x.reshape(-1, x.shape[-1]) @ r.sae.params["W_enc"])
+    tk, mk = jnp.asarray(tok, jnp.int32), jnp.asarray(msk)
+
+    def update():
+        nonlocal state
+        state = S._update(state, z, cv, ci, tk, mk, jnp.int32(0), cfg=cfg)
+        return state
+
+    def best(f):
+        times = []
+        for _ in range(repeats + 4):  # the first call compiles
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    return {"tokens": int(tok.size), "lm_s": best(lambda: h.activations(tok)[r.hook]),
+            "encoder_matmul_s": best(lambda: matmul(acts)), "encode_s": best(lambda: S._encode(r.sae, acts)),
+            "active_set_s": best(lambda: S._active(z, cv.shape[1])), "update_s": best(update)}
+
+
 def bench_maps(sizes, d_in: int, n: int, umap_max: int) -> list[dict]:
     from jsae.analysis.atlas.maps import clusters, layout
     from jsae.analysis.atlas.neighbours import decoder_neighbours
@@ -146,6 +187,8 @@ def main() -> None:
     ap.add_argument("--no-pass", action="store_true", help="skip the LM pass benchmark")
     ap.add_argument("--cache", help="also time the pass from this `jsae harvest` folder (no LM)")
     ap.add_argument("--no-maps", action="store_true", help="skip neighbours / UMAP")
+    ap.add_argument("--pieces", action="store_true",
+                    help="also time each piece of one batch (LM, encoder matmul, encode, active set, update)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     res = {}
@@ -155,6 +198,9 @@ def main() -> None:
     if a.cache:
         res["cache"] = bench_cache(a.run, a.cache, a.tokens, a.batch_size, a.repeats)
         print(json.dumps(res["cache"]), flush=True)
+    if a.pieces:
+        res["pieces"] = bench_pieces(a.run, a.context_length, a.batch_size, a.repeats)
+        print(json.dumps(res["pieces"]), flush=True)
     if not a.no_maps:
         res["maps"] = bench_maps([int(s) for s in a.sizes.split(",") if s], a.d_in, a.neighbours,
                                  a.umap_max)

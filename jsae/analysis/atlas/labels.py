@@ -85,7 +85,10 @@ def auto_label(tokens: np.ndarray, anchor: np.ndarray, values: np.ndarray, token
             nxt[(key, token_str.get(int(t[a + 1]), "").strip())] += 1
     if not weight:  # only byte tokens that are no text alone (e.g. half of a UTF-8 NBSP)
         fired = [(float(v), int(t[a])) for t, a, v in zip(tokens, anchor, values) if v > 0 and t[a] >= 0]
-        return token_str.get(max(fired)[1], f"<{max(fired)[1]}>") if fired else ""
+        if not fired:
+            return ""
+        tid = max(fired)[1]
+        return token_str.get(tid, f"<{tid}>")
     shown = {}
     for t, a, v in zip(tokens, anchor, values):  # the casing of the heaviest example
         raw = _anchor_text(t, a, token_str) if v > 0 and t[a] >= 0 else None
