@@ -26,6 +26,14 @@ class ModelLoadError(JsaeError, ValueError):
     """A language model that cannot be found, read or built."""
 
 
+class BadInput(JsaeError, ValueError):
+    """A value a user gave (an option, a feature id, an array's shape) that cannot work."""
+
+
+class OutputRefused(JsaeError):
+    """A destination a command may not write: not empty and not its own, or a run or a cache."""
+
+
 def require(module: str, extra: str, purpose: str = ""):
     """Import ``module`` or raise :class:`MissingDependency` naming ``pip install 'jsae[extra]'``.
 
