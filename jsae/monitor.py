@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -258,20 +259,61 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:
+        """A detector saved by :meth:`save`, every field checked (types, lengths against the
+        features it names, finite numbers, feature ids within ``d_sae``): a damaged or
+        hand-edited file is refused in one line naming the file and the field."""
+        from jsae import validate as v
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"detector file not found: {path}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FileFormatError(f"{path}: not a JSON detector file ({e})") from e
+        d = v.read_json(path, "JSON detector file")
         if not isinstance(d, dict) or d.get("format") != DETECTOR_FORMAT:
             raise FileFormatError(f"{path}: not a jsae detector (expected \"format\": \"{DETECTOR_FORMAT}\")")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [k for k in ("hook", "features", "kind", "sae_sha256", "d_sae") if k not in d]
-        if missing or d["kind"] not in ("threshold", "probe"):
-            raise FileFormatError(f"{path}: detector lacks {missing or ['a kind of threshold or probe']}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**_checked_detector(d, path))
+
+
+def _checked_detector(d: dict, path: Path) -> dict:
+    """The fields of a detector file, each checked against the others (see `Detector.load`)."""
+    from jsae import validate as v
+
+    v.field(d, "version", int, path, default=1, choices=(1,))
+    missing = [k for k in ("hook", "features", "kind", "sae_sha256", "d_sae") if k not in d]
+    if missing:
+        raise FileFormatError(f"{path}: detector lacks {missing}")
+    kw: dict = {"hook": v.field(d, "hook", str, path),
+                "kind": v.field(d, "kind", str, path, choices=("threshold", "probe")),
+                "d_sae": v.field(d, "d_sae", int, path, lo=1)}
+    if not kw["hook"].strip():
+        raise v.bad(path, "field 'hook'", "is empty; expected a hook name")
+    sha = v.field(d, "sae_sha256", str, path)
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise v.bad(path, "field 'sae_sha256'", f"is {sha[:70]!r}; expected 64 hex digits")
+    kw["sae_sha256"] = sha
+    feats = v.number_list(d, "features", path, integer=True, lo=0, hi=kw["d_sae"] - 1)
+    if not feats:
+        raise v.bad(path, "field 'features'", "is empty; expected at least one feature id")
+    if len(set(feats)) != len(feats):
+        raise v.bad(path, "field 'features'", f"repeats a feature id ({feats[:20]}); expected "
+                    "distinct ids")
+    kw["features"] = [int(f) for f in feats]
+    K = len(feats)
+    if kw["kind"] == "threshold":
+        kw["thresholds"] = [None if t is None else float(t) for t in
+                            v.number_list(d, "thresholds", path, n=K, none_ok=True, float32=True)]
+        kw["scale"] = [float(s) for s in
+                       v.number_list(d, "scale", path, n=K, lo=0, lo_open=True, float32=True)]
+    else:
+        kw["coef"] = [float(c) for c in v.number_list(d, "coef", path, n=K, float32=True)]
+        kw["intercept"] = float(v.field(d, "intercept", float, path, float32=True))
+        kw["mean"] = [float(m) for m in v.number_list(d, "mean", path, n=K, float32=True)]
+        kw["scale"] = [float(s) for s in
+                       v.number_list(d, "scale", path, n=K, lo=0, lo_open=True, float32=True)]
+    kw["run"] = v.field(d, "run", str, path, default="")
+    kw["context_length"] = v.field(d, "context_length", int, path, default=128, lo=2)
+    for key in ("train", "test"):
+        kw[key] = v.mapping(d.get(key) or {}, f"field {key!r}", path)
+    return kw
 
 
 def check_detector(det: Detector, sae: SAE, hook: str | None = None, where: str = "detector") -> None:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from jsae.errors import BadInput
 from jsae.models.transformer import ReadsHook
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAE, activate, decode, encode, pre_activations
@@ -46,20 +47,44 @@ Transform = Callable[[Array], Array]
 
 
 def _as_features(sae: SAE, features) -> Array:
-    f = np.atleast_1d(np.asarray(features))
+    try:
+        f = np.atleast_1d(np.asarray(features))
+    except (TypeError, ValueError) as e:  # ragged lists, ...
+        raise BadInput(f"features must be an int or a non-empty list of ints; got {features!r}") from e
     if f.ndim != 1 or f.size == 0 or not np.issubdtype(f.dtype, np.integer):
-        raise ValueError(f"features must be an int or a non-empty list of ints; got {features!r}")
+        raise BadInput(f"features must be an int or a non-empty list of ints; got {features!r}")
     if (f < 0).any() or (f >= sae.spec.d_sae).any():
-        raise ValueError(f"feature ids {f.tolist()} out of range for an SAE with {sae.spec.d_sae} latents")
+        raise BadInput(f"feature ids {f.tolist()} out of range for an SAE with {sae.spec.d_sae} "
+                       f"latents (0-{sae.spec.d_sae - 1})")
     if len(set(f.tolist())) != f.size:
-        raise ValueError(f"feature ids must be distinct; got {f.tolist()}")
+        dup = sorted({x for x in f.tolist() if f.tolist().count(x) > 1})
+        raise BadInput(f"feature ids must be distinct; got {f.tolist()} (repeated: {dup})")
     return jnp.asarray(f, jnp.int32)
 
 
+def _finite32(values, name: str) -> np.ndarray:
+    """``values`` as float32, refusing NaN and values that are finite only in float64 (1e39
+    becomes inf in float32 and would wipe out the activations it steers)."""
+    try:
+        v64 = np.asarray(values, np.float64)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"{name} must be a number or a list of numbers; got {values!r}") from e
+    with np.errstate(over="ignore"):
+        v = v64.astype(np.float32)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        x = float(v64.reshape(-1)[np.flatnonzero(bad.reshape(-1))[0]])
+        why = "not a finite number" if not np.isfinite(x) else (
+            f"beyond float32's range (+-{float(np.finfo(np.float32).max):.3g}), where the "
+            "steered activations are computed")
+        raise BadInput(f"{name} {x!r} is {why}")
+    return v
+
+
 def _as_values(values, n: int, name: str) -> Array:
-    v = np.atleast_1d(np.asarray(values, np.float32))
+    v = np.atleast_1d(_finite32(values, name))
     if v.ndim != 1 or v.size not in (1, n):
-        raise ValueError(f"{name} must be a scalar or a list of {n} numbers; got {values!r}")
+        raise BadInput(f"{name} must be a scalar or a list of {n} numbers; got {values!r}")
     return jnp.asarray(np.broadcast_to(v, (n,)), jnp.float32)
 
 
@@ -207,10 +232,13 @@ def _add(direction, coefficient, x):
 
 def add(direction, coefficient=1.0) -> Transform:
     """Add ``coefficient * direction`` (``[d_model]``, raw activation units) to the activation."""
-    d = jnp.asarray(direction, jnp.float32)
+    d = np.asarray(direction, np.float32) if not isinstance(direction, jax.Array) else direction
     if d.ndim != 1:
-        raise ValueError(f"direction must be a vector [d_model]; got shape {d.shape}")
-    return Partial(_add, d, jnp.asarray(coefficient, jnp.float32))
+        raise BadInput(f"direction must be a vector [d_model]; got shape {d.shape}")
+    c = _finite32(coefficient, "coefficient")
+    if c.ndim != 0:
+        raise BadInput(f"coefficient must be a number; got {coefficient!r}")
+    return Partial(_add, jnp.asarray(d, jnp.float32), jnp.asarray(c, jnp.float32))
 
 
 def feature_direction(sae: SAE, feature: int, *, unit: bool = False,
@@ -235,10 +263,10 @@ def add_feature(sae: SAE, hooks: Sequence[str], features, values) -> dict[str, T
     a forward pass knows them and clamp cannot be causal."""
     hooks = list(hooks)
     if len(hooks) != max(1, sae.spec.n_layers):
-        raise ValueError(f"{len(hooks)} hooks given for a dictionary that writes "
-                         f"{max(1, sae.spec.n_layers)}")
-    fs = np.atleast_1d(np.asarray(features, np.int64))
-    vs = np.broadcast_to(np.asarray(values, np.float32), fs.shape)
+        raise BadInput(f"{len(hooks)} hooks given for a dictionary that writes "
+                       f"{max(1, sae.spec.n_layers)}")
+    fs = np.asarray(_as_features(sae, features), np.int64)
+    vs = np.asarray(_as_values(values, fs.shape[0], "values"))
     out = {}
     for i, h in enumerate(hooks):
         lay = i if sae.spec.n_layers > 1 else None

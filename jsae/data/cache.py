@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from jsae.data.shuffle import ShuffleMixer
-from jsae.errors import FileFormatError
+from jsae.errors import BadInput, FileFormatError
 from jsae.fileio import write_bytes
 
 FORMAT = "jsae-activation-cache"
@@ -102,14 +102,28 @@ def parse_safetensors(buf: bytes, hooks=None, *, where="shard") -> dict[str, np.
     except (UnicodeDecodeError, ValueError) as e:
         raise _damaged(where, f"unreadable header: {e}") from e
     base = 8 + n
+    if not isinstance(header, dict):
+        raise _damaged(where, "its header is not a JSON object")
     for name, t in header.items():
-        if name != "__metadata__" and base + t["data_offsets"][1] > len(buf):
-            raise _damaged(where, f"{len(buf)} bytes but tensor {name!r} ends at byte "
-                           f"{base + t['data_offsets'][1]}")
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = (int(x) for x in t["data_offsets"])
+            size = _itemsize(t["dtype"])
+            shape = [int(x) for x in t["shape"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _damaged(where, f"tensor {name!r} has a bad header entry ({type(e).__name__}: "
+                           f"{e})") from e
+        if base + b > len(buf):
+            raise _damaged(where, f"{len(buf)} bytes but tensor {name!r} ends at byte {base + b}")
+        if not 0 <= a <= b or b - a != size * math.prod(shape) or min(shape, default=0) < 0:
+            raise _damaged(where, f"tensor {name!r}: bytes {a}..{b} do not hold shape {shape} of "
+                           f"{t['dtype']}")
     out = {}
     for name in hooks if hooks is not None else [k for k in header if k != "__metadata__"]:
-        if name not in header:
-            raise KeyError(f"shard has no tensor {name!r} (it has {', '.join(header)})")
+        if name not in header or name == "__metadata__":
+            raise _damaged(where, f"it has no tensor {name!r} (it has "
+                           f"{', '.join(k for k in header if k != '__metadata__')})")
         t = header[name]
         a, b = t["data_offsets"]
         arr = np.frombuffer(
@@ -120,7 +134,10 @@ def parse_safetensors(buf: bytes, hooks=None, *, where="shard") -> dict[str, np.
 
 
 def _itemsize(st_dtype: str) -> int:
-    return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[st_dtype]
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+    if st_dtype not in sizes:
+        raise ValueError(f"dtype {st_dtype!r} (expected one of {', '.join(sizes)})")
+    return sizes[st_dtype]
 
 
 def load_shard(path, hooks=None, expect: dict | None = None) -> dict[str, np.ndarray]:
@@ -145,10 +162,90 @@ def manifest_name(process_index: int = 0, process_count: int = 1) -> str:
 
 
 def _read_one(m) -> dict:
-    man = json.loads(m.read_text())
-    if man.get("format") != FORMAT:
-        raise ValueError(f"{m} is not a jsae activation cache manifest")
+    from jsae.validate import read_json
+
+    man = read_json(m, "jsae activation cache manifest")
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise FileFormatError(f"{m} is not a jsae activation cache manifest (expected "
+                              f"\"format\": \"{FORMAT}\")")
+    _check_manifest(man, m)
     return man
+
+
+def _check_manifest(man: dict, m) -> None:
+    """Every field a reader of the cache uses, typed and consistent with the others (hooks and
+    d_in, shard rows and split totals, process index and count): a damaged or hand-edited
+    manifest is refused in one line naming the field, not met later as a traceback."""
+    from jsae import validate as v
+
+    v.field(man, "version", int, m, choices=(VERSION,))
+    hooks = v.field(man, "hooks", list, m)
+    if not hooks or not all(isinstance(h, str) and h for h in hooks) or len(set(hooks)) != len(hooks):
+        raise v.bad(m, "field 'hooks'", f"is {hooks!r:.80}; expected distinct hook names")
+    d_in = v.mapping(v.field(man, "d_in", dict, m), "field 'd_in'", m)
+    for h in hooks:
+        v.field(d_in, h, int, m, prefix="d_in.", lo=1)
+    P = v.field(man, "process_count", int, m, default=1, lo=1)
+    v.field(man, "process_index", int, m, default=0, lo=0, hi=P - 1)
+    if "dtype" in man:
+        v.field(man, "dtype", str, m, choices=("float32", "float16", "bfloat16", "float64"))
+    for key in ("context_length", "shard_rows"):
+        if key in man:
+            v.field(man, key, int, m, lo=1)
+    splits = v.mapping(v.field(man, "splits", dict, m), "field 'splits'", m)
+    for sp in ("train", "eval"):
+        pre = f"splits.{sp}."
+        s = v.mapping(v.field(splits, sp, dict, m, prefix="splits."), f"field 'splits.{sp}'", m)
+        shards = v.field(s, "shards", list, m, prefix=pre)
+        total = 0
+        for i, sh in enumerate(shards):
+            q = f"{pre}shards[{i}]."
+            sh = v.mapping(sh, f"field {q[:-1]!r}", m)
+            f = v.field(sh, "file", str, m, prefix=q)
+            if not f.startswith(f"{sp}/") or ".." in f.split("/") or "\\" in f:
+                raise v.bad(m, f"field '{q}file'", f"is {f!r:.80}; expected a file under {sp}/")
+            total += v.field(sh, "rows", int, m, prefix=q, lo=0)
+            v.field(sh, "bytes", (int, None), m, prefix=q, lo=0, default=None)
+            v.field(sh, "sha256", (str, None), m, prefix=q, default=None)
+        rows = v.field(s, "rows", int, m, prefix=pre, lo=0)
+        if rows != total:
+            raise v.bad(m, f"field '{pre}rows'", f"is {rows} but its shards hold {total} rows")
+        v.field(s, "complete", bool, m, prefix=pre)
+        c = s.get("contexts")
+        if c is not None:
+            c = v.mapping(c, f"field '{pre}contexts'", m)
+            f = v.field(c, "file", str, m, prefix=f"{pre}contexts.")
+            if not f.startswith(f"{sp}/") or ".." in f.split("/"):
+                raise v.bad(m, f"field '{pre}contexts.file'", f"is {f!r:.80}; expected a file "
+                            f"under {sp}/")
+            v.field(c, "contexts", int, m, prefix=f"{pre}contexts.", lo=0)
+            v.field(c, "bytes", int, m, prefix=f"{pre}contexts.", lo=0)
+            v.field(c, "sha256", str, m, prefix=f"{pre}contexts.")
+    if "tokens" in man and v.field(man, "tokens", int, m, lo=0) != splits["train"]["rows"]:
+        raise v.bad(m, "field 'tokens'", f"is {man['tokens']} but splits.train holds "
+                    f"{splits['train']['rows']} rows")
+    stats = v.mapping(man.get("stats") or {}, "field 'stats'", m)
+    acc = v.mapping(stats.get("_acc") or {}, "field 'stats._acc'", m)
+    for h, a in acc.items():
+        if h not in d_in:
+            raise v.bad(m, f"field 'stats._acc.{h}'", "names a hook the cache does not hold")
+        q = f"stats._acc.{h}."
+        a = v.mapping(a, f"field {q[:-1]!r}", m)
+        v.field(a, "count", int, m, prefix=q, lo=0)
+        v.field(a, "sum_sq_norm", float, m, prefix=q, lo=0)
+        v.field(a, "sum_norm", float, m, prefix=q, lo=0)
+        v.number_list(a, "sum", m, n=d_in[h], prefix=q)
+    for h, st in stats.items():
+        if h == "_acc":
+            continue
+        if h not in d_in:
+            raise v.bad(m, f"field 'stats.{h}'", "names a hook the cache does not hold")
+        st = v.mapping(st, f"field 'stats.{h}'", m)
+        if "norm_scale" in st:
+            v.field(st, "norm_scale", float, m, prefix=f"stats.{h}.", lo=0, lo_open=True,
+                    float32=True)
+        if "mean" in st:
+            v.number_list(st, "mean", m, n=d_in[h], prefix=f"stats.{h}.")
 
 
 def read_manifest(path) -> dict:
@@ -161,10 +258,15 @@ def read_manifest(path) -> dict:
     if not parts:
         raise FileNotFoundError(f"no activation cache at {path} (missing manifest.json)")
     mans = [_read_one(m) for m in parts]
-    P = mans[0]["process_count"]
-    if sorted(m["process_index"] for m in mans) != list(range(P)):
-        have = sorted(m["process_index"] for m in mans)
-        raise ValueError(f"{path}: manifests of processes {have} of {P}; some are missing")
+    P = mans[0].get("process_count", 1)
+    have = sorted(m.get("process_index", 0) for m in mans)
+    if have != list(range(P)) or any(m.get("process_count", 1) != P for m in mans):
+        raise FileFormatError(f"{path}: manifests of processes {have} of {P}; some are missing "
+                              "or disagree on the process count")
+    for m, f in zip(mans[1:], parts[1:]):
+        diff = [k for k in ("hooks", "d_in", "dtype", "context_length") if m.get(k) != mans[0].get(k)]
+        if diff:
+            raise FileFormatError(f"{f}: {', '.join(diff)} differ from {parts[0]}")
     merged = {k: v for k, v in mans[0].items() if k not in ("splits", "stats", "tokens")}
     merged["process_index"], merged["process_count"] = 0, 1
     merged["splits"] = {}
@@ -467,10 +569,30 @@ def read_contexts(path) -> tuple[np.ndarray, np.ndarray]:
     buf = _path(path).joinpath(c["file"]).read_bytes()
     if len(buf) != c["bytes"] or hashlib.sha256(buf).hexdigest() != c["sha256"]:
         raise _damaged(_path(path) / c["file"], "its size or SHA-256 differs from the manifest")
+    from jsae.validate import finite_array
+
+    f = _path(path) / c["file"]
+    t = parse_safetensors_any(buf, f)
+    for k in ("tokens", "rows"):
+        if k not in t:
+            raise _damaged(f, f"it has no tensor {k!r}")
+    tokens = finite_array(t["tokens"], "tensor 'tokens'", f, shape=(None, None), kind="i")
+    rows = finite_array(t["rows"], "tensor 'rows'", f, shape=tokens.shape, kind="i")
+    if int(rows.astype(bool).sum()) < man["splits"]["eval"]["rows"]:
+        raise _damaged(f, f"it marks {int(rows.astype(bool).sum())} rows, the held-out split "
+                       f"has {man['splits']['eval']['rows']}")
+    return tokens.astype(np.int32), rows.astype(bool)
+
+
+def parse_safetensors_any(buf: bytes, where) -> dict[str, np.ndarray]:
+    """Any safetensors bytes as arrays of their own dtype (a damaged file: `DamagedShardError`)."""
     from safetensors.numpy import load
 
-    t = load(buf)
-    return t["tokens"].astype(np.int32), t["rows"].astype(bool)
+    try:
+        return load(buf)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise _damaged(where, f"not a readable safetensors file ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
 
 
 class ContextRows:
@@ -485,7 +607,7 @@ class ContextRows:
         man = read_manifest(path)
         missing = [h for h in hooks if h not in man["hooks"]]
         if missing:
-            raise ValueError(f"hooks {missing} are not in the cache at {path} "
+            raise BadInput(f"hooks {missing} are not in the cache at {path} "
                              f"(it holds {', '.join(man['hooks'])})")
         self.hooks = list(hooks)
         self.shards = man["splits"]["eval"]["shards"]
@@ -525,7 +647,7 @@ class CacheActivationSource:
         hooks = [h for h in cfg.model.hooks if h in avail]
         missing = [h for h in cfg.model.hooks if h not in avail]
         if missing:
-            raise ValueError(
+            raise BadInput(
                 f"model.hooks {missing} are not in the cache at {cfg.data.path} "
                 f"(it holds {', '.join(avail)})"
             )
@@ -539,7 +661,7 @@ class CacheActivationSource:
                         for s in self.manifest["splits"][sp]["shards"]}
         self._verified: set[str] = set()
         if len(self.shards) < process_count:
-            raise ValueError(
+            raise BadInput(
                 f"the cache at {cfg.data.path} has {len(self.shards)} training shards, fewer "
                 f"than the {process_count} processes reading it (harvest with smaller shards)"
             )
@@ -603,6 +725,11 @@ class CacheActivationSource:
         if name not in self._verified:
             expect["sha256"] = e.get("sha256")
         rows = load_shard(self.path / name, self.hooks, expect)
+        for h in self.hooks:
+            want = (e["rows"], self.d_in[h]) if "rows" in e else (rows[h].shape[0], self.d_in[h])
+            if rows[h].shape != want:
+                raise _damaged(self.path / name, f"tensor {h!r} has shape {list(rows[h].shape)}, "
+                               f"the manifest says {list(want)}")
         self._verified.add(name)
         return rows
 
@@ -616,11 +743,11 @@ class CacheActivationSource:
 
     def restore(self, state: dict) -> None:
         if state.get("kind") != "cache":
-            raise ValueError(
+            raise FileFormatError(
                 f"saved data position is for a {state.get('kind')!r} source, but data.source is 'cache'"
             )
-        if state["n_shards"] != len(self.shards):
-            raise ValueError(
+        if state.get("n_shards") != len(self.shards):
+            raise FileFormatError(
                 f"the cache now has {len(self.shards)} training shards, the run was saved with "
                 f"{state['n_shards']}; cannot resume exactly"
             )

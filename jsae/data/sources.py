@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jsae.config import ConfigError
+from jsae.errors import FileFormatError
 
 SYNTHETIC_HOOK = "synthetic"
 
@@ -99,16 +100,29 @@ class ArraySource:
             raise FileNotFoundError(f"data.path: no .npy file found at {path!r}")
         self.arrays = []
         for f in files:
-            a = np.load(f, mmap_mode="r", allow_pickle=False)
+            try:
+                a = np.load(f, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, pickled objects
+                raise FileFormatError(f"data.path: {f} is not a readable .npy array file "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                                      ) from e
+            if not isinstance(a, np.ndarray):  # an .npz archive
+                raise FileFormatError(f"data.path: {f} is an .npz archive; expected .npy files "
+                                      "of shape [N, d_in]")
             if a.ndim != 2:
-                raise ValueError(f"data.path: {f} has shape {a.shape}; expected [N, d_in]")
+                raise ConfigError(f"config key 'data.path': {f} has shape {list(a.shape)}; "
+                                  "expected [N, d_in] (one row per token)")
             if a.dtype.kind not in "fiu":  # complex would silently lose its imaginary part
                 raise ConfigError(f"config key 'data.path': {f} holds {a.dtype} values; "
                                   "expected real numbers (float32, float16, ...)")
+            if a.shape[0] == 0 or a.shape[1] == 0:
+                raise ConfigError(f"config key 'data.path': {f} is empty (shape {list(a.shape)}); "
+                                  "expected [N, d_in] with N, d_in > 0")
             self.arrays.append(a)
         dims = {a.shape[1] for a in self.arrays}
         if len(dims) != 1:
-            raise ValueError(f"data.path: files disagree on d_in: {sorted(dims)}")
+            raise ConfigError("config key 'data.path': the files disagree on d_in: "
+                              + ", ".join(f"{f} has {a.shape[1]}" for f, a in zip(files, self.arrays)))
         self.offsets = np.cumsum([0] + [a.shape[0] for a in self.arrays])
         n = int(self.offsets[-1])
         order = np.random.default_rng([seed, 104729]).permutation(n)
@@ -117,7 +131,8 @@ class ArraySource:
         self.train_rows = self.train_rows[process_index::process_count]
         self.eval_rows = self.eval_rows[process_index::process_count]
         if len(self.train_rows) == 0:
-            raise ValueError(f"data.path: {path!r} has too few rows ({n}) to train on")
+            raise ConfigError(f"config key 'data.path': {path!r} has too few rows ({n}) to train "
+                              "on")
         self.hooks = [hook]
         self.d_in = {hook: dims.pop()}
         self.seed, self.process_index = seed, process_index
@@ -166,7 +181,8 @@ class ArraySource:
 
 
 def _expect_kind(state: dict, kind: str) -> None:
-    if state.get("kind") != kind:
-        raise ValueError(
-            f"saved data position is for a {state.get('kind')!r} source, but data.source is {kind!r}"
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        raise FileFormatError(
+            f"saved data position is for a {getattr(state, 'get', lambda k: None)('kind')!r} "
+            f"source, but data.source is {kind!r}"
         )

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jsae.errors import JsaeError
+from jsae.errors import FileFormatError, JsaeError
 
 HOLDOUT_SEED = 0x5A3E  # fixed: the held-out documents do not depend on the run seed
 
@@ -115,8 +115,9 @@ class FileDocuments:
             if f.endswith((".jsonl", ".json")):
                 with open(f, "rb") as fh:
                     off = 0
-                    for line in fh:
+                    for n, line in enumerate(fh, 1):
                         if line.strip():
+                            _utf8(line, f"{f}:{n}", off)
                             self._index.append((fi, off))
                         off += len(line)
             elif f.endswith(".txt"):
@@ -131,17 +132,41 @@ class FileDocuments:
         fi, off = self._index[int(i)]
         path = self.files[fi]
         if off < 0:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
+            return read_text_file(path)
         with open(path, "rb") as fh:
             fh.seek(off)
             line = fh.readline()
-        rec = json.loads(line)
+        where = f"{path} (the line at byte {off})"
+        try:
+            rec = json.loads(_utf8(line, where, 0))
+        except json.JSONDecodeError as e:
+            raise FileFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each "
+                                  f"line of a .jsonl file is one JSON object") from e
         if isinstance(rec, str):
             return rec
+        if not isinstance(rec, dict):
+            raise FileFormatError(f"{where}: a JSON {type(rec).__name__}; expected an object with "
+                                  f"a {self.text_field!r} string (or a string)")
         if self.text_field not in rec:
             raise DataSourceError(f"{path}: a line has no field {self.text_field!r}")
         return str(rec[self.text_field])
+
+
+def _utf8(raw: bytes, where: str, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(
+            f"{where}: not UTF-8 text ({e.reason} at byte {offset + e.start}); convert it to "
+            "UTF-8 first (e.g. `iconv -f latin1 -t utf-8`)") from e
+
+
+def read_text_file(path) -> str:
+    """The whole of a text file, which must be UTF-8: bytes that are not are refused in one line
+    naming the file and the byte (a :class:`~jsae.errors.FileFormatError`), never replaced."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    return _utf8(raw, str(path), 0)
 
 
 class StreamDocuments:
