@@ -4,6 +4,7 @@ weights, same machine, same batch, in one run.
     python benchmarks/harvest.py                       # Gemma 3 270M, batch 8 x 128, layer 6
     python benchmarks/harvest.py --batch 32 --seq 256 --layer 8 --iters 5 --dtype bfloat16
     python benchmarks/harvest.py --single-thread       # one core each (fair on a busy machine)
+    python benchmarks/harvest.py --smoke               # a toy random Gemma 3, every path, seconds
 
 "harvest" runs the model up to `blocks.{layer}.hook_resid_post` and stops (jsae:
 `stop_after_capture=True`; transformers: the same model truncated to layer+1 blocks, as
@@ -12,15 +13,25 @@ the forward with logits. Prints the hardware and tokens/s and the ratios jsae / 
 
 "nnx" runs the same three through the Flax NNX modules (`jsae.models.nnx.forward(lm.model, ...)`:
 `nnx.split` + a jitted pure function of the state), interleaved with the pure-dict "jax" path, and
-prints the ratio nnx / jax (the port must stay >= 0.95).
+prints the ratio nnx / jax (the port must stay >= 0.95). Before timing it checks that the three
+implementations compute the same harvest activations (prints the largest difference).
+
+``--smoke`` runs every path (jax, nnx, transformers) on a toy random Gemma 3 (benchmarks/toy.py:
+8 layers, d_model 160) at batch 2 x 32 with one timed call: a test that the benchmark still works
+(tests/test_benchmarks.py), not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import datetime
 import os
 import platform
+import shutil
+import sys
+import tempfile
 import time
 
 
@@ -45,7 +56,7 @@ def hardware() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--model", default="gemma-3-270m", help="an offline name, a .gguf or an HF folder")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--layer", type=int, default=6, help="harvest hook: blocks.LAYER.hook_resid_post")
@@ -56,7 +67,18 @@ def main(argv=None) -> int:
     ap.add_argument("--single-thread", action="store_true",
                     help="one thread for both (XLA intra-op parallelism off, torch 1 thread): a fairer "
                          "comparison on a machine shared with other work")
+    ap.add_argument("--smoke", action="store_true",
+                    help="toy random Gemma 3, batch 2 x 32, one timed call: checks every path runs")
+    if ap.parse_known_args(argv)[0].smoke:  # smaller defaults; flags given still win
+        ap.set_defaults(model=None, batch=2, seq=32, iters=1)
     args = ap.parse_args(argv)
+    if args.smoke and args.model is None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import toy
+
+        tmp = tempfile.mkdtemp(prefix="jsae-toy-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        args.model = str(toy.write_model(os.path.join(tmp, "model")))
     if args.single_thread:  # must happen before jax is imported
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
                                    " intra_op_parallelism_threads=1").strip()
@@ -68,6 +90,8 @@ def main(argv=None) -> int:
 
     import jsae.models as M
 
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"command: python {' '.join(sys.argv)}")
     print(hardware())
     lm = M.load(args.model, dtype=args.dtype)
     cfg = lm.cfg
@@ -91,12 +115,15 @@ def main(argv=None) -> int:
     }
     from jsae.models import nnx as mnnx
 
-    model = lm.model  # NNX modules over the same arrays
+    # NNX modules over the same arrays. Bound as a default argument, not closed over: a closure
+    # reads the name when called, after the torch branch below has built its own models (issue 32).
+    nnx_model = lm.model
     nnx_calls = {
-        "harvest": lambda: mnnx.forward(model, toks, capture=(hook,), stop_after_capture=True).activations[hook],
-        "body": lambda: mnnx.forward(model, toks, capture=("ln_final.hook_normalized",),
-                                     stop_after_capture=True).activations["ln_final.hook_normalized"],
-        "full": lambda: mnnx.forward(model, toks).logits,
+        "harvest": lambda m=nnx_model: mnnx.forward(m, toks, capture=(hook,),
+                                                    stop_after_capture=True).activations[hook],
+        "body": lambda m=nnx_model: mnnx.forward(m, toks, capture=("ln_final.hook_normalized",),
+                                                 stop_after_capture=True).activations["ln_final.hook_normalized"],
+        "full": lambda m=nnx_model: mnnx.forward(m, toks).logits,
     }
     for name, f in nnx_calls.items():
         runs[name]["nnx"] = (lambda f=f: f().block_until_ready())
@@ -119,19 +146,20 @@ def main(argv=None) -> int:
                              "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base}},
         )
         tdt = torch.float32 if args.dtype == "float32" else torch.bfloat16
-        model = transformers.Gemma3ForCausalLM(hc)
+        hf = transformers.Gemma3ForCausalLM(hc)
         f32 = jax.device_get(lm.astype(jnp.float32).params)
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_hf(cfg, f32).items()}, strict=False)
-        model = model.to(tdt).eval()
+        hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params_to_hf(cfg, f32).items()}, strict=False)
+        hf = hf.to(tdt).eval()
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"attn={model.config._attn_implementation}, threads={torch.get_num_threads()}")
-        short = copy.copy(model.model)  # the same modules, truncated after the harvest layer
+              f"attn={hf.config._attn_implementation}, threads={torch.get_num_threads()}")
+        short = copy.copy(hf.model)  # the same modules, truncated after the harvest layer
         short._modules = dict(short._modules)  # (a shallow copy would share the module dict)
-        short.layers = torch.nn.ModuleList(list(model.model.layers)[: args.layer + 1])
-        short.config = copy.deepcopy(model.config)
+        short.layers = torch.nn.ModuleList(list(hf.model.layers)[: args.layer + 1])
+        short.norm = torch.nn.Identity()  # the hook is the residual stream itself, before any norm
+        short.config = copy.deepcopy(hf.config)
         short.config.num_hidden_layers = args.layer + 1
-        short.config.layer_types = model.config.layer_types[: args.layer + 1]
-        assert len(model.model.layers) == cfg.n_layers and len(short.layers) == args.layer + 1
+        short.config.layer_types = hf.config.layer_types[: args.layer + 1]
+        assert len(hf.model.layers) == cfg.n_layers and len(short.layers) == args.layer + 1
         tt = torch.tensor(toks_np, dtype=torch.long)
 
         def no_grad(f):
@@ -140,9 +168,27 @@ def main(argv=None) -> int:
                     return f()
             return g
 
-        runs["harvest"]["torch"] = no_grad(lambda: short(input_ids=tt, use_cache=False).last_hidden_state)
-        runs["body"]["torch"] = no_grad(lambda: model.model(input_ids=tt, use_cache=False).last_hidden_state)
-        runs["full"]["torch"] = no_grad(lambda: model(input_ids=tt, use_cache=False).logits)
+        # every model the lambdas use is a default argument (bound now, see the NNX calls above)
+        runs["harvest"]["torch"] = no_grad(lambda s=short: s(input_ids=tt, use_cache=False).last_hidden_state)
+        runs["body"]["torch"] = no_grad(lambda m=hf.model: m(input_ids=tt, use_cache=False).last_hidden_state)
+        runs["full"]["torch"] = no_grad(lambda m=hf: m(input_ids=tt, use_cache=False).logits)
+
+    # The contenders must compute the same thing: the harvest activations of each, against jax's.
+    def as_np(x):
+        if type(x).__module__.startswith("torch"):
+            return x.float().numpy()
+        return np.asarray(jax.device_get(x), np.float32)
+
+    want = as_np(harvest(lm.params, toks))
+    scale = float(np.abs(want).max())
+    impls = [("nnx", nnx_calls["harvest"])] + ([("torch", runs["harvest"]["torch"])] if not args.no_torch else [])
+    for impl, f in impls:
+        got = as_np(f())
+        assert got.shape == want.shape, (impl, got.shape, want.shape)
+        diff = float(np.abs(got - want).max())
+        print(f"harvest activations {impl} vs jax: max |difference| {diff:.2e} (max |activation| {scale:.2f})")
+        if args.dtype == "float32" and diff > 1e-3 * max(scale, 1.0):
+            raise SystemExit(f"{impl} and jax disagree at {hook}: the benchmark would compare different work")
 
     print(f"load average before: {os.getloadavg()[0]:.2f}  (jax and torch calls are interleaved, so "
           "both see the same background load)")
