@@ -57,36 +57,67 @@ def _default_mode() -> int:
     return 0o777 & ~umask
 
 
+def _entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
 @contextmanager
 def atomic_folder(path: str | Path, *, replace: bool = True,
-                  keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+                  keep_existing: Callable[[Path], bool] | None = None,
+                  owner: str = "jsae") -> Iterator[Path]:
     """Yields an empty temporary folder next to ``path`` to fill; when the block succeeds it
-    becomes ``path``, otherwise it is removed.
+    becomes ``path``, otherwise it is removed. The folder gets ``jsae.outputs``'s marker naming
+    ``owner`` (the command that writes it) and its files.
 
-    ``replace=True``: an older ``path`` is moved aside, the new folder renamed in, the old one
-    deleted. ``replace=False`` (caches shared by concurrent processes): the rename fails if
+    ``replace=True``: an older ``path`` that holds only what ``owner`` wrote (its marker's
+    files, or the names written now) is swapped out whole and deleted; one that holds anything
+    else keeps it: only the new files are moved in, and only files the old marker lists are
+    removed. ``replace=False`` (caches shared by concurrent processes): the rename fails if
     another process put a folder there first; ``keep_existing(path)`` says whether theirs is
     whole (then this one is discarded), else the error is raised.
     """
+    from jsae import outputs
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, _default_mode())  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
+        new = _entries(tmp) - {outputs.MARKER}
         if not replace:
             try:
                 os.rename(tmp, path)
             except OSError:
                 if keep_existing is None or not keep_existing(path):
                     raise
-        elif path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
+            return
+        outputs.write_marker(tmp, owner, new)
+        if not path.exists():
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        before = {f.split("/")[0] for f in outputs.marked_files(path, owner)}
+        old = _entries(path)
+        if old <= before | new | {outputs.MARKER}:  # only what this command wrote: swap whole
+            aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, aside)
             os.replace(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+            return
+        for name in sorted(new):  # someone else's files are here too: replace ours only
+            dst = path / name
+            if dst.is_dir() and not dst.is_symlink():
+                if name not in before:
+                    raise FileExistsError(f"{dst} is a folder jsae did not write; not replacing it")
+                shutil.rmtree(dst)
+            os.replace(tmp / name, dst)
+        for name in before - new:
+            stale = path / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            elif stale.exists() or stale.is_symlink():
+                stale.unlink()
+        os.replace(tmp / outputs.MARKER, path / outputs.MARKER)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jsae import fileio
+from jsae import fileio, outputs
 
 
 def _listing(d):
-    return sorted(p.name for p in d.iterdir())
+    """The entries of ``d`` but jsae.outputs' marker of what jsae wrote there."""
+    return sorted(p.name for p in d.iterdir() if p.name != outputs.MARKER)
 
 
 def test_file_replaced_whole_or_kept(tmp_path):
@@ -46,6 +47,26 @@ def test_folder_replaces_an_older_one_and_cleans_up(tmp_path):
         (tmp / "partial").write_text("x")
         raise KeyboardInterrupt
     assert _listing(d) == ["w2"] and _listing(tmp_path) == ["sae"]
+
+
+def test_folder_replace_keeps_files_it_did_not_write(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "notes.txt").write_text("the user's")
+    (d / "sub").mkdir()
+    (d / "sub" / "keep.js").write_text("the user's too")
+    with fileio.atomic_folder(d, owner="jsae export") as tmp:
+        (tmp / "a").write_text("1")
+        (tmp / "b").write_text("1")
+    assert _listing(d) == ["a", "b", "notes.txt", "sub"]
+    assert outputs.marked_files(d, "jsae export") == ["a", "b"]
+    with fileio.atomic_folder(d, owner="jsae export") as tmp:  # b no longer written: removed
+        (tmp / "a").write_text("2")
+    assert _listing(d) == ["a", "notes.txt", "sub"] and (d / "a").read_text() == "2"
+    assert (d / "notes.txt").read_text() == "the user's" and (d / "sub" / "keep.js").exists()
+    with pytest.raises(FileExistsError), fileio.atomic_folder(d, owner="jsae export") as tmp:
+        (tmp / "sub").mkdir()  # a folder of the user's is never replaced
+    assert (d / "sub" / "keep.js").exists() and _listing(tmp_path) == ["out"]
 
 
 def test_folder_without_replace_keeps_a_whole_concurrent_result(tmp_path):

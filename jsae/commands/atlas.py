@@ -42,6 +42,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true",
                    help="with --around: rebuild the atlas even if DIR/atlas.npz exists")
     p.add_argument("--fresh", action="store_true", help="ignore a saved partial pass")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out although it holds files the atlas did not write "
+                   "(only the atlas's own files are replaced; nothing else is removed)")
     p.add_argument("--neuronpedia", metavar="DIR", help="also export Neuronpedia batch-N.json files")
     p.add_argument("--explainer", metavar="URL",
                    help="OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) that writes "
@@ -76,16 +79,32 @@ def _load_sae(run_dir, hook):
     return load_sae(Path(run_dir) / "saes" / hook)[0], hook
 
 
+OWNER = "jsae atlas"  # what jsae.outputs records as the writer of the atlas folder
+
+
+def _is_older_atlas(out) -> bool:
+    """An atlas folder written before jsae.outputs' marker existed."""
+    return (out / "atlas.npz").is_file() or (out / "data" / "atlas.js").is_file() or (
+        out / "state").is_dir() and not any(p for p in out.iterdir() if p.name not in (
+            "state", "explain_cache", "atlas.npz", "map.png", "index.html", "atlas.js",
+            "atlas.css", "data") and not p.name.startswith(("local_", "around-")))
+
+
 def _write_outputs(data, out, sae, args, log, model=None) -> None:
+    from jsae import outputs
     from jsae.analysis.atlas.build import save_atlas
     from jsae.analysis.atlas.maps import plot_global, plot_local
 
     save_atlas(data, out / "atlas.npz")
+    written = ["atlas.npz"]
     if args.map != "none" and (data.map_xy == data.map_xy).any():
         plot_global(data, out / "map.png")
+        written.append("map.png")
     labels = dict(zip(data.feature_ids.tolist(), data.labels))
     for lm in data.local_maps:
         plot_local(lm, out / f"local_{lm.center}.png", labels)
+        written.append(f"local_{lm.center}.png")
+    outputs.record(out, OWNER, written)
     try:
         from jsae.analysis.atlas.site import write_site
     except ImportError:  # the site writer is optional for the data products
@@ -108,6 +127,8 @@ def _write_outputs(data, out, sae, args, log, model=None) -> None:
         vectors = feature_directions(sae, np.arange(sae.spec.d_sae))
         files = export_neuronpedia(data, args.neuronpedia, vectors=vectors, logit_hist=(model, sae))
         bulk = export_bulk(files, Path(args.neuronpedia) / "bulk")
+        outputs.record(args.neuronpedia, "jsae atlas --neuronpedia",
+                       [*(Path(f).name for f in files), "bulk/"])
         log(f"neuronpedia: {len(files)} batch files in {args.neuronpedia}; bulk-import folder {bulk}")
 
 
@@ -123,6 +144,7 @@ def _describe_local(data, lm) -> str:
 
 
 def run(args) -> int:
+    from jsae import outputs
     from jsae.analysis.atlas.build import add_local_map, atlas, load_atlas
     from jsae.analysis.atlas.stream import AtlasError, StreamConfig
     from jsae.analysis.cli_utils import log
@@ -130,6 +152,9 @@ def run(args) -> int:
     out, npz = _paths(args)
     if args.tokens <= 0:
         raise AtlasError(f"--tokens must be positive, got {args.tokens}")
+    outputs.claim_folder(out, OWNER, overwrite=args.overwrite, recognise=_is_older_atlas)
+    if args.neuronpedia:
+        outputs.claim_folder(args.neuronpedia, "jsae atlas --neuronpedia", overwrite=args.overwrite)
     if args.around and npz.exists() and not args.rebuild:
         sae, hook = _load_sae(args.run_dir, args.hook)
         data = load_atlas(npz)
@@ -147,11 +172,16 @@ def run(args) -> int:
     cfg = StreamConfig(top_k=args.top_k, window=min(args.window, args.context_length),
                        bands=args.bands, band_samples=args.band_samples)
     state_dir = out / "state"
-    if args.fresh and state_dir.exists():
+    sae, _ = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
+    owned = outputs.marked_files(out, OWNER)
+    if args.fresh and state_dir.exists() and ("state/" in owned or _is_older_atlas(out)):
         import shutil
 
         shutil.rmtree(state_dir)
-    sae, _ = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
+    elif state_dir.exists() and "state/" not in owned and not _is_older_atlas(out):
+        raise AtlasError(f"{state_dir} was not written by jsae atlas; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.record(out, OWNER, ["state/"])  # the partial pass is the atlas's from now on
     texts = None
     if args.text:
         from jsae.data.text import FileDocuments
@@ -179,6 +209,7 @@ def run(args) -> int:
     if args.explainer:
         from jsae.analysis.atlas.explain import ChatClient, explain_atlas
 
+        outputs.record(out, OWNER, ["explain_cache/"])
         client = ChatClient(args.explainer, model=args.explainer_model, cache_dir=out / "explain_cache")
         explain_atlas(data, client, n_features=args.explain, seed=args.seed)
     _write_outputs(data, out, sae, args, log, model)

@@ -32,6 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="tokens per example; longer ones are truncated and named (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per LM pass (default 16)")
     p.add_argument("--json", help="write the full ranking and probe to this JSON file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --json file although jsae concept did not write it")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     return p
 
@@ -66,6 +68,11 @@ def run(args) -> int:
     from jsae.runs import sae_from_run
 
     _check(args)
+    if args.json:
+        from jsae import outputs
+
+        outputs.claim_file(args.json, "jsae concept", overwrite=args.overwrite,
+                           recognise=outputs.json_with("hooks"))
     pos, neg = read_examples(args.positive), read_examples(args.negative)  # fail before the model
     style = "ansi" if use_color(args.color) else "plain"
     hooks = args.hook or run_hooks(args.run_dir)
@@ -125,9 +132,9 @@ def run(args) -> int:
         print()
         report["hooks"][h] = entry
     if args.json:
-        from pathlib import Path
+        from jsae.fileio import write_text
 
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        write_text(args.json, json.dumps(report, indent=1) + "\n")
+        outputs.record_file(args.json, "jsae concept")
         log(f"wrote {args.json}")
     return 0

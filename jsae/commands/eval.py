@@ -27,6 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None, metavar="OUT.json",
                    help="where to write the metrics (default PATH/eval/eval.json)")
     p.add_argument("--out-dir", default=None, help="folder for plots (default: beside the JSON)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace eval.json / the plot although jsae eval did not write them")
     p.add_argument("--model", default=None, help="LM name or path (default: the run's model)")
     p.add_argument("--hook", default=None, help="hook of an imported SAE, e.g. blocks.6.hook_resid_post")
     p.add_argument("--batch-size", type=positive_int, default=None, help="contexts per LM pass (default eval.batch_size)")
@@ -39,11 +41,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     import sys
+    from pathlib import Path
 
+    from jsae import outputs
     from jsae.evals.evaluate import evaluate_path
 
+    path = Path(args.path)
+    out_dir = Path(args.out_dir) if args.out_dir else (
+        Path(args.json_path).parent if args.json_path else (
+            path if path.is_dir() else path.parent) / "eval")
+    json_path = Path(args.json_path) if args.json_path else out_dir / "eval.json"
+    if args.out_dir:
+        outputs.claim_folder(out_dir, OWNER, overwrite=True)  # files, not the folder, are claimed
+    outputs.claim_file(json_path, OWNER, overwrite=args.overwrite,
+                       recognise=outputs.json_with("metrics", "saebench"))
+    outputs.claim_file(out_dir / "feature_density.png", OWNER, overwrite=args.overwrite,
+                       recognise=lambda p: (p.parent / "eval.json").is_file())
     try:
-        evaluate_path(
+        result = evaluate_path(
             args.path, n_tokens=args.tokens, downstream_tokens=args.downstream_tokens,
             batch_size=args.batch_size, model_name=args.model,
             hook=args.hook, json_path=args.json_path, out_dir=args.out_dir,
@@ -54,4 +69,9 @@ def run(args) -> int:
             raise  # the CLI reports config errors itself
         print(f"jsae eval: {e}", file=sys.stderr)
         return 2
+    for f in result.get("files", {}).values():
+        outputs.record_file(f, OWNER)
     return 0
+
+
+OWNER = "jsae eval"  # the command jsae.outputs records as the writer of eval.json and plots

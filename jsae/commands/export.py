@@ -13,7 +13,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Write the SAEs of a run directory for other tools. saelens: cfg.json + "
         "sae_weights.safetensors as SAELens 6 (and Neuronpedia, SAEBench) load them, with the "
         "normalisation folded into the weights; gemmascope: params.npz (JumpReLU SAEs); "
-        "jsae: jsae's own folder. The newest of the final SAE and the latest checkpoint is used.",
+        "jsae: jsae's own folder. The newest of the final SAE and the latest checkpoint is used. "
+        "OUT must be new, empty or an earlier export (or --overwrite); never a run or a cache.",
     )
     p.add_argument("run_dir", help="run directory of `jsae train`")
     p.add_argument("out", help="output folder (one sub-folder per hook when there are several)")
@@ -21,6 +22,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hook", action="append", default=None,
                    help="hook to export (repeatable; default: all)")
     p.add_argument("--step", type=nonneg_int, default=None, help="export this checkpoint step")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT although it holds other files (only the exported files "
+                   "are replaced; nothing else is removed)")
     return p
 
 
@@ -28,6 +32,6 @@ def run(args) -> int:
     from jsae.export import export_run
 
     for path in export_run(args.run_dir, args.out, format=args.format, hooks=args.hook,
-                           step=args.step):
+                           step=args.step, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0

@@ -51,6 +51,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _partial_cache(path) -> bool:
+    """A harvest interrupted before its first manifest: only its split folders are there."""
+    return all(p.name in ("train", "eval") or p.name.startswith(".") for p in path.iterdir())
+
+
 def run(args) -> int:
     import time
 
@@ -61,6 +66,14 @@ def run(args) -> int:
     from jsae import config as config_lib
 
     cfg = config_lib.load(args.config, args.overrides)
+    if cfg.data.source != "text":
+        raise config_lib.ConfigError(
+            f"config key 'data.source': {cfg.data.source!r}; jsae harvest runs the LM over "
+            "text, so it needs data.source: text (add --set data.source=text)")
+    from jsae import outputs
+
+    outputs.claim_folder(args.out, "jsae harvest", overwrite=args.overwrite, cache_ok=True,
+                         recognise=_partial_cache)
     from jsae.data.cache import harvest_to_cache
 
     t0 = time.time()

@@ -30,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="features firing on fewer tokens in all are 'rare', not judged (default 5)")
     p.add_argument("--seed", type=int, default=0, help="article sample and unrelated pairing (default 0)")
     p.add_argument("--out", help="output folder (default RUN_DIR/languages)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out although it holds files jsae languages did not write")
     return p
 
 
@@ -55,10 +57,14 @@ def _check(args) -> list[str]:
     return langs
 
 
+OWNER = "jsae languages"  # what jsae.outputs records as the writer of the output folder
+
+
 def run(args) -> int:
     import json
     from pathlib import Path
 
+    from jsae import outputs
     from jsae.analysis.cli_utils import log
     from jsae.analysis.languages import (
         analyse_languages,
@@ -70,6 +76,9 @@ def run(args) -> int:
     from jsae.runs import sae_from_run
 
     langs = _check(args)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "languages"
+    outputs.claim_folder(out, OWNER, overwrite=args.overwrite,
+                         recognise=lambda p: (p / "languages.json").is_file())
     arts = parallel_articles(langs, args.articles, seed=args.seed)
     if len(arts) < 2:
         raise FileNotFoundError(f"fewer than two articles exist in all of {', '.join(langs)}")
@@ -84,9 +93,10 @@ def run(args) -> int:
                             batch_size=args.batch_size, specific=args.specific, shared=args.shared,
                             min_count=args.min_count, seed=args.seed, log=log)
     print(format_report(rep))
-    out = Path(args.out) if args.out else r.path / "languages"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "languages.json").write_text(json.dumps(rep.to_json(), indent=1) + "\n")
+    from jsae.fileio import write_text
+
+    write_text(out / "languages.json", json.dumps(rep.to_json(), indent=1) + "\n")
     plot_report(rep, out / "languages.png")
+    outputs.record(out, OWNER, ["languages.json", "languages.png"])
     print(f"\nwrote {out / 'languages.json'} and {out / 'languages.png'}")
     return 0

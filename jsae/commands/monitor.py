@@ -36,6 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["threshold", "probe"], default="threshold",
                    help="detector: per-feature thresholds (any fires) or a logistic probe (default threshold)")
     p.add_argument("--out", help="where to save the fitted detector (default RUN_DIR/detectors/detector.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --out file although jsae monitor did not write it")
     p.add_argument("--detector", help="apply a saved detector JSON to --text/--file")
     p.add_argument("--context-length", type=int, default=128,
                    help="tokens per training/test example; longer ones are truncated (default 128)")
@@ -141,6 +143,13 @@ def run(args) -> int:
     train = [read_examples(f) for f in args.train] if args.train else None
     test = [read_examples(f) for f in args.test] if args.test else None
     det = Detector.load(args.detector) if args.detector else None
+    out = None
+    if args.train:
+        from jsae import outputs
+
+        out = Path(args.out) if args.out else Path(args.run_dir) / "detectors" / "detector.json"
+        outputs.claim_file(out, "jsae monitor", overwrite=args.overwrite,
+                           recognise=outputs.json_with("format", "features"))
     style = "ansi" if use_color(args.color) else "plain"
     hook = args.hook or (det.hook if det else None)
     log(f"loading {args.run_dir} ...")
@@ -172,8 +181,8 @@ def run(args) -> int:
     if test is not None:
         evaluate_detector(det, r.model, r.sae, test[0], test[1], log=log)
         print(_metrics_line("test", det.test))
-    out = Path(args.out) if args.out else Path(args.run_dir) / "detectors" / "detector.json"
     det.save(out)
+    outputs.record_file(out, "jsae monitor")
     print(f"saved detector to {out}")
     if texts:
         flags, scores, res = apply_detector(det, r.model, r.sae, texts)

@@ -12,9 +12,10 @@ from jsae.sae.core import SAE
 FORMATS = ("saelens", "gemmascope", "jsae")
 
 
-def save_gemmascope(sae: SAE, out: str | Path) -> Path:
-    """``params.npz`` in Gemma Scope's layout (jumprelu / batchtopk SAEs)."""
+def save_gemmascope(sae: SAE, out: str | Path, *, owner: str = "jsae") -> Path:
+    """``params.npz`` in Gemma Scope's layout (jumprelu / batchtopk SAEs) in the folder ``out``."""
     from jsae.export.saelens import saelens_tensors
+    from jsae.fileio import atomic_folder
 
     arch, t = saelens_tensors(sae)
     if arch != "jumprelu":
@@ -23,33 +24,50 @@ def save_gemmascope(sae: SAE, out: str | Path) -> Path:
     # Gemma Scope encodes x @ W_enc + b_enc without subtracting b_dec.
     b_enc = t["b_enc"] - (t["b_dec"].astype(np.float64) @ t["W_enc"]).astype(np.float32)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "params.npz", W_enc=t["W_enc"], W_dec=t["W_dec"], b_enc=b_enc,
-             b_dec=t["b_dec"], threshold=t["threshold"])
+    with atomic_folder(out, owner=owner) as tmp, open(tmp / "params.npz", "wb") as f:
+        np.savez(f, W_enc=t["W_enc"], W_dec=t["W_dec"], b_enc=b_enc, b_dec=t["b_dec"],
+                 threshold=t["threshold"])
     return out / "params.npz"
 
 
+EXPORT = "jsae export"  # the owner jsae.outputs records in an export folder
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
-               hooks: list[str] | None = None, step: int | None = None) -> list[Path]:
-    """Write the run's SAEs in ``format``; one hook -> ``out``, several -> ``out/<hook>``."""
+               hooks: list[str] | None = None, step: int | None = None,
+               overwrite: bool = False) -> list[Path]:
+    """Write the run's SAEs in ``format``; one hook -> ``out``, several -> ``out/<hook>``.
+
+    ``out`` follows `jsae.outputs`' rule (new, empty, an earlier export, or ``overwrite``;
+    never a run or a cache), checked before anything is read or written."""
+    from jsae import outputs
+    from jsae.errors import BadInput
     from jsae.export.saelens import save_saelens
     from jsae.sae.io import save_sae
 
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
+        raise BadInput(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
     run_dir, out = Path(run_dir), Path(out)
+    outputs.claim_folder(out, EXPORT, overwrite=overwrite)
     cfg = run_config(run_dir)
     hooks = hooks or run_hooks(run_dir)
+    unknown = [h for h in hooks if h not in run_hooks(run_dir)]
+    if unknown:
+        raise BadInput(f"--hook {unknown[0]!r}: {run_dir} has no dictionary for it; its hooks: "
+                       f"{', '.join(run_hooks(run_dir)) or 'none'}")
+    if len(hooks) > 1:
+        for h in hooks:
+            outputs.claim_folder(out / sae_dirname(h), EXPORT, overwrite=overwrite)
     data = cfg.get("data", {})
     synthetic = data.get("source") == "synthetic"
+    saes = [(h, *sae_from_run(run_dir, h, step=step)) for h in hooks]  # all read before writing
     written = []
-    for h in hooks:
-        sae, info = sae_from_run(run_dir, h, step=step)
+    for h, sae, info in saes:
         dest = out if len(hooks) == 1 else out / sae_dirname(h)
         if format == "saelens":
             dataset = None if synthetic else (data.get("path") or data.get("dataset"))
             save_saelens(
-                sae, dest, hook_name=h,
+                sae, dest, hook_name=h, owner=EXPORT,
                 model_name="synthetic" if synthetic else cfg.get("model", {}).get("name"),
                 context_size=None if synthetic else data.get("context_length"),
                 prepend_bos=None if synthetic else data.get("prepend_bos"),
@@ -61,12 +79,15 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
             )
             written.append(dest)
         elif format == "gemmascope":
-            written.append(save_gemmascope(sae, dest))
+            written.append(save_gemmascope(sae, dest, owner=EXPORT))
         else:
             meta = {"hook_name": h, "steps": info["step"]}
             if info.get("hook_name_out"):
                 meta["hook_name_out"] = info["hook_name_out"]
-            written.append(save_sae(sae, dest, metadata=meta))
+            written.append(save_sae(sae, dest, metadata=meta, owner=EXPORT))
+    if len(hooks) > 1:
+        outputs.write_marker(out, EXPORT, [*outputs.marked_files(out, EXPORT),
+                                           *(sae_dirname(h) + "/" for h in hooks)])
     return written
 
 

@@ -29,7 +29,8 @@ FORMAT = "jsae-sae-v1"
 WEIGHTS = "sae.safetensors"
 
 
-def save_sae(sae: SAE, path: str | Path, metadata: dict | None = None) -> Path:
+def save_sae(sae: SAE, path: str | Path, metadata: dict | None = None, *,
+             owner: str = "jsae") -> Path:
     """Write ``sae`` (host or single-process arrays) to the folder ``path``, atomically."""
     def write(tmp: Path) -> None:
         tensors = {k: np.asarray(jax.device_get(v), np.float32) for k, v in sae.params.items()}
@@ -37,7 +38,7 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict | None = None) -> Path:
         save_file(tensors, str(tmp / WEIGHTS))
         return {WEIGHTS: file_record(tmp / WEIGHTS)}
 
-    return _write_folder(Path(path), sae, metadata, write)
+    return _write_folder(Path(path), sae, metadata, write, owner)
 
 
 def save_sae_from_mesh(sae: SAE, path: str | Path, metadata: dict | None = None, *,
@@ -102,10 +103,11 @@ def save_sae_from_mesh(sae: SAE, path: str | Path, metadata: dict | None = None,
     return _write_folder(Path(path), sae, metadata, write_weights)
 
 
-def _write_folder(path: Path, sae: SAE, metadata: dict | None, write_weights) -> Path:
+def _write_folder(path: Path, sae: SAE, metadata: dict | None, write_weights,
+                  owner: str = "jsae") -> Path:
     """Write sae.safetensors (by ``write_weights(tmp)``) and sae.json into a temporary
     folder next to ``path``, then rename it into place (replacing an older one)."""
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, owner=owner) as tmp:  # `owner`: the command, for jsae.outputs
         files = write_weights(tmp)
         info = {"format": FORMAT, "spec": dataclasses.asdict(sae.spec),
                 "metadata": metadata or {}, "files": files}
@@ -157,7 +159,13 @@ def check_folder(path: str | Path) -> dict:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise FileFormatError(f"{meta_file}: unknown format {got!r}; expected {FORMAT}")
-    want = (info.get("files") or {}).get(WEIGHTS)
+    files = info.get("files") or {}
+    want = files.get(WEIGHTS) if isinstance(files, dict) else None
+    if want is not None and not (isinstance(want, dict)
+                                 and isinstance(want.get("bytes"), int)
+                                 and isinstance(want.get("sha256"), (str, type(None)))):
+        raise FileFormatError(f"{meta_file}: field 'files.{WEIGHTS}' is {want!r:.80}; expected "
+                              f"{{\"bytes\": N, \"sha256\": HEX}}{fallback_hint(path)}")
     if want:  # folders written before checksums were recorded have none
         size = weights.stat().st_size
         if size != want.get("bytes"):
@@ -176,10 +184,7 @@ def load_sae(path: str | Path) -> tuple[SAE, dict]:
     path = Path(path)
     info = check_folder(path)
     weights = path / WEIGHTS
-    try:
-        spec = SAESpec(**info["spec"])
-    except (KeyError, TypeError) as e:
-        raise FileFormatError(f"{path / 'sae.json'}: bad spec ({e})") from e
+    spec = _checked_spec(info, path / "sae.json")
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -197,5 +202,36 @@ def load_sae(path: str | Path) -> tuple[SAE, dict]:
         if tuple(tensors[name].shape) != shape:
             raise FileFormatError(f"{weights}: {name} has shape {tensors[name].shape}, "
                                   f"expected {shape}{fallback_hint(path)}")
+    from jsae.validate import bad, finite_array
+
+    if np.shape(scale) != () or not np.isfinite(scale) or float(scale) <= 0:
+        raise bad(weights, "tensor norm_scale", f"is {np.asarray(scale).tolist()!r:.60}; expected "
+                  f"one finite number > 0{fallback_hint(path)}")
+    for name in expected:
+        finite_array(tensors[name], f"tensor {name}", weights)
+    meta = info.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise bad(path / "sae.json", "field 'metadata'", f"is {type(meta).__name__}; expected an "
+                  "object")
     params = {k: jnp.asarray(v) for k, v in tensors.items()}
-    return SAE(params=params, norm_scale=jnp.asarray(scale), spec=spec), info.get("metadata", {})
+    return SAE(params=params, norm_scale=jnp.asarray(scale), spec=spec), meta
+
+
+def _checked_spec(info: dict, meta_file: Path) -> SAESpec:
+    """sae.json's spec, its fields typed and in range (a hand-edited or damaged spec is refused
+    in one line naming the field)."""
+    from jsae import validate as v
+
+    d = v.mapping(v.field(info, "spec", dict, meta_file), "field 'spec'", meta_file)
+    v.field(d, "architecture", str, meta_file, prefix="spec.")
+    d_sae = v.field(d, "d_sae", int, meta_file, prefix="spec.", lo=1)
+    v.field(d, "d_in", int, meta_file, prefix="spec.", lo=1)
+    v.field(d, "k", (int, None), meta_file, prefix="spec.", lo=1, hi=d_sae, default=None)
+    v.field(d, "n_layers", int, meta_file, prefix="spec.", lo=1, default=1)
+    try:
+        from jsae.sae.archs import get_arch
+
+        get_arch(d["architecture"])
+        return SAESpec(**d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{meta_file}: bad spec ({' '.join(str(e).split())})") from e

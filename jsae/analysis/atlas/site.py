@@ -425,19 +425,26 @@ def check_atlas(data: AtlasData) -> None:
                                   f"{list(np.shape(lm.xy))} and cluster {list(np.shape(lm.cluster))}")
 
 
+SITE_OWNER = "jsae atlas"  # the command jsae.outputs records as the site folder's writer
+
+
 def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
                progress: bool = True) -> Path:
     """Write the static site of ``data`` into ``out_dir`` (created; files of an older site in
     ``data/`` are replaced) and return the path of its ``index.html``."""
     from tqdm.auto import tqdm
 
+    from jsae import outputs
+
     check_atlas(data)
     out = Path(out_dir)
     ddir = out / "data"
-    if ddir.exists():  # an older site's shards and local maps
-        for old in [*ddir.glob("*.js"), *out.glob("around-*.html")]:
-            old.unlink()
+    for name in outputs.marked_files(out, SITE_OWNER):  # an older site's shards and local maps,
+        old = out / name                                # never a file this writer did not write
+        if (name.startswith("data/") and name.endswith(".js")) or name.startswith("around-"):
+            old.unlink(missing_ok=True)
     ddir.mkdir(parents=True, exist_ok=True)
+    written = ["atlas.js", "atlas.css", "index.html", "data/atlas.js", "data/tokens.js"]
     for name in ("atlas.js", "atlas.css"):
         shutil.copyfile(ASSETS / name, out / name)
 
@@ -449,6 +456,7 @@ def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
                   leave=False):
         payload = shard_payload(data, s * shard_size, min(F, (s + 1) * shard_size))
         (ddir / f"shard-{s:04d}.js").write_text(_js("window.__atlas_shard", s, payload), encoding="ascii")
+        written.append(f"data/shard-{s:04d}.js")
     (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", _token_payload(data)), encoding="ascii")
 
     meta = data.meta
@@ -460,6 +468,10 @@ def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
                                             encoding="ascii")
         (out / f"around-{c}.html").write_text(
             _page(f"jsae atlas: around feature {c}", {"kind": "local", "center": c}), encoding="utf-8")
+        written += [f"data/around-{c}.js", f"around-{c}.html"]
+    keep = [f for f in outputs.marked_files(out, SITE_OWNER)
+            if not (f.startswith("data/") and f.endswith(".js")) and not f.startswith("around-")]
+    outputs.write_marker(out, SITE_OWNER, [*keep, *written])
     return out / "index.html"
 
 
