@@ -48,6 +48,11 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
     x = x_in if x_target is None else x_target.astype(jnp.float32)
     # a crosscoder's rows are [N, L, d]: metrics over the concatenated hooks
     x, x_hat = x.reshape(x.shape[0], -1), x_hat.reshape(x_hat.shape[0], -1)
+    # Squares of activations near 1e20 overflow float32: every sum is taken of x / s and
+    # x_hat / s, s a power of two near the batch's largest magnitude (exact: no rounding
+    # changes), and scaled back in float64 on the host (`ReconstructionStats._merge`).
+    s = _pow2_scale(jnp.maximum(_masked_absmax(x, w), _masked_absmax(x_hat, w)))
+    x, x_hat = x / s, x_hat / s
     err = x - x_hat
     n = jnp.sum(w)
     mean = jnp.sum(x * w[:, None], 0) / jnp.maximum(n, 1.0)
@@ -55,8 +60,10 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
     dot = jnp.sum(x * x_hat, -1)
     nx = jnp.linalg.norm(x, axis=-1)
     nxh = jnp.linalg.norm(x_hat, axis=-1)
-    cos = dot / jnp.maximum(nx * nxh, 1e-12)
-    ratio = nxh / jnp.where(jnp.abs(nx) < 1e-4, 1.0, nx)  # SAEBench's guard
+    # the guards of the unscaled formulas, moved to the scaled units
+    cos = dot / jnp.maximum(nx * nxh, jnp.maximum(1e-12 / s / s, jnp.finfo(jnp.float32).tiny))
+    small = nx < 1e-4 / s  # SAEBench's guard: ||x|| < 1e-4 counts as 1
+    ratio = jnp.where(small, nxh * s, nxh / jnp.where(small, 1.0, nx))
     fired = (z != 0).astype(jnp.float32) * w[:, None]
 
     def wsum(v):
@@ -64,19 +71,35 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
 
     return {
         "n": n,
-        "mean": mean,
-        "m2": jnp.sum(centred * centred),  # sum ||x - batch mean||^2 (merged with Chan's rule)
-        "resid": wsum(jnp.sum(err * err, -1)),
-        "xhat2": wsum(nxh * nxh),
-        "dot": wsum(dot),
-        "l2_in": wsum(nx),
-        "l2_out": wsum(nxh),
+        "scale": s,  # the sums below marked s or s^2 are in units of s
+        "mean": mean,  # s
+        "m2": jnp.sum(centred * centred),  # s^2; sum ||x - batch mean||^2 (Chan's rule)
+        "resid": wsum(jnp.sum(err * err, -1)),  # s^2
+        "xhat2": wsum(nxh * nxh),  # s^2
+        "dot": wsum(dot),  # s^2
+        "l2_in": wsum(nx),  # s
+        "l2_out": wsum(nxh),  # s
         "l2_ratio": wsum(ratio),
         "l0": jnp.sum(fired),
         "l1": wsum(jnp.sum(jnp.abs(z), -1)),
         "cos": wsum(cos),
         "fired": jnp.sum(fired, 0),
     }
+
+
+_SCALED = {"mean": 1, "l2_in": 1, "l2_out": 1, "m2": 2, "resid": 2, "xhat2": 2, "dot": 2}
+
+
+def _masked_absmax(a: jax.Array, w: jax.Array) -> jax.Array:
+    """Largest finite ``|a|`` over the rows with weight (0 when none)."""
+    v = jnp.where((w[:, None] > 0) & jnp.isfinite(a), jnp.abs(a), 0.0)
+    return jnp.max(v) if v.size else jnp.zeros((), a.dtype)
+
+
+def _pow2_scale(m: jax.Array) -> jax.Array:
+    """A power of two in ``(m / 2, m]`` (1 when ``m`` is 0): dividing by it is exact."""
+    _, e = jnp.frexp(m)
+    return jnp.where(m > 0, jnp.ldexp(jnp.float32(1.0), e - 1), jnp.float32(1.0))
 
 
 _batch_sums = jax.jit(batch_sums)
@@ -131,6 +154,10 @@ class ReconstructionStats:
 
     def _merge(self, sums) -> None:
         sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+        scale = sums.pop("scale", None)  # batch_sums' sums in units of a power of two
+        if scale is not None:
+            for k, p in _SCALED.items():
+                sums[k] = sums[k] * scale**p
         if sums["n"] == 0:
             return
         if self.tot is None:
@@ -171,7 +198,7 @@ class ReconstructionStats:
             raise ValueError("no tokens were evaluated")
         n = t["n"]
         d = len(t["mean"])
-        fvu = float(t["resid"] / max(t["m2"], 1e-30))
+        fvu = float(t["resid"] / (t["m2"] if t["m2"] > 0 else 1e-30))  # tiny inputs: exact
         density = t["fired"] / n
         return {
             "fvu": fvu,

@@ -16,13 +16,15 @@ with ``hook_name_out`` ``blocks.L.hook_mlp_out``.
 
 from __future__ import annotations
 
-import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jsae import validate as v
+from jsae.errors import FileFormatError
 from jsae.export.saelens import _read_safetensors, sae_from_tensors
 from jsae.sae.core import SAE
 
@@ -39,6 +41,26 @@ def _find(path: Path) -> Path:
     if len(found) == 1:
         return found[0]
     raise FileNotFoundError(f"no Gemma Scope params ({' or '.join(_FILES)}) in {path}")
+
+
+def _read_npz(f: Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``params.npz`` (a damaged or pickled one: one-line `FileFormatError`)."""
+    try:
+        with np.load(f, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise v.bad(f, "", "holds one array, not the named arrays of a params.npz")
+            out = {}
+            for k in data.files:
+                a = data[k]
+                if a.dtype.kind not in "fiu":
+                    raise v.bad(f, f"array {k!r}", f"holds {a.dtype} values; expected numbers")
+                out[k] = np.asarray(a, np.float32)
+            return out
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, FileFormatError):
+            raise
+        raise FileFormatError(f"{f} is not a readable .npz file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
 
 
 def _guess_hook(text: str) -> str | None:
@@ -63,17 +85,15 @@ def load_gemmascope(
     """
     f = _find(Path(path))
     if f.suffix == ".npz":
-        with np.load(f) as data:
-            tensors = {k: np.asarray(data[k], np.float32) for k in data.files}
+        tensors = _read_npz(f)
     else:
         tensors = _read_safetensors(f)
     meta: dict[str, Any] = {"source": "gemma-scope", "file": str(f)}
     cfg_file = f.parent / "config.json"
     if cfg_file.exists():
-        try:
-            meta["config"] = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError:
-            pass
+        meta["config"] = v.mapping(v.read_json(cfg_file, "Gemma Scope config.json"), "", cfg_file)
+        for key in ("model_name", "hf_hook_point_out"):
+            v.field(meta["config"], key, (str, None), cfg_file, default=None)
     raw = meta.get("config") or {}
     where = "/".join(f.parent.parts[-4:])
     transcoder = ("affine_skip_connection" in tensors or bool(raw.get("hf_hook_point_out"))

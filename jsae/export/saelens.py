@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.errors import FileFormatError, JsaeError
 from jsae.fileio import atomic_folder
 from jsae.sae.archs import from_saelens_name, get_arch
 from jsae.sae.core import SAE, SAESpec, fold_norm
@@ -108,7 +109,7 @@ def saelens_config(
 
 
 def save_saelens(sae: SAE, out: str | Path, *, hook_name: str, model_name: str,
-                 **cfg_fields: Any) -> Path:
+                 owner: str = "jsae", **cfg_fields: Any) -> Path:
     """Write ``sae`` as a SAELens 6 folder (cfg.json + sae_weights.safetensors) at ``out``."""
     from safetensors.numpy import save_file
 
@@ -116,7 +117,7 @@ def save_saelens(sae: SAE, out: str | Path, *, hook_name: str, model_name: str,
     out.parent.mkdir(parents=True, exist_ok=True)
     _, tensors = saelens_tensors(sae)
     cfg = saelens_config(sae, hook_name=hook_name, model_name=model_name, **cfg_fields)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, owner=owner) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
     return out
@@ -130,9 +131,17 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     out = {}
-    with safe_open(str(path), framework="flax") as f:
-        for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+    try:
+        with safe_open(str(path), framework="flax") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise FileFormatError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+    except Exception as e:  # safetensors' own SafetensorError (header, offsets, dtype)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise FileFormatError(f"{path} is not a readable safetensors file ({e})") from e
     return out
 
 
@@ -156,19 +165,43 @@ def sae_from_tensors(
     Scope) the encoder computes ``x @ W_enc + b_enc``; jsae always subtracts b_dec, so the
     encoder biases absorb ``b_dec @ W_enc``.
     """
-    t = {k_: np.asarray(v, np.float32) for k_, v in _normalise_keys(tensors).items()}
-    jarch = from_saelens_name(arch, source)
+    from jsae.validate import bad, finite_array
+
+    t = {}
+    for k_, v in _normalise_keys(tensors).items():
+        a = np.asarray(v)
+        if a.dtype.kind not in "fiu":
+            raise bad(source, f"tensor {k_!r}", f"holds {a.dtype} values; expected numbers")
+        t[k_] = a.astype(np.float32)
+    try:
+        jarch = from_saelens_name(arch, source)
+    except JsaeError:
+        raise
+    except ValueError as e:
+        raise FileFormatError(str(e)) from e
     need = jarch.saelens_required(arch)
     for name in ["W_enc", "W_dec", "b_dec", *need]:
         if name not in t:
-            raise ValueError(f"{source}: tensor {name!r} is missing (found {sorted(t)})")
+            raise FileFormatError(f"{source}: tensor {name!r} is missing (found {sorted(t)})")
+    finite_array(t["W_enc"], "tensor 'W_enc'", source, shape=(None, None))
     d_in, d_sae = t["W_enc"].shape
+    if d_in == 0 or d_sae == 0:
+        raise bad(source, "tensor 'W_enc'", f"has shape {list(t['W_enc'].shape)}; expected "
+                  "[d_in, d_sae] with both > 0")
     shapes = {"W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     shapes.update({n: (d_sae,) for n in need})
     for name, shape in shapes.items():
         if t[name].shape != shape:
-            raise ValueError(f"{source}: {name} has shape {t[name].shape}, expected {shape} "
-                             f"(W_enc is {t['W_enc'].shape})")
+            raise FileFormatError(f"{source}: {name} has shape {t[name].shape}, expected {shape} "
+                                  f"(W_enc is {t['W_enc'].shape}: [d_in, d_sae])")
+    for name in t:  # W_skip, scaling_factor, ... too: a NaN anywhere poisons every code
+        finite_array(t[name], f"tensor {name!r}", source)
+    if "scaling_factor" in t and t["scaling_factor"].shape != (d_sae,):
+        raise bad(source, "tensor 'scaling_factor'", f"has shape {list(t['scaling_factor'].shape)}; "
+                  f"expected [{d_sae}] (d_sae)")
+    if "threshold" in t and (t["threshold"] < 0).any():
+        raise bad(source, "tensor 'threshold'", f"holds {int((t['threshold'] < 0).sum())} "
+                  "negative value(s); JumpReLU thresholds are >= 0")
     w_dec = t["W_dec"]
     if "scaling_factor" in t and not np.allclose(t["scaling_factor"], 1.0):
         w_dec = w_dec * t["scaling_factor"][:, None]  # old finetuning scaling: z * s @ W_dec
@@ -179,10 +212,22 @@ def sae_from_tensors(
             return np.zeros((w.shape[-1],), np.float32)
         return (t["b_dec"].astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
 
-    params.update(jarch.from_saelens(arch, t, shift, source))
-    unit = bool(np.allclose(np.linalg.norm(w_dec, axis=-1), 1.0, atol=1e-3))
-    spec = SAESpec(architecture=jarch.name, d_in=int(d_in), d_sae=int(d_sae),
-                   **jarch.spec_from_saelens(arch, k=k, unit=unit, source=source))
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer))
+                          or not 0 < k <= d_sae):
+        raise FileFormatError(f"{source}: k={k!r}; expected an integer in 1..{d_sae} (d_sae)")
+    try:
+        params.update(jarch.from_saelens(arch, t, shift, source))
+        unit = bool(np.allclose(np.linalg.norm(w_dec, axis=-1), 1.0, atol=1e-3))
+        spec = SAESpec(architecture=jarch.name, d_in=int(d_in), d_sae=int(d_sae),
+                       **jarch.spec_from_saelens(arch, k=k, unit=unit, source=source))
+    except JsaeError:
+        raise
+    except ValueError as e:  # the architecture's own checks name the source
+        raise FileFormatError(" ".join(str(e).split())) from e
+    for n, v in params.items():  # e.g. log(threshold) of a zero threshold
+        if not np.isfinite(np.asarray(v)).all():
+            raise bad(source, f"tensor {n!r}", "becomes non-finite once imported (a zero "
+                      "threshold, an overflow?)")
     return SAE(params={n: jnp.asarray(v) for n, v in params.items()},
                norm_scale=jnp.ones((), jnp.float32), spec=spec)
 
@@ -195,6 +240,7 @@ def _upgrade_old_cfg(cfg: dict) -> dict:
     new.setdefault("architecture", "standard")
     new.setdefault("apply_b_dec_to_input", True)
     kw = new.get("activation_fn_kwargs") or {}
+    kw = kw if isinstance(kw, dict) else {}
     if new.get("activation_fn") == "topk" and kw.get("k") is not None:
         new["architecture"], new["k"] = "topk", kw["k"]
     if isinstance(new.get("normalize_activations"), bool):
@@ -217,6 +263,35 @@ def tl_hook_to_jsae(name: str) -> str:
     return name
 
 
+def _read_cfg(cfg_file: Path) -> dict:
+    """cfg.json, upgraded to the 6.x layout, with the fields jsae uses type-checked."""
+    from jsae import validate as v
+
+    cfg = v.mapping(v.read_json(cfg_file, "SAELens cfg.json"), "", cfg_file)
+    meta = cfg.get("metadata") or {}
+    v.mapping(meta, "field 'metadata'", cfg_file)
+    version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+    major = None
+    if version:
+        try:
+            major = int(str(version).split(".")[0])
+        except ValueError:
+            raise v.bad(cfg_file, "field 'sae_lens_version'", f"is {version!r}; expected a "
+                        "version like '6.0.0'") from None
+    if major is None or major < 6:
+        cfg = _upgrade_old_cfg(cfg)
+    v.field(cfg, "architecture", str, cfg_file, default="standard")
+    v.field(cfg, "normalize_activations", (str, None), cfg_file, default=None)
+    for key in ("d_in", "d_sae"):
+        v.field(cfg, key, int, cfg_file, default=None, lo=1)
+    v.field(cfg, "k", (int, None), cfg_file, default=None, lo=1)
+    v.field(cfg, "apply_b_dec_to_input", bool, cfg_file, default=True)
+    for key in ("model_name", "hook_name", "hook_name_out"):
+        v.field(cfg, key, (str, None), cfg_file, default=None)
+        v.field(cfg["metadata"], key, (str, None), cfg_file, default=None, prefix="metadata.")
+    return cfg
+
+
 def load_saelens(path: str | Path) -> tuple[SAE, dict[str, Any]]:
     """A SAELens folder (cfg.json + sae_weights.safetensors) as ``(jsae SAE, metadata)``.
 
@@ -227,30 +302,26 @@ def load_saelens(path: str | Path) -> tuple[SAE, dict[str, Any]]:
     for f in (cfg_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"not a SAELens SAE folder: {f} is missing")
-    cfg = json.loads(cfg_file.read_text())
-    meta = cfg.get("metadata") or {}
-    version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
-    if not version or int(str(version).split(".")[0]) < 6:
-        cfg = _upgrade_old_cfg(cfg)
+    cfg = _read_cfg(cfg_file)
     arch = cfg.get("architecture", "standard")
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
-        raise ValueError(
+        raise FileFormatError(
             f"{cfg_file}: normalize_activations={norm!r} rescales inputs at run time; jsae "
             "imports only SAEs with fixed weights (normalize_activations='none')"
         )
     if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{cfg_file}: rescale_acts_by_decoder_norm=true is not supported")
+        raise FileFormatError(f"{cfg_file}: rescale_acts_by_decoder_norm=true is not supported")
     if arch == "jumprelu" and cfg.get("activation_fn", "relu") not in ("relu", None):
-        raise ValueError(f"{cfg_file}: jumprelu with activation_fn={cfg['activation_fn']!r}")
+        raise FileFormatError(f"{cfg_file}: jumprelu with activation_fn={cfg['activation_fn']!r}")
     tensors = _read_safetensors(weights)
     sae = sae_from_tensors(arch, tensors, k=cfg.get("k"),
                            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
                            source=str(weights))
     for key in ("d_in", "d_sae"):
         if key in cfg and int(cfg[key]) != getattr(sae.spec, key):
-            raise ValueError(f"{cfg_file}: {key}={cfg[key]} but the weights have "
-                             f"{getattr(sae.spec, key)}")
+            raise FileFormatError(f"{cfg_file}: {key}={cfg[key]} but the weights in {weights} "
+                                  f"have {getattr(sae.spec, key)}")
     out = dict(cfg.get("metadata") or {})
     out.setdefault("model_name", cfg.get("model_name"))
     out.setdefault("hook_name", cfg.get("hook_name"))
