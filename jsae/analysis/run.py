@@ -61,6 +61,33 @@ def _sae_fingerprint(run: Run) -> str:
     return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
 
+def _load_cached(f_top: Path, f_ctx: Path, n_contexts: int, context_length: int
+                 ) -> tuple[TopActivations, np.ndarray]:
+    """The cached corpus statistics, checked against each other: a damaged cache is refused in
+    one line naming the file (delete it and the next command recomputes it)."""
+    from jsae.errors import FileFormatError
+    from jsae.validate import bad, finite_array
+
+    top = TopActivations.load(f_top)
+    try:
+        ctx = np.load(f_ctx, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise FileFormatError(f"{f_ctx} is not a readable .npy file ({type(e).__name__}: {e}); "
+                              "delete it to recompute it") from e
+    finite_array(ctx, "the cached contexts", f_ctx, shape=(None, context_length), kind="i")
+    if len(ctx) > n_contexts or (ctx < 0).any():
+        raise bad(f_ctx, "", f"holds {len(ctx)} contexts of token ids (some negative?), expected "
+                  f"at most {n_contexts}; delete it to recompute it")
+    if (top.position < 0).any() or (top.position >= ctx.shape[1]).any():
+        raise bad(f_top, "array 'position'", f"holds positions outside the {ctx.shape[1]} tokens "
+                  "of a context; delete it to recompute it")
+    used = top.context[top.context >= 0]
+    if used.size and int(used.max()) >= len(ctx):
+        raise bad(f_top, "array 'context'", f"names context {int(used.max())} but {f_ctx.name} "
+                  f"holds {len(ctx)}; delete both to recompute them")
+    return top, ctx
+
+
 def corpus_stats(run: Run, n_contexts: int = 256, context_length: int = 64, *, seed: int = 0,
                  top_n: int = 10, batch_size: int = 8, cache: bool = True, log=None
                  ) -> tuple[TopActivations, np.ndarray]:
@@ -73,7 +100,7 @@ def corpus_stats(run: Run, n_contexts: int = 256, context_length: int = 64, *, s
     key = f"top{top_n}_{n_contexts}x{context_length}_seed{seed}_{_sae_fingerprint(run)}"
     f_top, f_ctx = d / f"{key}.npz", d / f"{key}.contexts.npy"
     if cache and f_top.exists() and f_ctx.exists():
-        return TopActivations.load(f_top), np.load(f_ctx)
+        return _load_cached(f_top, f_ctx, n_contexts, context_length)
     tokens, mask = corpus_contexts(run.model.tokenizer, n_contexts, context_length, seed=seed)
     log(f"scanning {len(tokens)} contexts x {context_length} tokens of the offline corpus "
         f"for {run.sae.spec.d_sae} features at {run.hook} ...")

@@ -9,6 +9,7 @@ tokens. Memory is ``O(n_features * top_n)`` whatever the corpus size.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -68,9 +69,36 @@ class TopActivations:
 
     @classmethod
     def load(cls, path: str | Path) -> TopActivations:
-        with np.load(path) as d:
-            kw = {f.name: d[f.name] for f in dataclasses.fields(cls)}
+        """Read what :meth:`save` wrote, every array checked (kind, shape against ``features``
+        and each other, finite values): a damaged file is a one-line `FileFormatError`."""
+        from jsae.errors import FileFormatError
+        from jsae.validate import bad, finite_array
+
+        path = Path(path)
+        names = [f.name for f in dataclasses.fields(cls)]
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                if not hasattr(d, "files"):
+                    raise bad(path, "", "is not an .npz archive of top activations")
+                missing = [n for n in names if n not in d.files]
+                if missing:
+                    raise bad(path, "", f"lacks the arrays {missing}: not a top-activations file")
+                kw = {n: d[n] for n in names}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            if isinstance(e, FileFormatError):
+                raise
+            raise FileFormatError(f"{path} is not a readable top-activations file "
+                                  f"({type(e).__name__}: {e}); delete it to recompute it") from e
+        F = finite_array(kw["features"], "array 'features'", path, shape=(None,), kind="i").shape[0]
+        top_n = finite_array(kw["values"], "array 'values'", path, shape=(F, None)).shape[1]
+        finite_array(kw["context"], "array 'context'", path, shape=(F, top_n), kind="i")
+        finite_array(kw["position"], "array 'position'", path, shape=(F, top_n), kind="i")
+        for n in ("frequency", "mean"):
+            finite_array(kw[n], f"array {n!r}", path, shape=(F,))
+        finite_array(kw["n_tokens"], "array 'n_tokens'", path, shape=(), kind="i")
         kw["n_tokens"] = int(kw["n_tokens"])
+        if kw["n_tokens"] < 0 or (kw["features"] < 0).any() or (kw["context"] < -1).any():
+            raise bad(path, "", "holds negative counts or ids; delete it to recompute it")
         return cls(**kw)
 
 

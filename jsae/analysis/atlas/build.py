@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import sys
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -287,17 +288,77 @@ def load_atlas(path: str | Path) -> AtlasData:
         with np.load(path) as d:
             tables = json.loads(bytes(d["__tables__"]).decode("utf-8", "surrogatepass"))
             arrays = {k: d[k] for k in d.files if k != "__tables__"}
-    except (OSError, ValueError, KeyError) as e:
-        raise FileFormatError(f"{path} is not a readable atlas file ({e})") from e
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError,
+            zipfile.BadZipFile) as e:  # not an .npz, truncated, pickled, no tables
+        raise FileFormatError(f"{path} is not a readable atlas file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from e
+    try:
+        data = _atlas_from(arrays, tables, path)
+        from jsae.analysis.atlas.site import check_atlas
+
+        check_atlas(data)
+    except FileFormatError as e:
+        msg = str(e)
+        raise FileFormatError(msg.replace("atlas data:", f"{path}:", 1) if msg.startswith(
+            "atlas data:") else msg) from e
+    except (IndexError, TypeError, ValueError, AttributeError) as e:  # a field of the wrong rank
+        raise FileFormatError(f"{path}: not a consistent atlas file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); rebuild it (--rebuild)") from e
+    return data
+
+
+def _atlas_from(arrays: dict, tables, path: Path) -> AtlasData:
+    """AtlasData from the arrays and JSON tables of an atlas file, each field's type checked."""
+    from jsae import validate as v
+    from jsae.errors import FileFormatError
+
+    tables = v.mapping(tables, "the tables", path)
+    for key in ("meta", "cluster_labels", "token_str"):
+        v.field(tables, key, dict, path)
+    v.field(tables, "labels", list, path)
+    v.field(tables, "explanations", (list, None), path, default=None)
+    v.field(tables, "local_maps", list, path, default=[])
+    names = {f.name for f in dataclasses.fields(AtlasData)} - set(_JSON_FIELDS) - {"local_maps"}
+    unknown = sorted(set(arrays) - names)
+    if unknown:
+        raise v.bad(path, "", f"holds unknown arrays {unknown}: not a jsae atlas file")
+    required = {f.name for f in dataclasses.fields(AtlasData)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(_JSON_FIELDS) - set(arrays))
+    if missing:
+        raise v.bad(path, "", f"lacks the arrays {missing}: not a complete atlas file")
+    for k, a in arrays.items():
+        if a.dtype.kind not in "fiub":
+            raise v.bad(path, f"array {k!r}", f"holds {a.dtype} values; expected numbers")
     kw = dict(arrays)
     kw["meta"] = tables["meta"]
-    kw["cluster_labels"] = {int(k): v for k, v in tables["cluster_labels"].items()}
-    kw["labels"] = tables["labels"]
-    kw["token_str"] = {int(k): v for k, v in tables["token_str"].items()}
+    try:
+        kw["cluster_labels"] = {int(k): str(x) for k, x in tables["cluster_labels"].items()}
+        kw["token_str"] = {int(k): str(x) for k, x in tables["token_str"].items()}
+    except ValueError as e:
+        raise v.bad(path, "a table", f"has a key that is not an integer id ({e})") from e
+    kw["labels"] = [str(x) for x in tables["labels"]]
     kw["explanations"] = tables.get("explanations")
-    kw["local_maps"] = [LocalMap(int(m["center"]), float(m["radius"]), np.asarray(m["ids"], np.int64),
-                                 np.asarray(m["xy"], np.float32).reshape(-1, 2),
-                                 np.asarray(m["cluster"], np.int64),
-                                 {int(k): v for k, v in m["cluster_labels"].items()})
-                        for m in tables.get("local_maps", [])]
-    return AtlasData(**kw)
+    maps = []
+    for i, m in enumerate(tables.get("local_maps") or []):
+        m = v.mapping(m, f"local_maps[{i}]", path)
+        try:
+            maps.append(LocalMap(
+                int(v.field(m, "center", int, path, prefix=f"local_maps[{i}].")),
+                float(v.field(m, "radius", float, path, prefix=f"local_maps[{i}].")),
+                np.asarray(m["ids"], np.int64), np.asarray(m["xy"], np.float32).reshape(-1, 2),
+                np.asarray(m["cluster"], np.int64),
+                {int(k): str(x) for k, x in v.mapping(m["cluster_labels"],
+                                                     f"local_maps[{i}].cluster_labels", path).items()}))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, FileFormatError):
+                raise
+            raise v.bad(path, f"local_maps[{i}]", f"is damaged ({type(e).__name__}: {e})") from e
+    kw["local_maps"] = maps
+    data = AtlasData(**kw)
+    F = len(data.feature_ids)
+    if np.shape(data.feature_ids) != (F,) or data.meta.get("d_sae") is not None and (
+            (data.feature_ids < 0).any() or (data.feature_ids >= data.meta["d_sae"]).any()):
+        raise v.bad(path, "array 'feature_ids'", "holds ids outside 0..d_sae-1 (meta.d_sae "
+                    f"{data.meta.get('d_sae')!r})")
+    return data

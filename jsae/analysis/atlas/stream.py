@@ -457,7 +457,8 @@ def save_state(path: str | Path, state: dict, meta: dict) -> None:
         np.savez(f, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **host)
 
 
-def load_state(path: str | Path, expect: Mapping) -> tuple[dict, dict] | None:
+def load_state(path: str | Path, expect: Mapping, template: Mapping | None = None,
+               n_contexts: int | None = None) -> tuple[dict, dict] | None:
     """A saved partial pass, or None when there is none. Refuses a state whose fingerprint
     differs from ``expect`` (one line naming what differs)."""
     path = Path(path)
@@ -476,7 +477,34 @@ def load_state(path: str | Path, expect: Mapping) -> tuple[dict, dict] | None:
             f"{path}: partial atlas state of another {what} ("
             + ", ".join(f"{k} {meta.get(k)!r} != {expect[k]!r}" for k in diff)
             + "); delete it or use another --out")
+    if template is not None:  # the fingerprints match: the arrays must still fit them
+        _check_state(path, state, meta, template, n_contexts)
     return state, meta
+
+
+def _check_state(path: Path, state: dict, meta: dict, template: Mapping, n_contexts) -> None:
+    """Every array of a saved partial pass has the name, dtype and shape `init_state` gives,
+    finite values, and ``next_context`` is a position in the corpus (one-line refusal)."""
+    from jsae import validate as v
+    from jsae.errors import FileFormatError
+
+    missing = sorted(set(template) - set(state))
+    extra = sorted(set(state) - set(template))
+    if missing or extra:
+        raise AtlasStateMismatch(f"{path}: partial atlas state lacks {missing} / has unknown "
+                                 f"{extra} arrays; delete it")
+    for k, t in template.items():
+        a = state[k]
+        if a.dtype != np.asarray(t).dtype or a.shape != np.shape(t):
+            raise AtlasStateMismatch(f"{path}: array {k!r} is {a.dtype} {list(a.shape)}, expected "
+                                     f"{np.asarray(t).dtype} {list(np.shape(t))}; delete it")
+        if a.dtype == np.float32 and not np.isfinite(a).all():  # float16 windows may overflow
+            raise AtlasStateMismatch(f"{path}: array {k!r} holds non-finite values; delete it")
+    hi = n_contexts if n_contexts is not None else None
+    try:
+        v.field(meta, "next_context", int, path, lo=0, hi=hi)
+    except FileFormatError as e:
+        raise AtlasStateMismatch(f"{e}; delete it") from e
 
 
 @dataclasses.dataclass
@@ -665,7 +693,7 @@ def _prepare(saes, tokens, mask, cfg, batch_size, state_dir):
         st = init_state(sae.spec.d_sae, cfg)
         if state_dir is not None:
             paths[h] = Path(state_dir) / f"{h}.state.npz"
-            got = load_state(paths[h], expects[h])
+            got = load_state(paths[h], expects[h], st, N)
             if got is not None:
                 st, meta = got
                 start = meta["next_context"]
