@@ -66,7 +66,8 @@ def _type_name(types) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list", dict: "an object", type(None): "null"}
     ts = types if isinstance(types, tuple) else (types,)
-    return " or ".join(names.get(t, t.__name__) for t in ts)
+    return " or ".join(names.get(type(None) if t is None else t, getattr(t, "__name__", str(t)))
+                       for t in ts)
 
 
 def value(v: Any, name: str, types, file, *, lo=None, hi=None, lo_open: bool = False,

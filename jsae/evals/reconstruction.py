@@ -51,12 +51,18 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
     # Squares of activations near 1e20 overflow float32: every sum is taken of x / s and
     # x_hat / s, s a power of two near the batch's largest magnitude (exact: no rounding
     # changes), and scaled back in float64 on the host (`ReconstructionStats._merge`).
-    s = _pow2_scale(jnp.maximum(_masked_absmax(x, w), _masked_absmax(x_hat, w)))
+    # The spread of x alone (mean, m2, ||x||) has its own scale: a reconstruction far larger
+    # than x (tiny inputs, large biases) must not push x's squares below float32's range.
+    ax = _masked_absmax(x, w)
+    sx = _pow2_scale(ax)
+    s = _pow2_scale(jnp.maximum(ax, _masked_absmax(x_hat, w)))
+    n = jnp.sum(w)
+    xx = x / sx
+    mean = jnp.sum(xx * w[:, None], 0) / jnp.maximum(n, 1.0)
+    centred = (xx - mean) * w[:, None]
+    l2_in = jnp.linalg.norm(xx, axis=-1)
     x, x_hat = x / s, x_hat / s
     err = x - x_hat
-    n = jnp.sum(w)
-    mean = jnp.sum(x * w[:, None], 0) / jnp.maximum(n, 1.0)
-    centred = (x - mean) * w[:, None]
     dot = jnp.sum(x * x_hat, -1)
     nx = jnp.linalg.norm(x, axis=-1)
     nxh = jnp.linalg.norm(x_hat, axis=-1)
@@ -71,13 +77,14 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
 
     return {
         "n": n,
-        "scale": s,  # the sums below marked s or s^2 are in units of s
-        "mean": mean,  # s
-        "m2": jnp.sum(centred * centred),  # s^2; sum ||x - batch mean||^2 (Chan's rule)
+        "scale": s,  # the sums below marked s or s^2 are in units of s (sx: of sx)
+        "scale_x": sx,
+        "mean": mean,  # sx
+        "m2": jnp.sum(centred * centred),  # sx^2; sum ||x - batch mean||^2 (Chan's rule)
         "resid": wsum(jnp.sum(err * err, -1)),  # s^2
         "xhat2": wsum(nxh * nxh),  # s^2
         "dot": wsum(dot),  # s^2
-        "l2_in": wsum(nx),  # s
+        "l2_in": wsum(l2_in),  # sx
         "l2_out": wsum(nxh),  # s
         "l2_ratio": wsum(ratio),
         "l0": jnp.sum(fired),
@@ -87,7 +94,8 @@ def batch_sums(sae: SAE, x: jax.Array, w: jax.Array, topk_fn=None,
     }
 
 
-_SCALED = {"mean": 1, "l2_in": 1, "l2_out": 1, "m2": 2, "resid": 2, "xhat2": 2, "dot": 2}
+_SCALED = {"l2_out": 1, "resid": 2, "xhat2": 2, "dot": 2}  # units of "scale"
+_SCALED_X = {"mean": 1, "l2_in": 1, "m2": 2}  # units of "scale_x"
 
 
 def _masked_absmax(a: jax.Array, w: jax.Array) -> jax.Array:
@@ -154,10 +162,11 @@ class ReconstructionStats:
 
     def _merge(self, sums) -> None:
         sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
-        scale = sums.pop("scale", None)  # batch_sums' sums in units of a power of two
-        if scale is not None:
-            for k, p in _SCALED.items():
-                sums[k] = sums[k] * scale**p
+        for key, which in (("scale", _SCALED), ("scale_x", _SCALED_X)):
+            scale = sums.pop(key, None)  # batch_sums' sums in units of a power of two
+            if scale is not None:
+                for k, p in which.items():
+                    sums[k] = sums[k] * scale**p
         if sums["n"] == 0:
             return
         if self.tot is None:
