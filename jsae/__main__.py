@@ -1,5 +1,3 @@
-import sys
+from jsae.cli import entry
 
-from jsae.cli import main
-
-sys.exit(main())
+entry()

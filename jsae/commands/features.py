@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from jsae.commands._args import nonneg_int, positive_int
+from jsae.errors import BadInput
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -75,7 +76,7 @@ def run(args) -> int:
     from jsae.analysis.search import search_features
 
     if not args.search and not args.feature and not args.image:
-        raise SystemExit("jsae features: give --search TEXT, --feature I or --image FILE")
+        raise BadInput("give --search TEXT, --feature I or --image FILE")
     style = "ansi" if use_color(args.color) else "plain"
     log(f"loading {args.run_dir} ...")
     r = load_run(args.run_dir, args.hook)
@@ -107,7 +108,7 @@ def run(args) -> int:
         _image_features(r, path, corpus, contexts, args.top, kw)
     for f in args.feature:
         if not 0 <= f < r.sae.spec.d_sae:
-            raise SystemExit(f"jsae features: feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
+            raise BadInput(f"feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
         print(describe(r.model, r.sae, f, corpus, contexts, **kw) + "\n")
     if args.images and args.feature:
         _top_images(r, args.images, args.feature)

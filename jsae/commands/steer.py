@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from jsae.commands._args import nonneg_float, nonneg_int, positive_int, probability, steer_value
+from jsae.errors import BadInput
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
 
     out = getattr(run, "output_hook", None)  # a transcoder writes to another hook
     if run.sae.spec.n_layers > 1 and mode != "add":
-        raise SystemExit(f"jsae steer: a crosscoder's codes read all of its hooks, later ones "
+        raise BadInput(f"a crosscoder's codes read all of its hooks, later ones "
                          f"included, so --mode {mode} cannot act during the forward pass; use "
                          "--mode add (adds value x its decoder row at every hook)")
     if mode == "ablate":
@@ -55,18 +56,18 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
                                           keep_error=keep_error, output_hook=out), \
             ", ".join(f"f{f} ablated" for f in features)
     if not values:
-        raise SystemExit(f"jsae steer: --mode {mode} needs --value")
+        raise BadInput(f"--mode {mode} needs --value")
     if len(values) not in (1, len(features)):
-        raise SystemExit("jsae steer: give one --value, or one per --feature")
+        raise BadInput("give one --value, or one per --feature")
     parsed = [parse_value(v) for v in values] * (len(features) if len(values) == 1 else 1)
     resolved = []
     for f, (kind, v) in zip(features, parsed):
         if kind == "max":
             if corpus is None:
-                raise SystemExit("jsae steer: NUMx values need corpus statistics")
+                raise BadInput("NUMx values need corpus statistics")
             peak = float(corpus.max[corpus.row(f)])
             if peak <= 0:
-                raise SystemExit(f"jsae steer: feature {f} never fired on the corpus sample; give an absolute value")
+                raise BadInput(f"feature {f} never fired on the corpus sample; give an absolute value")
             v = v * peak
         resolved.append(v)
     vals = np.asarray(resolved, np.float32)
@@ -90,7 +91,7 @@ def run(args) -> int:
     r = load_run(args.run_dir, args.hook)
     for f in args.feature:
         if not 0 <= f < r.sae.spec.d_sae:
-            raise SystemExit(f"jsae steer: feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
+            raise BadInput(f"feature {f} out of range (the SAE has {r.sae.spec.d_sae})")
     corpus = None
     if args.mode in ("clamp", "scale", "add") and any(parse_value(v)[0] == "max" for v in args.value):
         corpus, _ = corpus_stats(r, args.contexts, log=log)

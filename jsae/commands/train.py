@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jsae.errors import BadInput
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train sparse autoencoders from a YAML config")
@@ -52,7 +54,7 @@ def _init_distributed() -> None:
     kw = {}
     if os.environ.get("JAX_NUM_PROCESSES"):
         if not os.environ.get("JAX_COORDINATOR_ADDRESS") or not os.environ.get("JAX_PROCESS_ID"):
-            raise SystemExit("JAX_NUM_PROCESSES is set: also set JAX_COORDINATOR_ADDRESS "
+            raise BadInput("JAX_NUM_PROCESSES is set: also set JAX_COORDINATOR_ADDRESS "
                              "(host:port of process 0) and JAX_PROCESS_ID (0..N-1)")
         kw = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
               "process_id": int(os.environ["JAX_PROCESS_ID"])}

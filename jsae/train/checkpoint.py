@@ -56,6 +56,10 @@ class CorruptCheckpointError(JsaeError, RuntimeError):
     """A checkpoint whose files are missing, truncated or altered."""
 
 
+class CheckpointWriteError(JsaeError, OSError):
+    """A checkpoint that cannot be written (permissions, a full or read-only disk)."""
+
+
 # ---- fingerprints ---------------------------------------------------------------------
 
 
@@ -92,6 +96,14 @@ def fingerprint(tree) -> list[int]:
     if not leaves:
         return []
     return [int(h) for h in jax.device_get(_tree_hashes(tree))]
+
+
+def _json_sha256(obj) -> str:
+    """A hash of JSON data as Orbax writes and reads it back (key order and floats canonical)."""
+    import hashlib
+
+    text = json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @jax.jit
@@ -163,6 +175,7 @@ class RunCheckpointer:
         self._stop = threading.Event()
         self._prev_handler = None
         self._check_shared_directory()
+        self._check_writable()
         self._mngr = self._new_manager()
         if install_signal_handler:
             self._install_sigterm()
@@ -198,6 +211,22 @@ class RunCheckpointer:
                 "one folder every host sees (a shared mount such as gcsfuse or NFS): set run_dir "
                 "to it, or train with --no-checkpoint"
             )
+
+    def _check_writable(self) -> None:
+        """Fail before training, in one line, when the checkpoint folder cannot be written (a
+        read-only or full disk, another user's folder), not at the first save in a thread."""
+        if jax.process_index() != 0:
+            return
+        probe = self.directory / f".jsae-write-check-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"x" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"checkpoint folder {self.directory} cannot be written ({e.strerror or e}); "
+                "free the disk or fix its permissions, choose another run_dir, or train with "
+                "--no-checkpoint") from None
 
     def _new_manager(self):
         ocp = self._ocp
@@ -285,17 +314,19 @@ class RunCheckpointer:
             )
         self._finish_pending()
         ocp = self._ocp
+        data = {"processes": _gather_json(data_state)}
         meta = {
             "format": FORMAT,
             "step": step,
             "hooks": self.hooks or list(states),
             "specs": {h: _spec_dict(s) for h, s in self.specs.items()},
             "fingerprint": fingerprint(states),
+            "data_sha256": _json_sha256(data),
             "jax_process_count": jax.process_count(),
         }
         args = ocp.args.Composite(
             states=ocp.args.StandardSave(states),
-            data=ocp.args.JsonSave({"processes": _gather_json(data_state)}),
+            data=ocp.args.JsonSave(data),
             config=ocp.args.JsonSave(to_dict(self.cfg)),
             meta=ocp.args.JsonSave(meta),
         )
@@ -370,7 +401,11 @@ class RunCheckpointer:
         states = out["states"]
         if fingerprint(states) != list(meta["fingerprint"]):
             raise CorruptCheckpointError("array contents do not match the saved fingerprint")
+        if "data_sha256" in meta and _json_sha256(out["data"]) != meta["data_sha256"]:
+            raise CorruptCheckpointError("the saved data position does not match its fingerprint")
         procs = out["data"]["processes"]
+        if not isinstance(procs, list) or not all(isinstance(p, dict) for p in procs):
+            raise CorruptCheckpointError("the saved data position is not a list of objects")
         if len(procs) != jax.process_count():
             raise CheckpointMismatchError(
                 f"checkpoint step {step} was written by {len(procs)} processes but this run has "
@@ -439,9 +474,20 @@ class RunCheckpointer:
 
     # ---- shutdown ---------------------------------------------------------------------
     def close(self) -> None:
+        """Finish the save in flight and stop Orbax's threads; a save that failed in the
+        background is raised here as one :class:`CheckpointWriteError` line (after the
+        threads are stopped, so they cannot keep the process alive)."""
         try:
-            self._finish_pending()
-            self._mngr.close()
+            try:
+                self._finish_pending()
+            finally:
+                try:
+                    self._mngr.close()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+        except OSError as e:
+            raise CheckpointWriteError(f"saving a checkpoint in {self.directory} failed: "
+                                       f"{e.strerror or e}") from e
         finally:
             if self._prev_handler is not None:
                 try:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jsae import jsonsafe, parallel
 from jsae.config import ConfigError, RunConfig
+from jsae.errors import JsaeError
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
@@ -31,6 +32,22 @@ from jsae.train.state import TrainState, init_state
 from jsae.train.step import make_train_step
 
 States = dict[str, TrainState]
+
+
+
+class DataPositionError(JsaeError, ValueError):
+    """A checkpoint's saved data position that does not fit the configured data source."""
+
+
+def _check_finite_loss(losses, step: int, bar, checkpointer) -> None:
+    """Stop at the first step whose loss is not finite, not at the next logging step. Called
+    after the following step is queued, so reading the scalar does not stall the device."""
+    if all(np.isfinite(float(x)) for x in losses):
+        return
+    bar.close()
+    hint = getattr(checkpointer, "describe_last_good", None)
+    raise TrainingDiverged(f"non-finite loss at step {step}; lower train.lr or check the input "
+                           "activations" + (f"; {hint()}" if callable(hint) else ""))
 
 
 class Checkpointer(Protocol):
@@ -262,7 +279,14 @@ class Trainer:
             restored = checkpointer.restore(self._template())
             if restored is not None:
                 states, data_state = restored
-                self.source.restore(data_state)
+                try:
+                    self.source.restore(data_state)
+                except (ValueError, KeyError, TypeError, IndexError) as e:
+                    raise DataPositionError(
+                        f"the checkpoint in {run_dir / 'checkpoints'} cannot resume this data "
+                        f"source: {' '.join(str(e).split())}; restore the config's data section, "
+                        "or start over with `jsae train --fresh` (the old run is moved aside)"
+                    ) from e
                 log(f"resuming from step {int(states[self.hooks[0]].step)} "
                     f"(checkpoint in {run_dir})")
         if states is None:
@@ -281,10 +305,14 @@ class Trainer:
         )
         t_last, step_last = time.perf_counter(), start
         metrics = None
+        last_losses = None  # the previous step's losses, checked once the next step is queued
         for step in range(start, self.total_steps):
             batch = self.source.next_batch(self.local_batch)
             states, metrics = self.step(states, batch)
             done = step + 1
+            if last_losses is not None:
+                _check_finite_loss(last_losses, done - 1, bar, checkpointer)
+            last_losses = [metrics[h]["loss"] for h in self.hooks]
             bar.update(1)
             if done % cfg.train.log_every == 0 or done == self.total_steps:
                 m = jax.device_get(metrics)
@@ -317,6 +345,8 @@ class Trainer:
                     bar.close()
                     self.states = states
                     raise TrainingStopped(done)
+        if last_losses is not None:
+            _check_finite_loss(last_losses, self.total_steps, bar, checkpointer)
         bar.close()
         if checkpointer is not None:
             checkpointer.save(self.total_steps, states, self.source.state(), force=True)

@@ -215,10 +215,23 @@ def read_run_config(run_dir: str | Path) -> dict | None:
 
 
 def finished_hooks(run_dir: str | Path) -> list[str]:
+    """The dictionaries saved under ``saes/`` (a hidden folder is a save that was cut off)."""
     saes = Path(run_dir) / "saes"
     if not saes.is_dir():
         return []
-    return sorted(p.name for p in saes.iterdir() if p.is_dir())
+    return sorted(p.name for p in saes.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / "sae.json").is_file())
+
+
+def _finished_whole(run_dir: Path) -> bool:
+    """The run's last act, summary.json, was written: a run killed during its final save (its
+    dictionaries, its held-out numbers) is not finished, it resumes from its last checkpoint."""
+    try:
+        import json
+
+        return isinstance(json.loads((run_dir / "summary.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -269,8 +282,12 @@ def admit(cfg: RunConfig, *, fresh: bool = False, write: bool = True,
     total = cfg.resolved_steps()
     extends = (diffs and all(k in _EXTENSION for k, _, _ in diffs) and step is not None
                and step < total)
-    if not diffs and (step is None or step >= total):
+    if not diffs and (step is None or step >= total) and _finished_whole(run_dir):
         out.finished = True
+        return out
+    if not diffs and step is not None and step >= total:
+        out.notes.append(f"{run_dir} was stopped during its final save; finishing it from the "
+                         f"checkpoint of step {step}")
         return out
     if extends:
         out.notes.append(f"continuing the finished run from step {step} to {total}; the "
