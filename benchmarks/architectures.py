@@ -2,6 +2,7 @@
 
     python benchmarks/architectures.py                      # 300k tokens, Gemma 3 270M, layer 6
     python benchmarks/architectures.py --tokens 100000 --archs topk,skip_transcoder
+    python benchmarks/architectures.py --smoke              # toy model and text, every path, ~1 min
 
 One `jsae harvest` of Gemma 3 270M's layer 6 (hook_resid_post for the SAEs, hook_resid_mid ->
 hook_mlp_out for the transcoders) over the offline text, then `jsae train` of each architecture
@@ -15,6 +16,13 @@ A transcoder's FVU is of the MLP's output and
 its CE is with the MLP replaced (zero ablation: the MLP's output zeroed), so compare
 transcoders with transcoders and SAEs with SAEs. Prints the hardware and a Markdown table; each
 run's eval.json is kept under --out.
+
+``--smoke`` runs the same commands on a toy random Gemma 3 and a toy corpus (benchmarks/toy.py,
+`--set model.name=... data.dataset=files`) for 4,096 tokens, with `jsae` called in this process
+(`jsae.cli.main`, the function the `jsae` command runs) instead of a new Python per command: a
+test that every architecture's config still trains and evaluates (tests/test_benchmarks.py), not
+a measurement. Its table ends with `smoke: N architectures` and the ratio line
+`train time ratio ARCH / topk: ...x`.
 """
 
 from __future__ import annotations
@@ -50,10 +58,20 @@ def hardware() -> str:
     return hw()
 
 
+IN_PROCESS = False  # --smoke: call jsae.cli.main here instead of starting `python -m jsae`
+
+
 def jsae(*args: str) -> float:
     """Run ``python -m jsae ARGS`` (the CLI a user runs); its wall time in seconds."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jsae", *args], check=True)
+    if IN_PROCESS:
+        from jsae.cli import main as cli
+
+        rc = cli(list(args))
+        if rc:
+            raise SystemExit(f"jsae {' '.join(args)}: exit code {rc}")
+    else:
+        subprocess.run([sys.executable, "-m", "jsae", *args], check=True)
     return time.perf_counter() - t
 
 
@@ -68,7 +86,29 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help="reuse this harvest (default OUT/cache, harvested first)")
     ap.add_argument("--set", action="append", default=[], metavar="ARCH:KEY=VALUE",
                     help="an extra override for one architecture, e.g. relu:sae.l1_coef=20")
+    ap.add_argument("--smoke", action="store_true",
+                    help="toy model and corpus, 4,096 tokens, jsae in this process: checks every "
+                         "architecture's path runs (not a measurement)")
+    if ap.parse_known_args(argv)[0].smoke:  # smaller defaults; flags given still win
+        ap.set_defaults(tokens=4096, eval_tokens=1024, downstream_tokens=256, out=None)
     args = ap.parse_args(argv)
+    toy_sets: list[str] = []
+    eval_sets: list[str] = []
+    if args.smoke:
+        global IN_PROCESS
+        IN_PROCESS = True
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import tempfile
+
+        import toy
+
+        if args.out is None:
+            args.out = tempfile.mkdtemp(prefix="jsae-arch-smoke-")
+        folder = toy.write_model(Path(args.out) / "toy-model")
+        corpus = toy.write_corpus(Path(args.out) / "toy-corpus.jsonl")
+        toy_sets = toy.smoke_sets(folder, corpus)
+        # a `files` text source and the cache both read data.path: eval's text is the corpus
+        eval_sets = ["--set", f"data.path={corpus}"]
     archs = [a for a in args.archs.split(",") if a]
     unknown = [a for a in archs if a not in RUNS]
     if unknown:
@@ -82,9 +122,10 @@ def main(argv=None) -> int:
     print(hardware(), flush=True)
 
     hooks = f"[{SAE_HOOK},{TC_IN},{TC_OUT}]"
+    toy = [x for s in toy_sets for x in ("--set", s)]
     t_harvest = 0.0 if args.cache else jsae(
         "harvest", "configs/quickstart.yaml", "--out", str(cache), "--tokens", str(args.tokens),
-        "--eval-tokens", str(args.eval_tokens), "--set", f"model.hooks={hooks}")
+        "--eval-tokens", str(args.eval_tokens), "--set", f"model.hooks={hooks}", *toy)
     rows = []
     for arch in archs:
         base, over = RUNS[arch]
@@ -92,10 +133,10 @@ def main(argv=None) -> int:
         shared = [f"run_dir={run}", "data.source=cache", f"data.path={cache}",
                   f"train.tokens={args.tokens}", f"eval.tokens={args.eval_tokens}",
                   "eval.show_features=0", "checkpoint.enabled=false"]
-        sets = [x for s in shared + over + extra.get(arch, []) for x in ("--set", s)]
+        sets = [x for s in toy_sets + shared + over + extra.get(arch, []) for x in ("--set", s)]
         t_train = jsae("train", base, *sets, "--fresh")
         t_eval = jsae("eval", str(run), "--tokens", str(args.eval_tokens),
-                      "--downstream-tokens", str(args.downstream_tokens))
+                      "--downstream-tokens", str(args.downstream_tokens), *eval_sets)
         doc = json.loads((run / "eval" / "eval.json").read_text())
         (hook, m), = doc["metrics"].items()
         rows.append({"arch": arch, "hook": hook, "replaces": (doc["info"].get("output_hooks")
@@ -114,6 +155,12 @@ def main(argv=None) -> int:
         print(f"| {r['arch']} | {where} | {r['l0']:.1f} | {r['fvu']:.4f} | "
               f"{r['ce_recovered_zero']:.4f} | {r['ce_delta']:.4f} | {r['kl_spliced']:.4f} | "
               f"{r['dead_frac']:.1%} | {r['train_s']:.0f} |")
+    if rows:
+        base = next((r for r in rows if r["arch"] == "topk"), rows[0])
+        print(f"train time ratio ARCH / {base['arch']}: " + ", ".join(
+            f"{r['arch']} {r['train_s'] / base['train_s']:.2f}x" for r in rows))
+    if args.smoke:
+        print(f"smoke: {len(rows)} architectures trained and evaluated on the toy model")
     return 0
 
 

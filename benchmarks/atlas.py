@@ -5,11 +5,21 @@ and memory of decoder neighbours and the UMAP map at several dictionary sizes.
     python benchmarks/atlas.py --sizes 10000,100000 --no-pass       # neighbours / UMAP only
     python benchmarks/atlas.py --run RUN --cache HARVEST --no-maps   # + the pass from a cache
     python benchmarks/atlas.py --run RUN --pieces --no-pass --no-maps  # one batch's pieces
+    python benchmarks/atlas.py --smoke          # every path on a toy model, run and cache, seconds
 
 The pass and the harvest run interleaved in one process on the same contexts (after a warm-up
 batch each, so compilation is excluded); tokens/s count the masked-in tokens. Neighbours use
 random unit decoders of width ``--d-in``; the 1M-feature figure is planned from the measured
-``F^2 * d`` rate (the blocked kernel's time is quadratic in F, its memory is not).
+``F^2 * d`` rate (the blocked kernel's time is quadratic in F, its memory is not). Prints each
+result as a JSON line and the ratio lines ``ratio atlas pass / plain harvest tok/s: X`` (and
+``... / reading the cache alone``).
+
+``--smoke`` first makes a toy random Gemma 3 and corpus (benchmarks/toy.py), trains a TopK
+dictionary on it for 4,096 tokens and harvests a cache (`jsae train` / `jsae harvest`, called in
+this process), then runs the pass, the cache pass, the pieces and the maps (256 and 512 features)
+on them: a test that every path still works (tests/test_benchmarks.py), not a measurement. Its
+map is PCA (``--map-method pca``, as the test suite's atlas tests map), because UMAP's numba
+compilation alone takes 30-60 s; ``--smoke --map-method umap`` runs UMAP too.
 """
 
 from __future__ import annotations
@@ -17,7 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -136,7 +149,7 @@ def bench_pieces(run: str, context_length: int, batch_size: int, repeats: int) -
             "active_set_s": best(lambda: S._active(z, cv.shape[1])), "update_s": best(update)}
 
 
-def bench_maps(sizes, d_in: int, n: int, umap_max: int) -> list[dict]:
+def bench_maps(sizes, d_in: int, n: int, umap_max: int, method: str = "umap") -> list[dict]:
     from jsae.analysis.atlas.maps import clusters, layout
     from jsae.analysis.atlas.neighbours import decoder_neighbours
 
@@ -154,8 +167,8 @@ def bench_maps(sizes, d_in: int, n: int, umap_max: int) -> list[dict]:
                "rss_growth_mb": _rss_mb() - rss0}
         if F <= umap_max:
             t = time.perf_counter()
-            xy = layout(W)
-            row["umap_s"] = time.perf_counter() - t
+            xy = layout(W, method=method)
+            row["umap_s" if method == "umap" else f"{method}_map_s"] = time.perf_counter() - t
             t = time.perf_counter()
             clusters(xy)
             row["hdbscan_s"] = time.perf_counter() - t
@@ -173,7 +186,30 @@ def bench_maps(sizes, d_in: int, n: int, umap_max: int) -> list[dict]:
     return out
 
 
-def main() -> None:
+def make_smoke_run(out: Path) -> tuple[str, str]:
+    """(run, cache): a TopK dictionary trained on the toy model for 4,096 tokens, and a harvest of
+    its hook (4,096 held-out tokens: the cache pass reads the held-out split), made by the `jsae`
+    commands (in this process)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import toy
+
+    from jsae.cli import main as cli
+
+    sets = toy.smoke_sets(toy.write_model(out / "toy-model"),
+                          toy.write_corpus(out / "toy-corpus.jsonl"))
+    run, cache = out / "run", out / "cache"
+    over = [x for kv in [*sets, f"run_dir={run}", "train.tokens=4096", "eval.tokens=512",
+                         "eval.show_features=0", "checkpoint.enabled=false"] for x in ("--set", kv)]
+    for args in (["train", "configs/quickstart.yaml", *over, "--fresh"],
+                 ["harvest", "configs/quickstart.yaml", "--out", str(cache), "--tokens", "1024",
+                  "--eval-tokens", "4096", *[x for kv in sets for x in ("--set", kv)]]):
+        rc = cli(args)
+        if rc:
+            raise SystemExit(f"jsae {' '.join(args)}: exit code {rc}")
+    return str(run), str(cache)
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/quickstart")
     ap.add_argument("--tokens", type=int, default=20000)
@@ -184,26 +220,43 @@ def main() -> None:
     ap.add_argument("--d-in", type=int, default=640)
     ap.add_argument("--neighbours", type=int, default=10)
     ap.add_argument("--umap-max", type=int, default=100000, help="skip UMAP above this size")
+    ap.add_argument("--map-method", choices=["umap", "pca"], default="umap",
+                    help="the 2-D map (pca: no numba compilation, as the test suite maps)")
     ap.add_argument("--no-pass", action="store_true", help="skip the LM pass benchmark")
     ap.add_argument("--cache", help="also time the pass from this `jsae harvest` folder (no LM)")
     ap.add_argument("--no-maps", action="store_true", help="skip neighbours / UMAP")
     ap.add_argument("--pieces", action="store_true",
                     help="also time each piece of one batch (LM, encoder matmul, encode, active set, update)")
     ap.add_argument("--json", help="write the results here")
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="a toy model, run and cache made first; every path at a tiny size "
+                         "(checks that it runs; not a measurement)")
+    if ap.parse_known_args(argv)[0].smoke:  # smaller defaults; flags given still win
+        ap.set_defaults(run=None, tokens=2048, context_length=32, batch_size=8, sizes="256,512",
+                        d_in=16, pieces=True, map_method="pca")
+    a = ap.parse_args(argv)
+    if a.smoke and a.run is None:
+        a.run, made_cache = make_smoke_run(Path(tempfile.mkdtemp(prefix="jsae-atlas-smoke-")))
+        a.cache = a.cache or made_cache
     res = {}
     if not a.no_pass:
         res["pass"] = bench_pass(a.run, a.tokens, a.context_length, a.batch_size, a.repeats)
         print(json.dumps(res["pass"]), flush=True)
+        r = res["pass"]
+        print(f"ratio atlas pass / plain harvest tok/s: {r['atlas_tok_s'] / r['harvest_tok_s']:.2f}x "
+              f"(the pass adds {r['atlas_overhead']:.0%})", flush=True)
     if a.cache:
         res["cache"] = bench_cache(a.run, a.cache, a.tokens, a.batch_size, a.repeats)
         print(json.dumps(res["cache"]), flush=True)
+        r = res["cache"]
+        print(f"ratio atlas pass from the cache / reading the cache alone tok/s: "
+              f"{r['atlas_tok_s'] / r['read_tok_s']:.2f}x", flush=True)
     if a.pieces:
         res["pieces"] = bench_pieces(a.run, a.context_length, a.batch_size, a.repeats)
         print(json.dumps(res["pieces"]), flush=True)
     if not a.no_maps:
         res["maps"] = bench_maps([int(s) for s in a.sizes.split(",") if s], a.d_in, a.neighbours,
-                                 a.umap_max)
+                                 a.umap_max, a.map_method)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -4,6 +4,7 @@
     python benchmarks/sae_step.py --arch topk batchtopk relu jumprelu gated --rounds 3
     python benchmarks/sae_step.py --pieces --topk-chunk 1024     # tuning on a new device
     python benchmarks/sae_step.py --cpu-devices 8 --mesh data=2,model=4   # sharded steps
+    python benchmarks/sae_step.py --smoke       # every architecture, peer and piece, tiny shape
 
 For each architecture it times the jitted, donated jsae train step (Adam, grad clipping,
 decoder-norm handling and dead-latent bookkeeping included: the step `jsae train` runs) and,
@@ -19,6 +20,11 @@ all of them alike), the PyTorch peers on the same device:
 It prints the hardware, ms/step and tokens/s of each, the ratio jsae/peer, and the dense-FLOP
 floor (12 B d_in d_sae FLOPs at the matmul rate measured on this device), and ends with
 ``ratio jsae/peer tokens_per_s: X`` for the first architecture against its best peer.
+
+``--smoke`` runs every architecture, both peers and ``--pieces`` at batch 64, d_in 16, d_sae 128,
+k 4, one round of one step: a test that the benchmark still works (tests/test_benchmarks.py runs
+it under the Python that has sae-lens), not a measurement. The mesh path is tested by
+tests/test_fast_bench.py.
 """
 
 from __future__ import annotations
@@ -288,7 +294,7 @@ def _time(f, *args, reps: int = 3) -> float:
 
 
 def time_pieces(B: int, d: int, F: int, k: int, dtype: str, reps: int = 3,
-                chunks=(256, 1024, 4096)) -> dict:
+                chunks=(256, 1024, 4096), groups=(1, 2, 4, 8, 16)) -> dict:
     """ms of the fast TopK step's pieces at one shape, to see where the time goes and to
     choose `sae.topk_chunk` and the slab groups of `jsae.sae.fast` on a new device."""
     from jsae.sae import fast
@@ -318,7 +324,7 @@ def time_pieces(B: int, d: int, F: int, k: int, dtype: str, reps: int = 3,
                 fast.SCATTER_SLABS_PER_STEP.get(backend, 8))
     out["library slab groups (gather, scatter)"] = defaults
     try:  # slabs per loop iteration (jsae.sae.fast.*_SLABS_PER_STEP): try several
-        for group in (1, 2, 4, 8, 16):
+        for group in groups:
             fast.GATHER_SLABS_PER_STEP[backend] = fast.SCATTER_SLABS_PER_STEP[backend] = group
             out[f"sparse decode (group {group})"] = _time(jax.jit(fast.sparse_decode), codes,
                                                           w_dec, reps=reps)
@@ -372,6 +378,12 @@ def main(argv=None) -> int:
                     help="sae.topk_chunk of the jsae fast steps (0: one-stage lax.top_k)")
     ap.add_argument("--pieces", action="store_true",
                     help="also time the fast step's pieces (matmul, top-k variants, sparse ops)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every architecture, peer and piece at a tiny shape, one round of one step: "
+                         "checks every path runs (not a measurement)")
+    if ap.parse_known_args(argv)[0].smoke:  # smaller defaults; flags given still win
+        ap.set_defaults(arch=["topk", "batchtopk", "relu", "jumprelu", "gated"], batch=64, d_in=16,
+                        d_sae=128, k=4, rounds=1, steps=1, pieces=True, topk_chunk=32)
     args = ap.parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -391,7 +403,7 @@ def main(argv=None) -> int:
         print(f"mesh: data={mesh.shape['data']} model={mesh.shape['model']} "
               f"({mesh.devices.size} x {mesh.devices.flat[0].device_kind}; peers use one device)")
     load0 = os.getloadavg()
-    rate = matmul_rate(args.dtype)
+    rate = matmul_rate(args.dtype, n=256 if args.smoke else 2048)
     dense_flops = 12 * B * d * F  # encoder + decoder, forward and both backward matmuls
     enc_flops = 2 * B * d * F
     print(f"matmul rate measured: {rate / 1e9:.1f} GFLOP/s ({args.dtype}); "
@@ -402,7 +414,8 @@ def main(argv=None) -> int:
     if args.pieces:
         print("\n== pieces of the fast TopK step (one device, best of 3, ms) ==")
         chunks = (256, 1024, 4096, *([args.topk_chunk] if args.topk_chunk else []))
-        for name, ms in time_pieces(B, d, F, k, args.dtype, chunks=chunks).items():
+        groups = (1, 16) if args.smoke else (1, 2, 4, 8, 16)  # smoke: the loop's two ends
+        for name, ms in time_pieces(B, d, F, k, args.dtype, chunks=chunks, groups=groups).items():
             print(f"{name:40s} {ms:9.2f} ms" if isinstance(ms, float) else f"{name:40s} {ms}")
 
     headline = None

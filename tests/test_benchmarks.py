@@ -1,0 +1,106 @@
+"""Every script in benchmarks/ runs in CI (issue 32): each in its ``--smoke`` mode (toy sizes, a toy
+random Gemma 3 where it needs a model, every peer that is installed), as a subprocess, as a user
+would run it, and prints its ratio lines. Timings are not checked: they mean nothing at toy size.
+
+The SAELens peer runs under $JSAE_SAELENS_PYTHON (CI's side venv, which sees this environment's
+jax, torch and jsae) when it is set; otherwise its part is reported unavailable by the benchmark
+and skipped here. PyTorch and transformers are always installed by tools/test.sh and must run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+HELPERS = {"toy.py"}  # imported by the scripts, not a benchmark
+SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py"}  # the tests below
+RATIO = r"\d+\.\d\dx"
+
+
+def run_smoke(script: str, *args: str, python: str = sys.executable) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (not conftest's 8 simulated)
+    r = subprocess.run([python, str(BENCH / script), "--smoke", *args], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, f"{script} --smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout
+
+
+def test_every_benchmark_has_a_smoke_test():
+    scripts = {p.name for p in BENCH.glob("*.py")} - HELPERS
+    assert scripts == SMOKED, f"benchmarks without a smoke test here: {sorted(scripts - SMOKED)}"
+    for name in scripts:
+        assert "--smoke" in (BENCH / name).read_text(), name
+
+
+def test_harvest_smoke():
+    """jax, the NNX view and transformers on the toy Gemma 3: they agree, and both ratio lines
+    print (the NNX lambdas once read a name the torch branch had rebound: issue 32)."""
+    pytest.importorskip("transformers")
+    out = run_smoke("harvest.py")
+    assert re.search(r"^harvest activations torch vs jax: max \|difference\| ", out, re.M), out
+    for impl in ("jax", "nnx", "torch"):
+        for mode in ("harvest", "body", "full"):
+            assert re.search(rf"^  {impl}\s+{mode}\s+\d+ tok/s", out, re.M), (impl, mode, out)
+    assert re.search(rf"^ratios nnx / jax:  harvest {RATIO}, body {RATIO}, full {RATIO}$", out, re.M), out
+    assert re.search(rf"^ratios jax / torch:  harvest {RATIO}, body {RATIO}, full {RATIO}$", out, re.M), out
+
+
+def _saelens_python() -> str | None:
+    exe = os.environ.get("JSAE_SAELENS_PYTHON")
+    if not exe and importlib.util.find_spec("sae_lens"):
+        exe = sys.executable
+    return exe
+
+
+def test_sae_step_smoke():
+    """Every architecture's jsae step(s) against SAELens (where installed) and the plain PyTorch
+    step, and the pieces."""
+    exe = _saelens_python()
+    out = run_smoke("sae_step.py", python=exe or sys.executable)
+    archs = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+    for arch in archs:
+        assert f"\n== {arch} ==\n" in out, arch
+    assert len(re.findall(r"^jsae-fast\s+[\d.]+ ms/step", out, re.M)) == 2, out
+    assert len(re.findall(r"^jsae-reference\s+[\d.]+ ms/step", out, re.M)) == 2, out
+    assert len(re.findall(r"^jsae\s+[\d.]+ ms/step", out, re.M)) == 3, out
+    assert re.search(r"^torch-topk-embbag\s+[\d.]+ ms/step", out, re.M), out
+    assert re.search(r"^lax.top_k\s+[\d.]+ ms$", out, re.M), out
+    assert re.search(r"^topk: ratio jsae/\S+ tokens_per_s: \d+\.\d\d$", out, re.M), out
+    assert re.search(r"^ratio jsae/peer tokens_per_s: \d+\.\d\d$", out.strip().splitlines()[-1]), out
+    if exe is None:
+        assert "(saelens unavailable: ModuleNotFoundError" in out, out
+        pytest.skip("sae_lens is not installed (JSAE_SAELENS_PYTHON): the SAELens peer was not run")
+    assert len(re.findall(r"^saelens\s+[\d.]+ ms/step", out, re.M)) == len(archs), out
+    for arch in archs[1:]:  # SAELens is their only peer
+        assert re.search(rf"^{arch}: ratio jsae/saelens tokens_per_s: \d+\.\d\d$", out, re.M), out
+
+
+def test_architectures_smoke():
+    """One harvest, then `jsae train` + `jsae eval` of every architecture's config on the toy model."""
+    out = run_smoke("architectures.py")
+    rows = re.findall(r"^\| (\w+) \| blocks\.6\.[^|]+\| [\d.]+ \| [\d.]+ \|", out, re.M)
+    assert rows == ["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "gated", "transcoder",
+                    "skip_transcoder"], out
+    assert re.search(rf"^train time ratio ARCH / topk: topk {RATIO}, batchtopk {RATIO}", out, re.M), out
+    assert "smoke: 8 architectures trained and evaluated" in out, out
+
+
+def test_atlas_smoke():
+    """A toy run and cache, then the pass, the pass from the cache, the pieces, neighbours and maps."""
+    pytest.importorskip("sklearn")  # the atlas extra (HDBSCAN); the smoke map is PCA, not UMAP
+    out = run_smoke("atlas.py")
+    assert re.search(rf"^ratio atlas pass / plain harvest tok/s: {RATIO}", out, re.M), out
+    assert re.search(rf"^ratio atlas pass from the cache / reading the cache alone tok/s: {RATIO}$",
+                     out, re.M), out
+    assert '"lm_s"' in out and '"update_s"' in out, out
+    assert re.search(r'^\{"features": 512, .*"pca_map_s".*"hdbscan_s"', out, re.M), out
+    assert re.search(r'^\{"features": 1000000, "planned": true', out, re.M), out
