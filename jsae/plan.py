@@ -107,7 +107,13 @@ def resolve_d_in(cfg: RunConfig) -> int:
         import glob
 
         files = sorted(glob.glob(d.path)) or [d.path]
-        return int(np.load(files[0], mmap_mode="r").shape[-1])
+        try:
+            return int(np.load(files[0], mmap_mode="r", allow_pickle=False).shape[-1])
+        except (ValueError, OSError, IndexError) as e:
+            from jsae.errors import FileFormatError
+
+            raise FileFormatError(f"{files[0]}: not a .npy array of shape [N, d_in] "
+                                  f"({' '.join(str(e).split()) or type(e).__name__})") from None
     if d.source == "cache" and d.path and not str(d.path).startswith("gs://"):
         from jsae.data.cache import read_manifest
 

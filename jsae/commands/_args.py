@@ -65,5 +65,10 @@ def probability(text: str) -> float:
 def steer_value(text: str) -> str:
     """A clamp value ``12.5`` or ``NUMx`` (times the feature's peak); kept as text, checked."""
     s = str(text).strip().lower()
-    finite_float(s[:-1] if s.endswith("x") else s)
+    v = finite_float(s[:-1] if s.endswith("x") else s)
+    if abs(v) > FLOAT32_MAX:  # finite here, infinite in the model's float32 activations
+        raise argparse.ArgumentTypeError(f"{text!r} does not fit float32 (|value| <= 3.4e38)")
     return text
+
+
+FLOAT32_MAX = 3.4028234663852886e38

@@ -88,9 +88,11 @@ def _check_args(args, feats: list[int]) -> None:
 def _texts(args) -> list[str]:
     import sys
 
+    from jsae.data.text import read_text_file
+
     texts = list(args.text)
     for f in args.file:
-        texts.append(sys.stdin.read() if f == "-" else open(f, encoding="utf-8").read())
+        texts.append(sys.stdin.read() if f == "-" else read_text_file(f))
     return texts
 
 

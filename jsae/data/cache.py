@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from jsae.data.shuffle import ShuffleMixer
-from jsae.errors import BadInput, FileFormatError
+from jsae.errors import BadInput, FileFormatError, OutputRefused
 from jsae.fileio import write_bytes
 
 FORMAT = "jsae-activation-cache"
@@ -360,7 +360,7 @@ class CacheWriter:
             man = _read_one(self.path / self.name)
             diff = [k for k in meta if k in man and man[k] != meta[k]]
             if diff:
-                raise ValueError(
+                raise OutputRefused(
                     f"{self.path} holds a cache made with different settings ("
                     + ", ".join(f"{k}: {man[k]!r} vs {meta[k]!r}" for k in diff)
                     + "); choose another --out or delete it"

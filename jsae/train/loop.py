@@ -356,7 +356,8 @@ class Trainer:
         bad = jsonsafe.non_finite_keys(final)
         if bad:  # written as null, never as NaN; said out loud
             log(f"warning: held-out {', '.join(bad)} not finite: the held-out activations "
-                "contain NaN/inf values or no held-out token was evaluated; written as null")
+                "or the SAE's reconstruction are not finite, or no held-out token was evaluated; "
+                "written as null")
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
         for h in self.hooks:  # every process takes part in the fetches; process 0 writes
             meta = {"hook_name": h, "model_name": cfg.model.name, "steps": self.total_steps,

@@ -275,6 +275,9 @@ def admit(cfg: RunConfig, *, fresh: bool = False, write: bool = True,
         return out
     hooks = finished_hooks(run_dir)
     if not hooks:
+        if not _finished_whole(run_dir) and (latest_checkpoint(run_dir) or 0) >= cfg.resolved_steps():
+            out.notes.append(f"{run_dir} was stopped during its final save; finishing it from "
+                             "its last checkpoint")
         return out
     old = read_run_config(run_dir)
     diffs = config_diff(old, to_dict(cfg)) if old else [("config.yaml", None, "missing")]
