@@ -20,8 +20,15 @@ def _command_modules():
             yield importlib.import_module(f"jsae.commands.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument said in one line (not the usage block, then the line)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jsae",
         description="Sparse autoencoders for language-model interpretability, in JAX.",
     )

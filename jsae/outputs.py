@@ -192,6 +192,28 @@ def claim_folder(path, command: str, *, overwrite: bool = False,
                         "else in it is removed)")
 
 
+def claim_run_dir(path) -> Path:
+    """Check that `jsae train` may use ``path`` as its run directory: new, empty, or a run
+    (its own, to resume or extend); never a cache, a folder of other files, a folder holding
+    runs, or a part of another run."""
+    if _remote(path):
+        return path
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputRefused(f"run_dir {path} exists and is not a directory; choose another "
+                            "--run-dir")
+    if path.is_dir() and is_run_dir(path):
+        _check_not_run_or_cache(path.parent, "jsae train", below=False)
+        return path
+    _check_not_run_or_cache(path, "jsae train", below=True)
+    if path.is_dir():
+        entries = [p for p in path.iterdir() if not p.name.startswith(".jsae-train.lock")]
+        if entries and not (path / "config.yaml").is_file():
+            raise OutputRefused(f"run_dir {path} is not empty ({_describe(path)}) and is not a "
+                                "jsae run; choose a new or empty --run-dir")
+    return path
+
+
 def claim_file(path, command: str, *, overwrite: bool = False,
                recognise: Callable[[Path], bool] | None = None) -> Path:
     """Check that ``command`` may write the file ``path``: it does not exist, or ``command``
@@ -251,5 +273,5 @@ def record_file(path, command: str) -> None:
         record(Path(path).parent, command, [Path(path).name])
 
 
-__all__ = ["MARKER", "claim_file", "claim_folder", "is_cache_dir", "is_run_dir", "json_with",
+__all__ = ["MARKER", "claim_file", "claim_folder", "claim_run_dir", "is_cache_dir", "is_run_dir", "json_with",
            "marked_files", "read_marker", "record", "record_file", "write_marker", "written_by"]

@@ -37,7 +37,10 @@ def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict
     directory changes until the run is accepted. Returns the summary; ``{"stopped_at": step}``
     after a SIGTERM, ``{"finished": True, ...}`` when the same run had already finished.
     """
+    from jsae import outputs
+
     run_dir = Path(cfg.run_dir)
+    outputs.claim_run_dir(run_dir)
     preflight(cfg)
     is_main = jax.process_index() == 0
     lock = rundir.acquire_lock(run_dir, log=print_fn) if is_main else None

@@ -165,6 +165,9 @@ def test_site_map_card_search_neighbours(via, site, atlas_data, browser, tmp_pat
     w = Watch(browser)
     page = w.page
     w.goto(f"{base}/index.html")
+    # The neighbourhood maps list gives each radius as a short number (0.30, not 0.3000000119).
+    radii = re.findall(r"within cosine distance (\S+)", page.inner_text("#panel"))
+    assert radii and all(re.fullmatch(r"\d\.\d\d", r) for r in radii), radii
 
     # Every point with a position is drawn (dead features have none).
     on_map = int(np.isfinite(data.map_xy).all(1).sum())

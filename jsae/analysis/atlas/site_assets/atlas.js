@@ -623,7 +623,7 @@
         el("td", { class: String(v).length > 90 ? "long" : null, title: String(v).length > 90 ? String(v) : null, text: String(v) }))))];
     if (ix.local_maps.length) {
       kids.push(section("Neighbourhood maps", el("ul", { class: "locals" }, ix.local_maps.map(([c, r, n]) =>
-        el("li", {}, el("a", { href: `around-${c}.html#f=${c}`, "data-fid": String(c) }, `around #${c} `, el("span", { class: "muted", text: `${labelOf(c)} · ${n} features within cosine distance ${r}` })))))));
+        el("li", {}, el("a", { href: `around-${c}.html#f=${c}`, "data-fid": String(c) }, `around #${c} `, el("span", { class: "muted", text: `${labelOf(c)} · ${n} features within cosine distance ${Number(r).toFixed(2)}` })))))));
     }
     const clusters = (PAGE.kind === "local" ? store.local[PAGE.center].clusters : ix.clusters).slice(0, 40);
     if (clusters.length && atlas.map) {
@@ -801,7 +801,7 @@
       const lm = store.local[PAGE.center];
       pts = { ...lm, label: labelOf };
       sub.replaceChildren(el("a", { href: "index.html", text: "← all features" }), " ",
-        el("span", { text: `around #${lm.center} ${labelOf(lm.center)} · ${lm.ids.length} features within cosine distance ${lm.radius}` }));
+        el("span", { text: `around #${lm.center} ${labelOf(lm.center)} · ${lm.ids.length} features within cosine distance ${Number(lm.radius).toFixed(2)}` }));
     } else {
       pts = { ids: ix.ids, x: ix.x, y: ix.y, cluster: ix.cluster, clusters: ix.clusters, label: labelOf };
       sub.textContent = [m.model, m.hook, `${ix.n.toLocaleString("en-US")} features`].filter(Boolean).join(" · ");
