@@ -102,8 +102,12 @@ def main(argv=None) -> int:
 
         import toy
 
-        if args.out is None:
+        if args.out is None:  # a temporary folder, removed at exit
+            import atexit
+            import shutil
+
             args.out = tempfile.mkdtemp(prefix="jsae-arch-smoke-")
+            atexit.register(shutil.rmtree, args.out, ignore_errors=True)
         folder = toy.write_model(Path(args.out) / "toy-model")
         corpus = toy.write_corpus(Path(args.out) / "toy-corpus.jsonl")
         toy_sets = toy.smoke_sets(folder, corpus)

@@ -25,8 +25,10 @@ compilation alone takes 30-60 s; ``--smoke --map-method umap`` runs UMAP too.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -235,8 +237,10 @@ def main(argv=None) -> None:
         ap.set_defaults(run=None, tokens=2048, context_length=32, batch_size=8, sizes="256,512",
                         d_in=16, pieces=True, map_method="pca")
     a = ap.parse_args(argv)
-    if a.smoke and a.run is None:
-        a.run, made_cache = make_smoke_run(Path(tempfile.mkdtemp(prefix="jsae-atlas-smoke-")))
+    if a.smoke and a.run is None:  # in a temporary folder, removed at exit
+        tmp = tempfile.mkdtemp(prefix="jsae-atlas-smoke-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        a.run, made_cache = make_smoke_run(Path(tmp))
         a.cache = a.cache or made_cache
     res = {}
     if not a.no_pass:
