@@ -93,7 +93,6 @@ def main(argv=None) -> int:
         ap.set_defaults(tokens=4096, eval_tokens=1024, downstream_tokens=256, out=None)
     args = ap.parse_args(argv)
     toy_sets: list[str] = []
-    eval_sets: list[str] = []
     if args.smoke:
         global IN_PROCESS
         IN_PROCESS = True
@@ -111,8 +110,6 @@ def main(argv=None) -> int:
         folder = toy.write_model(Path(args.out) / "toy-model")
         corpus = toy.write_corpus(Path(args.out) / "toy-corpus.jsonl")
         toy_sets = toy.smoke_sets(folder, corpus)
-        # a `files` text source and the cache both read data.path: eval's text is the corpus
-        eval_sets = ["--set", f"data.path={corpus}"]
     archs = [a for a in args.archs.split(",") if a]
     unknown = [a for a in archs if a not in RUNS]
     if unknown:
@@ -140,7 +137,7 @@ def main(argv=None) -> int:
         sets = [x for s in toy_sets + shared + over + extra.get(arch, []) for x in ("--set", s)]
         t_train = jsae("train", base, *sets, "--fresh")
         t_eval = jsae("eval", str(run), "--tokens", str(args.eval_tokens),
-                      "--downstream-tokens", str(args.downstream_tokens), *eval_sets)
+                      "--downstream-tokens", str(args.downstream_tokens))
         doc = json.loads((run / "eval" / "eval.json").read_text())
         (hook, m), = doc["metrics"].items()
         rows.append({"arch": arch, "hook": hook, "replaces": (doc["info"].get("output_hooks")

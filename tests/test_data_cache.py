@@ -231,3 +231,21 @@ def test_cache_written_by_several_processes(tmp_path):
     # each process harvested its own documents: the two halves differ from a 1-process cache
     src = CacheActivationSource(cache_cfg(out), 1, 2)
     assert src.next_batch(100)[HOOKS[1]].shape == (100, 16)
+
+
+def test_a_cache_trained_run_is_evaluated_on_the_cache_s_text(tmp_path):
+    """`jsae eval` of a run trained from a cache reads text from the source the manifest
+    records, not from data.path (which names the cache)."""
+    import dataclasses
+
+    from jsae.evals.evaluate import text_source
+
+    cfg = make_cfg(dataset="files", path=str(tmp_path / "texts" / "*.jsonl"), text_field="body")
+    harvest_to_cache(cfg, tmp_path / "c", n_tokens=200, model=make_stub(), eval_tokens=50,
+                     progress=False, documents=ListDocuments(corpus(40)), forward=stub_forward)
+    data = dataclasses.replace(cfg.data, source="cache", path=str(tmp_path / "c"),
+                               dataset="other", text_field="text")
+    text = text_source(data)
+    assert text.source == "text" and text.path == str(tmp_path / "texts" / "*.jsonl")
+    assert text.dataset == "files" and text.text_field == "body"
+    assert text_source(cfg.data) is cfg.data  # a text run reads its own section

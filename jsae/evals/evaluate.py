@@ -480,6 +480,18 @@ def _external(kind: str, path: Path) -> tuple[SAE, dict]:
     return sae, dict(meta)
 
 
+def text_source(data):
+    """The text a run's activations came from: its own data section, or for a run trained from
+    a cache (``data.path`` is then the cache) the text source recorded in the cache's manifest."""
+    if data.source != "cache" or not data.path:
+        return data
+    from jsae.data.cache import read_manifest
+
+    src = read_manifest(data.path).get("source") or {}
+    keys = ("dataset", "path", "data_dir", "split", "text_field")
+    return dataclasses.replace(data, source="text", **{k: src[k] for k in keys if k in src})
+
+
 def _run_config_file(path: Path, kind: str) -> Path | None:
     """The run's config.yaml: in the run directory, or two levels up from ``saes/<hook>/``."""
     if kind == "run" and (path / "config.yaml").exists():
@@ -580,7 +592,8 @@ def evaluate_path(
             if not name:
                 raise ValueError(f"{path}: the model is unknown; pass --model (e.g. gemma-3-270m)")
             model = load(name, dtype=cfg.model.dtype)
-        tokens, mask = eval_contexts(model, cfg.data, n_tokens, seed=cfg.seed, documents=documents)
+        tokens, mask = eval_contexts(model, text_source(cfg.data), n_tokens, seed=cfg.seed,
+                                     documents=documents)
         ds_tokens = downstream_tokens or cfg.eval.downstream_tokens or (
             min(n_tokens, CPU_DOWNSTREAM_TOKENS) if jax.default_backend() == "cpu" else n_tokens)
         ev = Evaluator(model, captured, tokens, mask, forward=forward,
