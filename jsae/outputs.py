@@ -155,6 +155,12 @@ def _check_not_run_or_cache(path: Path, command: str, *, below: bool,
             frontier = nxt
 
 
+def _no_file_above(path: Path) -> None:
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputRefused(f"{parent} is a file, so nothing can be written at {path}")
+
+
 def claim_folder(path, command: str, *, overwrite: bool = False,
                  recognise: Callable[[Path], bool] | None = None, cache_ok: bool = False) -> Path:
     """Check that ``command`` (e.g. ``"jsae export"``) may write the folder ``path``.
@@ -170,9 +176,7 @@ def claim_folder(path, command: str, *, overwrite: bool = False,
     if path.exists() and not path.is_dir():
         raise OutputRefused(f"{path} is a file, not a folder; give {command} a folder that "
                             "does not exist yet (or an empty one)")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise OutputRefused(f"{parent} is a file, so {path} cannot be a folder")
+    _no_file_above(path)
     _check_not_run_or_cache(path, command, below=True, cache_ok=cache_ok)
     if not path.exists() or overwrite:
         return path
@@ -202,6 +206,7 @@ def claim_run_dir(path) -> Path:
     if path.exists() and not path.is_dir():
         raise OutputRefused(f"run_dir {path} exists and is not a directory; choose another "
                             "--run-dir")
+    _no_file_above(path)
     if path.is_dir() and is_run_dir(path):
         _check_not_run_or_cache(path.parent, "jsae train", below=False)
         return path
@@ -226,9 +231,7 @@ def claim_file(path, command: str, *, overwrite: bool = False,
     if path.is_dir():
         raise OutputRefused(f"{path} is a folder; give {command} a file name (e.g. "
                             f"{path / 'out.json'})")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise OutputRefused(f"{parent} is a file, so {path} cannot be written under it")
+    _no_file_above(path)
     _check_not_run_or_cache(path, command, below=False)
     if path.parent.exists() and is_run_dir(path.parent) and path.name in RUN_RESERVED:
         raise OutputRefused(f"{path} is the training run's own {path.name}; choose another "

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_bad_input import TINY, tree_hash
+from test_bad_input import cli as jsae_in  # `jsae.cli.main` in this process
 
 from jsae import outputs
 from jsae.cli import main
@@ -42,16 +43,6 @@ def jsae_sub(argv, cwd, timeout=SUB_TIMEOUT) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "jsae", *map(str, argv)], cwd=cwd, env=_env(),
                        capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
-
-
-def jsae_in(argv, capsys) -> tuple[int, str, str]:
-    """The same in this process."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code if isinstance(e.code, int) else 2
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def one_line(err: str) -> str:

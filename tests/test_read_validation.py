@@ -17,20 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_input import TINY as TINY_BAD_INPUT
 
 from jsae.cli import main
 from jsae.errors import BadInput, FileFormatError, JsaeError
 
-TINY = """\
-seed: 0
-data: {source: synthetic, d_in: 16, n_features: 64, active_per_sample: 2}
-sae: {architecture: topk, d_sae: 64, k: 2, init_sample: 256, dead_after_tokens: 20000}
-train: {steps: 6, batch_size: 64, lr: 3.0e-3, lr_warmup_steps: 2, log_every: 5,
-        progress: false}
-checkpoint: {every_steps: 100, keep: 1}
-eval: {tokens: 128}
-mesh: {data: 1}
-"""
+TINY = TINY_BAD_INPUT.replace("steps: 20, batch_size: 128", "steps: 6, batch_size: 64").replace(
+    "every_steps: 10, keep: 2", "every_steps: 100, keep: 1").replace("tokens: 256", "tokens: 128")
 
 
 def tree_hash(path: Path) -> str:
