@@ -264,9 +264,11 @@ def test_crosscoder_steers_by_adding_its_rows_at_every_hook(tmp_path, monkeypatc
     (run / "config.yaml").write_text(f"model:\n  name: tiny\n  hooks: [{', '.join(hooks)}]\n"
                                      "sae:\n  architecture: crosscoder\n")
     monkeypatch.setattr("jsae.models.load", lambda name, dtype="float32": model)
-    with pytest.raises(SystemExit, match="use --mode add") as e:
-        cli.main(["steer", str(run), "--feature", "5", "--value", "3", "--prompt", "ab", "--tokens", "3"])
-    assert len(str(e.value).splitlines()) == 1
+    rc = cli.main(["steer", str(run), "--feature", "5", "--value", "3", "--prompt", "ab",
+                   "--tokens", "3"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("jsae steer:")]  # after its log line
+    assert rc == 2 and len(errors) == 1 and "use --mode add" in errors[0], err
     rc = cli.main(["steer", str(run), "--feature", "5", "--value", "3", "--mode", "add",
                    "--prompt", "ab", "--tokens", "3"])
     assert rc == 0 and "+3 x dir(f5)" in capsys.readouterr().out
