@@ -12,6 +12,7 @@ from jsae.evals.reconstruction import dictionary_recovery, reconstruction_metric
 from jsae.sae import SAESpec, init_sae
 from jsae.train import Trainer, init_state, lr_schedule, make_optimizer, make_train_step
 from jsae.train.step import _remove_parallel_grad
+from tests.sae_reference import sae_section, spec_for
 
 
 def _cfg(**over):
@@ -27,6 +28,7 @@ def _cfg(**over):
     for key, value in over.items():
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
+    raw["sae"] = sae_section(raw["sae"])
     return from_dict(raw)
 
 
@@ -56,7 +58,7 @@ def test_lr_schedule_warmup_hold_decay():
 def test_train_step_reduces_loss_and_keeps_constraints(arch):
     cfg = _cfg(sae__architecture=arch, sae__l1_coef=0.5, sae__l0_coef=0.05)
     src = SyntheticSource(32, 128, 3, seed=0)
-    spec = SAESpec(arch, 32, 256, k=3, jumprelu_bandwidth=0.05)
+    spec = spec_for(arch, 32, 256, k=3, jumprelu_bandwidth=0.05)
     sae = init_sae(jax.random.key(0), spec, src.next_batch(1024)["synthetic"])
     opt = make_optimizer(cfg, 60)
     step = jax.jit(make_train_step(opt, optax.constant_schedule(0.5), lr_schedule(cfg, 60),
