@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jsae.sae.registry import get_arch, owners
+from jsae.sae.registry import all_archs, get_arch
 
 Array = jax.Array
 
@@ -93,7 +93,7 @@ def spec_from_dict(d: dict[str, Any]) -> SAESpec:
     fields = set(arch.option_fields())
     options = {k: d.pop(k) for k in list(d) if k in fields}
     for key in [k for k in d if k not in COMMON]:
-        if not owners(key):
+        if not any(key in a.option_fields() for a in all_archs()):
             raise TypeError(f"unknown spec field {key!r}")
         del d[key]
     common = {k: d.pop(k) for k in COMMON if k in d}

@@ -78,9 +78,9 @@ def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
     if have is None:
         return
     on_host = what.startswith("this machine")
-    from jsae.config import TRANSCODERS
+    from jsae.sae.archs import get_arch
 
-    n_dicts = 1 if cfg.sae.architecture in TRANSCODERS else len(cfg.model.hooks)
+    n_dicts = 1 if get_arch(cfg.sae.architecture).transcoder else len(cfg.model.hooks)
     total = need * (data * model if on_host else 1) * n_dicts
     if total <= have:
         return
