@@ -25,6 +25,7 @@ from jsae.train.checkpoint import (
     read_checkpoint,
 )
 from jsae.train.loop import Trainer, TrainingStopped
+from tests.sae_reference import sae_section
 
 STEPS, EVERY = 40, 10
 
@@ -43,6 +44,7 @@ def _cfg(run_dir, **over):
     for key, value in over.items():
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
+    raw["sae"] = sae_section(raw["sae"])
     return from_dict(raw)
 
 
