@@ -2,7 +2,9 @@
 
 A config file has the sections ``model``, ``data``, ``sae``, ``train``, ``checkpoint``,
 ``eval``, ``mesh`` plus the top-level keys ``seed`` and ``run_dir``.  Every key has a default,
-so a config file only states what differs.  ``--set section.key=value`` overrides apply on
+so a config file only states what differs.  The ``sae`` section holds the common keys of
+`SAEConfig` and the chosen architecture's own (the fields of its `Arch.Options`, e.g. ``sae.k``),
+checked through the registry `jsae.sae.archs`.  ``--set section.key=value`` overrides apply on
 top of the file, parsed as YAML scalars (``--set train.lr=3e-4``, ``--set model.hooks=[a,b]``).
 """
 
@@ -24,14 +26,12 @@ class ConfigError(JsaeError, ValueError):
     """A config value that is unknown, of the wrong type, or impossible."""
 
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "transcoder",
-                 "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder",
-                 "crosscoder")
-# What the config checks per kind without importing jax (tests/test_arch_registry.py holds them
-# equal to the registry's `needs_k` / `transcoder` / JumpReLU sparsity terms).
-NEEDS_K = ("topk", "batchtopk", "matryoshka", "transcoder", "skip_transcoder")
-TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
-JUMPRELU_KINDS = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+def _archs():
+    """The architecture registry (imported when a config is read: it brings in jax)."""
+    from jsae.sae import archs
+
+    return archs
 
 
 @dataclasses.dataclass
@@ -75,28 +75,12 @@ class DataConfig:
 
 @dataclasses.dataclass
 class SAEConfig:
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka",
-                          "transcoder", "skip_transcoder", "jumprelu_transcoder",
-                          "jumprelu_skip_transcoder", "crosscoder"] = "topk"
+    architecture: str = ""  # a name in jsae.sae.archs.names(); "": the registry's default
     # transcoders: encode input_hook, reconstruct output_hook (model.hooks is then both)
     input_hook: Optional[str] = None
     output_hook: Optional[str] = None
     d_sae: Optional[int] = None  # number of latents; or give expansion
     expansion: Optional[int] = None  # d_sae = expansion * d_in
-    k: Optional[int] = 32  # topk/batchtopk/matryoshka: active latents per token
-    l1_coef: float = 5.0  # relu/gated/crosscoder sparsity coefficient (after normalisation)
-    l1_variant: Literal["standard", "anthropic"] = "anthropic"  # relu only
-    l0_coef: float = 1e-3  # jumprelu sparsity coefficient
-    jumprelu_bandwidth: float = 1e-3
-    jumprelu_init_threshold: float = 1e-3
-    jumprelu_sparsity: Literal["step", "tanh", "quadratic"] = "step"  # jumprelu sparsity term
-    jumprelu_tanh_scale: float = 4.0  # tanh: c in tanh(c |f_i| ||W_dec_i||)
-    target_l0: Optional[float] = None  # quadratic: the L0 the penalty pulls towards
-    jumprelu_threshold: Literal["log", "linear"] = "log"  # how the threshold is stored (linear:
-    # reaches a target L0 in far fewer Adam steps, see jsae/sae/archs/jumprelu.py)
-    # matryoshka: prefix sizes (ascending; d_sae is appended if missing), a weight per prefix
-    matryoshka_groups: Optional[list[int]] = None
-    matryoshka_weights: Optional[list[float]] = None
     aux_k: Optional[int] = None  # AuxK latents (default d_in // 2)
     aux_coef: float = 1.0 / 32.0
     dead_after_tokens: int = 10_000_000  # a latent not firing for this many tokens is dead
@@ -107,6 +91,15 @@ class SAEConfig:
     fast_path: bool = True  # topk/batchtopk: sparse decoder + sparse encoder backward
     topk_recall: float = 1.0  # < 1: approximate top-k (lax.approx_max_k; faster on TPU)
     topk_chunk: int = 0  # > 0: exact two-stage top-k over chunks of this many latents (GPU)
+    # the architecture's own keys (sae.k, sae.jumprelu_sparsity, ...): its `Arch.Options`,
+    # written flat in YAML next to the keys above
+    options: Any = None
+
+    def __post_init__(self):
+        if not self.architecture:
+            self.architecture = _archs().default_name()
+        if self.options is None:
+            self.options = _archs().get_arch(self.architecture).Options()
 
 
 @dataclasses.dataclass
@@ -215,6 +208,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 + ", ".join(repr(a) for a in allowed)
             )
         return value
+    if origin is tuple:  # an architecture option's tuple[X, ...]: a YAML list
+        (item, _) = typing.get_args(tp)
+        return tuple(_coerce(value, list[item], key))
     if origin is list:
         if isinstance(value, str):  # a single item where a list is expected
             value = [value]
@@ -261,6 +257,8 @@ def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
         where = f"section '{prefix}'" if prefix else "config file"
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {raw!r}")
+    if cls is SAEConfig:
+        return _sae_from_dict(raw, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -270,6 +268,46 @@ def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{full}'; allowed keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
+
+
+def _sae_from_dict(raw: dict, prefix: str) -> SAEConfig:
+    """The ``sae`` section: common keys plus the chosen architecture's option keys."""
+    archs = _archs()
+    name = raw.get("architecture") or archs.default_name()
+    known = archs.names()
+    if name not in known:
+        raise ConfigError(f"config key '{prefix}.architecture': {name!r} is not allowed; "
+                          f"expected one of {', '.join(repr(n) for n in known)}")
+    arch = archs.get_arch(name)
+    common = [f.name for f in dataclasses.fields(SAEConfig) if f.name != "options"]
+    own, types_ = arch.option_keys(), arch.option_types()
+    hints = typing.get_type_hints(SAEConfig)
+    kwargs, opts = {}, {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}"
+        if key in common:
+            kwargs[key] = _coerce(value, hints[key], full)
+        elif key in own:
+            opts[key] = _coerce(value, types_[key], full)
+        elif archs.owners(key):
+            if _old_default(archs, key, value):  # configs saved before issue 26 list every key
+                continue
+            raise ConfigError(f"config key '{full}' belongs to sae.architecture "
+                              f"{' / '.join(archs.owners(key))}, not {name!r} (its keys: "
+                              f"{', '.join(own) or 'none'}); remove it or set it to null")
+        else:
+            raise ConfigError(f"unknown config key '{full}' for sae.architecture {name!r}; "
+                              f"allowed keys here: {', '.join(common + list(own))}")
+    kwargs["architecture"] = name
+    return SAEConfig(**kwargs, options=arch.Options(**opts))
+
+
+def _old_default(archs, key: str, value: Any) -> bool:
+    """Whether ``value`` is null or the default of ``key`` wherever it is an option."""
+    if value is None:
+        return True
+    defaults = [getattr(archs.get_arch(n).Options(), key) for n in archs.owners(key)]
+    return any(value == d or (isinstance(d, tuple) and value == list(d)) for d in defaults)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -291,13 +329,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         "sae.d_sae",
         "give sae.d_sae or sae.expansion",
     )
-    if s.architecture in NEEDS_K:
-        need(s.k is not None and s.k > 0, "sae.k", f"must be a positive integer for {s.architecture}")
-        if s.d_sae is not None:
-            need(s.k <= s.d_sae, "sae.k", f"k={s.k} exceeds sae.d_sae={s.d_sae}")
-    need(s.l1_coef >= 0, "sae.l1_coef", "must be >= 0")
-    need(s.l0_coef >= 0, "sae.l0_coef", "must be >= 0")
-    need(s.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
+    arch = _archs().get_arch(s.architecture)
+    try:
+        arch.check(s.options, s.d_sae, "sae.d_sae")
+    except ValueError as e:  # an OptionError names its key
+        raise ConfigError(f"config key {e}") from None
     need(s.aux_k is None or s.aux_k > 0, "sae.aux_k", "must be a positive integer")
     need(s.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
     need(s.init_sample > 0, "sae.init_sample", "must be > 0")
@@ -347,22 +383,6 @@ def validate(cfg: RunConfig) -> RunConfig:
          "must be > 0 for data.source 'array': the final held-out evaluation needs rows "
          "(e.g. 0.02)")
     need(s.dead_after_tokens > 0, "sae.dead_after_tokens", "must be a positive integer")
-    need(s.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold", "must be > 0")
-    need(s.jumprelu_tanh_scale > 0, "sae.jumprelu_tanh_scale", "must be > 0")
-    need(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "must be > 0")
-    need(s.architecture not in JUMPRELU_KINDS or s.jumprelu_sparsity != "quadratic"
-         or s.target_l0 is not None, "sae.target_l0",
-         "is required for sae.jumprelu_sparsity: quadratic (the L0 to train towards)")
-    g = s.matryoshka_groups or []
-    need(all(b > a for a, b in zip(g, g[1:])) and all(x > 0 for x in g),
-         "sae.matryoshka_groups", f"must be ascending positive prefix sizes, got {g}")
-    need(s.d_sae is None or not g or g[-1] <= s.d_sae, "sae.matryoshka_groups",
-         f"the last prefix {g[-1] if g else 0} exceeds sae.d_sae={s.d_sae}")
-    if s.matryoshka_weights is not None:
-        n_pref = len(g) + (0 if (g and s.d_sae is not None and g[-1] == s.d_sae) else 1)
-        need(s.d_sae is None or len(s.matryoshka_weights) == n_pref, "sae.matryoshka_weights",
-             f"needs one weight per prefix ({n_pref}: {g} and d_sae)")
-        need(all(w >= 0 for w in s.matryoshka_weights), "sae.matryoshka_weights", "must be >= 0")
     e = cfg.eval
     need(e.tokens > 0, "eval.tokens", f"must be a positive integer, got {e.tokens}")
     need(e.batch_size > 0, "eval.batch_size", f"must be a positive integer, got {e.batch_size}")
@@ -370,9 +390,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(e.show_features_contexts > 0, "eval.show_features_contexts",
          "must be a positive integer")
     need(len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
-    need(s.architecture != "crosscoder" or len(set(cfg.model.hooks)) >= 2, "model.hooks",
-         f"a crosscoder reads several hooks at once: give two or more distinct hooks, got "
-         f"{cfg.model.hooks}")
+    need(not arch.multi_hook or len(set(cfg.model.hooks)) >= 2, "model.hooks",
+         f"sae.architecture {s.architecture!r} reads several hooks at once: give two or more "
+         f"distinct hooks, got {cfg.model.hooks}")
     _check_transcoder_hooks(cfg, need)
     need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
     if d.exclude_norm_outliers is not None:
@@ -385,11 +405,12 @@ DEFAULT_HOOKS = ModelConfig().hooks
 
 def _check_transcoder_hooks(cfg: RunConfig, need) -> None:
     """A transcoder harvests exactly its two hooks: ``model.hooks`` becomes [input, output]."""
-    s = cfg.sae
-    if s.architecture not in TRANSCODERS:
+    s, archs = cfg.sae, _archs()
+    if not archs.get_arch(s.architecture).transcoder:
+        transcoders = [n for n in archs.names() if archs.get_arch(n).transcoder]
         need(s.input_hook is None and s.output_hook is None,
              "sae.input_hook" if s.input_hook is not None else "sae.output_hook",
-             f"only transcoders ({', '.join(TRANSCODERS)}) read one hook and reconstruct "
+             f"only transcoders ({', '.join(transcoders)}) read one hook and reconstruct "
              f"another; sae.architecture is {s.architecture!r}")
         return
     for key in ("input_hook", "output_hook"):
@@ -398,7 +419,7 @@ def _check_transcoder_hooks(cfg: RunConfig, need) -> None:
              f"{'blocks.6.hook_resid_mid' if key == 'input_hook' else 'blocks.6.hook_mlp_out'})")
     need(s.input_hook != s.output_hook, "sae.output_hook",
          f"must differ from sae.input_hook ({s.input_hook}); to reconstruct the input hook "
-         "itself, train an SAE (e.g. sae.architecture: topk)")
+         "itself, train an SAE (another sae.architecture)")
     pair = [s.input_hook, s.output_hook]
     need(cfg.model.hooks in (DEFAULT_HOOKS, pair), "model.hooks",
          f"a transcoder harvests sae.input_hook and sae.output_hook ({pair}); leave "
@@ -409,7 +430,9 @@ def _check_transcoder_hooks(cfg: RunConfig, need) -> None:
 def _leaves(obj: Any, prefix: str = ""):
     for f in dataclasses.fields(obj):
         v, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(v):
+        if isinstance(obj, SAEConfig) and f.name == "options":  # flat: sae.k, not sae.options.k
+            yield from _leaves(v, prefix)
+        elif dataclasses.is_dataclass(v):
             yield from _leaves(v, key + ".")
         else:
             yield key, v
@@ -420,7 +443,28 @@ def from_dict(raw: dict) -> RunConfig:
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain dict as YAML writes it: the ``sae`` options flat next to the common keys."""
+    out = dataclasses.asdict(cfg)
+    sae, keys = out["sae"], _archs().get_arch(cfg.sae.architecture).option_keys()
+    sae.update({k: list(v) if isinstance(v, tuple) else v
+                for k, v in sae.pop("options").items() if k in keys})
+    return out
+
+
+def comparable(raw: dict) -> dict:
+    """``raw`` (a config.yaml as read) without the ``sae`` keys its architecture does not
+    read: configs written before issue 26 list every architecture's keys."""
+    sae = raw.get("sae") if isinstance(raw, dict) else None
+    if not isinstance(sae, dict):
+        return raw
+    archs = _archs()
+    name = sae.get("architecture") or archs.default_name()
+    if name not in archs.names():
+        return raw
+    own = set(archs.get_arch(name).option_keys())
+    common = {f.name for f in dataclasses.fields(SAEConfig)}
+    return {**raw, "sae": {k: v for k, v in sae.items()
+                           if k in own or k in common or not archs.owners(k)}}
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -139,11 +139,11 @@ def sae_from_checkpoint(run_dir: str | Path, hook: str, step: int | None = None
     """``hook``'s SAE from the run's checkpoint ``step`` (default: the newest)."""
     import jax.numpy as jnp
 
-    from jsae.sae.core import SAESpec
+    from jsae.sae.spec import spec_from_dict
     from jsae.train.checkpoint import read_checkpoint
 
     ck = read_checkpoint(run_dir, step)
-    spec = SAESpec(**ck["meta"]["specs"][hook])
+    spec = spec_from_dict(ck["meta"]["specs"][hook])
     s = ck["states"][hook]["sae"]
     sae = SAE(params={k: jnp.asarray(v) for k, v in s["params"].items()},
               norm_scale=jnp.asarray(s["norm_scale"]), spec=spec)

@@ -244,13 +244,14 @@ def add(direction, coefficient=1.0) -> Transform:
 def feature_direction(sae: SAE, feature: int, *, unit: bool = False,
                       layer: int | None = None) -> Array:
     """The raw-activation change per unit of a feature's code: ``W_dec[f] / norm_scale``
-    (``unit=True``: that vector normalised to length 1); a crosscoder's row at its ``layer``-th
-    hook."""
+    (``unit=True``: that vector normalised to length 1); for a dictionary that writes several
+    hooks, its row at its ``layer``-th hook."""
     w = sae.params["W_dec"][int(feature)]
-    if sae.spec.n_layers > 1:
+    n = get_arch(sae.spec.architecture).n_hooks(sae.spec)
+    if n > 1:
         if layer is None:
-            raise ValueError(f"a crosscoder writes {sae.spec.n_layers} hooks: pass layer= "
-                             f"(0..{sae.spec.n_layers - 1}), or use add_feature")
+            raise ValueError(f"a {sae.spec.architecture} writes {n} hooks: pass layer= "
+                             f"(0..{n - 1}), or use add_feature")
         w = w[int(layer)]
     d = w / sae.norm_scale
     return d / jnp.linalg.norm(d) if unit else d
@@ -262,14 +263,14 @@ def add_feature(sae: SAE, hooks: Sequence[str], features, values) -> dict[str, T
     an acausal crosscoder: its codes read every hook, later ones included, so no single hook of
     a forward pass knows them and clamp cannot be causal."""
     hooks = list(hooks)
-    if len(hooks) != max(1, sae.spec.n_layers):
-        raise BadInput(f"{len(hooks)} hooks given for a dictionary that writes "
-                       f"{max(1, sae.spec.n_layers)}")
+    n = get_arch(sae.spec.architecture).n_hooks(sae.spec)
+    if len(hooks) != n:
+        raise BadInput(f"{len(hooks)} hooks given for a dictionary that writes {n}")
     fs = np.asarray(_as_features(sae, features), np.int64)
     vs = np.asarray(_as_values(values, fs.shape[0], "values"))
     out = {}
     for i, h in enumerate(hooks):
-        lay = i if sae.spec.n_layers > 1 else None
+        lay = i if n > 1 else None
         fns = [add(feature_direction(sae, int(f), layer=lay), float(v)) for f, v in zip(fs, vs)]
         out[h] = fns[0] if len(fns) == 1 else compose(*fns)
     return out

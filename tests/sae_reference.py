@@ -56,3 +56,24 @@ def np_loss(p, arch: str, x_n, *, coef, k=None, l1_variant="anthropic", frozen=N
         loss += coef * np.mean(np.sum(r * norms, -1))
         loss += np.mean(np.sum((r @ f["W_dec"] + f["b_dec"] - x_n) ** 2, -1))
     return loss
+
+
+def spec_for(arch: str, d_in: int, d_sae: int, **kw):
+    """``SAESpec(arch, d_in, d_sae, ...)`` keeping only the options ``arch`` has (tests pass
+    one set of keywords, e.g. ``k``, to every architecture)."""
+    from jsae.sae.archs import get_arch
+    from jsae.sae.spec import COMMON, SAESpec
+
+    own = get_arch(arch).option_fields()
+    return SAESpec(arch, d_in, d_sae, **{k: v for k, v in kw.items() if k in own or k in COMMON})
+
+
+def sae_section(raw: dict) -> dict:
+    """A config's ``sae`` section keeping only the common keys and the chosen architecture's
+    (tests write one section, e.g. with ``k`` and ``l1_coef``, for every architecture)."""
+    from jsae import config
+    from jsae.sae.archs import default_name, get_arch
+
+    arch = get_arch(raw.get("architecture") or default_name())
+    common = {f for f in config.SAEConfig.__dataclass_fields__ if f != "options"}
+    return {k: v for k, v in raw.items() if k in common or k in arch.option_keys()}

@@ -187,7 +187,7 @@ def test_crosscoder_run_trains_evaluates_and_finds_top_contexts(tmp_path):
                       ).fit(log=lambda s: None)
     assert set(summary["heldout"]) == {key}
     sae, info = sae_from_run(tmp_path / "run")
-    assert info["hook_names"] == hooks and sae.spec.n_layers == 2
+    assert info["hook_names"] == hooks and sae.spec.options.n_layers == 2
     out = evaluate_path(tmp_path / "run", n_tokens=150, model=model, forward=forward,
                         documents=docs, print_fn=None)
     m = out["metrics"][key]

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from saelens_side import run_saelens, saelens_python
+from test_export import D_IN, D_SAE, _random_sae, _x
 
 from jsae.export.saelens import load_saelens, save_saelens
 from jsae.sae import SAE, SAESpec, decode, encode
-from tests.test_export import D_IN, D_SAE, _random_sae, _x
 
 
 def _new_saes() -> dict[str, SAE]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from sae_reference import sae_section
 
 from jsae import parallel
 from jsae.config import from_dict
@@ -43,6 +44,7 @@ def _cfg(run_dir, **over):
     for key, value in over.items():
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
+    raw["sae"] = sae_section(raw["sae"])
     return from_dict(raw)
 
 

@@ -63,7 +63,7 @@ def np_recon_metrics(x, x_hat, z, dense=0.1):
 def np_sae_outputs(sae, x):
     p = np_params(sae)
     s = float(sae.norm_scale)
-    _, z, xh_n = np_forward(p, sae.spec.architecture, np.asarray(x, np.float64) * s, k=sae.spec.k)
+    _, z, xh_n = np_forward(p, sae.spec.architecture, np.asarray(x, np.float64) * s, k=getattr(sae.spec.options, "k", None))
     return z, xh_n / s
 
 

@@ -143,7 +143,7 @@ def test_import_saelens_old_flat_config_and_bf16(tmp_path):
     save_flax({k: v.astype(jnp.bfloat16) for k, v in t.items()},
               str(out / "sae_weights.safetensors"))
     back, meta = load_saelens(out)
-    assert back.spec.architecture == "topk" and back.spec.k == 4
+    assert back.spec.architecture == "topk" and back.spec.options.k == 4
     assert meta["hook_name"] == "blocks.0.hook_resid_pre"
     folded = fold_norm(sae)
     rounded = folded.replace(params={k: v.astype(jnp.bfloat16).astype(jnp.float32)

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sae_reference import np_forward, np_loss, np_params, spec_for
 
 from jsae.sae import SAESpec, decode, encode, fold_norm, init_sae, sae_loss
 from jsae.sae.init import geometric_median, norm_scale_for
 from jsae.sae.jumprelu import heaviside_ste, jumprelu_ste
-from tests.sae_reference import np_forward, np_loss, np_params
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
 D_IN, D_SAE, K = 8, 24, 3
@@ -18,7 +18,7 @@ D_IN, D_SAE, K = 8, 24, 3
 def _sae(arch, seed=0, l1_variant="anthropic"):
     rng = np.random.default_rng(seed)
     sample = (rng.standard_normal((256, D_IN)) * 2 + 0.5).astype(np.float32)
-    spec = SAESpec(arch, D_IN, D_SAE, k=K, l1_variant=l1_variant, jumprelu_bandwidth=0.5)
+    spec = spec_for(arch, D_IN, D_SAE, k=K, l1_variant=l1_variant, jumprelu_bandwidth=0.5)
     sae = init_sae(jax.random.key(seed), spec, sample, jumprelu_init_threshold=0.05)
     # perturb all params so biases/thresholds are non-trivial
     p = {n: v + 0.05 * jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
@@ -126,7 +126,7 @@ def test_jumprelu_loss_gradient_on_log_threshold():
     p = np_params(sae)
     pre = (np.asarray(x_n, np.float64) - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     t = np.exp(p["log_threshold"])
-    eps = sae.spec.jumprelu_bandwidth
+    eps = sae.spec.options.jumprelu_bandwidth
     rect = (np.abs((pre - t) / eps) < 0.5)
     x_hat = np.where(pre > t, pre, 0) @ p["W_dec"] + p["b_dec"]
     dz = (2 * (x_hat - np.asarray(x_n, np.float64)) @ p["W_dec"].T) / pre.shape[0]

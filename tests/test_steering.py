@@ -27,7 +27,7 @@ def _np_codes(sae, x):
     p = np_params(sae)
     s = float(sae.norm_scale)
     flat = x.reshape(-1, x.shape[-1]).astype(np.float64) * s
-    _, z, _ = np_forward(p, sae.spec.architecture, flat, k=sae.spec.k, train=False)
+    _, z, _ = np_forward(p, sae.spec.architecture, flat, k=getattr(sae.spec.options, "k", None), train=False)
     return z.reshape(*x.shape[:-1], -1), p, s
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sae_reference import sae_section, spec_for
 
 from jsae.config import from_dict
 from jsae.data.sources import SyntheticSource
@@ -27,6 +28,7 @@ def _cfg(**over):
     for key, value in over.items():
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
+    raw["sae"] = sae_section(raw["sae"])
     return from_dict(raw)
 
 
@@ -56,7 +58,7 @@ def test_lr_schedule_warmup_hold_decay():
 def test_train_step_reduces_loss_and_keeps_constraints(arch):
     cfg = _cfg(sae__architecture=arch, sae__l1_coef=0.5, sae__l0_coef=0.05)
     src = SyntheticSource(32, 128, 3, seed=0)
-    spec = SAESpec(arch, 32, 256, k=3, jumprelu_bandwidth=0.05)
+    spec = spec_for(arch, 32, 256, k=3, jumprelu_bandwidth=0.05)
     sae = init_sae(jax.random.key(0), spec, src.next_batch(1024)["synthetic"])
     opt = make_optimizer(cfg, 60)
     step = jax.jit(make_train_step(opt, optax.constant_schedule(0.5), lr_schedule(cfg, 60),

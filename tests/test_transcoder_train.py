@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mesh_check import assert_meshes_match
+from sae_reference import sae_section
 from test_evals import BATCH, TEXTS, tiny_model
 
 from jsae import config
@@ -26,8 +27,8 @@ def _cfg(tmp_path, arch="skip_transcoder", **sae):
         "model": {"batch_size": 4},
         "data": {"source": "text", "dataset": "files", "context_length": 32,
                  "shuffle_buffer": 512, "holdout_fraction": 0.25},
-        "sae": {"architecture": arch, "input_hook": IN, "output_hook": OUT, "d_sae": 64, "k": 4,
-                "init_sample": 256, **sae},
+        "sae": sae_section({"architecture": arch, "input_hook": IN, "output_hook": OUT,
+                            "d_sae": 64, "k": 4, "init_sample": 256, **sae}),
         "train": {"steps": 8, "batch_size": 128, "log_every": 4, "progress": False,
                   "lr": 3e-3},
         "eval": {"tokens": 200, "batch_size": BATCH},
@@ -238,8 +239,9 @@ def test_meshes_match_single_device(arch):
 
     def train(data, model):
         cfg = config.from_dict({
-            "sae": {"architecture": arch, "input_hook": "in", "output_hook": "out",
-                    "d_sae": 128, "k": 4, "dead_after_tokens": 2048, "l0_coef": 1e-3},
+            "sae": sae_section({"architecture": arch, "input_hook": "in", "output_hook": "out",
+                                "d_sae": 128, "k": 4, "dead_after_tokens": 2048,
+                                "l0_coef": 1e-3}),
             "train": {"steps": 4, "batch_size": 128, "lr": 1e-2, "lr_warmup_steps": 0,
                       "log_every": 2, "progress": False},
             "checkpoint": {"enabled": False},

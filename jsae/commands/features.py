@@ -51,10 +51,11 @@ def describe(model, sae, feature: int, corpus, contexts, *, snippets: int, logit
     row = corpus.row(feature)
     lines = [f"feature {feature}{header}  |  fires on {100 * corpus.frequency[row]:.3f}% of corpus tokens, "
              f"max {corpus.max[row]:.2f}"]
-    if sae.spec.n_layers > 1:  # a crosscoder: where the feature writes
-        from jsae.sae.archs.crosscoder import layer_profile
+    from jsae.sae.archs import get_arch
 
-        prof = layer_profile(sae)[feature]
+    profile = get_arch(sae.spec.architecture).layer_profile(sae)  # where the feature writes
+    if profile is not None:
+        prof = profile[feature]
         from jsae.runs import input_hooks
 
         hooks = input_hooks(key) if key else [f"hook {i}" for i in range(len(prof))]

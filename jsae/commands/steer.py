@@ -47,8 +47,10 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
     from jsae.runs import input_hooks
 
     out = getattr(run, "output_hook", None)  # a transcoder writes to another hook
-    if run.sae.spec.n_layers > 1 and mode != "add":
-        raise BadInput(f"a crosscoder's codes read all of its hooks, later ones "
+    from jsae.sae.archs import get_arch
+
+    if get_arch(run.sae.spec.architecture).multi_hook and mode != "add":
+        raise BadInput(f"a {run.sae.spec.architecture}'s codes read all of its hooks, later ones "
                          f"included, so --mode {mode} cannot act during the forward pass; use "
                          "--mode add (adds value x its decoder row at every hook)")
     if mode == "ablate":

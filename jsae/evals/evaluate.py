@@ -32,6 +32,7 @@ from jsae.evals.health import latent_health, plot_feature_density
 from jsae.evals.reconstruction import ReconstructionStats
 from jsae.parallel import process_sum
 from jsae.sae.core import SAE
+from jsae.sae.registry import get_arch
 
 # Default CE/KL budget on a CPU: the 1 + 4H full-LM passes (262k-vocab unembedding) dominate
 # `jsae eval`; reconstruction metrics still use all `eval.tokens`. `--downstream-tokens` overrides.
@@ -233,7 +234,8 @@ class Evaluator:
                 t = targets.get(h, h)
                 stats[h].add(sae, stack_hooks(acts, h), m, x_target=None if t == h else acts[t])
         for h, sae in saes.items():  # multi-host: combine the processes' shares
-            stats[h].merge_processes(sae.spec.d_in * sae.spec.n_layers, sae.spec.d_sae)
+            width = int(np.prod(get_arch(sae.spec.architecture).token_shape(sae.spec)))
+            stats[h].merge_processes(width, sae.spec.d_sae)
         return stats
 
     def evaluate(self, saes: Mapping[str, SAE], *, downstream: bool = True,

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.sae.core import SAE, decode, encode
+from jsae.sae.registry import get_arch
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
 
@@ -133,7 +134,7 @@ class ReconstructionStats:
         """``x_target [..., d]``: a transcoder's output-hook activations (default: ``x``)."""
         x = jnp.asarray(x)
         d = x.shape[-1]
-        row = (sae.spec.n_layers, d) if sae.spec.n_layers > 1 else (d,)  # a crosscoder's [L, d]
+        row = get_arch(sae.spec.architecture).token_shape(sae.spec)[:-1] + (d,)  # [L, d]: hooks
         x = x.reshape(-1, *row)
         y = None if x_target is None else jnp.asarray(x_target).reshape(-1, d)
         if y is not None and y.shape != x.shape:  # noqa: SIM102 - a transcoder's rows

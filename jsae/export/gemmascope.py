@@ -26,6 +26,7 @@ import numpy as np
 from jsae import validate as v
 from jsae.errors import FileFormatError
 from jsae.export.saelens import _read_safetensors, sae_from_tensors
+from jsae.sae.archs import for_gemmascope
 from jsae.sae.core import SAE
 
 _FILES = ("params.npz", "params.safetensors")
@@ -98,13 +99,13 @@ def load_gemmascope(
     where = "/".join(f.parent.parts[-4:])
     transcoder = ("affine_skip_connection" in tensors or bool(raw.get("hf_hook_point_out"))
                   or bool(re.search(r"(^|/)(transcoder|clt)", where)))
-    arch = "jumprelu"
+    kind = "sae"
     if transcoder:
-        arch = "jumprelu_transcoder"
+        kind = "mlp"
         if "affine_skip_connection" in tensors:
-            arch = "jumprelu_skip_transcoder"  # SAELens's W_skip is [d_out, d_in]
+            kind = "mlp_skip"  # SAELens's W_skip is [d_out, d_in]
             tensors = {**tensors, "W_skip": np.asarray(tensors.pop("affine_skip_connection")).T}
-    sae = sae_from_tensors(arch, tensors, apply_b_dec_to_input=False, source=str(f))
+    sae = sae_from_tensors(for_gemmascope(kind).saelens_name, tensors, apply_b_dec_to_input=False, source=str(f))
     meta["model_name"] = model_name or raw.get("model_name")
     if transcoder:
         layer = re.search(r"layer_(\d+)", where)

@@ -16,11 +16,13 @@ def save_gemmascope(sae: SAE, out: str | Path, *, owner: str = "jsae") -> Path:
     """``params.npz`` in Gemma Scope's layout (jumprelu / batchtopk SAEs) in the folder ``out``."""
     from jsae.export.saelens import saelens_tensors
     from jsae.fileio import atomic_folder
+    from jsae.sae.archs import all_archs, get_arch
 
-    arch, t = saelens_tensors(sae)
-    if arch != "jumprelu":
-        raise ValueError("the Gemma Scope format holds JumpReLU SAEs (jumprelu or batchtopk), "
+    if not get_arch(sae.spec.architecture).gemmascope_export:
+        fits = ", ".join(a.name for a in all_archs() if a.gemmascope_export)
+        raise ValueError(f"the Gemma Scope format holds JumpReLU SAEs ({fits}), "
                          f"not {sae.spec.architecture}")
+    _, t = saelens_tensors(sae)
     # Gemma Scope encodes x @ W_enc + b_enc without subtracting b_dec.
     b_enc = t["b_enc"] - (t["b_dec"].astype(np.float64) @ t["W_enc"]).astype(np.float32)
     out = Path(out)

@@ -21,6 +21,7 @@ exp(log_threshold)), batchtopk -> jumprelu (its learned inference threshold; the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 
 from jsae.errors import FileFormatError, JsaeError
 from jsae.fileio import atomic_folder
-from jsae.sae.archs import from_saelens_name, get_arch
+from jsae.sae.archs import Arch, all_archs, from_saelens_name, get_arch
 from jsae.sae.core import SAE, SAESpec, fold_norm
 
 CFG_FILE = "cfg.json"
@@ -83,9 +84,8 @@ def saelens_config(
         "model_from_pretrained_kwargs": {},
         "trained_with": "jsae",
         "jsae_spec": {
-            "architecture": sae.spec.architecture, "k": sae.spec.k,
-            "l1_variant": sae.spec.l1_variant,
-            "jumprelu_bandwidth": sae.spec.jumprelu_bandwidth,
+            "architecture": sae.spec.architecture,
+            **dataclasses.asdict(sae.spec.options),
             "norm_scale_folded": float(np.asarray(jax.device_get(sae.norm_scale))),
         },
     }
@@ -241,8 +241,10 @@ def _upgrade_old_cfg(cfg: dict) -> dict:
     new.setdefault("apply_b_dec_to_input", True)
     kw = new.get("activation_fn_kwargs") or {}
     kw = kw if isinstance(kw, dict) else {}
-    if new.get("activation_fn") == "topk" and kw.get("k") is not None:
-        new["architecture"], new["k"] = "topk", kw["k"]
+    fn = new.get("activation_fn")
+    if kw.get("k") is not None and any(fn in a.saelens_imports and a.code_k is not Arch.code_k
+                                       for a in all_archs()):  # a k-sparse activation by name
+        new["architecture"], new["k"] = fn, kw["k"]
     if isinstance(new.get("normalize_activations"), bool):
         new["normalize_activations"] = ("expected_average_only_in"
                                         if new["normalize_activations"] else "none")
@@ -312,8 +314,12 @@ def load_saelens(path: str | Path) -> tuple[SAE, dict[str, Any]]:
         )
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise FileFormatError(f"{cfg_file}: rescale_acts_by_decoder_norm=true is not supported")
-    if arch == "jumprelu" and cfg.get("activation_fn", "relu") not in ("relu", None):
-        raise FileFormatError(f"{cfg_file}: jumprelu with activation_fn={cfg['activation_fn']!r}")
+    try:
+        problem = from_saelens_name(arch, str(cfg_file)).saelens_cfg_problem(cfg)
+    except ValueError:
+        problem = None  # an unsupported architecture: sae_from_tensors names it
+    if problem:
+        raise FileFormatError(f"{cfg_file}: {problem}")
     tensors = _read_safetensors(weights)
     sae = sae_from_tensors(arch, tensors, k=cfg.get("k"),
                            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),

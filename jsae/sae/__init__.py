@@ -14,9 +14,10 @@ from jsae.sae.core import (
 )
 from jsae.sae.init import geometric_median, init_sae, norm_scale_for
 from jsae.sae.losses import auxk_loss, sae_loss
+from jsae.sae.spec import mm
 
 __all__ = [
     "SAE", "SAESpec", "activate", "auxk_loss", "decode", "decode_normalized", "encode",
-    "encode_normalized", "fold_norm", "geometric_median", "init_sae", "norm_scale_for",
+    "encode_normalized", "fold_norm", "geometric_median", "init_sae", "mm", "norm_scale_for",
     "pre_activations", "reconstruct", "sae_loss",
 ]

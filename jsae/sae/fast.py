@@ -42,8 +42,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from jsae.sae.archs import get_arch
-from jsae.sae.core import SAE, _mm, pre_activations
+from jsae.sae.core import SAE, pre_activations
 from jsae.sae.selection import batch_top_k, chunked_top_k, select_topk
+from jsae.sae.spec import mm as _mm
 
 Array = jax.Array
 
@@ -433,7 +434,7 @@ def fast_sae_loss(
     extra = {}
     target = x_n if x_target is None else x_target
     if get_arch(spec.architecture).fast_blockwise:  # topk
-        (v, i), aux_sel = select_latents(sae, x_n, dead_mask, k=spec.k, k_aux=k_aux,
+        (v, i), aux_sel = select_latents(sae, x_n, dead_mask, k=get_arch(spec.architecture).code_k(spec), k_aux=k_aux,
                                          recall=spec.topk_recall, chunk=spec.topk_chunk)
         codes = _differentiable(sae, SparseCodes(v.T, None, i.T, x_n.shape[0], spec.d_sae), x_n)
     else:

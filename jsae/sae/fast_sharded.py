@@ -187,7 +187,7 @@ def sharded_fast_sae_loss(
         dead_mask = jnp.zeros((spec.d_sae,), bool)
     select, decode = _ops(mesh)
     any_dead = jnp.any(dead_mask)
-    (v, i), (av, ai) = select(p, x_n, dead_mask, any_dead, spec=spec, k=spec.k,
+    (v, i), (av, ai) = select(p, x_n, dead_mask, any_dead, spec=spec, k=get_arch(spec.architecture).code_k(spec),
                               k_aux=spec.aux_k_resolved, recall=spec.topk_recall,
                               chunk=spec.topk_chunk)
     codes, cols = jax.nn.relu(v.T), i.T  # the selection carries no gradient itself

@@ -57,6 +57,7 @@ def init_sae(
     which has no norm constraint); W_enc = W_dec^T; b_enc = 0.
     """
     d_in, d_sae = spec.d_in, spec.d_sae
+    arch = get_arch(spec.architecture)
     if sample is not None and np.asarray(sample).shape[-1] != d_in:
         raise ValueError(f"init sample has d_in={np.asarray(sample).shape[-1]}, SAE expects {d_in}")
     w = jax.random.normal(key, (d_sae, d_in), jnp.float32)
@@ -68,10 +69,10 @@ def init_sae(
     if sample is not None and b_dec_init != "zeros":
         xs = np.asarray(sample if target_sample is None else target_sample, np.float64) * scale
         centre = geometric_median if b_dec_init == "geometric_median" else (lambda v: v.mean(0))
-        # [N, L, d_in] (a crosscoder's hooks): one centre per hook
-        b_dec = centre(xs) if xs.ndim == 2 else np.stack([centre(xs[:, i])
-                                                          for i in range(xs.shape[1])])
-    arch = get_arch(spec.architecture)
+        # one centre per hook the dictionary reconstructs, in its token shape
+        per_hook = xs.reshape(len(xs), -1, xs.shape[-1])
+        b_dec = np.stack([centre(per_hook[:, i]) for i in range(per_hook.shape[1])])
+        b_dec = b_dec.reshape(arch.token_shape(spec)[:-1] + (xs.shape[-1],))
     params = {
         "W_enc": w.T * arch.encoder_init_scale,
         "b_enc": jnp.zeros((d_sae,), jnp.float32),

@@ -9,7 +9,6 @@ a reshape failure or silently wrong weights.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +22,8 @@ from safetensors.numpy import load_file, save_file
 from jsae import jsonsafe
 from jsae.errors import FileFormatError
 from jsae.fileio import atomic_folder
-from jsae.sae.core import SAE, SAESpec
+from jsae.sae.registry import get_arch
+from jsae.sae.spec import SAE, SAESpec, spec_from_dict, spec_to_dict
 
 FORMAT = "jsae-sae-v1"
 WEIGHTS = "sae.safetensors"
@@ -109,7 +109,7 @@ def _write_folder(path: Path, sae: SAE, metadata: dict | None, write_weights,
     folder next to ``path``, then rename it into place (replacing an older one)."""
     with atomic_folder(path, owner=owner) as tmp:  # `owner`: the command, for jsae.outputs
         files = write_weights(tmp)
-        info = {"format": FORMAT, "spec": dataclasses.asdict(sae.spec),
+        info = {"format": FORMAT, "spec": spec_to_dict(sae.spec),
                 "metadata": metadata or {}, "files": files}
         (tmp / "sae.json").write_text(jsonsafe.dumps(info, indent=2))
     return path
@@ -193,7 +193,6 @@ def load_sae(path: str | Path) -> tuple[SAE, dict]:
     if "norm_scale" not in tensors:
         raise FileFormatError(f"{weights}: tensor norm_scale is missing{fallback_hint(path)}")
     scale = tensors.pop("norm_scale")
-    from jsae.sae.archs import get_arch
 
     expected = get_arch(spec.architecture).param_shapes(spec)
     for name, shape in expected.items():
@@ -226,12 +225,9 @@ def _checked_spec(info: dict, meta_file: Path) -> SAESpec:
     v.field(d, "architecture", str, meta_file, prefix="spec.")
     d_sae = v.field(d, "d_sae", int, meta_file, prefix="spec.", lo=1)
     v.field(d, "d_in", int, meta_file, prefix="spec.", lo=1)
-    v.field(d, "k", (int, None), meta_file, prefix="spec.", lo=1, hi=d_sae, default=None)
-    v.field(d, "n_layers", int, meta_file, prefix="spec.", lo=1, default=1)
     try:
-        from jsae.sae.archs import get_arch
-
-        get_arch(d["architecture"])
-        return SAESpec(**d)
+        spec = spec_from_dict(d)
+        get_arch(spec.architecture).check(spec.options, d_sae)
+        return spec
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{meta_file}: bad spec ({' '.join(str(e).split())})") from e

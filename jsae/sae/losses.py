@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from jsae.sae.archs import LossInputs, get_arch
-from jsae.sae.core import SAE, _mm, activate, decode_normalized, pre_activations
+from jsae.sae.core import SAE, activate, decode_normalized, pre_activations
 from jsae.sae.selection import scatter_rows
+from jsae.sae.spec import mm as _mm
 
 Array = jax.Array
 

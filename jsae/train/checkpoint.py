@@ -20,7 +20,6 @@ Orbax ``CheckpointManager`` in ``<run_dir>/checkpoints``:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from jsae.config import RunConfig, to_dict
 from jsae.errors import JsaeError
 from jsae.fileio import write_text
 from jsae.sae.archs import get_arch
+from jsae.sae.spec import spec_to_dict
 from jsae.train.divergence import TrainingDiverged
 
 ITEMS = ("states", "data", "config", "meta")
@@ -153,7 +153,7 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]
 
 
 def _spec_dict(spec) -> dict:
-    return dataclasses.asdict(spec)
+    return spec_to_dict(spec)
 
 
 class RunCheckpointer:
@@ -364,8 +364,9 @@ class RunCheckpointer:
                 f"{f}={saved.get(f)!r} in the checkpoint but {getattr(spec, f)!r} in the config"
                 for f in _SHAPE_FIELDS if saved.get(f) != getattr(spec, f)
             ]
-            if get_arch(spec.architecture).needs_k and saved.get("k") != spec.k:
-                diffs.append(f"k={saved.get('k')!r} in the checkpoint but {spec.k!r} in the config")
+            k = get_arch(spec.architecture).code_k(spec)
+            if k is not None and saved.get("k") != k:
+                diffs.append(f"k={saved.get('k')!r} in the checkpoint but {k!r} in the config")
             if diffs:
                 raise CheckpointMismatchError(
                     f"checkpoint {where} does not fit the config for hook {h!r}: "

@@ -70,30 +70,22 @@ def check_index_range(d_sae: int, model: int = 1) -> None:
             "smaller sae.d_sae")
 
 
-def spec_from_config(cfg: RunConfig, d_in: int, n_layers: int = 1) -> SAESpec:
+def spec_from_config(cfg: RunConfig, d_in: int, n_hooks: int = 1) -> SAESpec:
+    """The spec of one dictionary over ``n_hooks`` hooks of width ``d_in``."""
     s = cfg.sae
+    arch = get_arch(s.architecture)
+    options = arch.config_options(s.options, n_hooks=n_hooks)
     d_sae = cfg.resolved_d_sae(d_in)
-    if get_arch(s.architecture).needs_k and s.k > d_sae:
-        raise ConfigError(f"config key 'sae.k': k={s.k} exceeds d_sae={d_sae}")
-    spec = SAESpec(
-        architecture=s.architecture, d_in=d_in, d_sae=d_sae, k=s.k, l1_variant=s.l1_variant,
-        jumprelu_bandwidth=s.jumprelu_bandwidth, aux_k=s.aux_k, dtype=s.dtype,
-        fast_path=s.fast_path, topk_recall=s.topk_recall, topk_chunk=s.topk_chunk,
-        matryoshka_groups=tuple(s.matryoshka_groups or ()),
-        matryoshka_weights=tuple(s.matryoshka_weights or ()),
-        jumprelu_sparsity=s.jumprelu_sparsity, jumprelu_tanh_scale=s.jumprelu_tanh_scale,
-        target_l0=s.target_l0, jumprelu_threshold=s.jumprelu_threshold, n_layers=n_layers,
-    )
     try:
-        get_arch(spec.architecture).check_spec(spec)
-    except ValueError as e:
-        raise ConfigError(f"config: {e}") from None
-    return spec
+        arch.check(options, d_sae)
+    except ValueError as e:  # an OptionError names its key
+        raise ConfigError(f"config key {e}") from None
+    return SAESpec(s.architecture, d_in, d_sae, options, aux_k=s.aux_k, dtype=s.dtype,
+                   fast_path=s.fast_path, topk_recall=s.topk_recall, topk_chunk=s.topk_chunk)
 
 
 def _sparsity_coef(cfg: RunConfig) -> float:
-    field = get_arch(cfg.sae.architecture).coef_field
-    return 0.0 if field is None else getattr(cfg.sae, field)
+    return get_arch(cfg.sae.architecture).sparsity_coef(cfg.sae.options)
 
 
 def _gather_sample(local: np.ndarray) -> np.ndarray:
@@ -116,7 +108,7 @@ class Trainer:
         self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
         self.total_steps = cfg.resolved_steps()
         self.specs = {h: spec_from_config(cfg, source.d_in[self.inputs[h][0]],
-                                          n_layers=len(self.inputs[h])) for h in self.hooks}
+                                          n_hooks=len(self.inputs[h])) for h in self.hooks}
         for h, t in self.targets.items():
             if t != h and source.d_in[t] != source.d_in[h]:
                 raise ConfigError(
@@ -167,7 +159,6 @@ class Trainer:
                 normalize=cfg.sae.normalize,
                 b_dec_init=cfg.sae.b_dec_init,
                 target_sample=None if t == h else _gather_sample(sample[t]),
-                jumprelu_init_threshold=cfg.sae.jumprelu_init_threshold,
             )
             states[h] = init_state(sae, self.optimizer, k_state)
         return self.place(states)
@@ -414,8 +405,8 @@ def _layout(cfg: RunConfig, source_hooks: list[str], d_in: dict[str, int]):
     if arch.multi_hook:
         widths = {d_in[h] for h in source_hooks}
         if len(widths) > 1:
-            raise ConfigError(f"config key 'model.hooks': a crosscoder's hooks must have one "
-                              f"width; got {dict((h, d_in[h]) for h in source_hooks)}")
+            raise ConfigError(f"config key 'model.hooks': the hooks that "
+                              f"{cfg.sae.architecture} reads at once must have one width; got {dict((h, d_in[h]) for h in source_hooks)}")
         from jsae.runs import KEY_JOIN
 
         key = KEY_JOIN.join(source_hooks)

@@ -78,9 +78,9 @@ def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
     if have is None:
         return
     on_host = what.startswith("this machine")
-    from jsae.config import TRANSCODERS
+    from jsae.sae.archs import get_arch
 
-    n_dicts = 1 if cfg.sae.architecture in TRANSCODERS else len(cfg.model.hooks)
+    n_dicts = 1 if get_arch(cfg.sae.architecture).transcoder else len(cfg.model.hooks)
     total = need * (data * model if on_host else 1) * n_dicts
     if total <= have:
         return
@@ -125,8 +125,11 @@ def preflight(cfg: RunConfig, *, d_in: int | None = None, memory: bool = True) -
             f"{-(-d_sae // model) * model}")
     from jsae.sae.archs import get_arch
 
-    if d_sae is not None and get_arch(cfg.sae.architecture).needs_k and cfg.sae.k > d_sae:
-        raise ConfigError(f"config key 'sae.k': k={cfg.sae.k} exceeds d_sae={d_sae}")
+    if d_sae is not None:
+        try:
+            get_arch(cfg.sae.architecture).check(cfg.sae.options, d_sae)
+        except ValueError as e:  # an OptionError names its key
+            raise ConfigError(f"config key {e}") from None
     if memory and d_in is not None:
         check_memory(cfg, d_in, data, model)
     if d_sae is not None:

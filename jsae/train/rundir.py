@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from jsae.config import RunConfig, to_dict
+from jsae.config import RunConfig, comparable, to_dict
 from jsae.errors import JsaeError
 from jsae.fileio import write_text
 
@@ -280,7 +280,7 @@ def admit(cfg: RunConfig, *, fresh: bool = False, write: bool = True,
                              "its last checkpoint")
         return out
     old = read_run_config(run_dir)
-    diffs = config_diff(old, to_dict(cfg)) if old else [("config.yaml", None, "missing")]
+    diffs = config_diff(comparable(old), to_dict(cfg)) if old else [("config.yaml", None, "missing")]
     step = latest_checkpoint(run_dir)
     total = cfg.resolved_steps()
     extends = (diffs and all(k in _EXTENSION for k, _, _ in diffs) and step is not None

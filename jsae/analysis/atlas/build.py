@@ -160,12 +160,13 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
         "band_samples": cfg.band_samples, "n_live": int(live.sum()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    profile = None
-    if sae.spec.n_layers > 1:  # a crosscoder: where each feature writes
-        from jsae.runs import input_hooks
-        from jsae.sae.archs.crosscoder import layer_profile
+    from jsae.sae.archs import get_arch
 
-        profile = layer_profile(sae).astype(np.float32)
+    profile = get_arch(sae.spec.architecture).layer_profile(sae)  # where each feature writes
+    if profile is not None:
+        from jsae.runs import input_hooks
+
+        profile = profile.astype(np.float32)
         m["layer_hooks"] = input_hooks(hook)
     m.update(meta or {})
     return AtlasData(

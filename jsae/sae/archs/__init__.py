@@ -7,8 +7,11 @@ export, steering, the sharding specs, checkpoints) looks it up with
 
 Adding one (the smallest example is `jsae.sae.archs.relu`):
 
-1. A module ``jsae/sae/archs/<name>.py`` with ``class MyArch(Arch)`` and ``name = "<name>"``;
-   import it at the bottom of this file (registration happens on import).
+1. A module ``jsae/sae/archs/<name>.py`` with ``class MyArch(Arch)``, ``name = "<name>"`` and
+   ``register(MyArch())`` at its end; `jsae.sae.registry` imports every module of this package on
+   the first lookup, so nothing else is edited.  Its options: a frozen dataclass ``Options``
+   (fields typed and defaulted; each is a ``sae.<field>`` config key and lands in
+   ``spec.options``), checked by ``check(options, d_sae)`` raising `OptionError`.
 2. Override what differs from the plain SAE ``z = act((x_n - b_dec) W_enc + b_enc)``,
    ``x_hat = z W_dec + b_dec``:
 
@@ -27,7 +30,8 @@ Adding one (the smallest example is `jsae.sae.archs.relu`):
    - ``loss_terms(sae, t: LossInputs) -> dict``: the terms added to the reconstruction
      (``t.x_in`` is what was encoded, ``t.x_target`` what is reconstructed: a transcoder's
      other hook; ``t.x_target is t.x_in`` for an SAE);
-   - ``unit_decoder(spec)``, ``needs_k``, ``elementwise``, ``coef_field`` (config key of the
+   - ``unit_decoder(spec)``, ``code_k`` (k-sparse codes), ``n_hooks`` / ``token_shape`` /
+     ``layer_profile`` (several hooks), ``elementwise``, ``coef_field`` (the option that is the
      sparsity coefficient), ``frozen_params`` / ``after_update`` (parameters not set by the
      gradient), ``supports_fast`` and the fast-path hooks, and the SAELens mapping
      (``saelens_name``, ``to_saelens``, ``from_saelens``).
@@ -37,59 +41,18 @@ Adding one (the smallest example is `jsae.sae.archs.relu`):
 
 from __future__ import annotations
 
-from jsae.sae.archs.base import Arch, LossInputs
+from jsae.sae.archs.base import Arch, LossInputs, NoOptions, OptionError
+from jsae.sae.registry import (
+    all_archs,
+    default_name,
+    for_gemmascope,
+    from_saelens_name,
+    get_arch,
+    latent_axes,
+    names,
+    owners,
+    register,
+)
 
-_REGISTRY: dict[str, Arch] = {}
-
-
-def register(arch: Arch) -> Arch:
-    """Add ``arch`` under ``arch.name`` (one name, one architecture)."""
-    if arch.name in _REGISTRY and type(_REGISTRY[arch.name]) is not type(arch):
-        raise ValueError(f"SAE architecture {arch.name!r} is registered twice")
-    _REGISTRY[arch.name] = arch
-    return arch
-
-
-def get_arch(name: str) -> Arch:
-    """The architecture registered as ``name``; a clear error naming the known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown SAE architecture {name!r}; known: {', '.join(names())}"
-                         ) from None
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def all_archs() -> tuple[Arch, ...]:
-    return tuple(_REGISTRY.values())
-
-
-def latent_axes() -> dict[str, int]:
-    """Latent axis of every per-latent parameter name of every architecture."""
-    out: dict[str, int] = {}
-    for arch in _REGISTRY.values():
-        for name, axis in arch.latent_axes().items():
-            if out.setdefault(name, axis) != axis:
-                raise ValueError(f"parameter {name!r} has latent axis {axis} in "
-                                 f"{arch.name!r} but {out[name]} elsewhere")
-    return out
-
-
-def from_saelens_name(saelens_arch: str, source: str = "tensors") -> Arch:
-    """The jsae architecture that imports SAELens's ``saelens_arch``."""
-    for arch in _REGISTRY.values():
-        if saelens_arch in arch.saelens_imports:
-            return arch
-    known = sorted(n for a in _REGISTRY.values() for n in a.saelens_imports)
-    raise ValueError(f"{source}: SAELens architecture {saelens_arch!r} is not supported by jsae "
-                     f"(supported: {', '.join(known)})")
-
-
-# registration order = the order of `names()` (config help, docs)
-from jsae.sae.archs import relu, topk, batchtopk, jumprelu, gated, matryoshka, transcoder, crosscoder  # noqa: E402,F401,I001
-
-__all__ = ["Arch", "LossInputs", "all_archs", "from_saelens_name", "get_arch", "latent_axes",
-           "names", "register"]
+__all__ = ["Arch", "LossInputs", "NoOptions", "OptionError", "all_archs", "default_name", "for_gemmascope",
+           "from_saelens_name", "get_arch", "latent_axes", "names", "owners", "register"]

@@ -8,13 +8,29 @@ See `jsae.sae.archs` for how to add one.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsae.sae.spec import mm
+
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of an architecture that has none of its own."""
+
+
+class OptionError(ValueError):
+    """An option value that does not fit; ``key`` is the option (config key ``sae.<key>``)."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(f"'sae.{key}': {msg}")
+        self.key, self.msg = key, msg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +54,18 @@ class LossInputs:
 
 
 class Arch:
-    """One architecture. Subclasses set ``name`` and override what differs."""
+    """One architecture. Subclasses set ``name`` and override what differs.
+
+    ``Options``: a frozen dataclass of the architecture's own options (``spec.options``); its
+    fields are also the architecture's ``sae.*`` config keys (but for ``derived_options``,
+    which `config_options` sets from the data), typed by their annotations.
+    """
 
     name: ClassVar[str] = ""
-    needs_k: ClassVar[bool] = False  # spec.k is the per-token budget (config checks it)
+    Options: ClassVar[type] = NoOptions
+    derived_options: ClassVar[tuple[str, ...]] = ()  # options set from the data, not config keys
+    rank: ClassVar[int] = 100  # position in `names()` (config help, docs)
+    is_default: ClassVar[bool] = False  # trained when a config names no sae.architecture
     elementwise: ClassVar[bool] = True  # a latent's code depends on its own pre-activation only
     coef_field: ClassVar[str | None] = None  # config key (sae.<field>) of the sparsity coef
     extra_latent_axes: ClassVar[dict[str, int]] = {}  # per-latent extra params -> latent axis
@@ -53,7 +77,64 @@ class Arch:
     saelens_imports: ClassVar[tuple[str, ...]] = ()  # SAELens architectures it imports
     transcoder: ClassVar[bool] = False  # reconstructs another hook (sae.output_hook)
     encoder_init_scale: ClassVar[float] = 1.0  # W_enc starts as this x W_dec^T
-    multi_hook: ClassVar[bool] = False  # one dictionary over all model.hooks (a crosscoder)
+    multi_hook: ClassVar[bool] = False  # reads (and writes) several hooks at once
+    gemmascope_export: ClassVar[bool] = False  # fits Gemma Scope's params.npz (a JumpReLU rule)
+    gemmascope_import: ClassVar[str | None] = None  # the Gemma Scope files it reads: sae, ...
+
+    # ---- options ------------------------------------------------------------------------
+
+    @classmethod
+    def option_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls.Options))
+
+    def option_keys(self) -> tuple[str, ...]:
+        """The ``sae.*`` config keys of this architecture."""
+        return tuple(f for f in self.option_fields() if f not in self.derived_options)
+
+    def option_types(self) -> dict[str, Any]:
+        return typing.get_type_hints(self.Options)
+
+    def make_options(self, values: dict[str, Any]):
+        """``Options`` from ``values`` (lists become tuples; a None for a key this
+        architecture lacks is ignored). TypeError names an unknown key."""
+        fields = self.option_fields()
+        unknown = [k for k, v in values.items() if k not in fields and v is not None]
+        if unknown:
+            raise TypeError(f"architecture {self.name!r} has no option {unknown[0]!r} (its "
+                            f"options: {', '.join(fields) or 'none'})")
+        return self.Options(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in values.items() if k in fields})
+
+    def config_options(self, options, *, n_hooks: int):
+        """``options`` with the derived ones set for a dictionary over ``n_hooks`` hooks."""
+        return options
+
+    def check(self, options, d_sae: int | None, d_sae_key: str = "d_sae") -> None:
+        """Raise `OptionError` when ``options`` do not fit (``d_sae``: None when not yet known;
+        ``d_sae_key``: how a message names it)."""
+
+    def sparsity_coef(self, options) -> float:
+        """The sparsity coefficient (the option named ``coef_field``), 0 without one."""
+        return 0.0 if self.coef_field is None else float(getattr(options, self.coef_field))
+
+    # ---- capabilities -------------------------------------------------------------------
+
+    def code_k(self, spec) -> int | None:
+        """k where training codes are k-sparse per token (k * B per batch): the fast path's k."""
+        return None
+
+    def n_hooks(self, spec) -> int:
+        """How many hooks the dictionary reads and reconstructs at once."""
+        return 1
+
+    def token_shape(self, spec) -> tuple[int, ...]:
+        """Shape of one token's input (and reconstruction)."""
+        return (spec.d_in,)
+
+    def layer_profile(self, sae) -> np.ndarray | None:
+        """``[d_sae, n_hooks]`` share of each feature's decoder norm per hook (rows sum to 1),
+        for a dictionary that writes several hooks; None otherwise."""
+        return None
 
     # ---- parameters ---------------------------------------------------------------------
 
@@ -63,6 +144,7 @@ class Arch:
 
     def check_spec(self, spec) -> None:
         """Raise ValueError (naming the sae.* key) when ``spec`` does not fit this architecture."""
+        self.check(spec.options, spec.d_sae)
 
     def latent_axes(self) -> dict[str, int]:
         """``{param name: latent axis}`` of every per-latent parameter."""
@@ -95,10 +177,8 @@ class Arch:
 
     def pre_activations(self, sae, x_n: Array) -> Array:
         """(x_n - b_dec) W_enc + b_enc."""
-        from jsae.sae.core import _mm
-
         p = sae.params
-        return _mm(x_n - p["b_dec"], p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
+        return mm(x_n - p["b_dec"], p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
 
     def activate(self, sae, pre: Array, x_n: Array, *, train: bool = False, topk_fn=None,
                  batch_topk_fn=None) -> Array:
@@ -107,10 +187,8 @@ class Arch:
     def decode(self, sae, z: Array, x_in: Array | None = None) -> Array:
         """Normalised reconstruction ``z W_dec + b_dec`` (``x_in``: the encoded input, for
         architectures whose output also reads it)."""
-        from jsae.sae.core import _mm
-
         p = sae.params
-        return _mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
+        return mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
 
     # ---- training -----------------------------------------------------------------------
 
@@ -166,6 +244,10 @@ class Arch:
         """
         return {"b_enc": t["b_enc"] + shift(t["W_enc"])}
 
+    def saelens_cfg_problem(self, cfg: dict) -> str | None:
+        """Why SAELens's cfg.json ``cfg`` cannot be imported as this architecture (None: it can)."""
+        return None
+
     def spec_from_saelens(self, saelens_arch: str, *, k, unit: bool, source: str) -> dict:
-        """SAESpec fields beyond d_in / d_sae for an imported SAE."""
-        return {"k": None, "l1_variant": "standard"}
+        """Option values for an imported SAE."""
+        return {}

@@ -11,7 +11,7 @@ import numpy as np
 from jsae.sae import selection
 from jsae.sae.archs import register
 from jsae.sae.archs.base import Arch
-from jsae.sae.archs.topk import auxk_terms
+from jsae.sae.archs.topk import TopK, auxk_terms
 
 # The inference threshold follows the batches' smallest active codes with an EMA whose horizon is
 # a tenth of the updates so far, capped at SAELens's 100 (topk_threshold_lr = 0.01). Codes shrink
@@ -41,11 +41,15 @@ def ema_threshold(old, z, step=None):
 
 class BatchTopK(Arch):
     name = "batchtopk"
-    needs_k = True
+    rank = 2
+    Options = TopK.Options
+    check = TopK.check
+    code_k = TopK.code_k
     extra_latent_axes = {"threshold": 0}
     frozen_params = ("threshold",)
     supports_fast = True
     saelens_name = "jumprelu"
+    gemmascope_export = True
 
     def extra_params(self, spec, **opts):
         return {"threshold": jnp.full((spec.d_sae,), -1.0, jnp.float32)}  # set by batch 1
@@ -55,7 +59,7 @@ class BatchTopK(Arch):
 
     def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
         if train:
-            return (batch_topk_fn or selection.batch_topk)(jax.nn.relu(pre), sae.spec.k)
+            return (batch_topk_fn or selection.batch_topk)(jax.nn.relu(pre), sae.spec.options.k)
         return jnp.where(pre > sae.params["threshold"], pre, 0.0)
 
     def loss_terms(self, sae, t):
@@ -71,7 +75,7 @@ class BatchTopK(Arch):
     def fast_codes(self, sae, pre):
         from jsae.sae import fast
 
-        return fast.batch_topk_codes(pre, sae.spec.k)  # values already relu(pre): same grad
+        return fast.batch_topk_codes(pre, sae.spec.options.k)  # values already relu(pre): same grad
 
     def to_saelens(self, params):
         t = super().to_saelens(params)

@@ -1,7 +1,7 @@
 """Acausal crosscoder (Anthropic, "Sparse Crosscoders", 2024): one dictionary that reads and
 reconstructs several hooks at once (e.g. the residual stream after layers 3, 6 and 9).
 
-Shapes, for L = ``spec.n_layers`` hooks: x_n [B, L, d_in], W_enc [L, d_in, d_sae],
+Shapes, for L = ``n_layers`` hooks (an option set from ``model.hooks``): x_n [B, L, d_in], W_enc [L, d_in, d_sae],
 b_enc [d_sae], W_dec [d_sae, L, d_in] (latent axis 0, as every decoder), b_dec [L, d_in].
 
     z     = relu( sum_l x_l W_enc[l] + b_enc )                 (no b_dec centring, as the paper)
@@ -17,37 +17,60 @@ for all hooks (E||x_l||^2 = d_in averaged over hooks).  No SAELens format (it ha
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsae.sae.archs import register
+from jsae.sae.archs import OptionError, register
 from jsae.sae.archs.base import Arch, LossInputs
 
 
 class Crosscoder(Arch):
     name = "crosscoder"
+    rank = 10
     coef_field = "l1_coef"
     multi_hook = True
+    derived_options = ("n_layers",)
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        l1_coef: float = 5.0  # sparsity coefficient (after normalisation)
+        n_layers: int = 2  # hooks read and reconstructed at once (from model.hooks)
+
+    def config_options(self, options, *, n_hooks):
+        return dataclasses.replace(options, n_layers=n_hooks)
+
+    def check(self, options, d_sae, d_sae_key="d_sae"):
+        if options.l1_coef < 0:
+            raise OptionError("l1_coef", "must be >= 0")
+        if options.n_layers < 2:
+            raise OptionError("n_layers", "a crosscoder reads several hooks: give model.hooks "
+                              f"two or more (got {options.n_layers})")
+
+    def n_hooks(self, spec):
+        return spec.options.n_layers
+
+    def token_shape(self, spec):
+        return (spec.options.n_layers, spec.d_in)
+
+    def layer_profile(self, sae):
+        return layer_profile(sae)
 
     def unit_decoder(self, spec) -> bool:
         return False
 
-    def check_spec(self, spec) -> None:
-        if spec.n_layers < 2:
-            raise ValueError("a crosscoder reads several hooks: give model.hooks two or more "
-                             f"(got {spec.n_layers})")
-
     def extra_params(self, spec, *, key=None, **opts):
         """Replaces the plain SAE's W_enc / W_dec / b_dec with the per-hook shapes."""
         key = jax.random.key(0) if key is None else key
-        w = jax.random.normal(key, (spec.d_sae, spec.n_layers, spec.d_in), jnp.float32)
+        w = jax.random.normal(key, (spec.d_sae, spec.options.n_layers, spec.d_in), jnp.float32)
         w = 0.1 * w / jnp.linalg.norm(w, axis=-1, keepdims=True)
         return {"W_dec": w, "W_enc": jnp.transpose(w, (1, 2, 0)),
-                "b_dec": jnp.zeros((spec.n_layers, spec.d_in), jnp.float32)}
+                "b_dec": jnp.zeros((spec.options.n_layers, spec.d_in), jnp.float32)}
 
     def param_shapes(self, spec):
-        n, L, d = spec.d_sae, spec.n_layers, spec.d_in
+        n, L, d = spec.d_sae, spec.options.n_layers, spec.d_in
         return {"W_enc": (L, d, n), "W_dec": (n, L, d), "b_enc": (n,), "b_dec": (L, d)}
 
     def decoder_directions(self, params, features):

@@ -4,40 +4,48 @@ magnitude relu((x_n - b_dec)(W_enc * exp(r_mag)) + b_mag).  Loss + l1 * sum_i re
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsae.sae.archs import register
+from jsae.sae.archs import OptionError, register
 from jsae.sae.archs.base import Arch
+from jsae.sae.spec import mm
 
 
 class Gated(Arch):
     name = "gated"
+    rank = 4
     coef_field = "l1_coef"
     extra_latent_axes = {"r_mag": 0, "b_mag": 0}
     saelens_name = "gated"
     saelens_imports = ("gated",)
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        l1_coef: float = 5.0  # sparsity coefficient (after normalisation)
+
+    def check(self, options, d_sae, d_sae_key="d_sae"):
+        if options.l1_coef < 0:
+            raise OptionError("l1_coef", "must be >= 0")
 
     def extra_params(self, spec, **opts):
         return {"r_mag": jnp.zeros((spec.d_sae,), jnp.float32),
                 "b_mag": jnp.zeros((spec.d_sae,), jnp.float32)}
 
     def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
-        from jsae.sae.core import _mm
-
         p = sae.params
         gate = (pre > 0).astype(pre.dtype)  # hard gate; trained through the aux loss
-        mag = _mm(x_n - p["b_dec"], p["W_enc"] * jnp.exp(p["r_mag"]), sae.spec.compute_dtype)
+        mag = mm(x_n - p["b_dec"], p["W_enc"] * jnp.exp(p["r_mag"]), sae.spec.compute_dtype)
         return gate * jax.nn.relu(mag + p["b_mag"])
 
     def loss_terms(self, sae, t):
-        from jsae.sae.core import _mm
-
         p = sae.params
         gate_act = jax.nn.relu(t.pre)
         dec_norm = jnp.linalg.norm(p["W_dec"], axis=-1)
-        frozen = _mm(gate_act, jax.lax.stop_gradient(p["W_dec"]), sae.spec.compute_dtype)
+        frozen = mm(gate_act, jax.lax.stop_gradient(p["W_dec"]), sae.spec.compute_dtype)
         frozen = frozen + jax.lax.stop_gradient(p["b_dec"])
         return {"sparsity": t.sparsity_coef * jnp.sum(gate_act * dec_norm, axis=-1).mean(),
                 "gate_aux": jnp.sum((frozen - t.x_target) ** 2, axis=-1).mean()}

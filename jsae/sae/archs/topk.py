@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from jsae.sae import selection
-from jsae.sae.archs import register
+from jsae.sae.archs import OptionError, register
 from jsae.sae.archs.base import Arch, LossInputs
 
 
@@ -17,9 +19,17 @@ def auxk_terms(sae, t: LossInputs) -> dict:
                                            t.topk_fn)}
 
 
+def check_k(k, d_sae, d_sae_key="d_sae") -> None:
+    if k is None or k <= 0:
+        raise OptionError("k", "must be a positive integer")
+    if d_sae is not None and k > d_sae:
+        raise OptionError("k", f"k={k} exceeds {d_sae_key}={d_sae}")
+
+
 class TopK(Arch):
     name = "topk"
-    needs_k = True
+    rank = 1
+    is_default = True
     elementwise = False
     supports_fast = True
     fast_blockwise = True
@@ -27,11 +37,21 @@ class TopK(Arch):
     saelens_name = "topk"
     saelens_imports = ("topk",)
 
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        k: int = 32  # active latents per token
+
+    def check(self, options, d_sae, d_sae_key="d_sae"):
+        check_k(options.k, d_sae, d_sae_key)
+
+    def code_k(self, spec):
+        return int(spec.options.k)
+
     def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
-        return jax.nn.relu((topk_fn or selection.topk_dense)(pre, sae.spec.k))
+        return jax.nn.relu((topk_fn or selection.topk_dense)(pre, sae.spec.options.k))
 
     def max_active(self, spec):
-        return int(spec.k)
+        return int(spec.options.k)
 
     def loss_terms(self, sae, t):
         return auxk_terms(sae, t)
@@ -43,15 +63,15 @@ class TopK(Arch):
         from jsae.sae import fast
 
         s = sae.spec
-        return fast.topk_codes(pre, s.k, recall=s.topk_recall, rectify=False, chunk=s.topk_chunk)
+        return fast.topk_codes(pre, s.options.k, recall=s.topk_recall, rectify=False, chunk=s.topk_chunk)
 
     def saelens_cfg(self, spec):
-        return {"k": int(spec.k), "rescale_acts_by_decoder_norm": False}
+        return {"k": int(spec.options.k), "rescale_acts_by_decoder_norm": False}
 
     def spec_from_saelens(self, saelens_arch, *, k, unit, source):
         if k is None or k <= 0:
             raise ValueError(f"{source}: a topk SAE needs k")
-        return {"k": int(k), "l1_variant": "standard"}
+        return {"k": int(k)}
 
 
 register(TopK())

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jsae.sae.archs import register
 from jsae.sae.archs.jumprelu import JumpReLU
 from jsae.sae.archs.topk import TopK
+from jsae.sae.spec import mm
 
 
 class _TranscoderForward:
@@ -38,6 +39,7 @@ class _TranscoderForward:
     supports_fast = False
     fast_blockwise = False
     sharded_fast = False
+    gemmascope_export = False
 
     def extra_params(self, spec, **opts):
         extra = super().extra_params(spec, **opts)
@@ -47,23 +49,19 @@ class _TranscoderForward:
 
     def pre_activations(self, sae, x_n):
         """x_in W_enc + b_enc (no b_dec centring: b_dec is the target's bias)."""
-        from jsae.sae.core import _mm
-
         p = sae.params
-        return _mm(x_n, p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
+        return mm(x_n, p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
 
     def decode(self, sae, z, x_in=None):
         """z W_dec + b_dec (+ x_in W_skip for a skip transcoder)."""
-        from jsae.sae.core import _mm
-
         p = sae.params
-        out = _mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
+        out = mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
         if not self.skip:
             return out
         if x_in is None:
             raise ValueError("a skip transcoder's decode needs its encoded input x_in "
                              "(use jsae.sae.core.decode_normalized(sae, z, x_n))")
-        return out + _mm(x_in, p["W_skip"], sae.spec.compute_dtype)
+        return out + mm(x_in, p["W_skip"], sae.spec.compute_dtype)
 
     def fast_applies(self, batch_topk_fn) -> bool:
         return False
@@ -101,12 +99,14 @@ class _TranscoderForward:
 
 class Transcoder(_TranscoderForward, TopK):
     name = "transcoder"
+    rank = 6
     saelens_name = None  # SAELens's transcoders are ReLU / JumpReLU: a TopK one does not map
     saelens_imports = ()
 
 
 class SkipTranscoder(Transcoder):
     name = "skip_transcoder"
+    rank = 7
     skip = True
 
 
@@ -115,12 +115,16 @@ class JumpReLUTranscoder(_TranscoderForward, JumpReLU):
     transcoders; exports to SAELens's ``jumprelu_transcoder``."""
 
     name = "jumprelu_transcoder"
+    rank = 8
+    gemmascope_import = "mlp"
     saelens_name = "jumprelu_transcoder"
     saelens_imports = ("jumprelu_transcoder",)
 
 
 class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     name = "jumprelu_skip_transcoder"
+    rank = 9
+    gemmascope_import = "mlp_skip"
     saelens_name = "jumprelu_skip_transcoder"
     saelens_imports = ("jumprelu_skip_transcoder",)
     skip = True
