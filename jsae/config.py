@@ -101,6 +101,23 @@ class SAEConfig:
         if self.options is None:
             self.options = _archs().get_arch(self.architecture).Options()
 
+    # `cfg.sae.k` reads (and sets) the architecture's option as the flat YAML key does.
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name == "options":
+            raise AttributeError(name)
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+            return getattr(options, name)
+        raise AttributeError(f"'SAEConfig' has no key {name!r} (sae.architecture "
+                             f"{self.__dict__.get('architecture')!r})")
+
+    def __setattr__(self, name: str, value):
+        options = self.__dict__.get("options")
+        if (options is not None and name not in {f.name for f in dataclasses.fields(self)}
+                and name in {f.name for f in dataclasses.fields(options)}):
+            value, name = dataclasses.replace(options, **{name: value}), "options"
+        object.__setattr__(self, name, value)
+
 
 @dataclasses.dataclass
 class TrainConfig:

@@ -30,7 +30,7 @@ class BadInput(JsaeError, ValueError):
     """A value a user gave (an option, a feature id, an array's shape) that cannot work."""
 
 
-class OutputRefused(JsaeError):
+class OutputRefused(JsaeError, ValueError):
     """A destination a command may not write: not empty and not its own, or a run or a cache."""
 
 

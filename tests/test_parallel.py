@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sae_reference import sae_section
 
 from jsae import parallel
 from jsae.config import from_dict
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulate
 def _cfg(arch):
     return from_dict({
         "data": {"source": "synthetic", "d_in": 16, "n_features": 64, "active_per_sample": 3},
-        "sae": {"architecture": arch, "d_sae": 128, "k": 4, "dead_after_tokens": 2048,
-                "l1_coef": 1.0},
+        "sae": sae_section({"architecture": arch, "d_sae": 128, "k": 4,
+                            "dead_after_tokens": 2048, "l1_coef": 1.0}),
         "train": {"steps": 6, "batch_size": 128, "lr": 1e-2, "lr_warmup_steps": 0,
                   "log_every": 3, "progress": False},
         "checkpoint": {"enabled": False},

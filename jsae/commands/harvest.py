@@ -73,7 +73,7 @@ def run(args) -> int:
     from jsae import outputs
 
     outputs.claim_folder(args.out, "jsae harvest", overwrite=args.overwrite, cache_ok=True,
-                         recognise=_partial_cache)
+                         recognise=lambda p: outputs.is_cache_dir(p) or _partial_cache(p))
     from jsae.data.cache import harvest_to_cache
 
     t0 = time.time()
