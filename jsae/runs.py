@@ -78,6 +78,8 @@ def saved_hooks(run_dir: str | Path) -> list[str]:
     saes = Path(run_dir) / "saes"
     hooks = []
     for meta in sorted(saes.glob("*/sae.json")) if saes.is_dir() else []:
+        if meta.parent.name.startswith("."):  # a save cut off before its rename into place
+            continue
         try:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):

@@ -252,9 +252,13 @@ def test_run_killed_during_its_final_save_is_finished_not_skipped(ws, tmp_path, 
     a hidden temporary under saes/, no dictionary, no summary. Rerunning must finish it."""
     run = tmp_path / "run"
     shutil.copytree(ws / "runs" / "r", run)
-    shutil.rmtree(run / "saes" / "synthetic")
-    (run / "saes" / ".synthetic.k1ll3d").mkdir()
+    (run / "saes" / ".synthetic.k1ll3d").mkdir()  # written whole but not renamed into place
+    shutil.copy(run / "saes" / "synthetic" / "sae.json", run / "saes" / ".synthetic.k1ll3d")
     (run / "saes" / ".synthetic.k1ll3d" / "sae.safetensors").write_bytes(b"half")
+    shutil.rmtree(run / "saes" / "synthetic")
+    from jsae.runs import saved_hooks
+
+    assert saved_hooks(run) == []  # the temporary is no dictionary
     (run / "summary.json").unlink()
     rc, out, err = jsae_in(["train", ws / "tiny.yaml", "--run-dir", run], capsys)
     assert rc == 0, err
