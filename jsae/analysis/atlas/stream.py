@@ -435,8 +435,9 @@ def _hash_arrays(h, arrays) -> None:
         h.update(a.tobytes())
 
 
-def sae_fingerprint(sae) -> str:
-    """Short hash of an SAE's spec, normalisation and parameters."""
+def sae_content_hash(sae) -> str:
+    """Short hash of an SAE's spec, normalisation and every parameter: a saved partial pass
+    resumes only with exactly this SAE (a retrained or edited one starts over)."""
     h = hashlib.sha1(repr(sae.spec).encode())
     _hash_arrays(h, [sae.norm_scale] + [sae.params[k] for k in sorted(sae.params)])
     return h.hexdigest()[:16]
@@ -688,7 +689,7 @@ def _prepare(saes, tokens, mask, cfg, batch_size, state_dir):
     start = 0
     for h in hooks:
         sae = saes[h]
-        expects[h] = {"sae": sae_fingerprint(sae), "corpus": corpus_fp, "hook": h,
+        expects[h] = {"sae": sae_content_hash(sae), "corpus": corpus_fp, "hook": h,
                       "cfg": repr(cfg), "batch_size": batch_size}
         st = init_state(sae.spec.d_sae, cfg)
         if state_dir is not None:
