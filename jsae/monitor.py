@@ -177,8 +177,9 @@ class DetectorMismatchError(MonitorError):
 DETECTOR_FORMAT = "jsae-detector"
 
 
-def sae_fingerprint(sae: SAE) -> str:
-    """SHA-256 of the decoder (float32 ``W_dec``, with its shape): the dictionary's identity."""
+def decoder_sha256(sae: SAE) -> str:
+    """SHA-256 of the decoder (float32 ``W_dec``, with its shape): the dictionary's identity, as a
+    detector file's ``sae_sha256`` records it."""
     w = np.ascontiguousarray(np.asarray(jax.device_get(sae.params["W_dec"]), np.float32))
     h = hashlib.sha256(f"{w.shape[0]}x{w.shape[1]}:".encode())
     h.update(w.tobytes())
@@ -320,7 +321,7 @@ def check_detector(det: Detector, sae: SAE, hook: str | None = None, where: str 
     """Refuse a detector fitted on another dictionary (W_dec hash) or another hook."""
     if hook is not None and det.hook != hook:
         raise DetectorMismatchError(f"{where} was fitted at hook {det.hook}, not {hook}: pass --hook {det.hook}")
-    got = sae_fingerprint(sae)
+    got = decoder_sha256(sae)
     if det.d_sae != sae.spec.d_sae or det.sae_sha256 != got:
         raise DetectorMismatchError(
             f"{where} was fitted on another dictionary (W_dec sha256 {det.sae_sha256[:12]}..., "
@@ -416,7 +417,7 @@ def fit_detector(model, sae: SAE, hook: str, features, positive, negative, *, ki
     else:
         v = _feature_max(model, sae, hook, ex, feats, context_length, batch_size, log)
     scale = np.where(v.std(0) > 1e-12, v.std(0), 1.0)
-    det = Detector(hook, feats, kind, sae_fingerprint(sae), int(sae.spec.d_sae), run=str(run),
+    det = Detector(hook, feats, kind, decoder_sha256(sae), int(sae.spec.d_sae), run=str(run),
                    context_length=int(context_length))
     if kind == "threshold":
         det.thresholds = fit_thresholds(v, y)
@@ -463,6 +464,6 @@ def apply_detector(det: Detector, model, sae: SAE, texts: Sequence[str] | str, *
 
 __all__ = [
     "Detector", "DetectorMismatchError", "MonitorError", "ScanResult", "Span", "apply_detector",
-    "check_detector", "check_features", "detector_metrics", "evaluate_detector", "firing",
-    "fit_detector", "fit_thresholds", "render", "runs", "sae_fingerprint", "scan", "span_edges",
+    "check_detector", "check_features", "decoder_sha256", "detector_metrics", "evaluate_detector", "firing",
+    "fit_detector", "fit_thresholds", "render", "runs", "scan", "span_edges",
 ]

@@ -15,11 +15,13 @@ from jsae.analysis.atlas.stream import (
     AtlasError,
     AtlasStateMismatch,
     StreamConfig,
+    StreamResult,
     band_exponent,
     band_index,
-    stream_arrays,
+    init_state,
     stream_text,
     token_priority,
+    update_state,
 )
 from jsae.data.harvest import Harvester
 from jsae.sae import encode
@@ -28,6 +30,22 @@ HOOK = "blocks.1.hook_resid_post"
 CFG = StreamConfig(top_k=5, window=6, left=3, bands=4, band_samples=3, hist_bins=12,
                    hist_min=1e-3, hist_max=10.0, coact_tokens=64, coact_k=5)
 BATCH = 4
+
+
+def stream_arrays(z_batches, cfg: StreamConfig = StreamConfig()) -> StreamResult:
+    """The pass over precomputed codes: an iterable of ``(z [B, T, F], tokens, mask, ctx0)``
+    (the reference the streamed passes are checked against)."""
+    state = None
+    n_ctx, T = 0, 0
+    for z, tok, msk, ctx0 in z_batches:
+        if state is None:
+            state = jax.device_put(init_state(z.shape[-1], cfg))
+        T = z.shape[1]
+        state = update_state(state, jnp.asarray(z), jnp.asarray(tok, jnp.int32),
+                             jnp.asarray(msk, bool), jnp.int32(ctx0), cfg=cfg)
+        n_ctx = max(n_ctx, int(ctx0) + z.shape[0])
+    host = {k: np.asarray(v) for k, v in jax.device_get(state).items()}
+    return StreamResult(cfg, int(host["n_tokens"]), n_ctx, T, host)
 
 
 @pytest.fixture(scope="module")

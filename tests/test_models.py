@@ -16,9 +16,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jsae.models as M  # noqa: E402
-from jsae.models.convert import llama_gguf_permute  # noqa: E402
 
 VOCAB, D, F, LAYERS, HEADS, KV, DH = 128, 64, 96, 4, 4, 2, 16
+
+
+def llama_gguf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to Q/K (the inverse of
+    `jsae.models.convert.llama_gguf_unpermute`); builds GGUF-layout test weights."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _randomise_norms(model, seed=0):

@@ -73,7 +73,7 @@ def test_detector_fits_measures_saves_and_flags(tiny, tmp_path):
         assert m["n_pos"] == 16 and m["tp"] + m["fn"] == 16
         path = det.save(tmp_path / f"{kind}.json")
         raw = json.loads(path.read_text())
-        assert raw["format"] == "jsae-detector" and raw["sae_sha256"] == monitor.sae_fingerprint(sae)
+        assert raw["format"] == "jsae-detector" and raw["sae_sha256"] == monitor.decoder_sha256(sae)
         assert raw["features"] == [PLANT, 3] and raw["hook"] == HOOK0 and raw["test"]["f1"] == 1.0
         back = monitor.Detector.load(path)
         flags, scores, res = monitor.apply_detector(back, model, sae, ["abc Zde", "abcde"])

@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import jsae.models as M  # noqa: E402
 from jsae.models import multimodal as MM  # noqa: E402
-from jsae.models.vision import vision_forward  # noqa: E402
+from jsae.models.vision import vision_run  # noqa: E402
 
 IMG, BOI, EOI, VOCAB = 299, 297, 298, 300
 N_SOFT = 16
@@ -96,7 +96,7 @@ def test_parity_vision_softtokens_embeddings_logits(tiny):
         hook.remove()
     px = np.transpose(pixels, (0, 2, 3, 1))  # jsae takes channels last
     vt = lm.vision
-    vis = np.asarray(vision_forward(vt.cfg.vision, vt.params["vision"], px))
+    vis = np.asarray(vision_run(vt.cfg.vision, vt.params["vision"], jnp.asarray(px))[0])
     np.testing.assert_allclose(vis, ref_vis, atol=1e-4, rtol=0)
     soft, _ = MM.soft_tokens(vt, jnp.asarray(px))
     assert soft.shape == (3, N_SOFT, 64)

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 
 import jsae.models as M  # noqa: E402
 from jsae.data import images as DI  # noqa: E402
-from jsae.models.multimodal import forward, random_gemma3, save_hf  # noqa: E402
+from jsae.models.multimodal import forward, random_gemma3, text_only_error  # noqa: E402
 
 HOOK = "blocks.2.hook_resid_post"
 TEXTS = [
@@ -24,6 +24,80 @@ TEXTS = [
     "Coffee is a drink brewed from roasted coffee beans, the seeds of berries from certain Coffea species.",
     "The rocket lifted off from the launch pad at dawn, carrying a satellite that would observe the Earth.",
 ] * 3
+
+
+def save_hf(lm, folder):
+    """Write a multimodal `LanguageModel` as an HF Gemma3ForConditionalGeneration folder
+    (`config.json`, `model.safetensors`, `tokenizer.json`) that `jsae.models.load` (and
+    transformers) read back: hands the tiny random model to `jsae` commands."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    from jsae.models.convert import params_to_hf
+
+    cfg, vt = lm.cfg, lm.vision
+    if vt is None:
+        raise text_only_error(lm)
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = params_to_hf(cfg, lm.params, prefix="model.language_model.")
+    sd.pop("lm_head.weight", None)  # tied
+    a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
+    vc, vp = vt.cfg.vision, vt.params["vision"]
+    pre = "model.vision_tower."
+    C, P, D = vc.n_channels, vc.patch_size, vc.d_model
+    sd[pre + "embeddings.patch_embedding.weight"] = a(vp["patch"]).T.reshape(D, C, P, P)
+    sd[pre + "embeddings.patch_embedding.bias"] = a(vp["patch_bias"])
+    sd[pre + "embeddings.position_embedding.weight"] = a(vp["pos"])
+    for i, b in enumerate(vp["blocks"]):
+        e = f"{pre}encoder.layers.{i}."
+        for ln, hf in (("ln1", "layer_norm1"), ("ln2", "layer_norm2")):
+            sd[e + hf + ".weight"], sd[e + hf + ".bias"] = a(b[ln]["scale"]), a(b[ln]["bias"])
+        for ours, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+            sd[e + f"self_attn.{hf}.weight"] = a(b["attn"][ours]).T
+            sd[e + f"self_attn.{hf}.bias"] = a(b["attn"]["b" + ours])
+        m = b["mlp"]
+        sd[e + "mlp.fc1.weight"], sd[e + "mlp.fc1.bias"] = a(m["fc1"]).T, a(m["b1"])
+        sd[e + "mlp.fc2.weight"], sd[e + "mlp.fc2.bias"] = a(m["fc2"]).T, a(m["b2"])
+    sd[pre + "post_layernorm.weight"] = a(vp["post_norm"]["scale"])
+    sd[pre + "post_layernorm.bias"] = a(vp["post_norm"]["bias"])
+    pp = vt.params["projector"]
+    sd["model.multi_modal_projector.mm_input_projection_weight"] = a(pp["proj"])
+    sd["model.multi_modal_projector.mm_soft_emb_norm.weight"] = a(pp["norm"]) - 1.0
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(d / "model.safetensors"))
+    text = {
+        "model_type": "gemma3_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.norm_eps,
+        "sliding_window": cfg.sliding_window, "query_pre_attn_scalar": round(cfg.scale**-2),
+        "layer_types": ["sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.n_layers)],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base}},
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    }
+    vision = {"model_type": "siglip_vision_model", "hidden_size": vc.d_model, "intermediate_size": vc.d_mlp,
+              "num_hidden_layers": vc.n_layers, "num_attention_heads": vc.n_heads, "image_size": vc.image_size,
+              "patch_size": vc.patch_size, "num_channels": vc.n_channels, "layer_norm_eps": vc.norm_eps,
+              "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False}
+    c = vt.cfg
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text, "vision_config": vision, "mm_tokens_per_image": c.mm_tokens_per_image,
+        "image_token_index": c.image_token_id, "boi_token_index": c.boi_id, "eoi_token_index": c.eoi_id,
+        "tie_word_embeddings": True,
+    }, indent=1))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "size": {"height": vc.image_size, "width": vc.image_size},
+        "image_mean": list(c.image_mean), "image_std": list(c.image_std), "resample": c.resample,
+        "rescale_factor": 1 / 255, "do_convert_rgb": True}, indent=1))
+    if lm.tokenizer is not None:
+        lm.tokenizer.save(d)
+    return d
 
 
 def _tokenizer():

@@ -61,7 +61,7 @@ def refused(argv, capsys, files: list[Path], *needles: str) -> str:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from jsae.export.saelens import save_saelens
-    from jsae.monitor import Detector, sae_fingerprint
+    from jsae.monitor import Detector, decoder_sha256
     from jsae.sae.io import load_sae
 
     root = tmp_path_factory.mktemp("readval")
@@ -71,7 +71,7 @@ def work(tmp_path_factory):
     assert main(["train", str(cfg), "--run-dir", str(run)]) == 0
     sae, _ = load_sae(run / "saes" / "synthetic")
     save_saelens(sae, root / "saelens", hook_name="synthetic", model_name="none")
-    det = Detector("synthetic", [1, 5], "threshold", sae_fingerprint(sae), 64,
+    det = Detector("synthetic", [1, 5], "threshold", decoder_sha256(sae), 64,
                    thresholds=[0.5, None], scale=[1.0, 2.0])
     det.save(root / "det.json")
     return root, cfg, run, sae

@@ -53,7 +53,9 @@ def load_run(run_dir: str | Path, hook: str | None = None, *, model=None) -> Run
                runs.output_hook(path, hook))
 
 
-def _sae_fingerprint(run: Run) -> str:
+def _sae_file_stamp(run: Run) -> str:
+    """Short hash of the newest saved SAE file's size and mtime: the corpus-statistics cache
+    key, so a retrained run recomputes them."""
     f = run.path / "saes" / runs.sae_dirname(run.hook) / "sae.safetensors"
     if not f.exists():  # an unfinished run: its newest checkpoint
         f = run.path / "checkpoints" / str(runs.latest_step(run.path))
@@ -97,7 +99,7 @@ def corpus_stats(run: Run, n_contexts: int = 256, context_length: int = 64, *, s
 
     log = log or (lambda m: print(m, file=sys.stderr))
     d = run.path / "analysis" / run.hook
-    key = f"top{top_n}_{n_contexts}x{context_length}_seed{seed}_{_sae_fingerprint(run)}"
+    key = f"top{top_n}_{n_contexts}x{context_length}_seed{seed}_{_sae_file_stamp(run)}"
     f_top, f_ctx = d / f"{key}.npz", d / f"{key}.contexts.npy"
     if cache and f_top.exists() and f_ctx.exists():
         return _load_cached(f_top, f_ctx, n_contexts, context_length)

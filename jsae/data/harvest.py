@@ -84,12 +84,12 @@ class Harvester:
             if self.devices is None:
                 self._params = self.model.params
             else:
-                from jax.sharding import Mesh, NamedSharding
-                from jax.sharding import PartitionSpec as P
+                from jsae.parallel import batch_sharding, make_mesh, replicated
 
-                mesh = Mesh(np.array(self.devices), ("batch",))
-                self._tok_sharding = NamedSharding(mesh, P("batch"))
-                self._params = jax.device_put(self.model.params, NamedSharding(mesh, P()))
+                # token rows over the mesh's data axis (one per device), the model replicated
+                mesh = make_mesh(devices=self.devices)
+                self._tok_sharding = batch_sharding(mesh, 2)
+                self._params = jax.device_put(self.model.params, replicated(mesh))
         return self._params
 
     def activations(self, tokens: np.ndarray) -> dict:

@@ -54,15 +54,6 @@ def _replace_reading(sae: SAE, m: jax.Array, s: jax.Array, c: jax.Array, act: ja
     return jnp.where(m[..., None], new, act.astype(jnp.float32)).astype(act.dtype)
 
 
-def transcoder_intervention(sae: SAE, input_hook: str, mask=None) -> ReadsHook:
-    """The intervention that splices a transcoder in place of what it models: put it at the
-    transcoder's output hook, ``forward(..., interventions={output_hook: this})``; it reads
-    ``input_hook`` of the same forward (at ``mask [B, T]`` positions only, if given)."""
-    m = jnp.ones((), bool) if mask is None else jnp.asarray(mask, bool)
-    return ReadsHook(input_hook, jax.tree_util.Partial(
-        _replace_reading, sae, m, jnp.float32(1.0), jnp.zeros((), jnp.float32)))
-
-
 def splice_intervention(sae: SAE, mask=None) -> Callable:
     """An intervention ``act -> decode(encode(act))`` (at ``mask [B, T]`` positions only, if
     given) for ``forward(..., interventions={hook: fn})``. A ``jax.tree_util.Partial``, so

@@ -31,6 +31,7 @@ from jsae.evals.downstream import downstream_metrics
 from jsae.evals.health import latent_health, plot_feature_density
 from jsae.evals.reconstruction import ReconstructionStats
 from jsae.parallel import process_sum
+from jsae.runs import sae_dirname
 from jsae.sae.core import SAE
 from jsae.sae.registry import get_arch
 
@@ -351,7 +352,7 @@ def write_outputs(
             n_tokens={h: result.n_tokens for h in result.density},
         ))
         for h, d in result.density.items():
-            p = out_dir / f"feature_density_{h.replace('/', '_')}.npy"
+            p = out_dir / f"feature_density_{sae_dirname(h)}.npy"
             np.save(p, np.asarray(d, np.float32))
             files[f"density:{h}"] = str(p)
     json_path = Path(json_path) if json_path else out_dir / "eval.json"

@@ -8,7 +8,6 @@ GLU or plain MLP, sandwich norms, QK-norm, biases, soft-capping, sliding windows
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Optional
 
@@ -332,31 +331,3 @@ def _act(name: str) -> str:
 
 def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def gemma3_270m_config() -> TransformerConfig:
-    """Gemma 3 270M text model (what the offline GGUF holds)."""
-    return TransformerConfig(
-        arch="gemma3",
-        vocab_size=262_144,
-        d_model=640,
-        n_layers=18,
-        n_heads=4,
-        n_kv_heads=1,
-        head_dim=256,
-        d_mlp=2048,
-        max_position=32768,
-        norm_eps=1e-6,
-        rope_base=1_000_000.0,
-        rope_local_base=10_000.0,
-        sliding_window=512,
-        layer_types=gemma3_layer_types(18),
-        attn_scale=256**-0.5,
-        qk_norm=True,
-        act="gelu_tanh",
-        post_norms=True,
-        embed_scale=math.sqrt(640),
-        bos_id=2,
-        eos_id=1,
-        pad_id=0,
-    )

@@ -163,12 +163,6 @@ def llama_gguf_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_gguf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """What llama.cpp's converter does to Q/K (the inverse of `llama_gguf_unpermute`)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def params_from_gguf(cfg: TransformerConfig, tensors: Mapping[str, np.ndarray], source: str = "GGUF") -> dict:
     """Dequantised GGUF tensors (numpy, torch [out, in] layout) -> jsae params (numpy)."""
     r = _Reader(tensors, source)

@@ -70,8 +70,3 @@ def shard_params(params, mesh: jax.sharding.Mesh, specs=None, *, tensor_parallel
     if specs is None:
         specs = partition_specs(params, tensor_parallel=tensor_parallel, mesh=mesh)
     return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
-
-
-def batch_spec(data_axis: str = "data") -> P:
-    """Token batches [B, T]: split over the data axis."""
-    return P(data_axis, None)

@@ -275,15 +275,3 @@ def vision_run(
     if VISION_HOOK_OUT in capture:
         acts[VISION_HOOK_OUT] = x
     return x, acts
-
-
-def vision_forward(vcfg: VisionConfig, params: Mapping, pixels) -> Array:
-    """Jitted tower output `[N, P, D]` for pixels `[N, H, W, C]`."""
-    return _vision_forward_jit(vcfg, params, jnp.asarray(pixels))
-
-
-def _vision_impl(vcfg, params, pixels):
-    return vision_run(vcfg, params, pixels)[0]
-
-
-_vision_forward_jit = jax.jit(_vision_impl, static_argnums=(0,))

@@ -457,13 +457,8 @@ def fast_sae_loss(
     return loss, {**terms, "z": codes, "x_hat": x_hat, **extra}
 
 
-def decode_codes(sae: SAE, codes: SparseCodes) -> Array:
-    """Raw-activation reconstruction from sparse codes (inference; see `jsae.sae.decode`)."""
-    return (sparse_decode(codes, sae.params["W_dec"]) + sae.params["b_dec"]) / sae.norm_scale
-
-
 __all__ = [
-    "SparseCodes", "batch_top_k", "batch_topk_codes", "chunked_top_k", "decode_codes", "encoder_hook", "fast_applies",
+    "SparseCodes", "batch_top_k", "batch_topk_codes", "chunked_top_k", "encoder_hook", "fast_applies",
     "fast_auxk_loss", "fast_sae_loss", "fired", "l0", "min_positive", "select_latents",
     "select_topk",
     "sparse_codes", "sparse_decode", "topk_codes",

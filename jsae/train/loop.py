@@ -20,6 +20,7 @@ from jsae import jsonsafe, parallel
 from jsae.config import ConfigError, RunConfig
 from jsae.errors import JsaeError
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
+from jsae.runs import sae_dirname
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
@@ -357,7 +358,7 @@ class Trainer:
                 meta["hook_names"] = list(self.inputs[h])
             if self.targets[h] != h:
                 meta["hook_name_out"] = self.targets[h]
-            save_sae_from_mesh(states[h].sae, run_dir / "saes" / _dirname(h), write=is_main,
+            save_sae_from_mesh(states[h].sae, run_dir / "saes" / sae_dirname(h), write=is_main,
                                metadata=meta)
         if is_main:
             if logger:
@@ -427,10 +428,6 @@ def _targets(cfg: RunConfig, source_hooks: list[str]) -> dict[str, str]:
             f"{', '.join(missing)} (it has {', '.join(source_hooks)}); harvest both hooks "
             "(model.hooks, or the cache's hooks)")
     return {pair[0]: pair[1]}
-
-
-def _dirname(hook: str) -> str:
-    return hook.replace("/", "_")
 
 
 def _flatten(per_hook: dict[str, dict], multi: bool) -> dict[str, float]:

@@ -435,8 +435,9 @@ def _hash_arrays(h, arrays) -> None:
         h.update(a.tobytes())
 
 
-def sae_fingerprint(sae) -> str:
-    """Short hash of an SAE's spec, normalisation and parameters."""
+def sae_content_hash(sae) -> str:
+    """Short hash of an SAE's spec, normalisation and every parameter: a saved partial pass
+    resumes only with exactly this SAE (a retrained or edited one starts over)."""
     h = hashlib.sha1(repr(sae.spec).encode())
     _hash_arrays(h, [sae.norm_scale] + [sae.params[k] for k in sorted(sae.params)])
     return h.hexdigest()[:16]
@@ -688,7 +689,7 @@ def _prepare(saes, tokens, mask, cfg, batch_size, state_dir):
     start = 0
     for h in hooks:
         sae = saes[h]
-        expects[h] = {"sae": sae_fingerprint(sae), "corpus": corpus_fp, "hook": h,
+        expects[h] = {"sae": sae_content_hash(sae), "corpus": corpus_fp, "hook": h,
                       "cfg": repr(cfg), "batch_size": batch_size}
         st = init_state(sae.spec.d_sae, cfg)
         if state_dir is not None:
@@ -742,19 +743,3 @@ def stream_cache(
     return _run_pass(saes, tokens, mask, cfg, states, expects, paths, start, acts_fn,
                      batch_size=batch_size, save_every=save_every, mesh=mesh, progress=progress,
                      stop_after=stop_after)
-
-
-def stream_arrays(z_batches, cfg: StreamConfig = StreamConfig()) -> StreamResult:
-    """The pass over precomputed codes: an iterable of ``(z [B, T, F], tokens, mask, ctx0)``
-    (tests, and sources that already hold codes)."""
-    state = None
-    n_ctx, T = 0, 0
-    for z, tok, msk, ctx0 in z_batches:
-        if state is None:
-            state = jax.device_put(init_state(z.shape[-1], cfg))
-        T = z.shape[1]
-        state = update_state(state, jnp.asarray(z), jnp.asarray(tok, jnp.int32),
-                             jnp.asarray(msk, bool), jnp.int32(ctx0), cfg=cfg)
-        n_ctx = max(n_ctx, int(ctx0) + z.shape[0])
-    host = {k: np.asarray(v) for k, v in jax.device_get(state).items()}
-    return StreamResult(cfg, int(host["n_tokens"]), n_ctx, T, host)
