@@ -80,7 +80,11 @@ def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
     on_host = what.startswith("this machine")
     from jsae.sae.archs import get_arch
 
-    n_dicts = 1 if get_arch(cfg.sae.architecture).transcoder else len(cfg.model.hooks)
+    arch = get_arch(cfg.sae.architecture)
+    if not arch.transcoder:
+        n_dicts = len(cfg.model.hooks)
+    else:  # one per input hook of a set (not yet known for `all`: the trainer checks later)
+        n_dicts = 1 if arch.multi_hook else max(len(cfg.model.hooks) // 2, 1)
     total = need * (data * model if on_host else 1) * n_dicts
     if total <= have:
         return
