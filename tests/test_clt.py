@@ -221,7 +221,7 @@ def test_a_layer_never_reads_a_later_layer(activation):
     sae = sae.replace(params={**sae.params, "W_dec": jnp.asarray(w), **extra})
     x, _ = _data()
     for train in (False, True):
-        def recon(x_in):
+        def recon(x_in, train=train):
             return np.asarray(decode_normalized(sae, encode_normalized(
                 sae, jnp.asarray(x_in), train=train)))
 
