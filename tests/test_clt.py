@@ -408,3 +408,21 @@ def test_param_shapes_and_option_errors():
         arch.check(arch.make_options({"preact_coef": -1.0}), 96)
     with pytest.raises(OptionError, match=r"'sae.activation'"):
         arch.check(arch.make_options({"activation": "relu"}), 96)
+
+
+def test_plan_and_preflight_count_the_decoder_of_every_layer():
+    """`jsae plan` and the preflight memory check size a CLT from its `param_shapes`: per
+    latent d_in (encoder) + L * d_in (decoder) + 1, not a plain SAE's 2 d_in + 1."""
+    from jsae.plan import param_tensors
+    from jsae.train.preflight import params_per_latent, state_bytes
+
+    L18, n, d = 18, 256, 640  # Gemma 3 270M, 256 features per layer
+    spec = SAESpec("clt", d, L18 * n, n_layers=L18)
+    t = param_tensors(spec)
+    assert t["W_dec"] == {"shape": [L18 * n, L18, d], "bytes": L18 * n * L18 * d * 4,
+                          "per_device": L18 * n * L18 * d * 4}
+    assert t["W_enc"]["shape"] == [L18, d, n]
+    assert params_per_latent(spec) == d + L18 * d + 1 + d / n
+    plain = state_bytes(d, L18 * n, 64)
+    clt = state_bytes(d, L18 * n, 64, params_per_latent=params_per_latent(spec))
+    assert clt > 9 * (plain - 4 * 3 * d) / 2  # the decoder of 18 layers dominates
