@@ -426,3 +426,45 @@ def test_plan_and_preflight_count_the_decoder_of_every_layer():
     plain = state_bytes(d, L18 * n, 64)
     clt = state_bytes(d, L18 * n, 64, params_per_latent=params_per_latent(spec))
     assert clt > 9 * (plain - 4 * 3 * d) / 2  # the decoder of 18 layers dominates
+
+
+# ---- end to end: the trainer's set layout (sae.layers) feeds the CLT ---------------------
+
+def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
+    """`jsae train`'s loop on a tiny 3-layer model: sae.layers reads every layer's MLP input and
+    reconstructs every MLP output; the saved CLT reloads with its masked decoder still zero,
+    its held-out FVU is the NumPy one over the same rows, and `jsae plan` sizes it."""
+    from test_steering_helpers import TinyModel, tiny_config
+    from test_transcoder_sets import _raw, _source
+
+    from jsae import config
+    from jsae.plan import plan
+    from jsae.runs import sae_from_run, stack_hooks
+    from jsae.sae import reconstruct
+    from jsae.train.loop import Trainer
+
+    model = TinyModel(tiny_config(layers=3))
+    raw = _raw(tmp_path, "clt", layers=[0, 1, 2], d_sae=48, k=4)
+    raw["sae"].update(activation="topk")
+    cfg = config.from_dict(raw)
+    src = _source(cfg, model)
+    trainer = Trainer(cfg, src)
+    (key,) = trainer.hooks
+    spec = trainer.specs[key]
+    assert spec.options.n_layers == 3 and spec.d_sae == 48
+    summary = trainer.fit(log=lambda s: None)
+    sae, info = sae_from_run(tmp_path / "run")
+    assert sae.spec == spec and info["layers"] == [0, 1, 2]
+    w = np.asarray(sae.params["W_dec"])
+    assert all(np.all(w[i, :i // 16] == 0) for i in range(48))
+    rows = list(src.eval_batches(200, 4096))
+    x = np.concatenate([stack_hooks(b, key) for b in rows])
+    y = np.concatenate([stack_hooks(b, trainer.targets[key]) for b in rows]).astype(np.float64)
+    y_hat = np.asarray(reconstruct(sae, jnp.asarray(x)), np.float64)
+    fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert summary["heldout"][key]["fvu"] == pytest.approx(fvu, rel=1e-4)
+
+    p = plan(config.from_dict(raw), 1, 1, d_in=model.cfg.d_model)
+    d = model.cfg.d_model
+    assert p.tensors[key]["W_dec"]["shape"] == [48, 3, d]
+    assert p.batch == 6 * 128 * d * 4  # every layer's input and output hook
