@@ -13,7 +13,7 @@ import pytest
 
 from jsae.sae import SAESpec, init_sae, sae_loss
 from jsae.sae.archs import OptionError, get_arch
-from jsae.sae.core import decode_normalized, encode_normalized
+from jsae.sae.core import decode_normalized, encode_normalized, fold_norm
 from jsae.train.state import init_state
 from jsae.train.step import make_train_step
 
@@ -25,9 +25,9 @@ ACTS = ("jumprelu", "topk", "batchtopk")
 # ---- the NumPy reference, written from the formulas ------------------------------------
 
 def np_pre(p, x):
-    """[B, L * N]: layer l's features read x[:, l] only."""
-    return np.concatenate([x[:, l] @ p["W_enc"][l] + p["b_enc"][l * N:(l + 1) * N]
-                           for l in range(L)], axis=1)
+    """[B, L * N]: layer l's features read x[:, l] only, at that layer's input scale."""
+    return np.concatenate([p["in_scale"][l] * x[:, l] @ p["W_enc"][l]
+                           + p["b_enc"][l * N:(l + 1) * N] for l in range(L)], axis=1)
 
 
 def np_codes(p, pre, o):
@@ -51,7 +51,8 @@ def np_codes(p, pre, o):
 
 
 def np_write(p, z):
-    """sum over l <= t of z_l W_dec[l-block, t], for every target layer t: [B, L, D]."""
+    """sum over l <= t of z_l W_dec[l-block, t], for every target layer t: [B, L, D] (in each
+    layer's output units: y_hat_t = write_t / out_scale_t + b_dec_t)."""
     out = np.zeros((len(z), L, D))
     for t in range(L):
         for l in range(t + 1):
@@ -69,9 +70,10 @@ def np_loss(p, x, y, o, coef, dead, aux_coef=0.5, aux_k=3, residual=None):
     """(total, terms, pre, z, y_hat); ``residual``: AuxK's target held fixed (stop-gradient)."""
     pre = np_pre(p, x)
     z = np_codes(p, pre, o)
-    y_hat = np_write(p, z) + p["b_dec"]
+    s_out = p["out_scale"][:, None]  # [L, 1]
+    y_hat = np_write(p, z) / s_out + p["b_dec"]
     nb = len(x)
-    terms = {"recon": np.sum((y_hat - y) ** 2) / nb}
+    terms = {"recon": np.sum(((y_hat - y) * s_out) ** 2) / nb}
     nrm = np_dec_norms(p)
     if o["activation"] == "jumprelu":
         theta = np.exp(p["log_threshold"])
@@ -93,7 +95,7 @@ def np_loss(p, x, y, o, coef, dead, aux_coef=0.5, aux_k=3, residual=None):
             keep = np.argsort(-masked[b], kind="stable")[:aux_k]
             v = masked[b, keep]
             z_aux[b, keep] = np.where(np.isfinite(v), np.maximum(v, 0), 0)
-        terms["auxk"] = aux_coef * np.sum((np_write(p, z_aux) - res) ** 2) / nb
+        terms["auxk"] = aux_coef * np.sum((np_write(p, z_aux) - res * s_out) ** 2) / nb
     if o["preact_coef"]:
         terms["preact"] = o["preact_coef"] * np.sum(np.maximum(theta - pre, 0) * nrm) / nb
     return sum(terms.values()), terms, pre, z, y_hat
@@ -110,8 +112,8 @@ def np_threshold_grad(p, x, y, o, coef, eps):
     g_z = np.zeros_like(z)  # true d loss / d z of the terms that read z
     for t in range(L):
         for l in range(t + 1):
-            g_z[:, l * N:(l + 1) * N] += 2.0 / nb * (y_hat[:, t] - y[:, t]) @ \
-                p["W_dec"][l * N:(l + 1) * N, t].T
+            g_z[:, l * N:(l + 1) * N] += 2.0 / nb * p["out_scale"][t] * (
+                y_hat[:, t] - y[:, t]) @ p["W_dec"][l * N:(l + 1) * N, t].T
     c = o["jumprelu_tanh_scale"]
     if o["jumprelu_sparsity"] == "tanh":  # z >= 0, so d|z|/dz = 1
         g_z += coef / nb * c * nrm * (1 - np.tanh(c * np.abs(z) * nrm) ** 2)
@@ -147,6 +149,8 @@ def _sae(o, seed=0):
     p["W_dec"] = jnp.asarray(w)
     if "log_threshold" in p:
         p["log_threshold"] = jnp.asarray(np.log(rng.uniform(0.2, 0.6, L * N)), jnp.float32)
+    for name in ("in_scale", "out_scale"):  # layers of different sizes
+        p[name] = jnp.asarray(rng.uniform(0.5, 2.0, L), jnp.float32)
     return sae.replace(params=p)
 
 
@@ -247,6 +251,9 @@ def test_masked_decoder_entries_stay_zero_through_training(activation):
                                               **_options(activation)), x, target_sample=y)
     w0 = np.asarray(sae.params["W_dec"])
     assert all(np.all(w0[i, :i // N] == 0) and np.all(w0[i, i // N:] != 0) for i in range(L * N))
+    for name, v in (("in_scale", x), ("out_scale", y)):  # E||scale_l v_l||^2 = d per layer
+        v_n = v * float(sae.norm_scale) * np.asarray(sae.params[name])[:, None]
+        np.testing.assert_allclose(np.mean(np.sum(v_n ** 2, -1), 0), D, rtol=1e-4)
     opt, step = _step_fn()
     state = init_state(sae, opt, jax.random.key(1))
     step = jax.jit(step)
@@ -255,6 +262,8 @@ def test_masked_decoder_entries_stay_zero_through_training(activation):
     w = np.asarray(state.sae.params["W_dec"])
     assert all(np.all(w[i, :i // N] == 0) for i in range(L * N))
     assert not np.allclose(w, w0) and np.isfinite(float(m["loss"]))
+    for name in ("in_scale", "out_scale"):  # frozen: not moved by the gradient
+        np.testing.assert_array_equal(state.sae.params[name], sae.params[name])
     if activation == "batchtopk":  # the EMA set each layer's inference threshold
         thr = np.asarray(state.sae.params["ema_threshold"]).reshape(L, N)
         assert np.all(thr > 0) and np.all(thr == thr[:, :1])
@@ -327,7 +336,9 @@ def test_recovers_planted_cross_layer_features_and_their_profile(activation):
         assert cos.max(1).min() > 0.95, np.round(cos.max(1), 2)
     assert np.all(best // n == np.repeat(np.arange(L), src.n_true))  # found at its own layer
     prof = get_arch("clt").layer_profile(sae)[best]  # [true feature, target layer]
-    want = np.repeat(np.array([src.profiles[l] for l in range(L)]), src.n_true, axis=0)
+    # the planted profile in each target layer's own units (what the decoder is trained in)
+    want = np.array([src.profiles[l] for l in range(L)]) * np.asarray(sae.params["out_scale"])
+    want = np.repeat(want / want.sum(1, keepdims=True), src.n_true, axis=0)
     good = cos.max(1) > 0.9
     assert np.max(np.abs(prof[good] - want[good])) < 0.08, np.round(prof[good] - want[good], 2)
 
@@ -388,8 +399,12 @@ def test_save_load_round_trip(tmp_path, activation):
     assert back.spec == sae.spec and meta == {"hooks": ["a"]}
     assert set(back.params) == set(sae.params)
     x, _ = _data()
-    np.testing.assert_array_equal(np.asarray(reconstruct(back, x)),
-                                  np.asarray(reconstruct(sae, x)))
+    want = np.asarray(reconstruct(sae, x))
+    np.testing.assert_array_equal(np.asarray(reconstruct(back, x)), want)
+    folded = fold_norm(sae.replace(norm_scale=jnp.asarray(1.7, jnp.float32)))
+    assert np.all(np.asarray(folded.params["in_scale"]) == 1)
+    np.testing.assert_allclose(np.asarray(reconstruct(folded, x / 1.7)) * 1.7,
+                               np.asarray(reconstruct(sae, x)), rtol=1e-4, atol=1e-4)
 
 
 def test_param_shapes_and_option_errors():

@@ -8,16 +8,28 @@ and n = d_sae / L features per layer; latent index = l * n + i (layer-major):
     x_n [B, L, d_in]    the L MLP inputs (normalised), stacked like a crosscoder's hooks
     y_n [B, L, d_in]    the L MLP outputs (the target; scaled by the same norm_scale)
     W_enc [L, d_in, n]  b_enc [L * n]  W_dec [L * n, L, d_in]  b_dec [L, d_in]
+    in_scale [L]  out_scale [L]  (set from the init sample, not trained)
     (JumpReLU: log_threshold or threshold [L * n]; BatchTopK: ema_threshold [L * n])
 
-    pre_l   = x_l W_enc[l] + b_enc[l-block]                  (no b_dec centring: transcoder)
+    pre_l   = (in_scale_l x_l) W_enc[l] + b_enc[l-block]     (no b_dec centring: transcoder)
     z_l     = act(pre_l)                                     (jumprelu | topk | batchtopk)
-    y_hat_t = sum_{l <= t} z_l W_dec[l-block, t] + b_dec[t]   (causal: t < l entries masked)
-    loss    = sum_t ||y_hat_t - y_t||^2  +  sparsity  (+ preact)   (averaged over tokens)
+    y_hat_t = sum_{l <= t} z_l W_dec[l-block, t] / out_scale_t + b_dec[t]
+                                                             (causal: t < l entries masked)
+    loss    = sum_t out_scale_t^2 ||y_hat_t - y_t||^2  +  sparsity  (+ preact)   (per token)
+
+Per-layer normalisation: in Gemma 3 270M, E||x||^2 / d of the MLP outputs (hook_mlp_out) runs
+from 128 (layer 2) to 77,500 (layer 17) and of the MLP inputs (mlp.hook_in) from 0.08 to 1.9;
+with one scale the loss would be layer 17's alone and the sparsity coefficient meaningless.
+So on top of the SAE's scalar ``norm_scale`` (E||x_l||^2 = d_in averaged over layers) each
+layer's input and output get their own: in_scale_l, out_scale_t with E||in_scale_l x_l||^2 =
+E||out_scale_t y_t||^2 = d_in (in normalised units, from the init sample).  W_enc, W_dec and the
+codes live in these per-layer units (as Anthropic's CLTs train); `jsae.sae.core.fold_norm`
+folds them into the weights (`fold_params`).
 
 W_dec[l*n + i, t] for t < l is masked in the forward, so it gets no gradient and, starting at
 zero, stays zero under Adam. ``||W_dec_i||`` below is the norm of the feature's whole (masked)
-decoder, over all the layers it writes.  Sparsity, by ``activation``:
+decoder, over all the layers it writes, in per-layer units; ``layer_profile`` shares it out
+over the target layers in the same units.  Sparsity, by ``activation``:
 
 - ``jumprelu``: z = pre * H(pre - theta) with JumpReLU's straight-through thresholds and its
   knobs (`jsae.sae.archs.jumprelu`); ``jumprelu_sparsity``: ``tanh`` (default, Anthropic's CLT
@@ -35,9 +47,7 @@ preact_coef * sum_i relu(theta_i - pre_i) ||W_dec_i|| (theta: the JumpReLU thres
 topk / batchtopk).  AuxK (topk, batchtopk): the top ``aux_k`` dead latents of a token (over
 all layers) reconstruct its residual y - y_hat through the masked decoder.
 
-One scalar ``norm_scale`` (E||x_l||^2 = d_in averaged over the L inputs) scales inputs and
-targets alike, as jsae's transcoders: per-layer scales would need a non-scalar norm_scale in
-`jsae.sae.core` / `jsae.sae.io` / the train step.  No SAELens format.
+No SAELens format.
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ class CLT(Arch):
     encoder_init_scale = 0.1
     derived_options = ("n_layers",)
     extra_latent_axes = {"log_threshold": 0, "threshold": 0, "ema_threshold": 0}
+    frozen_params = ("in_scale", "out_scale")  # set from the init sample
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -158,13 +169,38 @@ class CLT(Arch):
         e = jax.random.normal(k_enc, (L, d, n), jnp.float32)
         e = self.encoder_init_scale * e / jnp.linalg.norm(e, axis=1, keepdims=True)
         out = {"W_dec": w, "W_enc": e, "b_enc": jnp.zeros((spec.d_sae,), jnp.float32),
-               "b_dec": jnp.zeros((L, d), jnp.float32)}
+               "b_dec": jnp.zeros((L, d), jnp.float32),
+               "in_scale": jnp.ones((L,), jnp.float32), "out_scale": jnp.ones((L,), jnp.float32)}
         if o.activation == "batchtopk":
             out["ema_threshold"] = jnp.full((spec.d_sae,), -1.0, jnp.float32)  # set by batch 1
         elif o.activation == "jumprelu":
             out.update(JumpReLU.extra_params(self, spec,
                                              jumprelu_init_threshold=jumprelu_init_threshold))
         return out
+
+    def sample_params(self, spec, x_n, y_n):
+        """in_scale / out_scale [L]: E||scale_l v_l||^2 = d_in for each layer's input and
+        output in the sample (normalised units; the output's are 1 without targets)."""
+        def per_layer(v):
+            v = np.asarray(v, np.float64).reshape(-1, spec.options.n_layers, spec.d_in)
+            mean_sq = np.mean(np.sum(v * v, axis=-1), axis=0)  # [L]
+            if not np.all(np.isfinite(mean_sq) & (mean_sq > 0)):
+                raise ValueError(f"cannot normalise layers with mean squared norms {mean_sq}")
+            return jnp.asarray(np.sqrt(spec.d_in / mean_sq), jnp.float32)
+
+        out = {"in_scale": per_layer(x_n)}
+        if y_n is not None:
+            out["out_scale"] = per_layer(y_n)
+        return out
+
+    def fold_params(self, params):
+        """W_enc[l] x in_scale_l and W_dec[:, t] / out_scale_t; the scales become 1."""
+        p = dict(params)
+        s_in, s_out = p["in_scale"], p["out_scale"]
+        p["W_enc"] = p["W_enc"] * s_in[:, None, None]
+        p["W_dec"] = p["W_dec"] / s_out[None, :, None]
+        p["in_scale"], p["out_scale"] = jnp.ones_like(s_in), jnp.ones_like(s_out)
+        return p
 
     def threshold(self, params):
         """theta [d_sae] (normalised units): JumpReLU's, or BatchTopK's inference threshold;
@@ -174,9 +210,9 @@ class CLT(Arch):
         return params.get("threshold", params.get("ema_threshold"))
 
     def decoder_directions(self, params, features):
-        """A feature's total write into the residual stream: its decoder summed over the
-        layers it writes (the masked ones are zero)."""
-        return jnp.sum(params["W_dec"][features], axis=1)
+        """A feature's total write into the residual stream (normalised units): its decoder
+        summed over the layers it writes (the masked ones are zero)."""
+        return jnp.sum(params["W_dec"][features] / params["out_scale"][:, None], axis=1)
 
     def decoder_norms(self, sae):
         """``[d_sae]``: the norm of each feature's whole masked decoder (all layers)."""
@@ -188,7 +224,8 @@ class CLT(Arch):
     def pre_activations(self, sae, x_n):
         """x_n [..., L, d_in] -> pre [..., L * n]: each layer's encoder reads its own input."""
         p, dt = sae.params, sae.spec.compute_dtype
-        pre = jnp.einsum("...ld,ldn->...ln", x_n.astype(dt), p["W_enc"].astype(dt),
+        x_l = x_n * p["in_scale"][:, None]  # each layer's input at its own scale
+        pre = jnp.einsum("...ld,ldn->...ln", x_l.astype(dt), p["W_enc"].astype(dt),
                          preferred_element_type=jnp.float32)
         return pre.reshape(*pre.shape[:-2], -1) + p["b_enc"]
 
@@ -210,15 +247,23 @@ class CLT(Arch):
 
     def decode(self, sae, z, x_in=None):
         """z [..., L * n] -> y_hat [..., L, d_in] through the causally masked decoder."""
-        return self._write(sae, z) + sae.params["b_dec"]
+        p = sae.params
+        return self._write(sae, z) / p["out_scale"][:, None] + p["b_dec"]
 
     def _write(self, sae, z):
+        """z [..., L * n] -> [..., L, d_in] in per-layer output units (no bias)."""
         p, dt = sae.params, sae.spec.compute_dtype
         w = p["W_dec"] * _mask(sae.spec)[:, :, None]  # masked entries get no gradient
         return jnp.einsum("...n,nld->...ld", z.astype(dt), w.astype(dt),
                           preferred_element_type=jnp.float32)
 
     # ---- training -----------------------------------------------------------------------
+
+    def recon_loss(self, sae, x_hat, x_target):
+        """sum_t ||out_scale_t (y_hat_t - y_t)||^2, averaged over tokens: each layer's error in
+        its own units (one layer's large outputs do not drown the others)."""
+        d = (x_hat - x_target) * sae.params["out_scale"][:, None]
+        return jnp.sum(d * d, axis=tuple(range(1, d.ndim))).mean()
 
     def loss_terms(self, sae, t: LossInputs):
         o, p = sae.spec.options, sae.params
@@ -242,7 +287,8 @@ class CLT(Arch):
         return terms
 
     def _auxk(self, sae, t: LossInputs):
-        """The top aux_k dead latents of each token reconstruct y - y_hat (a constant)."""
+        """The top aux_k dead latents of each token reconstruct y - y_hat (a constant), in
+        per-layer units."""
         k_aux = sae.spec.aux_k_resolved
 
         def compute(operands):
@@ -254,7 +300,8 @@ class CLT(Arch):
             return jnp.sum(err * err, axis=tuple(range(1, err.ndim))).mean()
 
         return jax.lax.cond(jnp.any(t.dead_mask), compute, lambda _: jnp.zeros((), jnp.float32),
-                            (t.pre, t.x_target - t.x_hat, t.dead_mask))
+                            (t.pre, (t.x_target - t.x_hat) * sae.params["out_scale"][:, None],
+                             t.dead_mask))
 
     def after_update(self, params, z, step=None):
         """Linear JumpReLU thresholds are kept >= 0; BatchTopK's ``ema_threshold`` follows the
