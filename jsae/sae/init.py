@@ -80,6 +80,10 @@ def init_sae(
         "b_dec": jnp.asarray(b_dec, jnp.float32),
     }
     params.update(arch.extra_params(spec, key=jax.random.fold_in(key, 1), **arch_options))
+    if sample is not None:  # e.g. a cross-layer transcoder's per-layer scales
+        params.update(arch.sample_params(
+            spec, np.asarray(sample, np.float32) * scale,
+            None if target_sample is None else np.asarray(target_sample, np.float32) * scale))
     if target_sample is not None and sample is not None:
         # a transcoder's input is not centred by b_dec (another space): start b_enc at
         # -mean(x_in) W_enc so the first codes do not all follow the input's mean direction
