@@ -224,6 +224,22 @@ def test_sharded_latents_equal_single_device(corpus):
     check(res, reference(z, tokens, mask, CFG), CFG, z, tokens)
 
 
+def test_state_is_a_pytree_with_features_leading():
+    """Every field is a leaf; exactly the per-feature fields (sharded over `model`) have the
+    features as leading axis, and the state's sizes follow the config."""
+    cfg = StreamConfig(top_k=3, window=5, bands=4, band_samples=2, hist_bins=6, coact_tokens=10,
+                       coact_k=4, coact_candidates=3)
+    st = init_state(7, cfg)
+    assert len(jax.tree.leaves(st)) == len(SAVED_NAMES) and sorted(AtlasState.names()) == list(SAVED_NAMES)
+    shared = set(AtlasState.names()) - set(AtlasState.per_feature())
+    assert shared == {"coact", "coact_n", "coact_ready", "n_tokens"}
+    for k in AtlasState.per_feature():
+        assert getattr(st, k).shape[0] == 7, k
+    assert st.top_tok.shape == (7, 3, 5) and st.band_act.shape == (7, 4, 2, 5)
+    assert st.hist.shape == (7, 6) and st.coact.shape == (10, 4) and st.coact_cand.shape == (7, 3)
+    assert init_state(2, cfg).coact_cand.shape == (2, 1)  # at most F - 1 partners
+
+
 def test_bad_input_one_line(corpus):
     model, sae, tokens, mask, _ = corpus
     with pytest.raises(AtlasError, match="fewer than the top-k") as e:
