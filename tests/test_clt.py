@@ -483,3 +483,19 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     d = model.cfg.d_model
     assert p.tensors[key]["W_dec"]["shape"] == [48, 3, d]
     assert p.batch == 6 * 128 * d * 4  # every layer's input and output hook
+
+
+def test_a_features_direction_per_layer_is_its_raw_write():
+    """steering.feature_direction(layer=t): the raw-unit change of layer t's reconstruction per
+    unit of the code (the decoder row over out_scale and norm_scale)."""
+    from jsae.sae import decode
+    from jsae.steering import feature_direction
+
+    sae = _sae(_options("topk")).replace(norm_scale=jnp.asarray(1.3, jnp.float32))
+    f = N + 2  # a layer-1 feature
+    z = jnp.zeros((1, L * N)).at[0, f].set(1.0)
+    delta = np.asarray(decode(sae, z) - decode(sae, jnp.zeros((1, L * N))))[0]
+    for t in range(L):
+        np.testing.assert_allclose(np.asarray(feature_direction(sae, f, layer=t)), delta[t],
+                                   rtol=1e-5, atol=1e-6)
+    assert np.all(delta[0] == 0)  # it writes nothing before its own layer

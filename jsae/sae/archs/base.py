@@ -175,6 +175,11 @@ class Arch:
         logit effects are shown)."""
         return params["W_dec"][features]
 
+    def decoder_rows(self, params: dict, features: Array) -> Array:
+        """``[F, *token_shape]`` normalised-space decoder rows of ``features``: what a unit
+        of each code adds to the (normalised) reconstruction, at every hook it writes."""
+        return params["W_dec"][features]
+
     def max_active(self, spec) -> int | None:
         """The most latents that can be active on one token, where the rule caps it (TopK: k)."""
         return None

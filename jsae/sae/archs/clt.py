@@ -214,6 +214,10 @@ class CLT(Arch):
         summed over the layers it writes (the masked ones are zero)."""
         return jnp.sum(params["W_dec"][features] / params["out_scale"][:, None], axis=1)
 
+    def decoder_rows(self, params, features):
+        """[F, L, d_in] in normalised units: each layer's row over its out_scale."""
+        return params["W_dec"][features] / params["out_scale"][:, None]
+
     def decoder_norms(self, sae):
         """``[d_sae]``: the norm of each feature's whole masked decoder (all layers)."""
         w = sae.params["W_dec"] * _mask(sae.spec)[:, :, None]
