@@ -448,7 +448,8 @@ def test_plan_and_preflight_count_the_decoder_of_every_layer():
 def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     """`jsae train`'s loop on a tiny 3-layer model: sae.layers reads every layer's MLP input and
     reconstructs every MLP output; the saved CLT reloads with its masked decoder still zero,
-    its held-out FVU is the NumPy one over the same rows, and `jsae plan` sizes it."""
+    its held-out FVU is the NumPy one over the same rows, `jsae plan` sizes it, and resuming
+    its checkpoint with another layer count is one line."""
     from test_steering_helpers import TinyModel, tiny_config
     from test_transcoder_sets import _raw, _source
 
@@ -456,18 +457,20 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     from jsae.plan import plan
     from jsae.runs import sae_from_run, stack_hooks
     from jsae.sae import reconstruct
+    from jsae.train.checkpoint import CheckpointMismatchError, RunCheckpointer
     from jsae.train.loop import Trainer
 
     model = TinyModel(tiny_config(layers=3))
     raw = _raw(tmp_path, "clt", layers=[0, 1, 2], d_sae=48, k=4)
     raw["sae"].update(activation="topk")
+    raw["checkpoint"] = {"enabled": True, "every_steps": 6, "keep": 1}
     cfg = config.from_dict(raw)
     src = _source(cfg, model)
     trainer = Trainer(cfg, src)
     (key,) = trainer.hooks
     spec = trainer.specs[key]
     assert spec.options.n_layers == 3 and spec.d_sae == 48
-    summary = trainer.fit(log=lambda s: None)
+    summary = trainer.fit(log=lambda s: None, checkpointer=RunCheckpointer(cfg, trainer))
     sae, info = sae_from_run(tmp_path / "run")
     assert sae.spec == spec and info["layers"] == [0, 1, 2]
     w = np.asarray(sae.params["W_dec"])
@@ -483,6 +486,15 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     d = model.cfg.d_model
     assert p.tensors[key]["W_dec"]["shape"] == [48, 3, d]
     assert p.batch == 6 * 128 * d * 4  # every layer's input and output hook
+
+    two = config.from_dict({**raw, "sae": {**raw["sae"], "layers": [0, 1], "d_sae": 32},
+                            "train": {**raw["train"], "steps": 8}})
+    again = Trainer(two, _source(two, model))
+    with pytest.raises(CheckpointMismatchError, match=r"^checkpoint .* trains hooks \['blocks.0"
+                       r".*blocks.2.mlp.hook_in'\] but the config asks for \['blocks.0.mlp.hook_in"
+                       r"\+blocks.1.mlp.hook_in'\]") as e:
+        again.fit(log=lambda s: None, checkpointer=RunCheckpointer(two, again))
+    assert "\n" not in str(e.value)
 
 
 def test_a_features_direction_per_layer_is_its_raw_write():
