@@ -114,6 +114,35 @@ MODEL_WIDTHS = {
 }
 
 
+# Depths (n_layers) of the same models, for a set over every layer (`sae.layers: all`).
+MODEL_DEPTHS = {
+    "gemma-3-270m": 18, "gemma-3-12b": 48, "gemma-3-27b": 62, "gemma-3-1b": 26,
+    "gemma-3-4b": 34, "gemma-2-2b": 26, "gemma-2-9b": 42, "gemma-2-27b": 46,
+    "gpt2-medium": 24, "gpt2-large": 36, "gpt2-xl": 48, "gpt2": 12,
+    "llama-3.1-8b": 32, "llama-3.2-1b": 16, "llama-3.2-3b": 28,
+    "smollm2-135m": 30, "smollm2-360m": 32, "smollm2-1.7b": 24,
+    "qwen2.5-0.5b": 24, "qwen2.5-1.5b": 28, "qwen2.5-7b": 28,
+}
+
+
+def _with_set_hooks(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with a set's hooks for every layer (``sae.layers: all``) from the model's known
+    depth; a copy, the caller's config is not changed."""
+    if cfg.sae.layers != "all" or cfg.model.hooks:
+        return cfg
+    from jsae.config import resolve_layers
+
+    name = (cfg.model.path or cfg.model.name or "").lower()
+    depth = next((n for key, n in MODEL_DEPTHS.items() if key in name), None)
+    if depth is None:
+        raise ConfigError(f"config key 'sae.layers': cannot tell how many layers model "
+                          f"{cfg.model.name!r} has without loading it; list them (sae.layers: "
+                          "[0, 1, ...])")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
+    resolve_layers(cfg, depth)
+    return cfg
+
+
 def resolve_d_in(cfg: RunConfig) -> int:
     """d_in of the config's activations without loading a model or data."""
     d = cfg.data
@@ -207,6 +236,7 @@ def compile_step(cfg: RunConfig, data: int, model: int, d_in: int | None = None)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=data, model=model))
     if cfg.train.steps is None and cfg.train.tokens is None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
+    cfg = _with_set_hooks(cfg)
     trainer = Trainer(cfg, _ShapeOnlySource(cfg.model.hooks, d_in), mesh=mesh)
     states = trainer._template()
     bsh = parallel.batch_sharding(mesh)

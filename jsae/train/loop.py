@@ -103,7 +103,8 @@ class Trainer:
         self.cfg, self.source = cfg, source
         self.source_hooks: list[str] = list(source.hooks)
         # one dictionary per key: inputs[key] the hooks it reads (one; a crosscoder's several,
-        # stacked [B, L, d]), targets[key] the hook it reconstructs (a transcoder's other one)
+        # stacked [B, L, d]), targets[key] the hook it reconstructs (a transcoder's other one;
+        # a cross-layer transcoder's several, joined); a set: one transcoder per layer
         self.inputs, self.targets = _layout(cfg, self.source_hooks, source.d_in)
         self.hooks: list[str] = list(self.targets)
         self.layers = _set_layers(cfg, self.inputs)
@@ -378,10 +379,11 @@ class Trainer:
             meta["hook_name_out"] = self.targets[h]
             if len(outs) > 1:
                 meta["hook_names_out"] = outs
-        layers = self.layers.get(h)
-        if layers is not None:
-            meta["layers" if len(self.inputs[h]) > 1 else "layer"] = (
-                layers if len(self.inputs[h]) > 1 else layers[0])
+        layers = self.layers.get(h)  # a set's: one transcoder's layer, or a CLT's layers
+        if layers is not None and len(layers) > 1:
+            meta["layers"] = layers
+        elif layers is not None:
+            meta["layer"] = layers[0]
         return meta
 
     def set_record(self) -> dict[str, Any] | None:
