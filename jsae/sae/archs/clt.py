@@ -47,6 +47,9 @@ preact_coef * sum_i relu(theta_i - pre_i) ||W_dec_i|| (theta: the JumpReLU thres
 topk / batchtopk).  AuxK (topk, batchtopk): the top ``aux_k`` dead latents of a token (over
 all layers) reconstruct its residual y - y_hat through the masked decoder.
 
+Sharding (`jsae.parallel`, by latent axis): W_dec [L * n, L, d_in] (the bulk: L * n x L x d_in),
+b_enc and the thresholds split their latent axis over ``mesh.model``, W_enc [L, d_in, n] its
+last (so n must divide by mesh.model); the per-layer top-k selections let XLA partition them.
 No SAELens format.
 """
 
