@@ -74,11 +74,13 @@ def fold_norm(sae: SAE) -> SAE:
     """An equivalent SAE with norm_scale == 1 (the scale folded into the weights).
 
     encode: (x s - b_dec) W_enc = (x - b_dec / s)(s W_enc); decode: (z W_dec + b_dec) / s.
-    Thresholds and biases of the latents are unchanged.
+    Thresholds and biases of the latents are unchanged; scales an architecture keeps of its
+    own (`Arch.fold_params`) are folded too.
     """
     s = sae.norm_scale
     p = dict(sae.params)
     p["W_enc"] = p["W_enc"] * s
     p["b_dec"] = p["b_dec"] / s
     p["W_dec"] = p["W_dec"] / s
+    p = get_arch(sae.spec.architecture).fold_params(p)  # the architecture's own scales
     return sae.replace(params=p, norm_scale=jnp.ones_like(s))

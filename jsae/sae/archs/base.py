@@ -155,6 +155,16 @@ class Arch:
         ``opts["key"]`` is the init key)."""
         return {}
 
+    def sample_params(self, spec, x_n: np.ndarray, y_n: np.ndarray | None) -> dict[str, Array]:
+        """Parameters set from the init sample (normalised inputs ``x_n [N, *token_shape]``
+        and a transcoder's targets ``y_n``), before b_enc is centred; e.g. per-layer scales."""
+        return {}
+
+    def fold_params(self, params: dict) -> dict:
+        """Equivalent params with the architecture's own scales folded into the weights
+        (`jsae.sae.core.fold_norm` then has plain weights to export)."""
+        return params
+
     def param_shapes(self, spec) -> dict[str, tuple[int, ...]]:
         """Shapes of W_enc, W_dec, b_enc, b_dec (what a saved SAE is checked against)."""
         return {"W_enc": (spec.d_in, spec.d_sae), "W_dec": (spec.d_sae, spec.d_in),
@@ -163,6 +173,11 @@ class Arch:
     def decoder_directions(self, params: dict, features: Array) -> Array:
         """``[F, d_in]`` normalised-space decoder rows of ``features`` (the directions whose
         logit effects are shown)."""
+        return params["W_dec"][features]
+
+    def decoder_rows(self, params: dict, features: Array) -> Array:
+        """``[F, *token_shape]`` normalised-space decoder rows of ``features``: what a unit
+        of each code adds to the (normalised) reconstruction, at every hook it writes."""
         return params["W_dec"][features]
 
     def max_active(self, spec) -> int | None:
