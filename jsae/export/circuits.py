@@ -106,8 +106,7 @@ def gather(dictionaries: Sequence[tuple[str, str | None, SAE]],
         if layers != list(range(len(layers))) or out_layers != layers:
             raise BadInput(f"{key}: a cross-layer transcoder must read and write layers "
                            f"0..{len(layers) - 1} in order; it reads {layers}, writes {out_layers}")
-        t = get_arch(sae.spec.architecture).circuit_tensors(_np_params(sae))
-        return Circuit(CROSS_LAYER, layers, [t], site_in, site_out, model_name)
+        return Circuit(CROSS_LAYER, layers, [_tensors(key, sae)], site_in, site_out, model_name)
     order = sorted(dictionaries, key=lambda d: layer_site(d[0], "input hook")[0])
     layers, site_in = _one_site([k for k, _, _ in order], "input hook")
     out_layers, site_out = _one_site([o for _, o, _ in order], "output hook")
@@ -127,14 +126,18 @@ def gather(dictionaries: Sequence[tuple[str, str | None, SAE]],
     if len(skips) > 1:
         raise BadInput("some layers' transcoders have a skip connection and some not; a "
                        "set is one or the other")
-    tensors = [get_arch(sae.spec.architecture).circuit_tensors(_np_params(sae))
-               for _, _, sae in order]
+    tensors = [_tensors(key, sae) for key, _, sae in order]
     return Circuit(PER_LAYER, layers, tensors, site_in, site_out, model_name)
 
 
-def _np_params(sae: SAE) -> dict[str, np.ndarray]:
-    """Params with the normalisation folded in (circuit tracing's formats read raw units)."""
-    return {k: np.asarray(jax.device_get(v), np.float32) for k, v in fold_norm(sae).params.items()}
+def _tensors(key: str, sae: SAE) -> dict[str, np.ndarray]:
+    """The neutral form of ``sae`` with its normalisation folded in (the formats read raw
+    units); an option the formats cannot hold (a CLT's top k) is one line naming ``key``."""
+    p = {k: np.asarray(jax.device_get(v), np.float32) for k, v in fold_norm(sae).params.items()}
+    try:
+        return get_arch(sae.spec.architecture).circuit_tensors(p)
+    except ValueError as e:
+        raise BadInput(f"{key}: {' '.join(str(e).split())}") from None
 
 
 def to_saes(c: Circuit) -> dict[str, SAE]:
