@@ -79,6 +79,9 @@ class SAEConfig:
     # transcoders: encode input_hook, reconstruct output_hook (model.hooks is then both)
     input_hook: Optional[str] = None
     output_hook: Optional[str] = None
+    # a set: one transcoder per layer from one LM pass (input_hook / output_hook are templates
+    # with {layer}, e.g. blocks.{layer}.mlp.hook_in); a cross-layer transcoder reads them all
+    layers: Optional[Union[Literal["all"], list[int]]] = None
     d_sae: Optional[int] = None  # number of latents; or give expansion
     expansion: Optional[int] = None  # d_sae = expansion * d_in
     aux_k: Optional[int] = None  # AuxK latents (default d_in // 2)
@@ -406,11 +409,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(e.show_features >= 0, "eval.show_features", "must be >= 0 (0: show none)")
     need(e.show_features_contexts > 0, "eval.show_features_contexts",
          "must be a positive integer")
-    need(len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
-    need(not arch.multi_hook or len(set(cfg.model.hooks)) >= 2, "model.hooks",
+    _check_transcoder_hooks(cfg, need)
+    unresolved = s.layers == "all" and not cfg.model.hooks  # resolve_layers, once the model is known
+    need(unresolved or len(cfg.model.hooks) > 0, "model.hooks", "must name at least one hook point")
+    need(unresolved or not arch.multi_hook or len(set(cfg.model.hooks)) >= 2, "model.hooks",
          f"sae.architecture {s.architecture!r} reads several hooks at once: give two or more "
          f"distinct hooks, got {cfg.model.hooks}")
-    _check_transcoder_hooks(cfg, need)
     need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
     if d.exclude_norm_outliers is not None:
         need(d.exclude_norm_outliers > 1.0, "data.exclude_norm_outliers", "must be > 1 (a multiple of the median norm)")
@@ -421,14 +425,26 @@ DEFAULT_HOOKS = ModelConfig().hooks
 
 
 def _check_transcoder_hooks(cfg: RunConfig, need) -> None:
-    """A transcoder harvests exactly its two hooks: ``model.hooks`` becomes [input, output]."""
+    """A transcoder harvests exactly its two hooks: ``model.hooks`` becomes [input, output]
+    (a set: every layer's, see `_check_set`)."""
     s, archs = cfg.sae, _archs()
     if not archs.get_arch(s.architecture).transcoder:
         transcoders = [n for n in archs.names() if archs.get_arch(n).transcoder]
+        need(s.layers is None, "sae.layers",
+             f"trains one transcoder per layer (or a cross-layer transcoder): only transcoders "
+             f"({', '.join(transcoders)}) have layers; sae.architecture is {s.architecture!r}")
         need(s.input_hook is None and s.output_hook is None,
              "sae.input_hook" if s.input_hook is not None else "sae.output_hook",
              f"only transcoders ({', '.join(transcoders)}) read one hook and reconstruct "
              f"another; sae.architecture is {s.architecture!r}")
+        return
+    multi = archs.get_arch(s.architecture).multi_hook
+    need(s.layers is not None or not multi, "sae.layers",
+         f"sae.architecture {s.architecture!r} reads every layer's {s.input_hook or 'input'} at "
+         "once: give sae.layers (all, or a list such as [0, 1, 2]) with hook templates (sae."
+         "input_hook: blocks.{layer}.mlp.hook_in, sae.output_hook: blocks.{layer}.hook_mlp_out)")
+    if s.layers is not None:
+        _check_set(cfg, need, multi)
         return
     for key in ("input_hook", "output_hook"):
         need(bool(getattr(s, key)), f"sae.{key}",
@@ -442,6 +458,84 @@ def _check_transcoder_hooks(cfg: RunConfig, need) -> None:
          f"a transcoder harvests sae.input_hook and sae.output_hook ({pair}); leave "
          f"model.hooks unset or set it to that list, got {cfg.model.hooks}")
     cfg.model.hooks = pair
+
+
+LAYER = "{layer}"  # the placeholder in sae.input_hook / sae.output_hook templates of a set
+
+
+def layer_hook(template: str, layer: int) -> str:
+    """``template`` (``blocks.{layer}.mlp.hook_in``) at ``layer``."""
+    return template.replace(LAYER, str(layer))
+
+
+def template_layer(template: str, hook: str) -> int | None:
+    """The layer L with ``layer_hook(template, L) == hook``; None if ``hook`` is not one."""
+    head, _, tail = template.partition(LAYER)
+    if not _ or not hook.startswith(head) or not hook.endswith(tail):
+        return None
+    mid = hook[len(head):len(hook) - len(tail)]
+    return int(mid) if mid.isdigit() and layer_hook(template, int(mid)) == hook else None
+
+
+def transcoder_pairs(cfg: RunConfig, hooks=()) -> list[tuple[str, str]]:
+    """(input hook, output hook) of every transcoder ``cfg`` trains: its one pair, or one per
+    layer of ``sae.layers`` (``all``: every layer whose input hook is among ``hooks``)."""
+    s = cfg.sae
+    if s.layers is None:
+        return [(s.input_hook, s.output_hook)]
+    layers = s.layers if s.layers != "all" else sorted(
+        {L for h in hooks if (L := template_layer(s.input_hook, h)) is not None})
+    return [(layer_hook(s.input_hook, L), layer_hook(s.output_hook, L)) for L in layers]
+
+
+def _set_hooks(s: SAEConfig, layers) -> list[str]:
+    return [layer_hook(s.input_hook, L) for L in layers] + [layer_hook(s.output_hook, L) for L in layers]
+
+
+def resolve_layers(cfg: RunConfig, n_layers: int) -> None:
+    """``model.hooks`` from the set's templates for a model of ``n_layers`` layers (where the
+    model is loaded: ``sae.layers: all`` needs its depth); a listed layer it lacks is refused."""
+    s = cfg.sae
+    if s.layers is None:
+        return
+    layers = list(range(n_layers)) if s.layers == "all" else list(s.layers)
+    beyond = [L for L in layers if L >= n_layers]
+    if beyond:
+        raise ConfigError(f"config key 'sae.layers': layer {beyond[0]} does not exist (the model "
+                          f"has {n_layers} layers, 0 to {n_layers - 1})")
+    cfg.model.hooks = _set_hooks(s, layers)
+
+
+def _check_set(cfg: RunConfig, need, multi: bool) -> None:
+    """``sae.layers`` with templated hooks; ``model.hooks`` becomes every layer's two hooks (for
+    ``all``: [] until `resolve_layers`, or the resolved list read back)."""
+    s = cfg.sae
+    for key in ("input_hook", "output_hook"):
+        value = getattr(s, key)
+        need(bool(value) and LAYER in value, f"sae.{key}",
+             f"with sae.layers, a template holding {LAYER} (e.g. blocks.{LAYER}."
+             f"{'mlp.hook_in' if key == 'input_hook' else 'hook_mlp_out'}), got {value!r}")
+    need(s.input_hook != s.output_hook, "sae.output_hook",
+         f"must differ from sae.input_hook ({s.input_hook})")
+    if s.layers != "all":
+        need(len(s.layers) > 0, "sae.layers", "give all, or a list of layers such as [0, 3, 5]")
+        need(min(s.layers) >= 0, "sae.layers", f"layers are >= 0, got {s.layers}")
+        need(len(set(s.layers)) == len(s.layers), "sae.layers",
+             f"each layer once, got {s.layers}")
+        need(not multi or len(s.layers) >= 2, "sae.layers",
+             f"sae.architecture {s.architecture!r} reads several layers at once: give two or "
+             f"more, got {s.layers}")
+        derived = _set_hooks(s, s.layers)
+    else:
+        if cfg.model.hooks in (DEFAULT_HOOKS, []):
+            cfg.model.hooks = []
+            return
+        derived = _set_hooks(s, sorted({L for h in cfg.model.hooks
+                                        if (L := template_layer(s.input_hook, h)) is not None}))
+    need(cfg.model.hooks in (DEFAULT_HOOKS, derived), "model.hooks",
+         f"a set harvests every layer's sae.input_hook and sae.output_hook (from sae.layers); "
+         f"leave model.hooks unset, got {cfg.model.hooks}")
+    cfg.model.hooks = derived
 
 
 def _leaves(obj: Any, prefix: str = ""):
@@ -462,6 +556,8 @@ def from_dict(raw: dict) -> RunConfig:
 def to_dict(cfg: RunConfig) -> dict:
     """Plain dict as YAML writes it: the ``sae`` options flat next to the common keys."""
     out = dataclasses.asdict(cfg)
+    if cfg.sae.layers is not None:  # derived from the set's templates (and, for all, the model)
+        del out["model"]["hooks"]
     sae, keys = out["sae"], _archs().get_arch(cfg.sae.architecture).option_keys()
     sae.update({k: list(v) if isinstance(v, tuple) else v
                 for k, v in sae.pop("options").items() if k in keys})

@@ -49,6 +49,9 @@ class Plan:
     alias: int  # memory_analysis().alias_size_in_bytes (donated outputs reusing inputs)
     temp: int  # memory_analysis().temp_size_in_bytes (activations and scratch)
     code: int  # memory_analysis().generated_code_size_in_bytes
+    # per dictionary, its main tensors (the architecture's `param_shapes`): name -> shape,
+    # bytes in all and bytes per device
+    tensors: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     @property
     def peak(self) -> int:
@@ -72,10 +75,23 @@ class Plan:
             row("outputs not aliased", self.output - self.alias),
             row("peak (estimate)", self.peak, "= arguments + outputs - aliased + temp"),
         ]
+        for key, tensors in self.tensors.items():
+            lines.append(f"parameters of {key} (fp32; Adam keeps two more copies):")
+            for name, t in tensors.items():
+                shape = "[" + ", ".join(f"{n:,}" for n in t["shape"]) + "]"
+                lines.append(f"  {name:<14s}{shape:<26s}{_size(t['bytes']):>12s} in all"
+                             f"{_size(t['per_device']):>12s} per device")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "peak": self.peak}
+
+
+def _size(b: int) -> str:
+    for unit, n in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if b >= n:
+            return f"{b / n:.2f} {unit}"
+    return f"{b} B"
 
 
 class _ShapeOnlySource:
@@ -194,9 +210,11 @@ def compile_step(cfg: RunConfig, data: int, model: int, d_in: int | None = None)
     trainer = Trainer(cfg, _ShapeOnlySource(cfg.model.hooks, d_in), mesh=mesh)
     states = trainer._template()
     bsh = parallel.batch_sharding(mesh)
+    # the step reads one [B, d_in] batch per harvested hook (a transcoder's output hook and a
+    # crosscoder's every hook included; it stacks them itself)
     batches = {
         h: jax.ShapeDtypeStruct((cfg.train.batch_size, d_in), np.float32, sharding=bsh)
-        for h in trainer.hooks
+        for h in trainer.source_hooks
     }
     compiled = trainer._compiled(states).lower(states, batches).compile()
     return compiled, states, batches, trainer, simulated
@@ -211,6 +229,7 @@ def plan(cfg: RunConfig, data: int = 1, model: int = 1, d_in: int | None = None)
     total_state = sum(_shard_bytes(s) for s in states.values())
     dev = trainer.mesh.devices.flat[0]
     simulated = simulated or (dev.platform == "cpu" and data * model > 1)
+    tensors = {h: param_tensors(trainer.specs[h], states[h].sae.params) for h in states}
     return Plan(
         data=data, model=model,
         d_in={h: s.d_in for h, s in trainer.specs.items()},
@@ -220,8 +239,26 @@ def plan(cfg: RunConfig, data: int = 1, model: int = 1, d_in: int | None = None)
         batch=_shard_bytes(batches),
         argument=int(mem.argument_size_in_bytes), output=int(mem.output_size_in_bytes),
         alias=int(mem.alias_size_in_bytes), temp=int(mem.temp_size_in_bytes),
-        code=int(mem.generated_code_size_in_bytes),
+        code=int(mem.generated_code_size_in_bytes), tensors=tensors,
     )
+
+
+def param_tensors(spec, params=None) -> dict[str, dict[str, Any]]:
+    """``{name: {"shape", "bytes", "per_device"}}`` of the architecture's main tensors
+    (`Arch.param_shapes`: a cross-layer transcoder's W_dec [d_sae, L, d_in] is its bulk);
+    ``params`` (abstract or real arrays with shardings) gives the bytes per device."""
+    from jsae.sae.archs import get_arch
+
+    out = {}
+    for name, shape in get_arch(spec.architecture).param_shapes(spec).items():
+        total = math.prod(shape) * 4
+        leaf = None if params is None else params.get(name)
+        if leaf is not None and tuple(leaf.shape) != tuple(shape):
+            raise ValueError(f"{name}: the step holds {tuple(leaf.shape)}, the architecture "
+                             f"declares {tuple(shape)}")
+        per_device = total if getattr(leaf, "sharding", None) is None else _shard_bytes(leaf)
+        out[name] = {"shape": list(shape), "bytes": total, "per_device": per_device}
+    return out
 
 
 def largest_d_sae(
@@ -260,5 +297,5 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return out["data"], out["model"]
 
 
-__all__ = ["Plan", "compile_step", "ensure_devices", "largest_d_sae", "parse_mesh", "plan",
-           "resolve_d_in"]
+__all__ = ["Plan", "compile_step", "ensure_devices", "largest_d_sae", "param_tensors",
+           "parse_mesh", "plan", "resolve_d_in"]

@@ -6,6 +6,9 @@ What ``jsae train`` writes (``jsae.train.rundir`` guards the writing)::
     RUN/saes/<hook>/                final SAEs (``jsae.sae.io``; '/' in a hook name -> '_'); a
                                 transcoder's is under its input hook, metadata
                                 ``hook_name_out`` naming the hook it reconstructs
+    RUN/saes/set.json               a set (``sae.layers``): its layers and, per layer, the
+                                dictionary key and its two hooks (`read_set`); a cross-layer
+                                transcoder is one key, its input hooks joined with '+'
     RUN/checkpoints/<step>/         Orbax checkpoints (``jsae.train.checkpoint``)
 
 Export, evaluation, analysis and the CLI commands all open runs through this module, so a run
@@ -90,14 +93,56 @@ def saved_hooks(run_dir: str | Path) -> list[str]:
 
 def output_hook(run_dir: str | Path, hook: str) -> str | None:
     """The hook ``hook``'s dictionary reconstructs when it is not ``hook`` itself (a
-    transcoder's ``sae.output_hook``), from config.yaml; None for an SAE."""
+    transcoder's ``sae.output_hook``; in a set, the template's at the key's layer; a cross-layer
+    transcoder's key: its output hooks joined), from config.yaml; None for an SAE."""
+    from jsae.config import layer_hook, template_layer
+
     try:
         sae_cfg = run_config(run_dir).get("sae") or {}
     except FileNotFoundError:
         return None
-    if sae_cfg.get("input_hook") == hook and sae_cfg.get("output_hook"):
-        return str(sae_cfg["output_hook"])
-    return None
+    ins, outs = sae_cfg.get("input_hook"), sae_cfg.get("output_hook")
+    if not (isinstance(ins, str) and isinstance(outs, str)):
+        return None
+    if sae_cfg.get("layers") is None:
+        return outs if ins == hook else None
+    layers = [template_layer(ins, h) for h in input_hooks(hook)]
+    if any(L is None for L in layers):
+        return None
+    return KEY_JOIN.join(layer_hook(outs, L) for L in layers)
+
+
+SET_RECORD = "set.json"  # RUN/saes/set.json: a set's layers and, per layer, its dictionary
+
+
+def write_set_record(run_dir: str | Path, record: dict) -> None:
+    """Write ``RUN/saes/set.json`` (a set's layers, dictionaries and hooks per layer)."""
+    from jsae import jsonsafe
+
+    (Path(run_dir) / "saes").mkdir(parents=True, exist_ok=True)
+    jsonsafe.write(Path(run_dir) / "saes" / SET_RECORD, record)
+
+
+def read_set(run_dir: str | Path) -> dict | None:
+    """The run's ``saes/set.json`` (checked), or None when the run is not a set: ``layers``
+    [int], ``dictionaries`` [key], ``per_layer`` [{layer, key, input_hook, output_hook}]."""
+    from jsae import validate as v
+
+    f = Path(run_dir) / "saes" / SET_RECORD
+    if not f.is_file():
+        return None
+    rec = v.mapping(v.read_json(f, "transcoder set record"), "", f)
+    layers = rec.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(L, int) and L >= 0 for L in layers):
+        raise v.bad(f, "field 'layers'", f"is {layers!r}; expected a list of layers")
+    per = rec.get("per_layer")
+    if not isinstance(per, list) or len(per) != len(layers) or not all(
+            isinstance(p, dict) and p.get("layer") == L and all(
+                isinstance(p.get(k), str) for k in ("key", "input_hook", "output_hook"))
+            for p, L in zip(per, layers)):
+        raise v.bad(f, "field 'per_layer'", "does not list each layer's key, input_hook and "
+                    "output_hook in the order of 'layers'")
+    return rec
 
 
 def output_hooks(run_dir: str | Path) -> dict[str, str]:
@@ -187,7 +232,8 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 
 
 __all__ = [
-    "KEY_JOIN", "input_hooks", "is_run", "latest_step", "stack_hooks", "model_section", "output_hook", "output_hooks", "run_config",
+    "KEY_JOIN", "SET_RECORD", "input_hooks", "is_run", "latest_step", "stack_hooks", "model_section",
+    "output_hook", "output_hooks", "read_set", "run_config", "write_set_record",
     "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",
 ]

@@ -50,7 +50,7 @@ def test_options_are_one_hashable_object_per_architecture():
 @pytest.mark.parametrize("raw,needle", [
     ({"architecture": "relu", "k": 4},
      "'sae.k' belongs to sae.architecture topk / batchtopk / matryoshka / transcoder / "
-     "skip_transcoder, not 'relu' (its keys: l1_coef, l1_variant)"),
+     "skip_transcoder / clt, not 'relu' (its keys: l1_coef, l1_variant)"),
     ({"architecture": "topk", "matryoshka_groups": [4]}, "belongs to sae.architecture matryoshka"),
     ({"architecture": "jumprelu", "bogus": 1},
      "unknown config key 'sae.bogus' for sae.architecture 'jumprelu'; allowed keys here: "),

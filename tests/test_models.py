@@ -128,6 +128,71 @@ def test_parity_with_transformers(saved, arch):
                                ref.hidden_states[0].numpy(), atol=1e-5, rtol=1e-5)
 
 
+def _hf_mlp_hooks(hf, arch: str, toks):
+    """Per layer, from transformers' own modules: the MLP norm's input normalised without its
+    weight (TransformerLens's ln2.hook_normalized), the norm's output (what the MLP reads) and what
+    the MLP adds to the residual (after Gemma's post-feedforward norm)."""
+    layers = hf.transformer.h if arch == "gpt2" else hf.model.layers
+    got, handles = {}, []
+
+    def keep(i, name, which):
+        def fn(mod, args, out):
+            got[(i, name)] = (args[0] if which == "in" else out).detach().double().numpy()
+        return fn
+
+    for i, layer in enumerate(layers):
+        if arch == "gpt2":
+            ln, out_mod = layer.ln_2, layer.mlp
+        elif arch == "gemma3":
+            ln, out_mod = layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm
+        else:
+            ln, out_mod = layer.post_attention_layernorm, layer.mlp
+        handles += [ln.register_forward_hook(keep(i, "ln_in", "in")),
+                    ln.register_forward_hook(keep(i, "mlp.hook_in", "out")),
+                    out_mod.register_forward_hook(keep(i, "hook_mlp_out", "out"))]
+    with torch.no_grad():
+        hf(torch.tensor(toks, dtype=torch.long))
+    for h in handles:
+        h.remove()
+    eps = hf.config.layer_norm_epsilon if arch == "gpt2" else hf.config.rms_norm_eps
+    for i in range(len(layers)):
+        x = got.pop((i, "ln_in"))
+        if arch == "gpt2":
+            x = x - x.mean(-1, keepdims=True)
+        got[(i, "ln2.hook_normalized")] = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return got
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt2", "llama"])
+def test_mlp_input_hooks_match_transformers(saved, arch):
+    """ln2.hook_normalized, mlp.hook_in and hook_mlp_out against transformers' modules; capturing
+    or stopping at the new hooks changes nothing else, and an intervention there is the MLP's."""
+    hf, folder = saved[arch]
+    lm = M.load(folder)
+    toks = _tokens()
+    ref = _hf_mlp_hooks(hf, arch, toks)
+    kinds = ("ln2.hook_normalized", "mlp.hook_in", "hook_mlp_out")
+    names = [f"blocks.{i}.{k}" for i in range(lm.cfg.n_layers) for k in kinds]
+    out = M.forward(lm.cfg, lm.params, toks, capture=names)
+    for (i, k), want in ref.items():
+        np.testing.assert_allclose(np.asarray(out.activations[f"blocks.{i}.{k}"]), want,
+                                   atol=2e-4, rtol=2e-4, err_msg=f"blocks.{i}.{k}")
+    plain = M.forward(lm.cfg, lm.params, toks)
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
+    h = "blocks.1.ln2.hook_normalized"
+    early = M.forward(lm.cfg, lm.params, toks, capture=[h, "blocks.1.mlp.hook_in"],
+                      stop_after_capture=True)
+    assert early.logits is None
+    np.testing.assert_array_equal(np.asarray(early.activations[h]), np.asarray(out.activations[h]))
+    # adding v to the normalised input at layer 1 == adding v * the norm's scale to the MLP input
+    v = np.random.default_rng(1).normal(size=lm.cfg.d_model).astype(np.float32)
+    sv = v * np.asarray(lm.params["blocks"][1]["ln2"]["scale"], np.float32)
+    a = M.forward(lm.cfg, lm.params, toks, interventions={h: lambda x: x + v})
+    b = M.forward(lm.cfg, lm.params, toks, interventions={"blocks.1.mlp.hook_in": lambda x: x + sv})
+    np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), atol=1e-4)
+    assert np.abs(np.asarray(a.logits) - np.asarray(plain.logits)).max() > 1e-3
+
+
 def test_hook_algebra_and_early_stop(saved):
     hf, folder = saved["gemma3"]
     lm = M.load(folder)

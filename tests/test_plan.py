@@ -165,3 +165,18 @@ def test_d_in_read_from_a_local_activation_cache(tmp_path):
                                                   {"blocks.2.hook_resid_post": 96}, 64))
     w.write_shard("train", {"blocks.2.hook_resid_post": np.ones((4, 96), np.float32)})
     assert resolve_d_in(cfg) == 96
+
+
+def test_a_multi_hook_dictionary_plans_with_one_batch_per_hook():
+    """The step reads one [B, d_in] batch per harvested hook (it stacks a crosscoder's); the
+    table lists the architecture's tensors with their per-hook shapes."""
+    cfg = config.from_dict({
+        "data": {"source": "synthetic", "d_in": 16}, "model": {"hooks": ["a", "b", "c"]},
+        "sae": {"architecture": "crosscoder", "d_sae": 64},
+        "train": {"steps": 1, "batch_size": 32}})
+    p = plan(cfg, 1, 1)
+    assert p.batch == 3 * 32 * 16 * 4
+    assert p.tensors["a+b+c"]["W_dec"] == {"shape": [64, 3, 16], "bytes": 64 * 3 * 16 * 4,
+                                           "per_device": 64 * 3 * 16 * 4}
+    assert p.params == 4 * (2 * 3 * 16 * 64 + 64 + 3 * 16) + 4  # + norm_scale
+    assert "W_dec         [64, 3, 16]" in p.table()

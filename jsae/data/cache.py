@@ -644,6 +644,12 @@ class CacheActivationSource:
         self.path = _path(cfg.data.path)
         self.manifest = read_manifest(self.path)
         avail = self.manifest["hooks"]
+        if getattr(cfg.sae, "layers", None) == "all" and not cfg.model.hooks:
+            from jsae.config import transcoder_pairs
+
+            # a set over every layer: the layers whose input and output hooks the cache holds
+            pairs = [p for p in transcoder_pairs(cfg, avail) if p[1] in avail]
+            cfg.model.hooks = [p[0] for p in pairs] + [p[1] for p in pairs]
         hooks = [h for h in cfg.model.hooks if h in avail]
         missing = [h for h in cfg.model.hooks if h not in avail]
         if missing:

@@ -278,6 +278,9 @@ class ImageTextActivationSource:
     def __init__(self, cfg, model, process_index: int = 0, process_count: int = 1, *, items=None, texts=None):
         d = cfg.data
         self.cfg, self.model = cfg, model
+        from jsae.config import resolve_layers
+
+        resolve_layers(cfg, model.cfg.n_layers)  # a set's hooks (sae.layers: all needs the depth)
         self.hooks = list(cfg.model.hooks)
         self.d_in = {h: int(model.cfg.d_model) for h in self.hooks}
         items = items if items is not None else open_images(

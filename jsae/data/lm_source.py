@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jsae.config import resolve_layers
 from jsae.data.harvest import Harvester, make_global_batch
 from jsae.data.packing import Packer, tokenizer_batch_fn, tokenizer_fn
 from jsae.data.shuffle import ShuffleMixer
@@ -52,6 +53,7 @@ class TextActivationSource:
         self.cfg = cfg
         self.model = model
         self.process_index, self.process_count = process_index, process_count
+        resolve_layers(cfg, model.cfg.n_layers)  # a set's hooks (sae.layers: all needs the depth)
         self.hooks = list(cfg.model.hooks)
         self.docs = documents if documents is not None else open_documents(d)
         self.harvester = Harvester(

@@ -15,8 +15,9 @@ weight loaders (GGUF, HF safetensors), a torch-free tokenizer, and KV-cache gene
   cached dequantised under `$JSAE_CACHE` (default `~/.cache/jsae`).
 - `forward(cfg, params, tokens, *, interventions=None, capture=(), stop_after_capture=False,
   attention_mask=None) -> ForwardOutput(logits | None, activations)`; hook names
-  `blocks.{L}.hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|hook_resid_post` and
-  `ln_final.hook_normalized`.
+  `blocks.{L}.hook_resid_pre|hook_attn_out|hook_resid_mid|ln2.hook_normalized|mlp.hook_in|hook_mlp_out|
+  hook_resid_post` and `ln_final.hook_normalized` (`ln2.hook_normalized`: the MLP's norm before its
+  learned scale; `mlp.hook_in`: the MLP's input, which Gemma Scope 2's transcoders read).
 - `generate(model, prompts, max_new_tokens, *, temperature=0., top_p=1., key=None, interventions=None,
   intervene_on="all"|"prompt"|"generated")` -> continuations; `generate_tokens(cfg, params, id_lists, n)`
   works on ids.

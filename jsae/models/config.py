@@ -13,8 +13,13 @@ from typing import Optional
 
 ARCHITECTURES = ("gemma3", "gemma2", "gemma", "gpt2", "llama", "qwen2", "qwen3", "mistral")
 
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(HOOK_KINDS) + r")$")
+# ``ln2.hook_normalized``: the residual before the MLP after its norm's normalisation but before
+# the norm's learned scale (and bias), as TransformerLens fires it and circuit-tracer names it for
+# Gemma; ``mlp.hook_in``: what the MLP reads (the norm's output, scale applied): Gemma Scope 2's
+# transcoders read it (``pre_feedforward_layernorm.output``), circuit-tracer calls it ``mlp.hook_in``.
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+              "ln2.hook_normalized", "mlp.hook_in")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(map(re.escape, HOOK_KINDS)) + r")$")
 FINAL_HOOK = "ln_final.hook_normalized"
 
 

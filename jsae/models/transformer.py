@@ -18,7 +18,9 @@ tables compute in float32 and cast back, as the HF implementations do.
 
 Hook points (TransformerLens / SAELens names): `blocks.{L}.hook_resid_pre` (block input),
 `hook_attn_out` (what attention adds to the residual, after Gemma's post-norm), `hook_resid_mid`,
-`hook_mlp_out`, `hook_resid_post` (block output), and `ln_final.hook_normalized`. An intervention
+`ln2.hook_normalized` (the MLP's norm before its learned scale), `mlp.hook_in` (what the MLP reads),
+`hook_mlp_out` (what the MLP adds, after Gemma's post-norm), `hook_resid_post` (block output), and
+`ln_final.hook_normalized`. An intervention
 at a hook replaces the activation there; the captured value is the one after the intervention.
 """
 
@@ -37,7 +39,8 @@ from jsae.models.config import FINAL_HOOK, TransformerConfig, parse_hook
 Array = jax.Array
 Params = dict
 # order of the hooks inside a block
-HOOK_KINDS_ORDER = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+HOOK_KINDS_ORDER = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_in",
+                    "hook_mlp_out", "hook_resid_post")
 
 
 class ForwardOutput(NamedTuple):
@@ -68,16 +71,26 @@ class KVCache:
 
 def norm(cfg: TransformerConfig, p: Mapping[str, Array], x: Array, eps: Optional[float] = None) -> Array:
     """RMSNorm or LayerNorm in float32, result cast back to x's dtype."""
+    return norm_affine(p, normalize(cfg, x, eps)).astype(x.dtype)
+
+
+def normalize(cfg: TransformerConfig, x: Array, eps: Optional[float] = None) -> Array:
+    """The norm without its learned scale and bias, in float32: ``x / rms(x)`` (RMSNorm) or
+    ``(x - mean) / std`` (LayerNorm); TransformerLens's ``hook_normalized``."""
     eps = cfg.norm_eps if eps is None else eps
     xf = x.astype(jnp.float32)
     if cfg.norm == "layer":
         mean = xf.mean(-1, keepdims=True)
         xf = xf - mean
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    y = y * p["scale"].astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def norm_affine(p: Mapping[str, Array], y: Array) -> Array:
+    """The norm's learned scale (and bias) applied to a normalised ``y``, in float32."""
+    y = y.astype(jnp.float32) * p["scale"].astype(jnp.float32)
     if "bias" in p:
         y = y + p["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y
 
 
 def _rms(x: Array, scale: Array, eps: float) -> Array:
@@ -309,7 +322,7 @@ def block(
     `attn_fn(h, positions, k_pos, k_valid, cache_kv, cache_index, extra_mask) -> (out, new_kv)`,
     `mlp_fn(h) -> out`, both on normed inputs and before the post-norms.
     `upto` stops the block right after that hook (harvesting `hook_resid_pre` of the last layer
-    needed skips the block entirely, `hook_attn_out`/`hook_resid_mid` skip its MLP)."""
+    needed skips the block entirely, `hook_attn_out` ... `mlp.hook_in` skip its MLP)."""
     pre = f"blocks.{layer}."
     x = _hook(pre + "hook_resid_pre", x, fns, acts, capture)
     if upto == "hook_resid_pre":
@@ -327,7 +340,9 @@ def block(
     x = _hook(pre + "hook_resid_mid", x, fns, acts, capture)
     if upto in ("hook_attn_out", "hook_resid_mid"):
         return x, new_kv
-    h2 = norm(cfg, p["ln2"], x)
+    h2 = _mlp_input(cfg, p["ln2"], x, pre, fns, acts, capture)
+    if upto in ("ln2.hook_normalized", "mlp.hook_in"):
+        return x, new_kv
     m = mlp(cfg, p["mlp"], h2) if mlp_fn is None else mlp_fn(h2)
     if cfg.post_norms:
         m = norm(cfg, p["ln2_post"], m)
@@ -335,6 +350,22 @@ def block(
     x = x + m
     x = _hook(pre + "hook_resid_post", x, fns, acts, capture)
     return x, new_kv
+
+
+def _mlp_input(cfg: TransformerConfig, p: Mapping[str, Array], x: Array, pre: str,
+               fns: Mapping[str, Callable], acts: dict, capture: frozenset) -> Array:
+    """``ln2(x)`` with its two hooks: ``ln2.hook_normalized`` (before the learned scale) and
+    ``mlp.hook_in`` (the MLP's input). The norm runs in one piece unless the first hook is
+    asked for, and without an intervention there the float32 value carries on (so capturing
+    it changes nothing downstream, in any dtype)."""
+    name = pre + "ln2.hook_normalized"
+    if name not in fns and name not in capture:
+        h = norm(cfg, p, x)
+    else:
+        y = normalize(cfg, x)
+        seen = _hook(name, y.astype(x.dtype), fns, acts, capture)
+        h = norm_affine(p, seen if name in fns else y).astype(x.dtype)
+    return _hook(pre + "mlp.hook_in", h, fns, acts, capture)
 
 
 def positions_from_mask(attention_mask: Optional[Array], B: int, T: int) -> Array:

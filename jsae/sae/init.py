@@ -79,12 +79,15 @@ def init_sae(
         "W_dec": w,
         "b_dec": jnp.asarray(b_dec, jnp.float32),
     }
+    params.update(arch.extra_params(spec, key=jax.random.fold_in(key, 1), **arch_options))
     if target_sample is not None and sample is not None:
         # a transcoder's input is not centred by b_dec (another space): start b_enc at
         # -mean(x_in) W_enc so the first codes do not all follow the input's mean direction
-        mean_in = np.asarray(sample, np.float64).mean(0) * scale
-        params["b_enc"] = -jnp.asarray(mean_in, jnp.float32) @ params["W_enc"]
-    params.update(arch.extra_params(spec, key=jax.random.fold_in(key, 1), **arch_options))
+        # (asked of the architecture: the encoder's shape is its own)
+        mean_in = jnp.asarray(np.asarray(sample, np.float64).mean(0) * scale, jnp.float32)
+        zero_b = {**params, "b_enc": jnp.zeros_like(params["b_enc"])}
+        probe = SAE(params=zero_b, norm_scale=jnp.asarray(scale, jnp.float32), spec=spec)
+        params["b_enc"] = -arch.pre_activations(probe, mean_in[None])[0]
     if sample is not None and b_dec_init != "zeros" and np.shape(b_dec) == params["b_dec"].shape:
         params["b_dec"] = jnp.asarray(b_dec, jnp.float32)
     return SAE(params=params, norm_scale=jnp.asarray(scale, jnp.float32), spec=spec)

@@ -17,10 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsae import jsonsafe, parallel
-from jsae.config import ConfigError, RunConfig
+from jsae.config import ConfigError, RunConfig, template_layer, transcoder_pairs
 from jsae.errors import JsaeError
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
-from jsae.runs import sae_dirname
+from jsae.runs import KEY_JOIN, input_hooks, sae_dirname, write_set_record
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
@@ -106,16 +106,12 @@ class Trainer:
         # stacked [B, L, d]), targets[key] the hook it reconstructs (a transcoder's other one)
         self.inputs, self.targets = _layout(cfg, self.source_hooks, source.d_in)
         self.hooks: list[str] = list(self.targets)
+        self.layers = _set_layers(cfg, self.inputs)
         self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
         self.total_steps = cfg.resolved_steps()
         self.specs = {h: spec_from_config(cfg, source.d_in[self.inputs[h][0]],
                                           n_hooks=len(self.inputs[h])) for h in self.hooks}
-        for h, t in self.targets.items():
-            if t != h and source.d_in[t] != source.d_in[h]:
-                raise ConfigError(
-                    f"config key 'sae.output_hook': {t} has width {source.d_in[t]}, "
-                    f"sae.input_hook {h} has {source.d_in[h]}; jsae's transcoders map a width "
-                    "to itself (an MLP's input and output)")
+        _check_widths(cfg, self.inputs, self.targets, source.d_in)
         for spec in self.specs.values():
             try:
                 parallel.check_divisible(self.mesh, batch_size=cfg.train.batch_size,
@@ -137,7 +133,9 @@ class Trainer:
 
         def multi_step(states: States, batches: dict[str, jax.Array]):
             out = {h: step_fn(states[h], _rows(batches, inputs[h], jax.numpy),
-                              None if targets[h] == h else batches[targets[h]]) for h in states}
+                              None if targets[h] == h
+                              else _rows(batches, input_hooks(targets[h]), jax.numpy))
+                   for h in states}
             return {h: o[0] for h, o in out.items()}, {h: o[1] for h, o in out.items()}
 
         self._multi_step = multi_step
@@ -159,7 +157,7 @@ class Trainer:
                 k_init, self.specs[h], _gather_sample(_rows(sample, self.inputs[h])),
                 normalize=cfg.sae.normalize,
                 b_dec_init=cfg.sae.b_dec_init,
-                target_sample=None if t == h else _gather_sample(sample[t]),
+                target_sample=None if t == h else _gather_sample(_rows(sample, input_hooks(t))),
             )
             states[h] = init_state(sae, self.optimizer, k_state)
         return self.place(states)
@@ -217,16 +215,17 @@ class Trainer:
         for _ in range(n_batches):
             batch = next(it, None)
             for h in self.hooks:
-                ins, t = self.inputs[h], self.targets[h]
+                ins, outs = self.inputs[h], input_hooks(self.targets[h])
                 d = self.source.d_in[ins[0]]
                 x = np.zeros((rows, *((len(ins),) if len(ins) > 1 else ()), d), np.float32)
-                y = np.zeros((rows, d), np.float32) if t != h else None
+                y = (np.zeros((rows, *((len(outs),) if len(outs) > 1 else ()), d), np.float32)
+                     if self.targets[h] != h else None)
                 w = np.zeros((rows,), bool)
                 if batch is not None:
                     n = len(batch[ins[0]])
                     x[:n], w[:n] = _rows(batch, ins), True
                     if y is not None:
-                        y[:n] = batch[t]
+                        y[:n] = _rows(batch, outs)
                 args = [states[h].sae, parallel.global_batch(x, self.mesh),
                         parallel.global_batch(w, self.mesh)]
                 if y is not None:
@@ -352,14 +351,12 @@ class Trainer:
                 "written as null")
         summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
         for h in self.hooks:  # every process takes part in the fetches; process 0 writes
-            meta = {"hook_name": h, "model_name": cfg.model.name, "steps": self.total_steps,
-                    "heldout": final[h]}
-            if len(self.inputs[h]) > 1:
-                meta["hook_names"] = list(self.inputs[h])
-            if self.targets[h] != h:
-                meta["hook_name_out"] = self.targets[h]
+            meta = {**self.metadata(h), "steps": self.total_steps, "heldout": final[h]}
             save_sae_from_mesh(states[h].sae, run_dir / "saes" / sae_dirname(h), write=is_main,
                                metadata=meta)
+        record = self.set_record()
+        if is_main and record is not None:
+            write_set_record(run_dir, record)
         if is_main:
             if logger:
                 logger.log(self.total_steps, {f"eval_{k}": v for k, v in _flatten(final, multi).items()})
@@ -368,6 +365,36 @@ class Trainer:
                 summary["plot"] = str(png) if png else None
             jsonsafe.write(run_dir / "summary.json", summary)
         return summary
+
+    # ---- what is saved with each dictionary ------------------------------------------------
+    def metadata(self, h: str) -> dict[str, Any]:
+        """Dictionary ``h``'s sae.json metadata: its hooks (``hook_names`` / ``hook_names_out``
+        when it reads / writes several, ``hook_name_out`` a transcoder's output) and layers."""
+        meta: dict[str, Any] = {"hook_name": h, "model_name": self.cfg.model.name}
+        outs = input_hooks(self.targets[h])
+        if len(self.inputs[h]) > 1:
+            meta["hook_names"] = list(self.inputs[h])
+        if self.targets[h] != h:
+            meta["hook_name_out"] = self.targets[h]
+            if len(outs) > 1:
+                meta["hook_names_out"] = outs
+        layers = self.layers.get(h)
+        if layers is not None:
+            meta["layers" if len(self.inputs[h]) > 1 else "layer"] = (
+                layers if len(self.inputs[h]) > 1 else layers[0])
+        return meta
+
+    def set_record(self) -> dict[str, Any] | None:
+        """``saes/set.json`` of a set (``sae.layers``): its layers and, per layer, the
+        dictionary key and the hooks it reads and writes; None for any other run."""
+        if self.cfg.sae.layers is None:
+            return None
+        keys = {L: h for h in self.hooks for L in self.layers[h]}
+        per_layer = [{"layer": template_layer(self.cfg.sae.input_hook, i), "input_hook": i,
+                      "output_hook": o} for i, o in transcoder_pairs(self.cfg, self.source_hooks)]
+        return {"architecture": self.cfg.sae.architecture, "model_name": self.cfg.model.name,
+                "layers": [p["layer"] for p in per_layer], "dictionaries": list(self.hooks),
+                "per_layer": [{**p, "key": keys[p["layer"]]} for p in per_layer]}
 
     def _template(self) -> States:
         """Abstract states (shapes, dtypes, shardings) for restoring a checkpoint."""
@@ -401,15 +428,24 @@ def _rows(batch: dict, hooks: list[str], xp=np):
 
 
 def _layout(cfg: RunConfig, source_hooks: list[str], d_in: dict[str, int]):
-    """(inputs, targets): dictionary key -> the hooks it reads, and -> what it reconstructs."""
+    """(inputs, targets): dictionary key -> the hooks it reads, and -> what it reconstructs
+    (a key: one hook, or several joined with `KEY_JOIN`, read / written stacked [B, L, d]).
+
+    An SAE per hook; a crosscoder (`multi_hook`) over every hook; a transcoder (`transcoder`)
+    per (input, output) pair, one per layer of a set (``sae.layers``); a cross-layer transcoder
+    (`transcoder` and `multi_hook`) reads every layer's input and writes every layer's output."""
     arch = get_arch(cfg.sae.architecture)
+    if arch.transcoder:
+        targets = _targets(cfg, source_hooks)
+        if not arch.multi_hook:
+            return {h: [h] for h in targets}, targets
+        key, out = KEY_JOIN.join(targets), KEY_JOIN.join(targets.values())
+        return {key: list(targets)}, {key: out}
     if arch.multi_hook:
         widths = {d_in[h] for h in source_hooks}
         if len(widths) > 1:
             raise ConfigError(f"config key 'model.hooks': the hooks that "
                               f"{cfg.sae.architecture} reads at once must have one width; got {dict((h, d_in[h]) for h in source_hooks)}")
-        from jsae.runs import KEY_JOIN
-
         key = KEY_JOIN.join(source_hooks)
         return {key: list(source_hooks)}, {key: key}
     targets = _targets(cfg, source_hooks)
@@ -417,17 +453,42 @@ def _layout(cfg: RunConfig, source_hooks: list[str], d_in: dict[str, int]):
 
 
 def _targets(cfg: RunConfig, source_hooks: list[str]) -> dict[str, str]:
-    """Dictionary key (its input hook) -> the hook it reconstructs."""
+    """Input hook -> the hook it reconstructs: a transcoder's pair, or every layer's of a set."""
     if not get_arch(cfg.sae.architecture).transcoder:
         return {h: h for h in source_hooks}
-    pair = (cfg.sae.input_hook, cfg.sae.output_hook)
-    missing = [h for h in pair if h not in source_hooks]
-    if missing:
+    pairs = transcoder_pairs(cfg, source_hooks)
+    missing = [h for p in pairs for h in p if h not in source_hooks]
+    if missing or not pairs:
+        keys = "sae.layers" if cfg.sae.layers is not None else "sae.input_hook'/'sae.output_hook"
         raise ConfigError(
-            f"config key 'sae.input_hook'/'sae.output_hook': the data source has no "
-            f"{', '.join(missing)} (it has {', '.join(source_hooks)}); harvest both hooks "
+            f"config key '{keys}': the data source has no {', '.join(missing) or 'layer'} "
+            f"(it has {', '.join(source_hooks)}); harvest both hooks of every layer "
             "(model.hooks, or the cache's hooks)")
-    return {pair[0]: pair[1]}
+    return dict(pairs)
+
+
+def _check_widths(cfg: RunConfig, inputs: dict, targets: dict, d_in: dict[str, int]) -> None:
+    """A transcoder maps a width to itself (an MLP's input and output), and a set's layers
+    share one width (one spec, one export): else one line naming the key, before any work."""
+    for h, t in targets.items():
+        hooks = [*inputs[h], *input_hooks(t)]
+        if len({d_in[x] for x in hooks}) > 1:
+            key = "sae.layers" if cfg.sae.layers is not None else "sae.output_hook"
+            raise ConfigError(f"config key '{key}': the hooks disagree in width ("
+                              + ", ".join(f"{x} {d_in[x]}" for x in dict.fromkeys(hooks))
+                              + "); jsae's transcoders map a width to itself (an MLP's input "
+                              "and output)")
+    if cfg.sae.layers is not None and len({d_in[inputs[h][0]] for h in targets}) > 1:
+        raise ConfigError("config key 'sae.layers': the set's layers disagree in width ("
+                          + ", ".join(f"{inputs[h][0]} {d_in[inputs[h][0]]}" for h in targets)
+                          + "); a set has one width")
+
+
+def _set_layers(cfg: RunConfig, inputs: dict) -> dict[str, list[int]]:
+    """Dictionary key -> the layers it covers (a set's; empty for any other run)."""
+    if cfg.sae.layers is None:
+        return {}
+    return {h: [template_layer(cfg.sae.input_hook, x) for x in ins] for h, ins in inputs.items()}
 
 
 def _flatten(per_hook: dict[str, dict], multi: bool) -> dict[str, float]:

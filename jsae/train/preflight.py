@@ -41,9 +41,14 @@ def mesh_shape(cfg: RunConfig, n_devices: int) -> tuple[int, int]:
     return data, m.model
 
 
-def state_bytes(d_in: int, d_sae: int, batch: int, *, data: int = 1, model: int = 1) -> int:
-    """Bytes per device the training step needs at the least (state + dense pre-activations)."""
-    per_latent = 4 * (_STATE_COPIES * (2 * d_in + 2) + 1)
+def state_bytes(d_in: int, d_sae: int, batch: int, *, data: int = 1, model: int = 1,
+                params_per_latent: float | None = None) -> int:
+    """Bytes per device the training step needs at the least (state + dense pre-activations).
+
+    ``params_per_latent``: parameters per latent (default a plain SAE's 2 d_in + 2; a
+    cross-layer transcoder's decoder writes every layer: `dictionary_specs`)."""
+    per_param = 2 * d_in + 2 if params_per_latent is None else params_per_latent
+    per_latent = int(4 * (_STATE_COPIES * per_param + 1))
     rows = -(-batch // data)
     return (-(-d_sae // model)) * (per_latent + 4 * _BATCH_COPIES * rows) + 4 * 3 * d_in
 
@@ -71,17 +76,36 @@ def _fmt(b: float) -> str:
     return f"{b:.0f} B"
 
 
+def dictionary_specs(cfg: RunConfig, d_in: int) -> list:
+    """The specs of the dictionaries ``cfg`` trains (the trainer's own layout over
+    ``model.hooks``): one per hook, per transcoder, or one over several hooks."""
+    from jsae.train.loop import _layout, spec_from_config
+
+    hooks = list(cfg.model.hooks)
+    inputs, _ = _layout(cfg, hooks, {h: d_in for h in hooks})
+    return [spec_from_config(cfg, d_in, n_hooks=len(ins)) for ins in inputs.values()]
+
+
+def params_per_latent(spec) -> float:
+    """Parameters per latent of ``spec``'s architecture (`Arch.param_shapes`)."""
+    import math
+
+    shapes = spec.arch.param_shapes(spec).values()
+    return sum(math.prod(s) for s in shapes) / spec.d_sae
+
+
 def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
     d_sae = cfg.resolved_d_sae(d_in)
-    need = state_bytes(d_in, d_sae, cfg.train.batch_size, data=data, model=model)
+    if not cfg.model.hooks:  # hooks known once the model is (a set over all layers)
+        return
     have, what = device_memory()
     if have is None:
         return
     on_host = what.startswith("this machine")
-    from jsae.sae.archs import get_arch
-
-    n_dicts = 1 if get_arch(cfg.sae.architecture).transcoder else len(cfg.model.hooks)
-    total = need * (data * model if on_host else 1) * n_dicts
+    need = sum(state_bytes(d_in, s.d_sae, cfg.train.batch_size, data=data, model=model,
+                           params_per_latent=params_per_latent(s))
+               for s in dictionary_specs(cfg, d_in))
+    total = need * (data * model if on_host else 1)
     if total <= have:
         return
     per_latent = total / d_sae
@@ -139,4 +163,5 @@ def preflight(cfg: RunConfig, *, d_in: int | None = None, memory: bool = True) -
     return data, model
 
 
-__all__ = ["check_memory", "device_memory", "mesh_shape", "preflight", "state_bytes"]
+__all__ = ["check_memory", "device_memory", "dictionary_specs", "mesh_shape", "params_per_latent",
+           "preflight", "state_bytes"]
