@@ -285,3 +285,158 @@ def test_real_circuit_tracer_loads_jsae_transcoder_sets(tmp_path):
         np.testing.assert_allclose(np.load(tmp_path / f"{kind}_{arch}.y.npy"), y, rtol=1e-4,
                                    atol=1e-4, err_msg=name)
     shutil.rmtree(tmp_path / "ct")
+
+
+# ---- cross-layer transcoders --------------------------------------------------------------
+
+NF = 8  # features per layer
+
+
+def _clt(activation: str = "jumprelu", seed: int = 0) -> SAE:
+    """A CLT over LAYERS layers with noise in the masked decoder entries too (jsae's forward
+    masks them; an export must write zeros there)."""
+    rng = np.random.default_rng(seed)
+    L = LAYERS
+    p = {"W_enc": rng.standard_normal((L, D, NF)) * 0.6,
+         "W_dec": rng.standard_normal((L * NF, L, D)) * 0.4,
+         "b_enc": rng.standard_normal(L * NF) * 0.1, "b_dec": rng.standard_normal((L, D)) * 0.5}
+    theta = rng.uniform(0.1, 0.8, L * NF)
+    if activation == "jumprelu":
+        p["log_threshold"] = np.log(theta)
+    elif activation == "batchtopk":
+        p["ema_threshold"] = theta
+    return SAE(params={k: jnp.asarray(v, jnp.float32) for k, v in p.items()},
+               norm_scale=jnp.asarray(0.4, jnp.float32),
+               spec=SAESpec("clt", D, L * NF, n_layers=L, activation=activation, k=2))
+
+
+CLT_KEY = "+".join(f"blocks.{i}.mlp.hook_in" for i in range(LAYERS))
+CLT_OUT = "+".join(f"blocks.{i}.hook_mlp_out" for i in range(LAYERS))
+CLT_ACTS = ["jumprelu", "batchtopk"]
+
+
+def _clt_outputs(sae, x):
+    """jsae's codes [L, B, NF] and outputs [L, B, D] of x [L, B, D] (circuit-tracer's order)."""
+    xb = jnp.asarray(np.moveaxis(x, 0, 1))  # [B, L, D]
+    z = encode(sae, xb)
+    y = decode(sae, z)
+    z = np.asarray(z).reshape(x.shape[1], LAYERS, NF)
+    return np.moveaxis(z, 1, 0), np.moveaxis(np.asarray(y), 1, 0)
+
+
+@pytest.mark.parametrize("act", CLT_ACTS)
+def test_clt_files_compute_what_jsae_computes(act, tmp_path):
+    sae = _clt(act)
+    c = gather([(CLT_KEY, CLT_OUT, sae)], "gemma-3-270m")
+    save_circuit_tracer(c, tmp_path / "ct")
+    save_gemmascope2(c, tmp_path / "gs")
+    cfg = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert cfg["model_kind"] == "cross_layer_transcoder"
+    assert (cfg["feature_input_hook"], cfg["feature_output_hook"]) == ("mlp.hook_in",
+                                                                       "hook_mlp_out")
+    x = _x(seed=4)
+    z_j, y_j = _clt_outputs(sae, x)
+    assert 0.05 < np.mean(z_j != 0) < 0.95
+    ct = [{**load_file(str(tmp_path / "ct" / f"W_enc_{i}.safetensors")),
+           **load_file(str(tmp_path / "ct" / f"W_dec_{i}.safetensors"))} for i in range(LAYERS)]
+    gs = [load_file(str(tmp_path / "gs" / f"params_layer_{i}.safetensors")) for i in range(LAYERS)]
+    z_ct, z_gs = [], []
+    for i in range(LAYERS):
+        assert ct[i][f"W_dec_{i}"].shape == (NF, LAYERS - i, D)
+        pre = x[i] @ ct[i][f"W_enc_{i}"].T.astype(np.float64) + ct[i][f"b_enc_{i}"]
+        z_ct.append(pre * (pre > ct[i][f"threshold_{i}"]))
+        pre = x[i] @ gs[i]["w_enc"].astype(np.float64) + gs[i]["b_enc"]
+        z_gs.append(pre * (pre > gs[i]["threshold"]))
+        assert not gs[i]["w_dec"][:, :i].any()  # no writes to earlier layers
+    for t in range(LAYERS):
+        y_ct = ct[t][f"b_dec_{t}"] + sum(z_ct[s] @ ct[s][f"W_dec_{s}"][:, t - s]
+                                          for s in range(t + 1))
+        y_gs = gs[t]["b_dec"] + sum(z_gs[s] @ gs[s]["w_dec"][:, t] for s in range(LAYERS))
+        np.testing.assert_allclose(z_ct[t], z_j[t], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y_ct, y_j[t], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y_gs, y_j[t], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["circuit-tracer", "gemmascope2"])
+def test_clt_import_gives_back_the_same_dictionary(fmt, tmp_path):
+    sae = _clt("jumprelu", seed=1)
+    save, load = ((save_circuit_tracer, load_circuit_tracer) if fmt == "circuit-tracer"
+                  else (save_gemmascope2, load_gemmascope2))
+    save(gather([(CLT_KEY, CLT_OUT, sae)], "gemma-3-270m"), tmp_path / "f")
+    back, meta = load(tmp_path / "f")
+    assert list(back) == [CLT_KEY] and meta["hook_names_out"] == {CLT_KEY: CLT_OUT}
+    assert back[CLT_KEY].spec.architecture == "clt"
+    assert back[CLT_KEY].spec.options.n_layers == LAYERS
+    x = jnp.asarray(np.moveaxis(_x(seed=5), 0, 1))
+    np.testing.assert_allclose(np.asarray(reconstruct(back[CLT_KEY], x)),
+                               np.asarray(reconstruct(sae, x)), rtol=1e-4, atol=1e-4)
+
+
+def test_clt_refusals_are_one_line(tmp_path, capsys):
+    with pytest.raises(BadInput, match=r"^blocks\.0\.mlp\.hook_in\+.*a CLT with activation "
+                                       r"topk selects the top k"):
+        gather([(CLT_KEY, CLT_OUT, _clt("topk"))])
+    save_circuit_tracer(gather([(CLT_KEY, CLT_OUT, _clt())]), tmp_path / "ct")
+    (tmp_path / "ct" / "W_dec_1.safetensors").unlink()
+    err = _cli_refuses(capsys, tmp_path / "ct", tmp_path / "out")
+    assert "W_dec_1.safetensors is missing" in err
+    save_gemmascope2(gather([(CLT_KEY, CLT_OUT, _clt())]), tmp_path / "gs")
+    f = tmp_path / "gs" / "params_layer_2.safetensors"
+    t = load_file(str(f))
+    t["w_dec"][:, 0] = 1.0
+    save_file(t, str(f))
+    err = _cli_refuses(capsys, tmp_path / "gs", tmp_path / "out")
+    assert "params_layer_2.safetensors: tensor 'w_dec' writes layers before 2" in err
+    (tmp_path / "gs" / "params_layer_1.safetensors").unlink()
+    err = _cli_refuses(capsys, tmp_path / "gs", tmp_path / "out")
+    assert "params_layer_1.safetensors is missing" in err
+
+
+_CT_CLT_SCRIPT = r"""
+import json, sys
+import numpy as np, torch
+from circuit_tracer.transcoder.cross_layer_transcoder import load_gemma_scope_2_clt
+from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+root = sys.argv[1]
+x = torch.from_numpy(np.load(f"{root}/x.npy"))  # [L, B, d]
+L, cpu = len(x), torch.device("cpu")
+loaded = {"ct": load_transcoder_from_hub("clt", cache_dir=f"{root}/ct", device=cpu,
+                                         dtype=torch.float32)[0]}
+# circuit-tracer 0.5.0 reads layers range(max(paths)), one short of a {0..L-1} dict (its
+# off-by-one): the last key is never opened, so one unused key makes it read every layer
+paths = {i: f"{root}/gs/params_layer_{i}.safetensors" for i in range(L)}
+loaded["gs"] = load_gemma_scope_2_clt({**paths, L: "unused"}, device=cpu, dtype=torch.float32)
+report = {}
+for kind, tc in loaded.items():
+    with torch.no_grad():
+        z = tc.encode(x)
+        y = tc.decode(z)
+    np.save(f"{root}/{kind}.z.npy", z.numpy())
+    np.save(f"{root}/{kind}.y.npy", y.numpy())
+    report[kind] = {"cls": type(tc).__name__, "n_layers": tc.n_layers, "n": tc.d_transcoder,
+                    "in": tc.feature_input_hook, "out": tc.feature_output_hook}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_real_circuit_tracer_loads_jsae_clts(tmp_path):
+    circuit_tracer_python()
+    sae = _clt("jumprelu", seed=6)
+    x = _x(seed=7)
+    x[:, -1] *= 4.0  # the last position has active features (circuit-tracer sizes its
+    np.save(tmp_path / "x.npy", x)  # sparse decode by the last active position)
+    c = gather([(CLT_KEY, CLT_OUT, sae)], "google/gemma-3-270m")
+    save_circuit_tracer(c, tmp_path / "ct" / "clt")
+    save_gemmascope2(c, tmp_path / "gs")
+    report = run_circuit_tracer(_CT_CLT_SCRIPT, tmp_path)
+    z, y = _clt_outputs(sae, x)
+    assert np.all((z != 0).any(axis=(0, 2)))
+    assert report["ct"] == {"cls": "CrossLayerTranscoder", "n_layers": LAYERS, "n": NF,
+                            "in": "mlp.hook_in", "out": "hook_mlp_out"}
+    assert report["gs"]["cls"] == "CrossLayerTranscoder" and report["gs"]["n_layers"] == LAYERS
+    for kind in ("ct", "gs"):
+        np.testing.assert_allclose(np.load(tmp_path / f"{kind}.z.npy"), z, rtol=1e-4, atol=1e-4,
+                                   err_msg=kind)
+        np.testing.assert_allclose(np.load(tmp_path / f"{kind}.y.npy"), y, rtol=1e-4, atol=1e-4,
+                                   err_msg=kind)
