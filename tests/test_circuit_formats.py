@@ -440,3 +440,46 @@ def test_real_circuit_tracer_loads_jsae_clts(tmp_path):
                                    err_msg=kind)
         np.testing.assert_allclose(np.load(tmp_path / f"{kind}.y.npy"), y, rtol=1e-4, atol=1e-4,
                                    err_msg=kind)
+
+
+# ---- a trained set, end to end --------------------------------------------------------------
+
+
+def test_cli_exports_a_trained_transcoder_set(tmp_path, capsys):
+    """`jsae export RUN --format circuit-tracer` on a set trained from one LM pass (a tiny
+    3-layer Gemma-3-shaped model): every layer's transcoder in one folder, equal to the run's."""
+    from test_steering_helpers import TinyModel, tiny_config
+    from test_transcoder_sets import _raw, _source
+
+    from jsae import config
+    from jsae.runs import sae_from_run
+    from jsae.train.loop import Trainer
+
+    model = TinyModel(tiny_config(layers=LAYERS))
+    raw = _raw(tmp_path, arch="jumprelu_skip_transcoder")
+    raw["model"]["name"] = "tiny-gemma-3"
+    raw["train"]["steps"] = 3
+    cfg = config.from_dict(raw)
+    Trainer(cfg, _source(cfg, model)).fit(log=lambda s: None)
+    run, out = tmp_path / "run", tmp_path / "ct"
+    assert cli_main(["export", str(run), str(out), "--format", "circuit-tracer"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    cfg_ct = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg_ct["feature_input_hook"], cfg_ct["feature_output_hook"],
+            cfg_ct["model_name"]) == ("mlp.hook_in", "hook_mlp_out", "tiny-gemma-3")
+    back, meta = load_circuit_tracer(out)
+    for i in range(LAYERS):
+        h = f"blocks.{i}.mlp.hook_in"
+        assert meta["hook_names_out"][h] == f"blocks.{i}.hook_mlp_out"
+        sae, _ = sae_from_run(run, h)
+        x = jnp.asarray(np.random.default_rng(i).standard_normal((16, sae.spec.d_in)) * 3,
+                        jnp.float32)
+        assert 0 < float(jnp.mean(encode(sae, x) != 0)) < 1
+        np.testing.assert_allclose(np.asarray(reconstruct(back[h], x)),
+                                   np.asarray(reconstruct(sae, x)), rtol=1e-4, atol=1e-4)
+    # the same run, one layer only: circuit-tracer needs them all (one line, nothing written)
+    assert cli_main(["export", str(run), str(tmp_path / "one"), "--format", "circuit-tracer",
+                     "--hook", "blocks.1.mlp.hook_in"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing layer(s) 0" in err, err
+    assert not (tmp_path / "one").exists()
