@@ -9,7 +9,9 @@ single_layer_transcoder.py``, ``transcoder/cross_layer_transcoder.py``, ``utils/
   ``blocks.{layer}.`` prefix, e.g. ``hook_resid_mid`` / ``hook_mlp_out``, or ``mlp.hook_in``
   (Gemma 3's normalised MLP input), ``model_name``, optional ``scan``) is what
   ``load_transcoders_from_cache`` (hence ``load_transcoder_from_hub`` with a local cache and
-  ``ReplacementModel.from_pretrained``) loads; a hub repository has the same files.
+  ``ReplacementModel.from_pretrained``) loads; a hub repository has the same files. So an
+  export ``OUT`` loads as ``load_transcoder_from_hub(OUT.name, cache_dir=OUT.parent)`` or, with
+  ``CIRCUIT_TRACER_CACHE_DIR=OUT.parent``, ``ReplacementModel.from_pretrained(model, OUT.name)``.
 - ``transcoder_set``: ``layer_{i}.safetensors`` for every layer 0..N-1 (``TranscoderSet``
   asserts that every layer from 0 to the last has one, all with one ``d_transcoder``), each
   ``W_enc [n, d]`` (``pre = x @ W_enc.T + b_enc``), ``W_dec [n, d]``, ``b_enc [n]``, ``b_dec
