@@ -260,6 +260,18 @@ def test_export_of_an_unfinished_run_uses_the_latest_checkpoint(trained_run, tmp
         export_run(copy, tmp_path / "gs", format="gemmascope")
 
 
+@pytest.mark.parametrize("fmt", ["circuit-tracer", "gemmascope2"])
+def test_cli_export_of_an_sae_to_circuit_formats_is_refused(trained_run, tmp_path, capsys, fmt):
+    """Circuit tracing's formats hold transcoders of a model's layers: a TopK SAE run is one
+    line, exit 2, nothing written (tests/test_circuit_formats.py exports transcoders)."""
+    run_dir, _ = trained_run
+    out = tmp_path / "ct"
+    assert cli_main(["export", str(run_dir), str(out), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hold ReLU / JumpReLU transcoders" in err, err
+    assert err.endswith("not topk") and not out.exists()
+
+
 # ---- the real SAELens package ------------------------------------------------------------
 
 _SAELENS_SCRIPT = r"""
