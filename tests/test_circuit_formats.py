@@ -299,7 +299,9 @@ def _clt(activation: str = "jumprelu", seed: int = 0) -> SAE:
     L = LAYERS
     p = {"W_enc": rng.standard_normal((L, D, NF)) * 0.6,
          "W_dec": rng.standard_normal((L * NF, L, D)) * 0.4,
-         "b_enc": rng.standard_normal(L * NF) * 0.1, "b_dec": rng.standard_normal((L, D)) * 0.5}
+         "b_enc": rng.standard_normal(L * NF) * 0.1, "b_dec": rng.standard_normal((L, D)) * 0.5,
+         # per-layer scales as training sets them: an export must fold them into the weights
+         "in_scale": rng.uniform(0.5, 2.0, L), "out_scale": rng.uniform(0.5, 2.0, L)}
     theta = rng.uniform(0.1, 0.8, L * NF)
     if activation == "jumprelu":
         p["log_threshold"] = np.log(theta)

@@ -348,6 +348,8 @@ class CLT(Arch):
     def from_circuit_tensors(self, t):
         """A linear JumpReLU threshold (a ReLU CLT, threshold 0, imports exactly)."""
         params = {k: t[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+        ones = np.ones((t["W_enc"].shape[0],), np.float32)  # the files hold folded weights
+        params.update(in_scale=ones, out_scale=ones.copy())
         return params, {"activation": "jumprelu", "jumprelu_threshold": "linear",
                         "n_layers": int(t["W_enc"].shape[0])}
 
