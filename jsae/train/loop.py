@@ -89,13 +89,14 @@ class Fitted(NamedTuple):
     heldout: dict[str, dict[str, float]]
 
 
-def _check_finite_loss(losses, step: int, bar, checkpointer: Checkpointer) -> None:
+def _check_finite_loss(losses, step: int, bar, last_good: Callable[[], str] | None) -> None:
     """Stop at the first step whose loss is not finite, not at the next logging step. Called
-    after the following step is queued, so reading the scalar does not stall the device."""
+    after the following step is queued, so reading the scalar does not stall the device.
+    ``last_good`` (the checkpointer's ``describe_last_good``) is only called then."""
     if all(np.isfinite(float(x)) for x in losses):
         return
     bar.close()
-    hint = checkpointer.describe_last_good()
+    hint = last_good() if last_good is not None else ""
     raise TrainingDiverged(f"non-finite loss at step {step}; lower train.lr or check the input "
                            "activations" + (f"; {hint}" if hint else ""))
 
@@ -359,7 +360,7 @@ class Trainer:
             states, metrics = self.step(states, batch)
             done = step + 1
             if last_losses is not None:
-                _check_finite_loss(last_losses, done - 1, bar, checkpointer)
+                _check_finite_loss(last_losses, done - 1, bar, checkpointer.describe_last_good)
             last_losses = [metrics[h]["loss"] for h in self.hooks]
             bar.update(1)
             if done % cfg.train.log_every == 0 or done == self.total_steps:
@@ -394,7 +395,7 @@ class Trainer:
                 self.states = states
                 raise TrainingStopped(done)
         if last_losses is not None:
-            _check_finite_loss(last_losses, self.total_steps, bar, checkpointer)
+            _check_finite_loss(last_losses, self.total_steps, bar, checkpointer.describe_last_good)
         bar.close()
         checkpointer.save(self.total_steps, states, self.source.state, force=True)
         self.states = states
