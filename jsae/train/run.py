@@ -78,8 +78,10 @@ class Run:
               ) -> dict[str, Any]:
         """Start (or resume), accept, fit and finish; returns the summary.
 
-        `TrainingStopped` (a stop request) and every error pass through with the directory as
-        the last checkpoint left it: no ``saes/``, no ``summary.json``.
+        `TrainingStopped` (a stop request) and every error pass through before :meth:`finish`
+        writes anything of this run under ``saes/`` or ``summary.json``; an error before
+        :meth:`accept` (a checkpoint that does not fit, a data position the source cannot
+        take) leaves the directory as it was.
         """
         states = trainer.start(checkpointer, log=self.log)
         self.accept(trainer.step_of(states), trainer.total_steps)
