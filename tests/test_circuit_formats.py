@@ -27,6 +27,7 @@ from jsae.export import (
 )
 from jsae.sae import SAE, SAESpec, decode, encode, reconstruct
 from jsae.sae.archs import get_arch
+from jsae.train.run import Run
 
 D, N, LAYERS = 8, 24, 3
 SET_ARCHS = ["jumprelu_transcoder", "jumprelu_skip_transcoder"]
@@ -462,7 +463,7 @@ def test_cli_exports_a_trained_transcoder_set(tmp_path, capsys):
     raw["model"]["name"] = "tiny-gemma-3"
     raw["train"]["steps"] = 3
     cfg = config.from_dict(raw)
-    Trainer(cfg, _source(cfg, model)).fit(log=lambda s: None)
+    Run(cfg, log=lambda s: None).train(Trainer(cfg, _source(cfg, model)))
     run, out = tmp_path / "run", tmp_path / "ct"
     assert cli_main(["export", str(run), str(out), "--format", "circuit-tracer"]) == 0
     assert "wrote" in capsys.readouterr().out

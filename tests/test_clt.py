@@ -14,6 +14,7 @@ import pytest
 from jsae.sae import SAESpec, init_sae, sae_loss
 from jsae.sae.archs import OptionError, get_arch
 from jsae.sae.core import decode_normalized, encode_normalized, fold_norm
+from jsae.train.run import Run
 from jsae.train.state import init_state
 from jsae.train.step import make_train_step
 
@@ -470,7 +471,8 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     (key,) = trainer.hooks
     spec = trainer.specs[key]
     assert spec.options.n_layers == 3 and spec.d_sae == 48
-    summary = trainer.fit(log=lambda s: None, checkpointer=RunCheckpointer(cfg, trainer))
+    summary = Run(cfg, log=lambda s: None).train(
+        trainer, checkpointer=RunCheckpointer(cfg, trainer))
     sae, info = sae_from_run(tmp_path / "run")
     assert sae.spec == spec and info["layers"] == [0, 1, 2]
     w = np.asarray(sae.params["W_dec"])
@@ -493,7 +495,7 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"^checkpoint .* trains hooks \['blocks.0"
                        r".*blocks.2.mlp.hook_in'\] but the config asks for \['blocks.0.mlp.hook_in"
                        r"\+blocks.1.mlp.hook_in'\]") as e:
-        again.fit(log=lambda s: None, checkpointer=RunCheckpointer(two, again))
+        Run(two, log=lambda s: None).train(again, checkpointer=RunCheckpointer(two, again))
     assert "\n" not in str(e.value)
 
 

@@ -26,6 +26,7 @@ from jsae.export import (
 from jsae.sae import SAE, SAESpec, decode, encode, fold_norm
 from jsae.train.checkpoint import RunCheckpointer
 from jsae.train.loop import Trainer
+from jsae.train.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
 D_IN, D_SAE = 12, 48
@@ -223,8 +224,8 @@ def trained_run(tmp_path_factory):
     tr = Trainer(cfg, make_source(cfg))
     ck = RunCheckpointer(cfg, tr)
     with pytest.MonkeyPatch.context() as mp:  # the training plot is not under test here
-        mp.setattr("jsae.train.loop.plot_metrics", lambda *a, **k: None)
-        tr.fit(checkpointer=ck)
+        mp.setattr("jsae.train.run.plot_metrics", lambda *a, **k: None)
+        Run(cfg).train(tr, checkpointer=ck)
     ck.close()
     return run_dir, jax.device_get(tr.states["synthetic"].sae)
 
