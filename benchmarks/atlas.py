@@ -117,7 +117,8 @@ def bench_pieces(run: str, context_length: int, batch_size: int, repeats: int) -
     import jax
     import jax.numpy as jnp
 
-    from jsae.analysis.atlas import stream as S
+    from jsae.analysis.atlas import state as S
+    from jsae.analysis.atlas.stream import encode_codes
     from jsae.analysis.corpus import corpus_contexts
     from jsae.analysis.run import load_run
     from jsae.data.harvest import Harvester
@@ -128,14 +129,14 @@ def bench_pieces(run: str, context_length: int, batch_size: int, repeats: int) -
     cfg = S.StreamConfig()
     state = jax.device_put(S.init_state(r.sae.spec.d_sae, cfg))
     acts = jnp.asarray(h.activations(tok)[r.hook], jnp.float32)
-    z = S._encode(r.sae, acts)
-    cv, ci = S._active(z, S._cap(cfg, state, z.shape[-1]))
+    z = encode_codes(r.sae, acts)
+    cv, ci = S.active_codes(z, S.active_width(cfg, state, z.shape[-1]))
     matmul = jax.jit(lambda x: x.reshape(-1, x.shape[-1]) @ r.sae.params["W_enc"])
     tk, mk = jnp.asarray(tok, jnp.int32), jnp.asarray(msk)
 
     def update():
         nonlocal state
-        state = S._update(state, z, cv, ci, tk, mk, jnp.int32(0), cfg=cfg)
+        state = S.update_from_active(state, z, cv, ci, tk, mk, jnp.int32(0), cfg=cfg)
         return state
 
     def best(f):
@@ -147,8 +148,8 @@ def bench_pieces(run: str, context_length: int, batch_size: int, repeats: int) -
         return min(times[1:])
 
     return {"tokens": int(tok.size), "lm_s": best(lambda: h.activations(tok)[r.hook]),
-            "encoder_matmul_s": best(lambda: matmul(acts)), "encode_s": best(lambda: S._encode(r.sae, acts)),
-            "active_set_s": best(lambda: S._active(z, cv.shape[1])), "update_s": best(update)}
+            "encoder_matmul_s": best(lambda: matmul(acts)), "encode_s": best(lambda: encode_codes(r.sae, acts)),
+            "active_set_s": best(lambda: S.active_codes(z, cv.shape[1])), "update_s": best(update)}
 
 
 def bench_maps(sizes, d_in: int, n: int, umap_max: int, method: str = "umap") -> list[dict]:

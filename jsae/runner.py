@@ -1,8 +1,13 @@
-"""`run_training(cfg)`: the whole `jsae train` job (source, trainer, checkpoints, report)."""
+"""`run_training(cfg)`: the whole `jsae train` job.
+
+The walk, each module once: `jsae.train.preflight` (the config against the devices), the run
+directory opened (`jsae.train.run.Run`: claim, lock, admission), the source
+(`jsae.data.make_source`), the `Trainer` and its checkpointer (`jsae.train.checkpoint`),
+`Run.train` (start or resume, accept, `Trainer.fit`, the dictionaries and ``summary.json``),
+then the report printed here, and the lock released.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 
@@ -11,18 +16,18 @@ from jsae.config import ConfigError, RunConfig
 from jsae.data import make_source
 from jsae.data.sources import SyntheticSource
 from jsae.evals.reconstruction import dictionary_recovery
-from jsae.train import rundir
-from jsae.train.loop import Trainer, TrainingStopped
+from jsae.train.loop import NO_CHECKPOINTS, Checkpointer, Trainer, TrainingStopped
 from jsae.train.preflight import preflight
+from jsae.train.run import Run
 
 
-def _make_checkpointer(cfg: RunConfig, trainer: Trainer):
+def _make_checkpointer(cfg: RunConfig, trainer: Trainer) -> Checkpointer:
     if not cfg.checkpoint.enabled:
-        return None
+        return NO_CHECKPOINTS
     try:
         from jsae.train.checkpoint import RunCheckpointer
     except ImportError:
-        return None
+        return NO_CHECKPOINTS
     return RunCheckpointer(cfg, trainer)
 
 
@@ -30,50 +35,24 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, checkpoint saved, rerun t
 
 
 def run_training(cfg: RunConfig, *, fresh: bool = False, print_fn=print) -> dict:
-    """Train as ``cfg`` says in its run directory, guarded (see `jsae.train.rundir`).
+    """Train as ``cfg`` says in its run directory, guarded (see `jsae.train.run`).
 
     Everything that can be checked before work is checked first (config against the devices,
     the run directory's lock and contents, the held-out data), and nothing in the run
     directory changes until the run is accepted. Returns the summary; ``{"stopped_at": step}``
     after a SIGTERM, ``{"finished": True, ...}`` when the same run had already finished.
     """
-    from jsae import outputs
-
-    run_dir = Path(cfg.run_dir)
-    outputs.claim_run_dir(run_dir)
     preflight(cfg)
-    is_main = jax.process_index() == 0
-    lock = rundir.acquire_lock(run_dir, log=print_fn) if is_main else None
-    try:
-        admission = rundir.admit(cfg, fresh=fresh, write=is_main, log=print_fn)
-        _sync("jsae run directory admitted")
+    with Run(cfg, log=print_fn) as run:
+        admission = run.open(fresh=fresh)
         if admission.finished:
-            print_fn(f"jsae train: {run_dir} already holds this run, finished (saes/ with the "
+            print_fn(f"jsae train: {run.dir} already holds this run, finished (saes/ with the "
                      "same config): nothing to do; `--fresh` trains it again (the old run is "
                      "moved aside)")
-            return {"finished": True, **_read_summary(run_dir)}
+            return {"finished": True, **run.summary()}
         for note in admission.notes:
             print_fn(f"note: {note}")
-        return _train(cfg, run_dir, print_fn)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _read_summary(run_dir: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return _train(cfg, run, print_fn)
 
 
 def check_heldout(cfg: RunConfig, source) -> None:
@@ -87,12 +66,12 @@ def check_heldout(cfg: RunConfig, source) -> None:
             "raise data.holdout_fraction (e.g. 0.02) or use more data")
 
 
-def _train(cfg: RunConfig, run_dir: Path, print_fn) -> dict:
+def _train(cfg: RunConfig, run: Run, print_fn) -> dict:
     print_fn(
         f"jsae train: {cfg.sae.architecture} SAE on {cfg.data.source} data, "
         f"{cfg.resolved_steps()} steps x {cfg.train.batch_size} tokens, "
         f"{jax.device_count()} {jax.default_backend()} device(s), mesh data={cfg.mesh.data} "
-        f"model={cfg.mesh.model}, run dir {run_dir}"
+        f"model={cfg.mesh.model}, run dir {run.dir}"
     )
     source = make_source(cfg, jax.process_index(), jax.process_count())
     check_heldout(cfg, source)
@@ -104,19 +83,22 @@ def _train(cfg: RunConfig, run_dir: Path, print_fn) -> dict:
             from jsae.evals import make_eval_fn
 
             eval_fn = make_eval_fn(cfg)
-        summary = trainer.fit(checkpointer=checkpointer, eval_fn=eval_fn, log=print_fn)
+        summary = run.train(trainer, checkpointer=checkpointer, eval_fn=eval_fn)
     except TrainingStopped as stop:
         print_fn(f"stopped at step {stop.step} (SIGTERM): checkpoint saved in "
-                 f"{run_dir / 'checkpoints'}; run the same command again to resume")
+                 f"{run.dir / 'checkpoints'}; run the same command again to resume")
         return {"stopped_at": stop.step}
     finally:
-        if checkpointer is not None:
-            checkpointer.close()
-    for hook, m in summary["heldout"].items():
-        print_fn(
-            f"[{hook}] held-out: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
-            f"dead {m['dead_frac']:.3f}  cos {m['cos_sim']:.3f}  ({int(m['tokens'])} tokens)"
-        )
+        checkpointer.close()
+    _report(cfg, trainer, source, summary, print_fn)
+    print_fn(f"saved SAEs under {run.dir / 'saes'}; metrics in {run.dir / 'metrics.csv'}")
+    return summary
+
+
+def _report(cfg: RunConfig, trainer: Trainer, source, summary: dict, print_fn) -> None:
+    """What the run learned, printed once: ground-truth recovery (synthetic data), a few
+    features' top snippets (an LM source), then the held-out metrics of each dictionary.
+    ``summary`` gains ``recovery`` (not written to summary.json)."""
     if isinstance(source, SyntheticSource):
         hook = trainer.hooks[0]
         rec = dictionary_recovery(parallel.to_host(trainer.states[hook].sae), source.features)
@@ -129,10 +111,10 @@ def _train(cfg: RunConfig, run_dir: Path, print_fn) -> dict:
             if jax.process_index() == 0:
                 show_features(cfg, model, sae, hook, print_fn)
     for hook, m in summary["heldout"].items():
-        print_fn(f"final held-out FVU [{hook}]: {m['fvu']:.4f} (L0 {m['l0']:.1f}, "
-                 f"dead {m['dead_frac']:.3f})")
-    print_fn(f"saved SAEs under {run_dir / 'saes'}; metrics in {run_dir / 'metrics.csv'}")
-    return summary
+        print_fn(
+            f"[{hook}] held-out: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
+            f"dead {m['dead_frac']:.3f}  cos {m['cos_sim']:.3f}  ({int(m['tokens'])} tokens)"
+        )
 
 
 def show_features(cfg: RunConfig, model, sae, hook: str, print_fn=print) -> list[int]:

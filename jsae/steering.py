@@ -246,8 +246,9 @@ def feature_direction(sae: SAE, feature: int, *, unit: bool = False,
     """The raw-activation change per unit of a feature's code: ``W_dec[f] / norm_scale``
     (``unit=True``: that vector normalised to length 1); for a dictionary that writes several
     hooks, its row at its ``layer``-th hook."""
-    w = sae.params["W_dec"][int(feature)]
-    n = get_arch(sae.spec.architecture).n_hooks(sae.spec)
+    arch = get_arch(sae.spec.architecture)
+    w = arch.decoder_rows(sae.params, jnp.asarray([int(feature)]))[0]
+    n = arch.n_hooks(sae.spec)
     if n > 1:
         if layer is None:
             raise ValueError(f"a {sae.spec.architecture} writes {n} hooks: pass layer= "

@@ -169,6 +169,7 @@ def test_crosscoder_run_trains_evaluates_and_finds_top_contexts(tmp_path):
     from jsae.runs import sae_from_run
     from jsae.sae import encode
     from jsae.train.loop import Trainer
+    from jsae.train.run import Run
 
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(2)]
     key = "+".join(hooks)
@@ -183,8 +184,8 @@ def test_crosscoder_run_trains_evaluates_and_finds_top_contexts(tmp_path):
         "eval": {"tokens": 200, "batch_size": 4}, "checkpoint": {"enabled": False},
         "mesh": {"data": 1, "model": 1},
     })
-    summary = Trainer(cfg, TextActivationSource(cfg, model, documents=docs, forward=forward)
-                      ).fit(log=lambda s: None)
+    summary = Run(cfg, log=lambda s: None).train(
+        Trainer(cfg, TextActivationSource(cfg, model, documents=docs, forward=forward)))
     assert set(summary["heldout"]) == {key}
     sae, info = sae_from_run(tmp_path / "run")
     assert info["hook_names"] == hooks and sae.spec.options.n_layers == 2

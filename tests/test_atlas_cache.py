@@ -48,7 +48,7 @@ def test_atlas_from_cache_equals_atlas_from_text(tmp_path, outliers):
     cache = stream_cache({HOOK: sae}, tmp_path / "c", CFG, batch_size=4, progress=False)[HOOK]
     assert cache.n_tokens == text.n_tokens == n
     for k in KEYS:
-        a, b = np.asarray(cache.state[k]), np.asarray(text.state[k])
+        a, b = np.asarray(getattr(cache.state, k)), np.asarray(getattr(text.state, k))
         if a.dtype.kind == "f":
             np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-3,
                                        atol=1e-5, err_msg=k)
@@ -70,7 +70,7 @@ def test_cache_pass_resumes(tmp_path):
     res = stream_cache({HOOK: sae}, tmp_path / "c", CFG, batch_size=4, progress=False,
                        state_dir=st)[HOOK]
     for k in KEYS:
-        np.testing.assert_array_equal(np.asarray(res.state[k]), np.asarray(full.state[k]), k)
+        np.testing.assert_array_equal(np.asarray(getattr(res.state, k)), np.asarray(getattr(full.state, k)), k)
 
 
 def test_old_cache_without_contexts_is_one_clear_error(tmp_path):
@@ -107,6 +107,6 @@ def test_atlas_build_from_cache_with_a_tiny_transformer(tmp_path):
     text = stream_text(model, {HOOK: sae}, tokens, rows, CFG, batch_size=4, progress=False)[HOOK]
     assert data.meta["source"].startswith("cache") and data.meta["n_tokens"] == rows.sum()
     np.testing.assert_allclose(data.density, text.density)
-    np.testing.assert_allclose(data.top_value, text.state["top_val"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(data.top_tokens, text.state["top_tok"])
+    np.testing.assert_allclose(data.top_value, text.state.top_val, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(data.top_tokens, text.state.top_tok)
     assert all(isinstance(lab, str) for lab in data.labels)

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from test_steering_helpers import TinyModel, random_sae
 
-from jsae.analysis.atlas.stream import (
-    AtlasError,
-    AtlasStateMismatch,
+from jsae.analysis.atlas.state import (
+    AtlasState,
     StreamConfig,
     StreamResult,
     band_exponent,
     band_index,
     init_state,
-    stream_text,
     token_priority,
     update_state,
 )
+from jsae.analysis.atlas.stream import stream_text
+from jsae.analysis.atlas.types import AtlasError, AtlasStateMismatch
 from jsae.data.harvest import Harvester
 from jsae.sae import encode
 
@@ -30,6 +30,12 @@ HOOK = "blocks.1.hook_resid_post"
 CFG = StreamConfig(top_k=5, window=6, left=3, bands=4, band_samples=3, hist_bins=12,
                    hist_min=1e-3, hist_max=10.0, coact_tokens=64, coact_k=5)
 BATCH = 4
+# the arrays of a saved partial pass, in their order in the file, as written before the state
+# was a dataclass (partial passes saved then must still resume)
+SAVED_NAMES = ("band_act", "band_count", "band_ctx", "band_exp", "band_pos", "band_prio",
+               "band_tok", "band_val", "coact", "coact_cand", "coact_cnt", "coact_fires",
+               "coact_n", "coact_ready", "fires", "hist", "max", "n_tokens", "top_act", "top_ctx",
+               "top_pos", "top_tok", "top_val", "total")
 
 
 def stream_arrays(z_batches, cfg: StreamConfig = StreamConfig()) -> StreamResult:
@@ -44,8 +50,8 @@ def stream_arrays(z_batches, cfg: StreamConfig = StreamConfig()) -> StreamResult
         state = update_state(state, jnp.asarray(z), jnp.asarray(tok, jnp.int32),
                              jnp.asarray(msk, bool), jnp.int32(ctx0), cfg=cfg)
         n_ctx = max(n_ctx, int(ctx0) + z.shape[0])
-    host = {k: np.asarray(v) for k, v in jax.device_get(state).items()}
-    return StreamResult(cfg, int(host["n_tokens"]), n_ctx, T, host)
+    host = jax.tree.map(np.asarray, jax.device_get(state))
+    return StreamResult(cfg, int(host.n_tokens), n_ctx, T, host)
 
 
 @pytest.fixture(scope="module")
@@ -112,34 +118,34 @@ def reference(z, tokens, mask, cfg):
 
 def check(res, ref, cfg, z, tokens_of):
     s = res.state
-    np.testing.assert_array_equal(s["fires"], ref["fires"])
-    np.testing.assert_allclose(s["max"], ref["max"], rtol=1e-6)
-    np.testing.assert_allclose(s["total"], ref["total"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(s["hist"].sum(1), ref["hist"].sum(1))
-    assert np.abs(s["hist"] - ref["hist"]).sum() <= 2  # a log10 ulp may move a code on an edge
-    np.testing.assert_allclose(s["top_val"], ref["top_val"], rtol=1e-6)
-    np.testing.assert_array_equal(s["top_ctx"], ref["top_ctx"])
+    np.testing.assert_array_equal(s.fires, ref["fires"])
+    np.testing.assert_allclose(s.max, ref["max"], rtol=1e-6)
+    np.testing.assert_allclose(s.total, ref["total"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(s.hist.sum(1), ref["hist"].sum(1))
+    assert np.abs(s.hist - ref["hist"]).sum() <= 2  # a log10 ulp may move a code on an edge
+    np.testing.assert_allclose(s.top_val, ref["top_val"], rtol=1e-6)
+    np.testing.assert_array_equal(s.top_ctx, ref["top_ctx"])
     live = ref["top_ctx"] >= 0
-    np.testing.assert_array_equal(s["top_pos"][live], ref["top_pos"][live])
-    np.testing.assert_array_equal(s["top_tok"][live], ref["top_tok"][live])
-    np.testing.assert_allclose(s["top_act"][live].astype(np.float32),
+    np.testing.assert_array_equal(s.top_pos[live], ref["top_pos"][live])
+    np.testing.assert_array_equal(s.top_tok[live], ref["top_tok"][live])
+    np.testing.assert_allclose(s.top_act[live].astype(np.float32),
                                ref["top_act"][live].astype(np.float16).astype(np.float32), rtol=1e-3,
                                atol=1e-7)  # float16 storage: subnormals are 6e-8 apart
-    assert np.all(s["top_tok"][~live] == -1)
+    assert np.all(s.top_tok[~live] == -1)
     for f in range(z.shape[2]):
         for q in range(cfg.bands):
             want, count = ref["bands"][f][q]
             got = [(int(c), int(p)) for c, p, pr in
-                   zip(s["band_ctx"][f, q], s["band_pos"][f, q], s["band_prio"][f, q]) if pr != 0xFFFFFFFF]
+                   zip(s.band_ctx[f, q], s.band_pos[f, q], s.band_prio[f, q]) if pr != 0xFFFFFFFF]
             assert got == want, (f, q)
-            assert s["band_count"][f, q] == count
+            assert s.band_count[f, q] == count
             for j, (c, p) in enumerate(got):
-                v = s["band_val"][f, q, j]
+                v = s.band_val[f, q, j]
                 np.testing.assert_allclose(v, z[c, p, f], rtol=1e-5, atol=1e-7)
                 assert res.band_edges[f, q] <= v < res.band_edges[f, q + 1]
                 L = cfg.left_
-                assert s["band_tok"][f, q, j, L] == tokens_of[c, p]
-                np.testing.assert_allclose(float(s["band_act"][f, q, j, L]), v, rtol=1e-3, atol=1e-7)
+                assert s.band_tok[f, q, j, L] == tokens_of[c, p]
+                np.testing.assert_allclose(float(s.band_act[f, q, j, L]), v, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("cap", [40, 3])  # 40: every token's codes sparse; 3: the dense path
@@ -183,7 +189,7 @@ def test_band_samples_survive_rebinning():
     many = stream_arrays([(z[i : i + 2], tokens[i : i + 2], mask[i : i + 2], i) for i in range(0, N, 2)], cfg)
     check(many, reference(z, tokens, mask, cfg), cfg, z, tokens)
     for k in ("band_ctx", "band_pos", "band_count", "band_exp", "top_ctx", "band_tok"):
-        np.testing.assert_array_equal(one.state[k], many.state[k], err_msg=k)
+        np.testing.assert_array_equal(getattr(one.state, k), getattr(many.state, k), err_msg=k)
 
 
 def test_resume_after_interrupt_equals_uninterrupted(corpus, tmp_path):
@@ -192,11 +198,12 @@ def test_resume_after_interrupt_equals_uninterrupted(corpus, tmp_path):
     d = tmp_path / "state"
     stream_text(model, {HOOK: sae}, tokens, mask, CFG, batch_size=BATCH, progress=False,
                 state_dir=d, save_every=1, stop_after=3)
-    assert (d / f"{HOOK}.state.npz").exists()
+    with np.load(d / f"{HOOK}.state.npz") as saved:  # the layout of passes saved before
+        assert saved.files == ["__meta__", *SAVED_NAMES]
     res = stream_text(model, {HOOK: sae}, tokens, mask, CFG, batch_size=BATCH, progress=False,
                       state_dir=d, save_every=2)[HOOK]
-    for k in full.state:
-        np.testing.assert_array_equal(res.state[k], full.state[k], err_msg=k)
+    for k in AtlasState.names():
+        np.testing.assert_array_equal(getattr(res.state, k), getattr(full.state, k), err_msg=k)
     check(res, reference(z, tokens, mask, CFG), CFG, z, tokens)
     # the partial state of another dictionary is refused in one line
     other = random_sae("relu", model.cfg.d_model, 40, seed=7)
@@ -215,6 +222,22 @@ def test_sharded_latents_equal_single_device(corpus):
     res = stream_text(model, {HOOK: sae}, tokens, mask, CFG, batch_size=BATCH, progress=False,
                       mesh=mesh)[HOOK]
     check(res, reference(z, tokens, mask, CFG), CFG, z, tokens)
+
+
+def test_state_is_a_pytree_with_features_leading():
+    """Every field is a leaf; exactly the per-feature fields (sharded over `model`) have the
+    features as leading axis, and the state's sizes follow the config."""
+    cfg = StreamConfig(top_k=3, window=5, bands=4, band_samples=2, hist_bins=6, coact_tokens=10,
+                       coact_k=4, coact_candidates=3)
+    st = init_state(7, cfg)
+    assert len(jax.tree.leaves(st)) == len(SAVED_NAMES) and sorted(AtlasState.names()) == list(SAVED_NAMES)
+    shared = set(AtlasState.names()) - set(AtlasState.per_feature())
+    assert shared == {"coact", "coact_n", "coact_ready", "n_tokens"}
+    for k in AtlasState.per_feature():
+        assert getattr(st, k).shape[0] == 7, k
+    assert st.top_tok.shape == (7, 3, 5) and st.band_act.shape == (7, 4, 2, 5)
+    assert st.hist.shape == (7, 6) and st.coact.shape == (10, 4) and st.coact_cand.shape == (7, 3)
+    assert init_state(2, cfg).coact_cand.shape == (2, 1)  # at most F - 1 partners
 
 
 def test_bad_input_one_line(corpus):
@@ -252,7 +275,7 @@ def test_coactivation_over_the_whole_pass_equals_numpy(corpus, m):
         order = np.lexsort((np.arange(F), -co_s[f]))
         order = order[co_s[f, order] > 0][:m]
         cand[f, : len(order)] = order
-    np.testing.assert_array_equal(res.state["coact_cand"], cand)
+    np.testing.assert_array_equal(res.state.coact_cand, cand)
     Af = A.astype(np.int64)
     both, cnt = Af.T @ Af, Af.sum(0)
     assert len(flat) > 4 * cfg.coact_tokens  # most tokens lie past the sample

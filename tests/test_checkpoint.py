@@ -26,6 +26,7 @@ from jsae.train.checkpoint import (
     read_checkpoint,
 )
 from jsae.train.loop import Trainer, TrainingStopped
+from jsae.train.run import Run
 
 STEPS, EVERY = 40, 10
 
@@ -57,7 +58,7 @@ _COMPILED: dict = {}
 
 @pytest.fixture(autouse=True)
 def _no_plots(monkeypatch):
-    monkeypatch.setattr("jsae.train.loop.plot_metrics", lambda *a, **k: None)
+    monkeypatch.setattr("jsae.train.run.plot_metrics", lambda *a, **k: None)
 
 
 def _trainer(cfg, mesh=None):
@@ -93,7 +94,7 @@ def _run(cfg, *, mesh=None, on_step=None, logs=None):
 
         tr.step = step
     try:
-        tr.fit(checkpointer=ck, log=(logs.append if logs is not None else print))
+        Run(cfg, log=(logs.append if logs is not None else print)).train(tr, checkpointer=ck)
     finally:
         ck.close()
     return tr

@@ -14,6 +14,7 @@ import pytest
 from jsae.sae import SAESpec, init_sae, sae_loss
 from jsae.sae.archs import OptionError, get_arch
 from jsae.sae.core import decode_normalized, encode_normalized, fold_norm
+from jsae.train.run import Run
 from jsae.train.state import init_state
 from jsae.train.step import make_train_step
 
@@ -448,7 +449,8 @@ def test_plan_and_preflight_count_the_decoder_of_every_layer():
 def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     """`jsae train`'s loop on a tiny 3-layer model: sae.layers reads every layer's MLP input and
     reconstructs every MLP output; the saved CLT reloads with its masked decoder still zero,
-    its held-out FVU is the NumPy one over the same rows, and `jsae plan` sizes it."""
+    its held-out FVU is the NumPy one over the same rows, `jsae plan` sizes it, and resuming
+    its checkpoint with another layer count is one line."""
     from test_steering_helpers import TinyModel, tiny_config
     from test_transcoder_sets import _raw, _source
 
@@ -456,18 +458,21 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     from jsae.plan import plan
     from jsae.runs import sae_from_run, stack_hooks
     from jsae.sae import reconstruct
+    from jsae.train.checkpoint import CheckpointMismatchError, RunCheckpointer
     from jsae.train.loop import Trainer
 
     model = TinyModel(tiny_config(layers=3))
     raw = _raw(tmp_path, "clt", layers=[0, 1, 2], d_sae=48, k=4)
     raw["sae"].update(activation="topk")
+    raw["checkpoint"] = {"enabled": True, "every_steps": 6, "keep": 1}
     cfg = config.from_dict(raw)
     src = _source(cfg, model)
     trainer = Trainer(cfg, src)
     (key,) = trainer.hooks
     spec = trainer.specs[key]
     assert spec.options.n_layers == 3 and spec.d_sae == 48
-    summary = trainer.fit(log=lambda s: None)
+    summary = Run(cfg, log=lambda s: None).train(
+        trainer, checkpointer=RunCheckpointer(cfg, trainer))
     sae, info = sae_from_run(tmp_path / "run")
     assert sae.spec == spec and info["layers"] == [0, 1, 2]
     w = np.asarray(sae.params["W_dec"])
@@ -483,3 +488,28 @@ def test_trainer_fits_a_clt_from_one_lm_pass_and_plans_it(tmp_path):
     d = model.cfg.d_model
     assert p.tensors[key]["W_dec"]["shape"] == [48, 3, d]
     assert p.batch == 6 * 128 * d * 4  # every layer's input and output hook
+
+    two = config.from_dict({**raw, "sae": {**raw["sae"], "layers": [0, 1], "d_sae": 32},
+                            "train": {**raw["train"], "steps": 8}})
+    again = Trainer(two, _source(two, model))
+    with pytest.raises(CheckpointMismatchError, match=r"^checkpoint .* trains hooks \['blocks.0"
+                       r".*blocks.2.mlp.hook_in'\] but the config asks for \['blocks.0.mlp.hook_in"
+                       r"\+blocks.1.mlp.hook_in'\]") as e:
+        Run(two, log=lambda s: None).train(again, checkpointer=RunCheckpointer(two, again))
+    assert "\n" not in str(e.value)
+
+
+def test_a_features_direction_per_layer_is_its_raw_write():
+    """steering.feature_direction(layer=t): the raw-unit change of layer t's reconstruction per
+    unit of the code (the decoder row over out_scale and norm_scale)."""
+    from jsae.sae import decode
+    from jsae.steering import feature_direction
+
+    sae = _sae(_options("topk")).replace(norm_scale=jnp.asarray(1.3, jnp.float32))
+    f = N + 2  # a layer-1 feature
+    z = jnp.zeros((1, L * N)).at[0, f].set(1.0)
+    delta = np.asarray(decode(sae, z) - decode(sae, jnp.zeros((1, L * N))))[0]
+    for t in range(L):
+        np.testing.assert_allclose(np.asarray(feature_direction(sae, f, layer=t)), delta[t],
+                                   rtol=1e-5, atol=1e-6)
+    assert np.all(delta[0] == 0)  # it writes nothing before its own layer

@@ -138,7 +138,6 @@ def test_training_from_text_resumes_bitwise_after_crash(tmp_path, monkeypatch):
     from jsae.train.checkpoint import RunCheckpointer
     from jsae.train.loop import Trainer
 
-    monkeypatch.setattr("jsae.train.loop.plot_metrics", lambda *a, **k: None)
     lm = tiny_llama()
     docs = ListDocuments(corpus(80))
 

@@ -323,6 +323,7 @@ def test_make_eval_fn_in_training_loop(tmp_path):
     from jsae.data.lm_source import TextActivationSource
     from jsae.data.text import ListDocuments
     from jsae.train.loop import Trainer
+    from jsae.train.run import Run
 
     model = tiny_model()
     docs = ListDocuments(TEXTS * 4)
@@ -336,7 +337,7 @@ def test_make_eval_fn_in_training_loop(tmp_path):
         return calls[-1]
 
     trainer = Trainer(cfg, src)
-    trainer.fit(eval_fn=recording, log=lambda s: None)
+    Run(cfg, log=lambda s: None).train(trainer, eval_fn=recording)
     assert len(calls) == 1 and calls[0]["ce_clean"] > 0  # at step 3 of 6 (not at the end)
     direct = eval_fn(trainer, trainer.states)
     assert set(direct) >= {"ce_recovered_zero", "ce_recovered_mean", "kl_spliced", "l0", "fvu",

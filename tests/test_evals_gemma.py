@@ -19,6 +19,7 @@ def test_gemma_trained_dictionary_recovers_loss(tmp_path):
     from jsae.evals import evaluate_path
     from jsae.models import load
     from jsae.train.loop import Trainer
+    from jsae.train.run import Run
 
     lm = load("gemma-3-270m")
     cfg = config.from_dict({
@@ -34,7 +35,7 @@ def test_gemma_trained_dictionary_recovers_loss(tmp_path):
         "mesh": {"data": 1, "model": 1},
     })
     src = TextActivationSource(cfg, lm)
-    Trainer(cfg, src).fit(log=lambda s: None)
+    Run(cfg, log=lambda s: None).train(Trainer(cfg, src))
     jax.clear_caches()
 
     out = evaluate_path(tmp_path / "run", model=lm, print_fn=print)

@@ -26,6 +26,7 @@ from jsae.export import (
 from jsae.sae import SAE, SAESpec, decode, encode, fold_norm
 from jsae.train.checkpoint import RunCheckpointer
 from jsae.train.loop import Trainer
+from jsae.train.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
 D_IN, D_SAE = 12, 48
@@ -223,8 +224,8 @@ def trained_run(tmp_path_factory):
     tr = Trainer(cfg, make_source(cfg))
     ck = RunCheckpointer(cfg, tr)
     with pytest.MonkeyPatch.context() as mp:  # the training plot is not under test here
-        mp.setattr("jsae.train.loop.plot_metrics", lambda *a, **k: None)
-        tr.fit(checkpointer=ck)
+        mp.setattr("jsae.train.run.plot_metrics", lambda *a, **k: None)
+        Run(cfg).train(tr, checkpointer=ck)
     ck.close()
     return run_dir, jax.device_get(tr.states["synthetic"].sae)
 
@@ -258,6 +259,18 @@ def test_export_of_an_unfinished_run_uses_the_latest_checkpoint(trained_run, tmp
     assert (path / "sae.safetensors").exists()
     with pytest.raises(ValueError, match="Gemma Scope format holds JumpReLU"):
         export_run(copy, tmp_path / "gs", format="gemmascope")
+
+
+@pytest.mark.parametrize("fmt", ["circuit-tracer", "gemmascope2"])
+def test_cli_export_of_an_sae_to_circuit_formats_is_refused(trained_run, tmp_path, capsys, fmt):
+    """Circuit tracing's formats hold transcoders of a model's layers: a TopK SAE run is one
+    line, exit 2, nothing written (tests/test_circuit_formats.py exports transcoders)."""
+    run_dir, _ = trained_run
+    out = tmp_path / "ct"
+    assert cli_main(["export", str(run_dir), str(out), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hold ReLU / JumpReLU transcoders" in err, err
+    assert err.endswith("not topk") and not out.exists()
 
 
 # ---- the real SAELens package ------------------------------------------------------------

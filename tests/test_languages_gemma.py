@@ -20,6 +20,7 @@ def test_parallel_articles_share_more_features_than_unrelated(tmp_path):
     from jsae.models import load
     from jsae.sae.io import load_sae
     from jsae.train.loop import Trainer
+    from jsae.train.run import Run
 
     try:
         arts = lg.parallel_articles(("en", "fr", "es"), 24, seed=1)
@@ -37,7 +38,7 @@ def test_parallel_articles_share_more_features_than_unrelated(tmp_path):
         "checkpoint": {"enabled": False},
         "mesh": {"data": 1, "model": 1},
     })
-    Trainer(cfg, TextActivationSource(cfg, lm)).fit(log=lambda s: None)
+    Run(cfg, log=lambda s: None).train(Trainer(cfg, TextActivationSource(cfg, lm)))
     jax.clear_caches()
     sae, _ = load_sae(tmp_path / "run" / "saes" / HOOK)
     rep = lg.analyse_languages(lm, {HOOK: sae}, arts, context_length=64, batch_size=8, progress=False)

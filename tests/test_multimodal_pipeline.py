@@ -162,7 +162,7 @@ def test_train_on_image_text_activations_then_features(lm, photos, tmp_path):
     from jsae.analysis.images import cross_modal_overlap, features_on_image, render_feature
     from jsae.config import load
     from jsae.data import make_source
-    from jsae.train import Trainer
+    from jsae.train import Run, Trainer
 
     items = photos[:12]
     ctx = DI.mix(lm, items, iter(TEXTS * 4), image_ratio=0.5, context_length=32, seed=1)
@@ -174,7 +174,7 @@ def test_train_on_image_text_activations_then_features(lm, photos, tmp_path):
             "checkpoint.enabled=false"]
     cfg = load(None, sets)
     tr = Trainer(cfg, make_source(cfg))
-    summary = tr.fit(log=lambda m: None)
+    summary = Run(cfg, log=lambda m: None).train(tr)
     fvu = summary["heldout"][HOOK]["fvu"]
     assert np.isfinite(fvu) and fvu < 0.9
     from jsae.parallel import to_host

@@ -215,12 +215,12 @@ def test_a_save_failing_in_the_background_ends_the_process(ws, tmp_path):
 
 
 def test_disk_full_at_the_final_plot_is_one_line(ws, tmp_path, monkeypatch, capsys):
-    from jsae.train import loop
+    from jsae.train import run as run_module
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "plots"))
 
-    monkeypatch.setattr(loop, "plot_metrics", full)
+    monkeypatch.setattr(run_module, "plot_metrics", full)
     rc, out, err = jsae_in(["train", ws / "tiny.yaml", "--run-dir", tmp_path / "run"], capsys)
     assert rc == 2
     assert "the disk is full" in one_line(err) and "plots" in err

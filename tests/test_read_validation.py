@@ -373,13 +373,9 @@ def test_damaged_analysis_cache_is_refused(tmp_path):
 
 def test_damaged_atlas_and_state_are_refused(tmp_path):
     from jsae.analysis.atlas.build import load_atlas
-    from jsae.analysis.atlas.stream import (
-        AtlasStateMismatch,
-        StreamConfig,
-        init_state,
-        load_state,
-        save_state,
-    )
+    from jsae.analysis.atlas.persist import load_state, save_state
+    from jsae.analysis.atlas.state import StreamConfig, init_state
+    from jsae.analysis.atlas.types import AtlasStateMismatch
 
     f = tmp_path / "atlas.npz"
     f.write_bytes(b"PK\x03\x04junk")
@@ -396,7 +392,7 @@ def test_damaged_atlas_and_state_are_refused(tmp_path):
     st = init_state(8, cfg)
     expect = {"sae": "s", "corpus": "c"}
     p = tmp_path / "h.state.npz"
-    save_state(p, {**st, "max": np.zeros(5, np.float32)}, {**expect, "next_context": 2})
+    save_state(p, st.replace(max=np.zeros(5, np.float32)), {**expect, "next_context": 2})
     with pytest.raises(AtlasStateMismatch, match=r"array 'max' is float32 \[5\]"):
         load_state(p, expect, st, 10)
     save_state(p, st, {**expect, "next_context": 99})

@@ -11,7 +11,7 @@ from jsae.config import from_dict
 from jsae.data.sources import SyntheticSource
 from jsae.evals.reconstruction import dictionary_recovery, reconstruction_metrics
 from jsae.sae import SAESpec, init_sae
-from jsae.train import Trainer, init_state, lr_schedule, make_optimizer, make_train_step
+from jsae.train import Run, Trainer, init_state, lr_schedule, make_optimizer, make_train_step
 from jsae.train.step import _remove_parallel_grad
 
 
@@ -130,7 +130,7 @@ def test_topk_recovers_ground_truth_dictionary(tmp_path):
     })
     src = SyntheticSource(64, 512, 4, seed=0)
     trainer = Trainer(cfg, src)
-    summary = trainer.fit(log=lambda s: None)
+    summary = Run(cfg, log=lambda s: None).train(trainer)
     sae = jax.device_get(trainer.states["synthetic"].sae)
     rec = dictionary_recovery(sae, src.features)
     assert rec >= 0.9, rec

@@ -20,6 +20,7 @@ from jsae import config
 from jsae.config import ConfigError
 from jsae.models.transformer import forward, mlp, norm
 from jsae.runs import KEY_JOIN
+from jsae.train.run import Run
 
 IN, OUT = "blocks.{layer}.mlp.hook_in", "blocks.{layer}.hook_mlp_out"
 N_LAYERS = 3
@@ -123,7 +124,7 @@ def test_one_pass_trains_a_transcoder_per_layer_saved_as_one_set(tmp_path, model
 
     trainer = Trainer(cfg, src)
     assert trainer.hooks == ins and trainer.targets == dict(zip(ins, outs))
-    summary = trainer.fit(log=lambda s: None)
+    summary = Run(cfg, log=lambda s: None).train(trainer)
     # each layer: its own optimizer state (moments differ) and its own metrics
     mu = [jax.tree.leaves(trainer.states[h].opt_state)[1] for h in ins]
     assert not np.allclose(np.asarray(mu[0]), np.asarray(mu[1]))
@@ -215,7 +216,7 @@ def test_the_set_layout_feeds_a_cross_layer_transcoder(tmp_path, model, throwawa
     assert trainer.hooks == [key] and trainer.inputs == {key: ins}
     assert trainer.targets == {key: out_key}
     assert trainer.specs[key].options.n_layers == 2
-    summary = trainer.fit(log=lambda s: None)
+    summary = Run(cfg, log=lambda s: None).train(trainer)
 
     run = tmp_path / "run"
     meta = json.loads((run / "saes" / key / "sae.json").read_text())["metadata"]

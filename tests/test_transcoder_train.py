@@ -84,13 +84,14 @@ def test_train_saves_evaluates_and_splices_in_place_of_the_mlp(tmp_path, arch):
     from jsae.runs import output_hooks, sae_from_run
     from jsae.sae import reconstruct
     from jsae.train.loop import Trainer
+    from jsae.train.run import Run
 
     model = tiny_model()
     cfg = _cfg(tmp_path, arch, l0_coef=1e-4)
     src, docs = _source(cfg, model)
     trainer = Trainer(cfg, src)
     assert trainer.hooks == [IN] and trainer.targets == {IN: OUT}
-    summary = trainer.fit(log=lambda s: None)
+    summary = Run(cfg, log=lambda s: None).train(trainer)
     run = tmp_path / "run"
     meta = json.loads((run / "saes" / IN / "sae.json").read_text())["metadata"]
     assert meta["hook_name"] == IN and meta["hook_name_out"] == OUT

@@ -6,21 +6,27 @@
 # index serves), so no dependency pulls a multi-GB CUDA build on a machine without a GPU.
 # JSAE_WITH_SAELENS=1 also installs the real sae-lens in a side venv (.ci-saelens) so the
 # export tests load jsae's folders with it (they skip otherwise).
+# JSAE_WITH_CIRCUIT_TRACER=1 also installs the real circuit-tracer in a side venv
+# (.ci-circuit-tracer, ~1.6 GB, about 90 s) so tests/test_circuit_formats.py loads jsae's
+# exports with it (it skips otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 TORCH_PIN="torch==2.13.0"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+install_torch() {  # $1: the python whose environment gets "$TORCH_PIN"
   if [ "$(uname -s)" = "Darwin" ]; then
-    "$PY" -m pip install -q "$TORCH_PIN"            # macOS wheels on PyPI are CPU builds
+    "$1" -m pip install -q "$TORCH_PIN"            # macOS wheels on PyPI are CPU builds
   elif command -v nvidia-smi >/dev/null 2>&1; then
-    "$PY" -m pip install -q "$TORCH_PIN"            # a GPU machine: the CUDA build is wanted
-  elif ! "$PY" -m pip install -q --retries 1 --timeout 20 "$TORCH_PIN" \
+    "$1" -m pip install -q "$TORCH_PIN"            # a GPU machine: the CUDA build is wanted
+  elif ! "$1" -m pip install -q --retries 1 --timeout 20 "$TORCH_PIN" \
         --index-url https://download.pytorch.org/whl/cpu; then
-    "$PY" -m pip install -q "$TORCH_PIN"            # a mirror that serves the CPU build
+    "$1" -m pip install -q "$TORCH_PIN"            # a mirror that serves the CPU build
   fi
+}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  install_torch "$PY"
 fi
 "$PY" -m pip install -q -e ".[test,torch,demo,atlas,vision,notebook]"
 
@@ -31,6 +37,20 @@ if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; the
     export JSAE_SAELENS_PYTHON="$PWD/.ci-saelens/bin/python"
   else
     echo "sae-lens could not be installed; the SAELens round-trip test will skip"
+  fi
+fi
+
+# circuit-tracer 0.5.0 needs transformers<=4.57.3 (this environment has 5.x), so its venv does not
+# see this one's packages; torch is pinned (a constraints file) to the CPU build installed first.
+if [ "${JSAE_WITH_CIRCUIT_TRACER:-0}" = "1" ] && [ -z "${JSAE_CIRCUIT_TRACER_PYTHON:-}" ]; then
+  CT=.ci-circuit-tracer
+  if "$PY" -m venv "$CT" && echo "$TORCH_PIN" > "$CT/pin.txt" \
+     && { "$CT/bin/python" -c "import torch" 2>/dev/null || install_torch "$CT/bin/python"; } \
+     && "$CT/bin/pip" install -q -c "$CT/pin.txt" "circuit-tracer==0.5.0" "nnsight==0.6.3" \
+        "transformers<=4.57.3"; then
+    export JSAE_CIRCUIT_TRACER_PYTHON="$PWD/$CT/bin/python"
+  else
+    echo "circuit-tracer could not be installed; the circuit-tracer round-trip test will skip"
   fi
 fi
 

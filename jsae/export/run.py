@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jsae.runs import run_config, run_hooks, sae_dirname, sae_from_run
+from jsae.runs import is_run, run_config, run_hooks, sae_dirname, sae_from_run
 from jsae.sae.core import SAE
 
-FORMATS = ("saelens", "gemmascope", "jsae")
+FORMATS = ("saelens", "gemmascope", "jsae", "circuit-tracer", "gemmascope2")
+# formats that hold all of a run's layers in one folder (`jsae.export.circuits`)
+CIRCUIT_FORMATS = ("circuit-tracer", "gemmascope2")
 
 
 def save_gemmascope(sae: SAE, out: str | Path, *, owner: str = "jsae") -> Path:
@@ -35,10 +37,40 @@ def save_gemmascope(sae: SAE, out: str | Path, *, owner: str = "jsae") -> Path:
 EXPORT = "jsae export"  # the owner jsae.outputs records in an export folder
 
 
+def _read_circuit_folder(path: Path):
+    """(dictionaries, metadata) of a circuit-tracer or Gemma Scope 2 folder (converted by
+    `export_run` like a run's); None when ``path`` is neither."""
+    if not path.is_dir():
+        return None
+    names = {p.name for p in path.iterdir()}
+    if "config.yaml" in names and any(n.startswith(("layer_", "W_enc_")) for n in names):
+        from jsae.export.circuit_tracer import load_circuit_tracer
+
+        return load_circuit_tracer(path)
+    if any(n.startswith(("params_layer_", "layer_")) for n in names):
+        from jsae.export.gemmascope2 import load_gemmascope2
+
+        return load_gemmascope2(path)
+    return None
+
+
+def _save_circuit(format: str, saes: list, out: Path, model_name: str | None) -> Path:
+    """A run's transcoders (every layer's, or its CLT) in one circuit-tracing folder."""
+    from jsae.export.circuit_tracer import save_circuit_tracer
+    from jsae.export.circuits import gather
+    from jsae.export.gemmascope2 import save_gemmascope2
+
+    c = gather([(h, info.get("hook_name_out"), sae) for h, sae, info in saes], model_name)
+    save = save_circuit_tracer if format == "circuit-tracer" else save_gemmascope2
+    return save(c, out, owner=EXPORT)
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
                hooks: list[str] | None = None, step: int | None = None,
                overwrite: bool = False) -> list[Path]:
-    """Write the run's SAEs in ``format``; one hook -> ``out``, several -> ``out/<hook>``.
+    """Write the run's SAEs in ``format``; one hook -> ``out``, several -> ``out/<hook>``
+    (circuit-tracer and gemmascope2: every layer's transcoder, or the CLT, in ``out``).
+    ``run_dir`` may also be a circuit-tracer or Gemma Scope 2 folder, converted.
 
     ``out`` follows `jsae.outputs`' rule (new, empty, an earlier export, or ``overwrite``;
     never a run or a cache), checked before anything is read or written."""
@@ -51,18 +83,30 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
         raise BadInput(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
     run_dir, out = Path(run_dir), Path(out)
     outputs.claim_folder(out, EXPORT, overwrite=overwrite)
-    cfg = run_config(run_dir)
-    hooks = hooks or run_hooks(run_dir)
-    unknown = [h for h in hooks if h not in run_hooks(run_dir)]
+    imported = None if is_run(run_dir) else _read_circuit_folder(run_dir)
+    if imported is None:
+        cfg, available = run_config(run_dir), run_hooks(run_dir)
+    else:
+        cfg, available = {"model": {"name": imported[1].get("model_name")}}, list(imported[0])
+    hooks = hooks or available
+    unknown = [h for h in hooks if h not in available]
     if unknown:
         raise BadInput(f"--hook {unknown[0]!r}: {run_dir} has no dictionary for it; its hooks: "
-                       f"{', '.join(run_hooks(run_dir)) or 'none'}")
-    if len(hooks) > 1:
+                       f"{', '.join(available) or 'none'}")
+    if len(hooks) > 1 and format not in CIRCUIT_FORMATS:
         for h in hooks:
             outputs.claim_folder(out / sae_dirname(h), EXPORT, overwrite=overwrite)
     data = cfg.get("data", {})
     synthetic = data.get("source") == "synthetic"
-    saes = [(h, *sae_from_run(run_dir, h, step=step)) for h in hooks]  # all read before writing
+    if imported is None:
+        saes = [(h, *sae_from_run(run_dir, h, step=step)) for h in hooks]  # all read first
+    else:
+        saes = [(h, imported[0][h], {"hook_name": h, "step": None,
+                                     "hook_name_out": imported[1]["hook_names_out"][h]})
+                for h in hooks]
+    if format in CIRCUIT_FORMATS:
+        return [_save_circuit(format, saes, out, None if synthetic else
+                              cfg.get("model", {}).get("name"))]
     written = []
     for h, sae, info in saes:
         dest = out if len(hooks) == 1 else out / sae_dirname(h)
@@ -93,4 +137,4 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
     return written
 
 
-__all__ = ["FORMATS", "export_run", "run_hooks", "save_gemmascope", "sae_from_run"]
+__all__ = ["CIRCUIT_FORMATS", "FORMATS", "export_run", "run_hooks", "save_gemmascope", "sae_from_run"]

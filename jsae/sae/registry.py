@@ -98,3 +98,13 @@ def for_gemmascope(kind: str):
         if arch.gemmascope_import == kind:
             return arch
     raise ValueError(f"no jsae architecture imports Gemma Scope {kind} files")
+
+
+def for_circuit(kind: str):
+    """The architecture that imports a circuit-tracing dictionary of ``kind`` (``Arch.
+    circuit_imports``: "per_layer", "per_layer_skip", "cross_layer")."""
+    for arch in all_archs():
+        if kind in arch.circuit_imports:
+            return arch
+    raise ValueError(f"no jsae architecture imports {kind.replace('_', '-')} circuit-tracing "
+                     "dictionaries")

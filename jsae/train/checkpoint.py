@@ -14,8 +14,9 @@ Orbax ``CheckpointManager`` in ``<run_dir>/checkpoints``:
   A damaged newest checkpoint is reported, moved to ``checkpoints_corrupt/`` and skipped in
   favour of the previous one; a checkpoint of a different SAE (d_in, d_sae, architecture,
   hooks) is an error that names the difference.
-- SIGTERM (how Colab / TPU preemption arrives) sets a flag; ``stop_requested`` tells the
-  loop to save and stop at the end of the current step.
+- SIGTERM (how Colab / TPU preemption arrives) sets a flag; ``stop_requested()`` tells the
+  loop to save and stop at the end of the current step. The checkpointer is the one owner of
+  the handler: installed when it is made, the previous one put back by ``close()``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,8 +269,8 @@ class RunCheckpointer:
         """What SIGTERM does: ask the loop to save and stop after the current step."""
         self._stop.set()
 
-    @property
     def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (a collective: every process asks)."""
         return _any_process(self._stop.is_set())
 
     # ---- queries ----------------------------------------------------------------------
@@ -302,7 +304,10 @@ class RunCheckpointer:
         return step % self.every == 0
 
     # ---- save -------------------------------------------------------------------------
-    def save(self, step: int, states, data_state: dict, *, force: bool = False) -> None:
+    def save(self, step: int, states, data_state: dict | Callable[[], dict], *,
+             force: bool = False) -> None:
+        """Save ``step`` when it is due (``force``: always, unless just saved); a callable
+        ``data_state`` (the source's ``state``) is only read for a step that is saved."""
         step = int(step)
         if not (force or self._due(step)) or self._last_saved == step:
             return
@@ -314,6 +319,8 @@ class RunCheckpointer:
             )
         self._finish_pending()
         ocp = self._ocp
+        if callable(data_state):
+            data_state = data_state()
         data = {"processes": _gather_json(data_state)}
         meta = {
             "format": FORMAT,

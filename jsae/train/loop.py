@@ -1,8 +1,11 @@
 """The training loop: one jitted, sharded step over one SAE per hook point (a transcoder: one
 per input hook, reconstructing its output hook from the same LM pass).
 
-``Trainer`` owns the mesh, the jitted step and the states; ``Trainer.fit`` pulls batches
-from an ActivationSource, steps, logs, evaluates and checkpoints.
+``Trainer`` owns the mesh, the jitted step and the states. ``Trainer.start`` asks the
+checkpointer for the states to continue from (or makes fresh ones); ``Trainer.fit`` pulls
+batches from an ActivationSource, steps, hands metrics to a callback, stops a diverging run,
+saves checkpoints and returns the final states with their held-out metrics. It writes nothing
+in the run directory but checkpoints: the run directory's life is `jsae.train.run.Run`'s.
 """
 
 from __future__ import annotations
@@ -10,53 +13,93 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jsae import jsonsafe, parallel
+from jsae import parallel
 from jsae.config import ConfigError, RunConfig, template_layer, transcoder_pairs
 from jsae.errors import JsaeError
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
-from jsae.runs import KEY_JOIN, input_hooks, sae_dirname, write_set_record
+from jsae.runs import KEY_JOIN, input_hooks
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
-from jsae.sae.io import save_sae_from_mesh
-from jsae.train import rundir
 from jsae.train.divergence import DivergenceGuard, TrainingDiverged
-from jsae.train.metrics_log import MetricsLogger, plot_metrics
+from jsae.train.metrics_log import flatten_metrics
 from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
 from jsae.train.state import TrainState, init_state
 from jsae.train.step import make_train_step
 
 States = dict[str, TrainState]
-
+MetricsFn = Callable[[int, dict[str, float]], None]  # (step, flat metrics) -> None
 
 
 class DataPositionError(JsaeError, ValueError):
     """A checkpoint's saved data position that does not fit the configured data source."""
 
 
-def _check_finite_loss(losses, step: int, bar, checkpointer) -> None:
+class Checkpointer(Protocol):
+    """What the loop needs from a checkpoint manager (`jsae.train.checkpoint.RunCheckpointer`;
+    :class:`NoCheckpoints` for a run that keeps none). It owns stop requests too: SIGTERM
+    means "save and stop", which only a run with checkpoints can honour."""
+
+    def restore(self, template: States) -> tuple[States, dict] | None:
+        """(states, this process's data position) of the newest good checkpoint, or None."""
+    def save(self, step: int, states: States, data_state: dict | Callable[[], dict], *,
+             force: bool = False) -> None:
+        """Save when ``step`` is due (always with ``force``); a callable ``data_state`` is only
+        called for a step that is saved."""
+    def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (a collective on several hosts)."""
+    def describe_last_good(self) -> str:
+        """Where the last good checkpoint is, for an error message ('' when there is none)."""
+    def close(self) -> None:
+        """Finish saves in flight; give back what the checkpointer holds (signal handlers)."""
+
+
+class NoCheckpoints:
+    """The :class:`Checkpointer` of a run without checkpoints: nothing to restore or save, never
+    asked to stop (SIGTERM keeps its default action: the process ends)."""
+
+    def restore(self, template: States) -> None:
+        return None
+
+    def save(self, step: int, states: States, data_state, *, force: bool = False) -> None:
+        return None
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def describe_last_good(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        return None
+
+
+NO_CHECKPOINTS = NoCheckpoints()
+
+
+class Fitted(NamedTuple):
+    """What :meth:`Trainer.fit` returns: the final states and their held-out metrics per key."""
+
+    states: States
+    heldout: dict[str, dict[str, float]]
+
+
+def _check_finite_loss(losses, step: int, bar, last_good: Callable[[], str] | None) -> None:
     """Stop at the first step whose loss is not finite, not at the next logging step. Called
-    after the following step is queued, so reading the scalar does not stall the device."""
+    after the following step is queued, so reading the scalar does not stall the device.
+    ``last_good`` (the checkpointer's ``describe_last_good``) is only called then."""
     if all(np.isfinite(float(x)) for x in losses):
         return
     bar.close()
-    hint = getattr(checkpointer, "describe_last_good", None)
+    hint = last_good() if last_good is not None else ""
     raise TrainingDiverged(f"non-finite loss at step {step}; lower train.lr or check the input "
-                           "activations" + (f"; {hint()}" if callable(hint) else ""))
-
-
-class Checkpointer(Protocol):
-    """What the loop needs from a checkpoint manager (see jsae.train.checkpoint)."""
-
-    def restore(self, template: States) -> tuple[States, dict] | None: ...
-    def save(self, step: int, states: States, data_state: dict, *, force: bool = False) -> None: ...
-    def close(self) -> None: ...
+                           "activations" + (f"; {hint}" if hint else ""))
 
 
 INT32_MAX = 2**31 - 1
@@ -255,39 +298,54 @@ class Trainer:
         return self._eval_fns
 
     # ---- the loop ---------------------------------------------------------------------
+    def start(self, checkpointer: Checkpointer = NO_CHECKPOINTS, *,
+              log: Callable[[str], None] = print) -> States:
+        """The states to train from: the checkpointer's newest (the source moved to its saved
+        data position) or, when there is none, fresh ones. Writes nothing but what restoring
+        does (a damaged checkpoint moved aside)."""
+        restored = checkpointer.restore(self._template())
+        if restored is None:
+            return self.init_states()
+        states, data_state = restored
+        where = Path(self.cfg.run_dir)
+        try:
+            self.source.restore(data_state)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise DataPositionError(
+                f"the checkpoint in {where / 'checkpoints'} cannot resume this data "
+                f"source: {' '.join(str(e).split())}; restore the config's data section, "
+                "or start over with `jsae train --fresh` (the old run is moved aside)"
+            ) from e
+        log(f"resuming from step {int(states[self.hooks[0]].step)} (checkpoint in {where})")
+        return states
+
+    def step_of(self, states: States) -> int:
+        """The step ``states`` have reached (every key's is the same)."""
+        return int(jax.device_get(states[self.hooks[0]].step))
+
     def fit(
         self,
+        states: States | None = None,
         *,
-        checkpointer: Checkpointer | None = None,
+        checkpointer: Checkpointer = NO_CHECKPOINTS,
         eval_fn: Callable[[Trainer, States], dict[str, float]] | None = None,
+        on_metrics: MetricsFn | None = None,
         log: Callable[[str], None] = print,
-    ) -> dict[str, Any]:
-        cfg = self.cfg
-        run_dir = Path(cfg.run_dir)
-        is_main = jax.process_index() == 0
+    ) -> Fitted:
+        """Train from ``states`` (default: :meth:`start`) to the configured step.
 
-        states = None
-        if checkpointer is not None:
-            restored = checkpointer.restore(self._template())
-            if restored is not None:
-                states, data_state = restored
-                try:
-                    self.source.restore(data_state)
-                except (ValueError, KeyError, TypeError, IndexError) as e:
-                    raise DataPositionError(
-                        f"the checkpoint in {run_dir / 'checkpoints'} cannot resume this data "
-                        f"source: {' '.join(str(e).split())}; restore the config's data section, "
-                        "or start over with `jsae train --fresh` (the old run is moved aside)"
-                    ) from e
-                log(f"resuming from step {int(states[self.hooks[0]].step)} "
-                    f"(checkpoint in {run_dir})")
+        Every ``train.log_every`` steps the flat metrics (with ``tokens_per_s``) go to
+        ``on_metrics(step, metrics)`` after the divergence check, and every
+        ``eval.every_steps`` the periodic evaluation (``eval_fn``, or held-out reconstruction)
+        as ``eval_*`` keys. The checkpointer saves as it is due and once at the end; a stop
+        request saves and raises :class:`TrainingStopped`. Returns the final states and their
+        held-out metrics; ``self.states`` holds the states reached (also after a stop).
+        """
+        cfg = self.cfg
         if states is None:
-            states = self.init_states()
-        start = int(jax.device_get(states[self.hooks[0]].step))
-        # Accepted: only now write the config (old one kept) and trim metrics past `start`.
-        if is_main:
-            rundir.accept(cfg, start, self.total_steps, log=log)
-        logger = MetricsLogger(run_dir) if is_main else None
+            states = self.start(checkpointer, log=log)
+        start = self.step_of(states)
+        is_main = jax.process_index() == 0
         divergence = DivergenceGuard()
 
         multi = len(self.hooks) > 1
@@ -303,7 +361,7 @@ class Trainer:
             states, metrics = self.step(states, batch)
             done = step + 1
             if last_losses is not None:
-                _check_finite_loss(last_losses, done - 1, bar, checkpointer)
+                _check_finite_loss(last_losses, done - 1, bar, checkpointer.describe_last_good)
             last_losses = [metrics[h]["loss"] for h in self.hooks]
             bar.update(1)
             if done % cfg.train.log_every == 0 or done == self.total_steps:
@@ -311,15 +369,15 @@ class Trainer:
                 now = time.perf_counter()
                 tok_s = (done - step_last) * cfg.train.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
-                flat = _flatten(m, multi)
+                flat = flatten_metrics(m, multi)
                 flat["tokens_per_s"] = tok_s
                 try:
-                    divergence.check(done, flat, hint=getattr(checkpointer, "describe_last_good", ""))
+                    divergence.check(done, flat, hint=checkpointer.describe_last_good)
                 except TrainingDiverged:
                     bar.close()
                     raise
-                if logger:
-                    logger.log(done, flat)
+                if on_metrics is not None:
+                    on_metrics(done, flat)
                 h0 = m[self.hooks[0]]
                 bar.set_postfix(
                     loss=f"{float(h0['loss']):.4g}", fvu=f"{float(h0['fvu']):.3f}",
@@ -327,45 +385,22 @@ class Trainer:
                     tok_s=f"{tok_s:,.0f}",
                 )
             if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < self.total_steps:
-                ev = eval_fn(self, states) if eval_fn else _flatten(self.evaluate(states), multi)
-                if logger:
-                    logger.log(done, {f"eval_{k}": v for k, v in ev.items()})
-            if checkpointer is not None:
-                checkpointer.save(done, states, self.source.state())
-                if done < self.total_steps and getattr(checkpointer, "stop_requested", False):
-                    checkpointer.save(done, states, self.source.state(), force=True)
-                    bar.close()
-                    self.states = states
-                    raise TrainingStopped(done)
+                # every process evaluates (collectives); the callback decides who writes
+                ev = eval_fn(self, states) if eval_fn else flatten_metrics(self.evaluate(states), multi)
+                if on_metrics is not None:
+                    on_metrics(done, {f"eval_{k}": v for k, v in ev.items()})
+            checkpointer.save(done, states, self.source.state)
+            if done < self.total_steps and checkpointer.stop_requested():
+                checkpointer.save(done, states, self.source.state, force=True)
+                bar.close()
+                self.states = states
+                raise TrainingStopped(done)
         if last_losses is not None:
-            _check_finite_loss(last_losses, self.total_steps, bar, checkpointer)
+            _check_finite_loss(last_losses, self.total_steps, bar, checkpointer.describe_last_good)
         bar.close()
-        if checkpointer is not None:
-            checkpointer.save(self.total_steps, states, self.source.state(), force=True)
+        checkpointer.save(self.total_steps, states, self.source.state, force=True)
         self.states = states
-
-        final = self.evaluate(states)
-        bad = jsonsafe.non_finite_keys(final)
-        if bad:  # written as null, never as NaN; said out loud
-            log(f"warning: held-out {', '.join(bad)} not finite: the held-out activations "
-                "or the SAE's reconstruction are not finite, or no held-out token was evaluated; "
-                "written as null")
-        summary: dict[str, Any] = {"steps": self.total_steps, "heldout": final}
-        for h in self.hooks:  # every process takes part in the fetches; process 0 writes
-            meta = {**self.metadata(h), "steps": self.total_steps, "heldout": final[h]}
-            save_sae_from_mesh(states[h].sae, run_dir / "saes" / sae_dirname(h), write=is_main,
-                               metadata=meta)
-        record = self.set_record()
-        if is_main and record is not None:
-            write_set_record(run_dir, record)
-        if is_main:
-            if logger:
-                logger.log(self.total_steps, {f"eval_{k}": v for k, v in _flatten(final, multi).items()})
-                logger.close()
-                png = plot_metrics(logger.csv_path, run_dir / "plots" / "training.png")
-                summary["plot"] = str(png) if png else None
-            jsonsafe.write(run_dir / "summary.json", summary)
-        return summary
+        return Fitted(states, self.evaluate(states))
 
     # ---- what is saved with each dictionary ------------------------------------------------
     def metadata(self, h: str) -> dict[str, Any]:
@@ -493,12 +528,5 @@ def _set_layers(cfg: RunConfig, inputs: dict) -> dict[str, list[int]]:
     return {h: [template_layer(cfg.sae.input_hook, x) for x in ins] for h, ins in inputs.items()}
 
 
-def _flatten(per_hook: dict[str, dict], multi: bool) -> dict[str, float]:
-    out = {}
-    for h, m in per_hook.items():
-        for k, v in m.items():
-            out[f"{h}/{k}" if multi else k] = float(np.asarray(v))
-    return out
-
-
-__all__ = ["Checkpointer", "Trainer", "TrainingStopped", "spec_from_config"]
+__all__ = ["Checkpointer", "Fitted", "NO_CHECKPOINTS", "NoCheckpoints", "Trainer",
+           "TrainingStopped", "spec_from_config"]

@@ -6,7 +6,19 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
+
 from jsae.fileio import atomic_file
+
+
+def flatten_metrics(per_hook: dict[str, dict], multi: bool) -> dict[str, float]:
+    """``{key: {name: value}}`` -> ``{name: float}``, or ``{"key/name": float}`` when ``multi``
+    (several dictionaries share one row of metrics.csv)."""
+    out = {}
+    for h, m in per_hook.items():
+        for k, v in m.items():
+            out[f"{h}/{k}" if multi else k] = float(np.asarray(v))
+    return out
 
 
 class MetricsLogger:

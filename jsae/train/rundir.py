@@ -1,6 +1,6 @@
 """The run directory as a guarded store: a lock, admission of a run, history of what it replaces.
 
-``jsae train`` calls, in order:
+``jsae train`` calls, in order (through `jsae.train.run.Run`, which owns the run's life):
 
 - :func:`acquire_lock` - ``RUN/.jsae-train.lock`` (pid, host, start time). A second ``jsae
   train`` on the same directory is refused with who holds it; a lock left by a dead process on

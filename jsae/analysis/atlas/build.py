@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsae.analysis.atlas.stream import AtlasError, StreamConfig, StreamResult
-from jsae.analysis.atlas.types import AtlasData, LocalMap
+from jsae.analysis.atlas.state import StreamConfig, StreamResult
+from jsae.analysis.atlas.types import AtlasData, AtlasError, LocalMap
 from jsae.analysis.logits import feature_directions
 from jsae.fileio import atomic_file
 
@@ -119,13 +119,13 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
 
     s, cfg = res.state, res.cfg
     F = sae.spec.d_sae
-    live = s["fires"] > 0
+    live = s.fires > 0
     W = decoder_rows(sae)
     log = _log if progress else (lambda m: None)
     log(f"atlas: {int(live.sum())} of {F} features fired on {res.n_tokens:,} tokens; "
         "logit effects, neighbours ...")
     if vocab is None:
-        vocab = np.unique(s["top_tok"][s["top_tok"] >= 0])
+        vocab = np.unique(s.top_tok[s.top_tok >= 0])
     tok = getattr(model, "tokenizer", None)
     specials = {getattr(tok, n, None) for n in ("bos_id", "eos_id", "pad_id")} - {None}
     vocab = np.setdiff1d(np.asarray(vocab), list(specials))
@@ -133,11 +133,11 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
     cos_i, cos_v = decoder_neighbours(W, n_neighbours, candidates=live if live.any() else None,
                                       progress=progress)
     co_i, co_v = coactivation_from_pass(s, n_neighbours)
-    ids_used = np.concatenate([s["top_tok"].ravel(), s["band_tok"].ravel(), lt_i.ravel(), lb_i.ravel()])
+    ids_used = np.concatenate([s.top_tok.ravel(), s.band_tok.ravel(), lt_i.ravel(), lb_i.ravel()])
     token_str = token_strings(tok, ids_used) if tok is not None else {}
     L = cfg.left_
-    anchor_top = np.full(s["top_val"].shape, L, np.int32)
-    labels = auto_labels(s["top_tok"], anchor_top, s["top_val"], token_str)
+    anchor_top = np.full(s.top_val.shape, L, np.int32)
+    labels = auto_labels(s.top_tok, anchor_top, s.top_val, token_str)
     if maps and live.sum() >= 2:
         log(f"atlas: {map_method.upper()} map of {int(live.sum())} decoder directions ...")
         xy, cl, cl_labels = global_map(W, live, labels, seed=seed, method=map_method)
@@ -149,9 +149,9 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
         "n_tokens": int(res.n_tokens), "n_contexts": int(res.n_contexts),
         "context_length": int(res.context_length), "source": "text", "logit_method": LOGIT_METHOD,
         "coact_score": f"{COACT_SCORE}: |f & g| / |f | g| over the tokens on which each is "
-                       f"active (among a token's {s['coact'].shape[1]} largest codes), all "
+                       f"active (among a token's {s.coact.shape[1]} largest codes), all "
                        f"{res.n_tokens:,} tokens of the pass, for each feature's "
-                       f"{s['coact_cand'].shape[1]} most frequent partners among the first "
+                       f"{s.coact_cand.shape[1]} most frequent partners among the first "
                        f"{len(res.coact_rows()):,} tokens",
         "band_method": "10 equal-width bands over [0, 2^e) with 2^(e-1) <= max < 2^e; per band "
                        "the tokens of lowest hash priority (uniform, deterministic)".replace(
@@ -171,14 +171,14 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
     m.update(meta or {})
     return AtlasData(
         meta=m, feature_ids=np.arange(F, dtype=np.int64), density=res.density,
-        mean_act=res.mean_act, max_act=s["max"].astype(np.float32),
-        hist_edges=cfg.hist_edges(), hist_counts=s["hist"].astype(np.int64),
-        top_value=s["top_val"].astype(np.float32), top_tokens=s["top_tok"].astype(np.int32),
-        top_acts=s["top_act"].astype(np.float16), top_anchor=anchor_top,
-        band_edges=res.band_edges, band_value=s["band_val"].astype(np.float32),
-        band_tokens=s["band_tok"].astype(np.int32), band_acts=s["band_act"].astype(np.float16),
-        band_anchor=np.full(s["band_val"].shape, L, np.int32),
-        band_count=s["band_count"].astype(np.int64),
+        mean_act=res.mean_act, max_act=s.max.astype(np.float32),
+        hist_edges=cfg.hist_edges(), hist_counts=s.hist.astype(np.int64),
+        top_value=s.top_val.astype(np.float32), top_tokens=s.top_tok.astype(np.int32),
+        top_acts=s.top_act.astype(np.float16), top_anchor=anchor_top,
+        band_edges=res.band_edges, band_value=s.band_val.astype(np.float32),
+        band_tokens=s.band_tok.astype(np.int32), band_acts=s.band_act.astype(np.float16),
+        band_anchor=np.full(s.band_val.shape, L, np.int32),
+        band_count=s.band_count.astype(np.int64),
         logit_top_ids=lt_i, logit_top_vals=lt_v, logit_bottom_ids=lb_i, logit_bottom_vals=lb_v,
         cos_ids=cos_i, cos_vals=cos_v, coact_ids=co_i, coact_vals=co_v,
         map_xy=xy, cluster=cl, cluster_labels=cl_labels, labels=labels, token_str=token_str,

@@ -89,7 +89,7 @@ def local_map(sae_or_W, center: int, radius: float = 0.3, *, data: AtlasData | N
     ``sae_or_W``: an SAE or its :func:`~jsae.analysis.atlas.neighbours.decoder_rows`; ``data``: an atlas whose labels (and live
     features, when ``include`` is not given) are used."""
     from jsae.analysis.atlas.neighbours import decoder_rows, features_within
-    from jsae.analysis.atlas.stream import AtlasError
+    from jsae.analysis.atlas.types import AtlasError
 
     W = decoder_rows(sae_or_W) if hasattr(sae_or_W, "params") else np.asarray(sae_or_W)
     F = len(W)

@@ -17,10 +17,14 @@ list is not scored. :func:`coactivation_neighbours` scores over the sample alone
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from jsae.analysis.atlas.state import AtlasState
 
 COACT_SCORE = "jaccard"
 
@@ -154,16 +158,16 @@ def _rank_rows(f, g, score, d_sae: int, n: int):
     return ids, vals
 
 
-def coactivation_from_pass(state: dict, n: int = 10, *, min_count: int = 2
+def coactivation_from_pass(state: AtlasState, n: int = 10, *, min_count: int = 2
                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-pass Jaccard neighbours from a finished streaming pass's state (``coact``,
-    ``coact_n``, ``coact_cand``, ``coact_cnt``, ``coact_fires``): ``(ids, scores)``
+    """Whole-pass Jaccard neighbours from a finished streaming pass's state (its ``coact``,
+    ``coact_n``, ``coact_cand``, ``coact_cnt``, ``coact_fires``, ``coact_ready``): ``(ids, scores)``
     ``[d_sae, n]``, as :func:`coactivation_neighbours`. Counts of a candidate pair are those
     in the sample plus those the pass counted after it."""
-    cand = np.asarray(state["coact_cand"], np.int64)
+    cand = np.asarray(state.coact_cand, np.int64)
     F, M = cand.shape
-    rows = np.asarray(state["coact"])[: int(state["coact_n"])]
-    if not int(state.get("coact_ready", 0)):  # the sample holds the whole pass
+    rows = np.asarray(state.coact)[: int(state.coact_n)]
+    if not int(state.coact_ready):  # the sample holds the whole pass
         return coactivation_neighbours(rows, F, n, min_count=min_count)
     sf, sg, sboth, _ = _sample_pairs(rows, F)
     keys = sf * F + sg
@@ -176,8 +180,8 @@ def coactivation_from_pass(state: dict, n: int = 10, *, min_count: int = 2
     if len(keys):
         j = np.clip(np.searchsorted(keys, q), 0, len(keys) - 1)
         in_sample = np.where(keys[j] == q, sboth[j], 0)
-    both = in_sample + np.asarray(state["coact_cnt"], np.int64).reshape(-1)[ok]
-    fires = np.asarray(state["coact_fires"], np.int64)
+    both = in_sample + np.asarray(state.coact_cnt, np.int64).reshape(-1)[ok]
+    fires = np.asarray(state.coact_fires, np.int64)
     keep = both >= min_count
     f, g, both = f[keep], g[keep], both[keep]
     return _rank_rows(f, g, both / (fires[f] + fires[g] - both), F, n)

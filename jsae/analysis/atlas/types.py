@@ -11,6 +11,8 @@ An *example* is a window of ``W`` token ids (``-1`` = padding, outside the conte
 feature's activation at every token of the window; ``*_anchor`` is the index in the window of the
 token whose activation made the example (its maximum in the context). Empty example slots have
 value 0 and all tokens ``-1``.
+
+The atlas's errors live here too, so that every atlas module can raise them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from jsae.errors import JsaeError
+
+
+class AtlasError(JsaeError, ValueError):
+    """Bad input to the atlas (a feature out of range, a corpus too short, ...)."""
+
+
+class AtlasStateMismatch(AtlasError):
+    """A saved partial pass belongs to another dictionary, corpus or setting."""
 
 
 @dataclasses.dataclass

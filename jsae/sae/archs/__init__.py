@@ -45,6 +45,7 @@ from jsae.sae.archs.base import Arch, LossInputs, NoOptions, OptionError
 from jsae.sae.registry import (
     all_archs,
     default_name,
+    for_circuit,
     for_gemmascope,
     from_saelens_name,
     get_arch,
@@ -54,5 +55,6 @@ from jsae.sae.registry import (
     register,
 )
 
-__all__ = ["Arch", "LossInputs", "NoOptions", "OptionError", "all_archs", "default_name", "for_gemmascope",
+__all__ = ["Arch", "LossInputs", "NoOptions", "OptionError", "all_archs", "default_name", "for_circuit",
+           "for_gemmascope",
            "from_saelens_name", "get_arch", "latent_axes", "names", "owners", "register"]

@@ -80,6 +80,11 @@ class Arch:
     multi_hook: ClassVar[bool] = False  # reads (and writes) several hooks at once
     gemmascope_export: ClassVar[bool] = False  # fits Gemma Scope's params.npz (a JumpReLU rule)
     gemmascope_import: ClassVar[str | None] = None  # the Gemma Scope files it reads: sae, ...
+    # How circuit tracing's formats (circuit-tracer, Gemma Scope 2) hold it: "per_layer" (one
+    # layer's MLP transcoder), "cross_layer" (a CLT), None (they cannot: e.g. a TopK rule)
+    circuit_export: ClassVar[str | None] = None
+    # The circuit-tracing dictionaries it imports: "per_layer", "per_layer_skip", "cross_layer"
+    circuit_imports: ClassVar[tuple[str, ...]] = ()
 
     # ---- options ------------------------------------------------------------------------
 
@@ -175,6 +180,11 @@ class Arch:
         logit effects are shown)."""
         return params["W_dec"][features]
 
+    def decoder_rows(self, params: dict, features: Array) -> Array:
+        """``[F, *token_shape]`` normalised-space decoder rows of ``features``: what a unit
+        of each code adds to the (normalised) reconstruction, at every hook it writes."""
+        return params["W_dec"][features]
+
     def max_active(self, spec) -> int | None:
         """The most latents that can be active on one token, where the rule caps it (TopK: k)."""
         return None
@@ -261,3 +271,18 @@ class Arch:
     def spec_from_saelens(self, saelens_arch: str, *, k, unit: bool, source: str) -> dict:
         """Option values for an imported SAE."""
         return {}
+
+    # ---- circuit tracing (circuit-tracer, Gemma Scope 2: `jsae.export.circuits`) ----------
+
+    def circuit_tensors(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The dictionary in the neutral form `jsae.export.circuits` writes from (norm-folded
+        params): jsae's W_enc, W_dec, b_enc, b_dec, a JumpReLU ``threshold`` per latent (0 is
+        a ReLU) and, where the output also reads the input, ``W_skip [d_in, d_out]``
+        (``x @ W_skip`` added). Only for ``circuit_export`` architectures."""
+        raise ValueError(f"circuit tracing's formats hold ReLU / JumpReLU transcoders, not "
+                         f"architecture {self.name!r}")
+
+    def from_circuit_tensors(self, t: dict[str, np.ndarray]) -> tuple[dict, dict[str, Any]]:
+        """(params, option values) of an imported dictionary from the neutral form ``t``
+        (shapes already checked by the reader)."""
+        raise ValueError(f"architecture {self.name!r} imports no circuit-tracing dictionary")

@@ -47,6 +47,9 @@ preact_coef * sum_i relu(theta_i - pre_i) ||W_dec_i|| (theta: the JumpReLU thres
 topk / batchtopk).  AuxK (topk, batchtopk): the top ``aux_k`` dead latents of a token (over
 all layers) reconstruct its residual y - y_hat through the masked decoder.
 
+Sharding (`jsae.parallel`, by latent axis): W_dec [L * n, L, d_in] (the bulk: L * n x L x d_in),
+b_enc and the thresholds split their latent axis over ``mesh.model``, W_enc [L, d_in, n] its
+last (so n must divide by mesh.model); the per-layer top-k selections let XLA partition them.
 No SAELens format.
 """
 
@@ -85,6 +88,8 @@ class CLT(Arch):
     derived_options = ("n_layers",)
     extra_latent_axes = {"log_threshold": 0, "threshold": 0, "ema_threshold": 0}
     frozen_params = ("in_scale", "out_scale")  # set from the init sample
+    circuit_export = "cross_layer"  # circuit-tracer's W_enc_N / W_dec_N, Gemma Scope 2's CLT
+    circuit_imports = ("cross_layer",)
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -214,6 +219,10 @@ class CLT(Arch):
         summed over the layers it writes (the masked ones are zero)."""
         return jnp.sum(params["W_dec"][features] / params["out_scale"][:, None], axis=1)
 
+    def decoder_rows(self, params, features):
+        """[F, L, d_in] in normalised units: each layer's row over its out_scale."""
+        return params["W_dec"][features] / params["out_scale"][:, None]
+
     def decoder_norms(self, sae):
         """``[d_sae]``: the norm of each feature's whole masked decoder (all layers)."""
         w = sae.params["W_dec"] * _mask(sae.spec)[:, :, None]
@@ -317,6 +326,32 @@ class CLT(Arch):
         m = jnp.repeat(jnp.where(jnp.isfinite(m), m, 0.0), z.shape[-1] // L)
         rate = 0.01 if step is None else threshold_rate(step)
         return {**params, "ema_threshold": jnp.where(old < 0, m, (1.0 - rate) * old + rate * m)}
+
+    # ---- circuit tracing's formats (jsae.export.circuits) -------------------------------
+
+    def circuit_tensors(self, params):
+        """JumpReLU's threshold, or BatchTopK's inference threshold (the same rule, ``pre >
+        theta``); decoder writes to earlier layers zeroed. A top k has no threshold to write."""
+        theta = self.threshold(params)
+        if theta is None:
+            raise ValueError("circuit tracing's formats hold ReLU / JumpReLU rules; a CLT with "
+                             "activation topk selects the top k (train jumprelu or batchtopk)")
+        theta = np.asarray(theta, np.float32)
+        if (theta < 0).any():
+            raise ValueError(f"{int((theta < 0).sum())} inference thresholds are still unset "
+                             "(a batchtopk CLT before its first training step)")
+        L, n = params["W_enc"].shape[0], params["W_enc"].shape[-1]
+        mask = np.asarray(causal_mask(L, n))[:, :, None]
+        t = {k: np.asarray(params[k], np.float32) for k in ("W_enc", "b_enc", "b_dec")}
+        return {**t, "W_dec": np.asarray(params["W_dec"], np.float32) * mask, "threshold": theta}
+
+    def from_circuit_tensors(self, t):
+        """A linear JumpReLU threshold (a ReLU CLT, threshold 0, imports exactly)."""
+        params = {k: t[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+        ones = np.ones((t["W_enc"].shape[0],), np.float32)  # the files hold folded weights
+        params.update(in_scale=ones, out_scale=ones.copy())
+        return params, {"activation": "jumprelu", "jumprelu_threshold": "linear",
+                        "n_layers": int(t["W_enc"].shape[0])}
 
 
 def _mask(spec) -> jax.Array:

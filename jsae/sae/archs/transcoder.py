@@ -96,12 +96,31 @@ class _TranscoderForward:
     def saelens_cfg(self, spec):
         return {**super().saelens_cfg(spec), "d_out": spec.d_in, "apply_b_dec_to_input": False}
 
+    def circuit_tensors(self, params):
+        import numpy as np
+
+        if self.circuit_export is None:
+            return super().circuit_tensors(params)
+        t = {n: np.asarray(params[n], np.float32) for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        t["threshold"] = np.asarray(self.threshold(params), np.float32)
+        if self.skip:
+            t["W_skip"] = np.asarray(params["W_skip"], np.float32)
+        return t
+
+    def from_circuit_tensors(self, t):
+        """A linear threshold: a ReLU transcoder (threshold 0) imports exactly."""
+        params = {n: t[n] for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+        if self.skip:
+            params["W_skip"] = t["W_skip"]
+        return params, {"jumprelu_threshold": "linear"}
+
 
 class Transcoder(_TranscoderForward, TopK):
     name = "transcoder"
     rank = 6
     saelens_name = None  # SAELens's transcoders are ReLU / JumpReLU: a TopK one does not map
     saelens_imports = ()
+    circuit_export = None  # circuit-tracer's files hold ReLU / JumpReLU rules, no top k
 
 
 class SkipTranscoder(Transcoder):
@@ -117,6 +136,8 @@ class JumpReLUTranscoder(_TranscoderForward, JumpReLU):
     name = "jumprelu_transcoder"
     rank = 8
     gemmascope_import = "mlp"
+    circuit_export = "per_layer"
+    circuit_imports = ("per_layer",)
     saelens_name = "jumprelu_transcoder"
     saelens_imports = ("jumprelu_transcoder",)
 
@@ -127,6 +148,7 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     gemmascope_import = "mlp_skip"
     saelens_name = "jumprelu_skip_transcoder"
     saelens_imports = ("jumprelu_skip_transcoder",)
+    circuit_imports = ("per_layer_skip",)
     skip = True
 
 
