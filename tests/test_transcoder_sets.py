@@ -150,6 +150,14 @@ def test_one_pass_trains_a_transcoder_per_layer_saved_as_one_set(tmp_path, model
         y_hat = np.asarray(reconstruct(sae, jnp.asarray(x)), np.float64)
         fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         assert summary["heldout"][h]["fvu"] == pytest.approx(fvu, rel=1e-4)
+    # jsae eval finds the set: each layer's transcoder spliced in place of its MLP
+    from jsae.data.text import ListDocuments
+    from jsae.evals import evaluate_path
+
+    out = evaluate_path(run, n_tokens=100, downstream_tokens=100, model=model, forward=forward,
+                        documents=ListDocuments(TEXTS * 4), print_fn=None)
+    assert out["info"]["output_hooks"] == dict(zip(ins, outs))
+    assert all(np.isfinite(out["metrics"][h]["ce_spliced"]) for h in ins)
 
 
 class _WidthSource:
