@@ -14,6 +14,7 @@ from saelens_side import run_saelens, saelens_python
 from jsae import parallel
 from jsae.export.saelens import save_saelens
 from jsae.sae import SAE, SAESpec, encode, fold_norm, init_sae, sae_loss
+from jsae.sae.archs import get_arch
 from jsae.sae.core import decode_normalized, encode_normalized
 
 D, D_SAE, K, AUX_K = 8, 24, 3, 4
@@ -32,22 +33,27 @@ def _sae(arch, seed=0):
 
 
 def _np_loss(p, x, y, *, skip, dead=None, frozen=None, aux_coef=1 / 32):
-    """Reference in float64: recon + aux_coef * AuxK (the residual is a constant: ``frozen``)."""
+    """Reference in float64: recon + aux_coef * AuxK (the residual is a constant: ``frozen``),
+    both in output units (x out_scale s): x_hat = (z W_dec + x W_skip) / s + b_dec."""
+    s = float(p.get("out_scale", 1.0))
+
     def forward(q):
         pre = x @ q["W_enc"] + q["b_enc"]
         kth = np.sort(pre, axis=-1)[:, -K][:, None]
         z = np.where(pre >= kth, np.maximum(pre, 0.0), 0.0)
-        x_hat = z @ q["W_dec"] + q["b_dec"] + (x @ q["W_skip"] if skip else 0.0)
+        x_hat = ((z @ q["W_dec"] + (x @ q["W_skip"] if skip else 0.0)) / float(q.get("out_scale", 1.0))
+                 + q["b_dec"])
         return pre, x_hat
 
     pre, x_hat = forward(p)
-    loss = np.mean(np.sum((x_hat - y) ** 2, axis=-1))
+    loss = np.mean(np.sum(((x_hat - y) * s) ** 2, axis=-1))
     if dead is not None and dead.any():
         residual = y - forward(frozen if frozen is not None else p)[1]
         masked = np.where(dead, pre, -np.inf)
         kth = np.sort(masked, axis=-1)[:, -AUX_K][:, None]
         z_aux = np.where((masked >= kth) & np.isfinite(masked), np.maximum(masked, 0.0), 0.0)
-        loss += aux_coef * np.mean(np.sum((z_aux @ p["W_dec"] - residual) ** 2, axis=-1))
+        s_res = float(frozen.get("out_scale", s)) if frozen is not None else s  # a constant too
+        loss += aux_coef * np.mean(np.sum((z_aux @ p["W_dec"] - residual * s_res) ** 2, axis=-1))
     return loss
 
 
@@ -154,12 +160,14 @@ def _train(arch, x, y, *, d_sae, k, steps=500, lr=1e-2):
     spec = SAESpec(arch, x.shape[1], d_sae, k=k)
     sae = init_sae(jax.random.key(0), spec, None, b_dec_init="zeros")
     opt = optax.adam(lr)
+    frozen = get_arch(arch).frozen_params  # set from the init sample, not by the gradient
 
     @jax.jit
     def step(params, opt_state, xb, yb):
         def loss_of(prm):
             return sae_loss(sae.replace(params=prm), xb, x_target=yb, sparsity_coef=0.0)[0]
         g = jax.grad(loss_of)(params)
+        g = {n: jnp.zeros_like(v) if n in frozen else v for n, v in g.items()}  # as the trainer
         upd, opt_state = opt.update(g, opt_state, params)
         params = optax.apply_updates(params, upd)
         w = params["W_dec"]  # unit decoder rows, as the trainer keeps them
@@ -236,12 +244,13 @@ def _sae_for(arch, seed):
 
 
 def _np_jump(p, x, y, *, skip, coef):
-    """JumpReLU transcoder loss (step L0 term), float64."""
+    """JumpReLU transcoder loss (step L0 term), float64, in output units (x out_scale s)."""
+    s = float(p.get("out_scale", 1.0))
     pre = x @ p["W_enc"] + p["b_enc"]
     theta = np.exp(p["log_threshold"])
     z = np.where(pre > theta, pre, 0.0)
-    x_hat = z @ p["W_dec"] + p["b_dec"] + (x @ p["W_skip"] if skip else 0.0)
-    return (np.mean(np.sum((x_hat - y) ** 2, -1)) + coef * np.mean(np.sum(pre > theta, -1)),
+    x_hat = (z @ p["W_dec"] + (x @ p["W_skip"] if skip else 0.0)) / s + p["b_dec"]
+    return (np.mean(np.sum(((x_hat - y) * s) ** 2, -1)) + coef * np.mean(np.sum(pre > theta, -1)),
             z, x_hat)
 
 
@@ -317,3 +326,30 @@ def test_export_loads_in_real_saelens(tmp_path):
                                    rtol=1e-4, atol=1e-4, err_msg=arch)
         np.testing.assert_allclose(np.load(tmp_path / f"{arch}.out.npy"), np.asarray(y_hat),
                                    rtol=1e-4, atol=1e-4, err_msg=arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS + JUMP_ARCHS)
+def test_out_scale_from_the_init_sample_and_absent_in_older_folders(arch):
+    """out_scale makes the init sample's targets unit scale (E||s y_n||^2 = d_in) whatever the
+    input's norm; a dictionary without it (written before it existed, or imported) reads as 1."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((512, D)).astype(np.float32) * 0.1  # small inputs (post-norm)
+    y = rng.standard_normal((512, D)).astype(np.float32) * 300.0  # large outputs (an MLP's)
+    spec = SAESpec(arch, D, D_SAE, **({"k": K} if arch in ARCHS else {}))
+    sae = init_sae(jax.random.key(0), spec, jnp.asarray(x),
+                   target_sample=jnp.asarray(y))
+    y_n = y.astype(np.float64) * float(sae.norm_scale) * float(sae.params["out_scale"])
+    assert np.mean(np.sum(y_n ** 2, -1)) == pytest.approx(D, rel=1e-4)
+    assert "out_scale" in get_arch(arch).frozen_params
+    old = sae.replace(params={n: v for n, v in sae.params.items() if n != "out_scale"})
+    ones = sae.replace(params={**sae.params, "out_scale": jnp.ones(())})
+    xs = jnp.asarray(x)
+    np.testing.assert_allclose(np.asarray(decode_normalized(old, encode_normalized(old, xs), xs)),
+                               np.asarray(decode_normalized(ones, encode_normalized(ones, xs), xs)))
+    folded = fold_norm(sae)  # exports see plain weights: the same outputs with out_scale 1
+    assert float(folded.params["out_scale"]) == 1.0
+    np.testing.assert_allclose(
+        np.asarray(decode_normalized(folded, encode(folded, xs), xs * folded.norm_scale)
+                   / folded.norm_scale),
+        np.asarray(decode_normalized(sae, encode(sae, xs), xs * sae.norm_scale) / sae.norm_scale),
+        rtol=1e-4, atol=1e-3)

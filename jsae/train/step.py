@@ -77,8 +77,9 @@ def make_train_step(
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(sae.params)
         if spec.unit_decoder:
             grads = {**grads, "W_dec": _remove_parallel_grad(grads["W_dec"], sae.params["W_dec"])}
-        for name in arch.frozen_params:  # set by arch.after_update, not by the gradient
-            grads = {**grads, name: jnp.zeros_like(grads[name])}
+        for name in arch.frozen_params:  # set by arch.after_update or the init sample
+            if name in grads:  # (a dictionary read from an older folder may lack it)
+                grads = {**grads, name: jnp.zeros_like(grads[name])}
         grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
         updates, opt_state = optimizer.update(grads, state.opt_state, sae.params)
         params = optax.apply_updates(sae.params, updates)

@@ -16,16 +16,33 @@ output bias.  Unlike an SAE the input is not centred by b_dec (the two hooks liv
 spaces; SAELens's transcoders do the same).  One ``norm_scale`` multiplies both hooks, so
 raw-unit encode / decode stay consistent (`jsae.sae.core.fold_norm` holds: the skip term
 (x s) W_skip / s = x W_skip).  No sparse fast path: the dense loss is used.
+
+Output scale: an MLP's input and output can differ in norm by orders of magnitude (Gemma 3
+270M: E||x||^2 / d of blocks.L.mlp.hook_in 0.08-1.9, of hook_mlp_out 128-77,500), so with the
+input's ``norm_scale`` alone the output would be far from unit scale and a short run barely
+learns. ``out_scale`` (a scalar set from the init sample, not trained) makes
+E||out_scale y_n||^2 = d_in: the decoder writes in those units,
+x_hat = (z W_dec + x_in W_skip) / out_scale + b_dec, and the loss is the error in them,
+out_scale^2 ||x_hat - y||^2. `fold_params` folds it into W_dec / W_skip (exports see plain
+weights); a folder written before it (no ``out_scale``) reads as out_scale 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
+import numpy as np
 
 from jsae.sae.archs import register
 from jsae.sae.archs.jumprelu import JumpReLU
 from jsae.sae.archs.topk import TopK
 from jsae.sae.spec import mm
+
+
+def _out_scale(params):
+    """The output scale (1 for a folder written before there was one, or imported)."""
+    return params.get("out_scale", 1.0)
 
 
 class _TranscoderForward:
@@ -41,11 +58,52 @@ class _TranscoderForward:
     sharded_fast = False
     gemmascope_export = False
 
+    @property
+    def frozen_params(self):  # out_scale is set from the init sample, never by the gradient
+        return (*super().frozen_params, "out_scale")
+
     def extra_params(self, spec, **opts):
         extra = super().extra_params(spec, **opts)
         if self.skip:
             extra["W_skip"] = jnp.zeros((spec.d_in, spec.d_in), jnp.float32)
+        extra["out_scale"] = jnp.ones((), jnp.float32)
         return extra
+
+    def sample_params(self, spec, x_n, y_n):
+        """out_scale: E||out_scale y_n||^2 = d_in over the init sample's targets ``y_n``."""
+        out = super().sample_params(spec, x_n, y_n)
+        if y_n is None:
+            return out
+        y = np.asarray(y_n, np.float64).reshape(-1, spec.d_in)
+        mean_sq = float(np.mean(np.sum(y * y, axis=-1)))
+        if not (np.isfinite(mean_sq) and mean_sq > 0):
+            raise ValueError(f"cannot normalise the output hook: mean squared norm {mean_sq}")
+        return {**out, "out_scale": jnp.asarray(np.sqrt(spec.d_in / mean_sq), jnp.float32)}
+
+    def fold_params(self, params):
+        """W_dec (and W_skip) / out_scale; out_scale becomes 1."""
+        p = dict(super().fold_params(params))
+        if "out_scale" in p:
+            s = p["out_scale"]
+            p["W_dec"] = p["W_dec"] / s
+            if "W_skip" in p:
+                p["W_skip"] = p["W_skip"] / s
+            p["out_scale"] = jnp.ones_like(s)
+        return p
+
+    def decoder_rows(self, params, features):
+        return super().decoder_rows(params, features) / _out_scale(params)
+
+    def recon_loss(self, sae, x_hat, x_target):
+        """The error in output units: out_scale^2 ||x_hat - y||^2 per token, averaged."""
+        s = _out_scale(sae.params)
+        return super().recon_loss(sae, x_hat * s, x_target * s)
+
+    def loss_terms(self, sae, t):
+        """The activation's terms with the reconstruction in output units (AuxK's residual)."""
+        s = _out_scale(sae.params)
+        return super().loss_terms(sae, dataclasses.replace(t, x_target=t.x_target * s,
+                                                           x_hat=t.x_hat * s))
 
     def pre_activations(self, sae, x_n):
         """x_in W_enc + b_enc (no b_dec centring: b_dec is the target's bias)."""
@@ -53,15 +111,15 @@ class _TranscoderForward:
         return mm(x_n, p["W_enc"], sae.spec.compute_dtype) + p["b_enc"]
 
     def decode(self, sae, z, x_in=None):
-        """z W_dec + b_dec (+ x_in W_skip for a skip transcoder)."""
+        """(z W_dec (+ x_in W_skip for a skip transcoder)) / out_scale + b_dec."""
         p = sae.params
-        out = mm(z, p["W_dec"], sae.spec.compute_dtype) + p["b_dec"]
+        out = mm(z, p["W_dec"], sae.spec.compute_dtype)
         if not self.skip:
-            return out
+            return out / _out_scale(p) + p["b_dec"]
         if x_in is None:
             raise ValueError("a skip transcoder's decode needs its encoded input x_in "
                              "(use jsae.sae.core.decode_normalized(sae, z, x_n))")
-        return out + mm(x_in, p["W_skip"], sae.spec.compute_dtype)
+        return (out + mm(x_in, p["W_skip"], sae.spec.compute_dtype)) / _out_scale(p) + p["b_dec"]
 
     def fast_applies(self, batch_topk_fn) -> bool:
         return False
@@ -69,7 +127,6 @@ class _TranscoderForward:
     def from_saelens(self, saelens_arch, t, shift, source):
         """Encoder biases as jsae's transcoder uses them (it never subtracts b_dec: b_dec
         lives in the output space); W_skip [d_out, d_in] (SAELens) -> [d_in, d_out]."""
-        import numpy as np
 
         b_dec = t["b_dec"].astype(np.float64)
 
@@ -97,8 +154,6 @@ class _TranscoderForward:
         return {**super().saelens_cfg(spec), "d_out": spec.d_in, "apply_b_dec_to_input": False}
 
     def circuit_tensors(self, params):
-        import numpy as np
-
         if self.circuit_export is None:
             return super().circuit_tensors(params)
         t = {n: np.asarray(params[n], np.float32) for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
