@@ -724,14 +724,16 @@ BROWSER_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 
 def screenshot(page_html, png, *, feature: int | None = None, card_only: bool = False,
                size: tuple[int, int] = (1400, 820), executable: str | None = None,
-               colors: int | None = 256) -> Path:
+               colors: int | None = 256, layer: int | None = None) -> Path:
     """Save a PNG of a written site page (``index.html`` or ``around-<id>.html``) in headless
     Chromium, with ``feature``'s card open; ``card_only`` keeps just the card panel (the page
     made tall enough to show the top activations). ``colors`` quantises the PNG (pillow) to keep
-    it small. Needs ``playwright`` and a Chromium (``executable``, default the system's)."""
+    it small. ``layer``: the layer shown by a site of several (:func:`write_layer_site`).
+    Needs ``playwright`` and a Chromium (``executable``, default the system's)."""
     sync_playwright = require("playwright.sync_api", "test", "site screenshots").sync_playwright
     exe = executable or shutil.which("chromium") or shutil.which("chromium-browser")
-    url = Path(page_html).resolve().as_uri() + (f"#f={int(feature)}" if feature is not None else "")
+    route = [f"l={int(layer)}"] * (layer is not None) + [f"f={int(feature)}"] * (feature is not None)
+    url = Path(page_html).resolve().as_uri() + ("#" + "&".join(route) if route else "")
     w, h = size
 
     def shoot():
