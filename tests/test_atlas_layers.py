@@ -214,3 +214,7 @@ def test_browser_switches_layer_and_opens_a_card_of_the_other_layer(runs, tmp_pa
         page.screenshot(path=str(tmp_path / "layers.png"))
         browser.close()
     assert not errors
+    from jsae.analysis.atlas.site import screenshot
+
+    png = screenshot(index, tmp_path / "card.png", feature=N + 5, layer=2)  # waits for that card
+    assert png.stat().st_size > 10_000

@@ -732,7 +732,8 @@ def screenshot(page_html, png, *, feature: int | None = None, card_only: bool = 
     Needs ``playwright`` and a Chromium (``executable``, default the system's)."""
     sync_playwright = require("playwright.sync_api", "test", "site screenshots").sync_playwright
     exe = executable or shutil.which("chromium") or shutil.which("chromium-browser")
-    route = [f"l={int(layer)}"] * (layer is not None) + [f"f={int(feature)}"] * (feature is not None)
+    route = ([f"l={int(layer)}"] if layer is not None else []) + (
+        [f"f={int(feature)}"] if feature is not None else [])
     url = Path(page_html).resolve().as_uri() + ("#" + "&".join(route) if route else "")
     w, h = size
 
