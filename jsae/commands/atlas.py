@@ -1,5 +1,8 @@
 """`jsae atlas RUN_DIR --tokens N --out DIR`: every feature's card, neighbours and a map, as a
-static site (open DIR/index.html); `--around F --radius R` adds the local map of a feature."""
+static site (open DIR/index.html); `--around F --radius R` adds the local map of a feature.
+On a transcoder set or a dictionary whose features are grouped by layer (a cross-layer
+transcoder), without --hook: every layer's features from one pass, one site with a layer
+selector (DIR/atlas-L<layer>.npz per layer)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "only the local map of F is computed (no LM pass).")
     p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
     p.add_argument("--out", help="output folder (default RUN_DIR/atlas)")
-    p.add_argument("--hook", help="hook point (default: the run's first hook)")
+    p.add_argument("--hook", help="hook point (default: the run's first hook; on a set or a "
+                   "cross-layer transcoder, every layer in one site with a layer selector)")
     p.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to scan (default 200000)")
     p.add_argument("--text", action="append", default=[], metavar="GLOB",
                    help="read the corpus from these .txt/.jsonl files (repeatable; default: the "
@@ -143,6 +147,33 @@ def _describe_local(data, lm) -> str:
     return "\n".join(lines)
 
 
+def _run_layers(args, plan, model, cfg, state_dir, texts, cache, out, log) -> int:
+    """Every layer's atlas from one pass, one site with a layer selector."""
+    from jsae import outputs
+    from jsae.analysis.atlas.build import save_atlas
+    from jsae.analysis.atlas.layers import layer_atlases
+    from jsae.analysis.atlas.site import write_layer_site
+
+    layers = layer_atlases(args.run_dir, model=model, tokens=args.tokens,
+                           context_length=args.context_length, cfg=cfg, batch_size=args.batch_size,
+                           n_neighbours=args.neighbours, maps=args.map != "none", seed=args.seed,
+                           state_dir=state_dir, texts=texts, cache=cache, plan=plan,
+                           map_method="pca" if args.map == "pca" else "umap")
+    names = []
+    for la in layers:
+        save_atlas(la.data, out / f"atlas-L{la.layer}.npz")
+        names.append(f"atlas-L{la.layer}.npz")
+    outputs.record(out, OWNER, names)
+    index = write_layer_site(out, layers)
+    log(f"site: {index}  (open it in a browser, or python -m http.server -d {out})")
+    for la in layers:
+        d = la.data
+        print(f"layer {la.layer} ({la.hook}): {int((d.density > 0).sum())} of {d.n_features} "
+              f"features fired on {d.meta['n_tokens']:,} tokens")
+    print(f"atlas of {len(layers)} layers; wrote {out}")
+    return 0
+
+
 def run(args) -> int:
     from jsae import outputs
     from jsae.analysis.atlas.build import add_local_map, atlas, load_atlas
@@ -169,10 +200,22 @@ def run(args) -> int:
         _write_outputs(data, out, sae, args, log)
         log(f"wrote {out}/local_{args.around[-1]}.png and {npz}")
         return 0
+    plan = None
+    if not args.hook:
+        from jsae.analysis.atlas.layers import layer_plan
+
+        _load_sae(args.run_dir, None)  # a run without a dictionary: its one-line error first
+        plan = layer_plan(args.run_dir)
+        extra = [f for f, v in (("--around", args.around), ("--neuronpedia", args.neuronpedia),
+                                ("--explainer", args.explainer)) if v]
+        if plan is not None and extra:
+            raise AtlasError(f"{' and '.join(extra)} take one dictionary's atlas; {args.run_dir} "
+                             "has several layers: add --hook KEY (one of its saes/)")
     cfg = StreamConfig(top_k=args.top_k, window=min(args.window, args.context_length),
                        bands=args.bands, band_samples=args.band_samples)
     state_dir = out / "state"
-    sae, _ = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
+    if plan is None:
+        sae, _ = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
     owned = outputs.marked_files(out, OWNER)
     if args.fresh and state_dir.exists() and ("state/" in owned or _is_older_atlas(out)):
         import shutil
@@ -200,7 +243,9 @@ def run(args) -> int:
     log(f"loading {args.run_dir} ...")
     from jsae.analysis.run import load_run
 
-    model = load_run(args.run_dir, args.hook).model
+    model = load_run(args.run_dir, next(iter(plan.saes)) if plan else args.hook).model
+    if plan is not None:
+        return _run_layers(args, plan, model, cfg, state_dir, texts, cache, out, log)
     data = atlas(args.run_dir, hook=args.hook, model=model, tokens=args.tokens,
                  context_length=args.context_length, cfg=cfg, batch_size=args.batch_size,
                  n_neighbours=args.neighbours, maps=args.map != "none", around=args.around,

@@ -186,6 +186,39 @@ def from_stream(res: StreamResult, sae, model, *, hook: str, n_logits: int = 10,
     )
 
 
+def contexts(model, tokens: int, context_length: int, seed: int, texts=None, cache=None,
+             cfg: StreamConfig = StreamConfig()):
+    """``(tokens [N, T], mask [N, T])`` of the pass: the offline corpus (or ``texts``) packed
+    into ``context_length`` contexts, or a ``jsae harvest`` cache's stored contexts (whole
+    contexts up to ``tokens``); at least ``cfg.top_k`` of them."""
+    if cache is not None:
+        from jsae.data.cache import read_contexts
+
+        tok, msk = read_contexts(cache)
+        n_ctx = int(np.searchsorted(np.cumsum(msk.sum(1)), int(tokens))) + 1
+        tok, msk = tok[:n_ctx], msk[:n_ctx]
+        context_length = tok.shape[1]
+    else:
+        tok, msk = _corpus(model, tokens, context_length, seed, texts)
+    if len(tok) < cfg.top_k:
+        raise AtlasError(f"the corpus gave {len(tok)} contexts of {context_length} tokens, fewer "
+                         f"than the top-k ({cfg.top_k}): raise --tokens or lower --top-k")
+    return tok, msk
+
+
+def stream_pass(model, saes: dict, tok, msk, cfg: StreamConfig, *, cache=None, batch_size=32,
+                state_dir=None, mesh=None, progress=True, forward=None) -> dict[str, StreamResult]:
+    """The streaming pass of every dictionary in ``saes`` (key -> SAE) over the contexts, one
+    LM forward per batch (or reading ``cache``'s activations)."""
+    from jsae.analysis.atlas.stream import stream_cache, stream_text
+
+    if cache is not None:
+        return stream_cache(saes, cache, cfg, batch_size=batch_size, max_contexts=len(tok),
+                            state_dir=state_dir, mesh=mesh, progress=progress)
+    return stream_text(model, saes, tok, msk, cfg, batch_size=batch_size, state_dir=state_dir,
+                       mesh=mesh, progress=progress, forward=forward)
+
+
 def atlas(source, *, hook: str | None = None, tokens: int = 200_000, context_length: int = 128,
           cfg: StreamConfig = StreamConfig(), batch_size: int = 32, n_logits: int = 10,
           n_neighbours: int = 10, maps: bool = True, around=(), radius: float = 0.3,
@@ -202,34 +235,18 @@ def atlas(source, *, hook: str | None = None, tokens: int = 200_000, context_len
     ``cache``: a ``jsae harvest`` folder: the pass reads its held-out activations and stored
     contexts (at most ``tokens`` of them, in whole contexts) instead of running the LM; the
     model is then used only for the tokenizer and the logit effects."""
-    from jsae.analysis.atlas.stream import stream_cache, stream_text
-
     model, sae, hook, run_path, model_name = _resolve(source, hook, model)
     F = sae.spec.d_sae
     for c in around:
         if not 0 <= int(c) < F:
             raise AtlasError(f"feature {c} is out of range: the dictionary has {F} features (0..{F - 1})")
-    if cache is not None:
-        from jsae.data.cache import read_contexts
-
-        tok, msk = read_contexts(cache)
-        n_ctx = int(np.searchsorted(np.cumsum(msk.sum(1)), int(tokens))) + 1
-        tok, msk = tok[:n_ctx], msk[:n_ctx]
-        context_length = tok.shape[1]
-    else:
-        tok, msk = _corpus(model, tokens, context_length, seed, texts)
-    if len(tok) < cfg.top_k:
-        raise AtlasError(f"the corpus gave {len(tok)} contexts of {context_length} tokens, fewer "
-                         f"than the top-k ({cfg.top_k}): raise --tokens or lower --top-k")
+    tok, msk = contexts(model, tokens, context_length, seed, texts, cache, cfg)
+    context_length = tok.shape[1]
     if progress:
         _log(f"atlas: {F} features at {hook}, {len(tok)} contexts x {context_length} tokens "
              f"({int(msk.sum()):,} counted)")
-    if cache is not None:
-        res = stream_cache({hook: sae}, cache, cfg, batch_size=batch_size, max_contexts=len(tok),
-                           state_dir=state_dir, mesh=mesh, progress=progress)[hook]
-    else:
-        res = stream_text(model, {hook: sae}, tok, msk, cfg, batch_size=batch_size,
-                          state_dir=state_dir, mesh=mesh, progress=progress, forward=forward)[hook]
+    res = stream_pass(model, {hook: sae}, tok, msk, cfg, cache=cache, batch_size=batch_size,
+                      state_dir=state_dir, mesh=mesh, progress=progress, forward=forward)[hook]
     meta = {"run": str(run_path) if run_path else "", "model": model_name,
             "source": f"cache {cache}" if cache is not None else "text"}
     data = from_stream(res, sae, model, hook=hook, n_logits=n_logits, n_neighbours=n_neighbours,

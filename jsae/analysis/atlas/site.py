@@ -432,47 +432,94 @@ def write_site(out_dir, data: AtlasData, *, shard_size: int = SHARD_SIZE,
                progress: bool = True) -> Path:
     """Write the static site of ``data`` into ``out_dir`` (created; files of an older site in
     ``data/`` are replaced) and return the path of its ``index.html``."""
-    from tqdm.auto import tqdm
-
-    from jsae import outputs
-
     check_atlas(data)
-    out = Path(out_dir)
-    ddir = out / "data"
-    for name in outputs.marked_files(out, SITE_OWNER):  # an older site's shards and local maps,
-        old = out / name                                # never a file this writer did not write
-        if (name.startswith("data/") and name.endswith(".js")) or name.startswith("around-"):
-            old.unlink(missing_ok=True)
-    ddir.mkdir(parents=True, exist_ok=True)
-    written = ["atlas.js", "atlas.css", "index.html", "data/atlas.js", "data/tokens.js"]
-    for name in ("atlas.js", "atlas.css"):
-        shutil.copyfile(ASSETS / name, out / name)
-
-    F = data.n_features
-    (ddir / "atlas.js").write_text(_js("window.__atlas_index", _index_payload(data, shard_size)),
-                                   encoding="ascii")
-    n_shards = (F + shard_size - 1) // shard_size
-    for s in tqdm(range(n_shards), desc="atlas site", unit="shard", disable=not progress or n_shards < 8,
-                  leave=False):
-        payload = shard_payload(data, s * shard_size, min(F, (s + 1) * shard_size))
-        (ddir / f"shard-{s:04d}.js").write_text(_js("window.__atlas_shard", s, payload), encoding="ascii")
-        written.append(f"data/shard-{s:04d}.js")
-    (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", _token_payload(data)), encoding="ascii")
+    out = _start_site(out_dir)
+    written = ["atlas.js", "atlas.css", "index.html"]
+    written += _write_data(out, "data", data, shard_size, progress)
 
     meta = data.meta
     name = " · ".join(str(meta[k]) for k in ("model", "hook") if meta.get(k)) or "features"
     (out / "index.html").write_text(_page(f"jsae atlas: {name}", {"kind": "global"}), encoding="utf-8")
     for lm in data.local_maps:
         c = int(lm.center)
-        (ddir / f"around-{c}.js").write_text(_js("window.__atlas_local", c, _local_payload(lm)),
+        (out / "data" / f"around-{c}.js").write_text(_js("window.__atlas_local", c, _local_payload(lm)),
                                             encoding="ascii")
         (out / f"around-{c}.html").write_text(
             _page(f"jsae atlas: around feature {c}", {"kind": "local", "center": c}), encoding="utf-8")
         written += [f"data/around-{c}.js", f"around-{c}.html"]
-    keep = [f for f in outputs.marked_files(out, SITE_OWNER)
-            if not (f.startswith("data/") and f.endswith(".js")) and not f.startswith("around-")]
-    outputs.write_marker(out, SITE_OWNER, [*keep, *written])
+    _finish_site(out, written)
     return out / "index.html"
+
+
+def write_layer_site(out_dir, layers, *, shard_size: int = SHARD_SIZE, progress: bool = True
+                     ) -> Path:
+    """One site of several layers' atlases (``layers``: :class:`~jsae.analysis.atlas.layers.
+    LayerAtlas`, each with ``layer``, ``hook``, ``data``): each layer's map, cards and token
+    index in ``data/L<layer>/``, one ``index.html`` with a layer selector (``#l=LAYER&f=ID``)."""
+    layers = list(layers)
+    if not layers or len({la.layer for la in layers}) != len(layers):
+        raise ValueError(f"write_layer_site needs distinct layers, got {[la.layer for la in layers]}")
+    for la in layers:
+        check_atlas(la.data)
+    out = _start_site(out_dir)
+    written = ["atlas.js", "atlas.css", "index.html"]
+    for la in layers:
+        written += _write_data(out, f"data/L{int(la.layer)}", la.data, shard_size, progress)
+    meta = layers[0].data.meta
+    name = " · ".join(str(meta[k]) for k in ("model",) if meta.get(k)) or "features"
+    page = {"kind": "global", "layers": [[int(la.layer), f"{int(la.layer)} ({la.hook}, "
+                                          f"{la.data.n_features:,} features)"] for la in layers]}
+    (out / "index.html").write_text(_page(f"jsae atlas: {name}, {len(layers)} layers", page),
+                                    encoding="utf-8")
+    _finish_site(out, written)
+    return out / "index.html"
+
+
+def _start_site(out_dir) -> Path:
+    """The site folder, created, with an older site's data scripts and local maps removed
+    (only files the marker lists: never a file this writer did not write), viewer copied."""
+    from jsae import outputs
+
+    out = Path(out_dir)
+    for name in outputs.marked_files(out, SITE_OWNER):
+        if _is_data_file(name):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("atlas.js", "atlas.css"):
+        shutil.copyfile(ASSETS / name, out / name)
+    return out
+
+
+def _is_data_file(name: str) -> bool:
+    return (name.startswith("data/") and name.endswith(".js")) or name.startswith("around-")
+
+
+def _finish_site(out: Path, written: list[str]) -> None:
+    from jsae import outputs
+
+    keep = [f for f in outputs.marked_files(out, SITE_OWNER) if not _is_data_file(f)]
+    outputs.write_marker(out, SITE_OWNER, [*keep, *written])
+
+
+def _write_data(out: Path, sub: str, data: AtlasData, shard_size: int, progress: bool) -> list[str]:
+    """``sub/atlas.js`` (the index), ``sub/shard-NNNN.js`` and ``sub/tokens.js`` of ``data``;
+    returns their names relative to ``out``."""
+    from tqdm.auto import tqdm
+
+    ddir = out / sub
+    ddir.mkdir(parents=True, exist_ok=True)
+    F = data.n_features
+    (ddir / "atlas.js").write_text(_js("window.__atlas_index", _index_payload(data, shard_size)),
+                                   encoding="ascii")
+    written = [f"{sub}/atlas.js", f"{sub}/tokens.js"]
+    n_shards = (F + shard_size - 1) // shard_size
+    for s in tqdm(range(n_shards), desc="atlas site", unit="shard", disable=not progress or n_shards < 8,
+                  leave=False):
+        payload = shard_payload(data, s * shard_size, min(F, (s + 1) * shard_size))
+        (ddir / f"shard-{s:04d}.js").write_text(_js("window.__atlas_shard", s, payload), encoding="ascii")
+        written.append(f"{sub}/shard-{s:04d}.js")
+    (ddir / "tokens.js").write_text(_js("window.__atlas_tokens", _token_payload(data)), encoding="ascii")
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,6 +620,24 @@ def _hist_svg(counts: list[int], edges: list, width: int = 460, height: int = 90
             f'role="img" aria-label="activation histogram">{"".join(bars)}{ticks}</svg>')
 
 
+def _profile_svg(profile: list, hooks, width: int = 460, height: int = 78) -> str:
+    """A feature's layer profile (share of decoder norm per layer written) as bars."""
+    n = len(profile)
+    bw, base = width / max(n, 1), height - 14
+    parts = []
+    for i, v in enumerate(profile):
+        h = str(hooks[i]) if hooks and i < len(hooks) else f"hook {i}"
+        m = re.search(r"blocks\.(\d+)\.", h)
+        bar = (base - 2) * max(0.0, float(v or 0))
+        parts.append(f'<rect x="{i * bw + 1:.1f}" y="{base - bar:.1f}" width="{max(bw - 2, 0.5):.1f}" '
+                     f'height="{bar:.1f}" fill="#3b82f6"><title>{html.escape(h)}: '
+                     f'{100 * float(v or 0):.1f}%</title></rect>'
+                     f'<text x="{(i + 0.5) * bw:.1f}" y="{height - 3}" text-anchor="middle">'
+                     f'{f"L{m.group(1)}" if m else i}</text>')
+    return (f'<svg class="hist profile" viewBox="0 0 {width} {height}" width="{width}" '
+            f'height="{height}" role="img" aria-label="layer profile">{"".join(parts)}</svg>')
+
+
 def _pairs_html(pairs, name_of, cls: str) -> str:
     pairs = list(zip(*pairs))
     if not pairs:
@@ -615,6 +680,8 @@ def card_html(data: AtlasData, feature: int, *, max_examples: int = 10, style: b
     parts.append('<div class="stats">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{html.escape(v)}</div></div>'
         for k, v in stats) + "</div>")
+    if rec["profile"] is not None:
+        parts.append("<h3>Layer profile</h3>" + _profile_svg(rec["profile"], data.meta.get("layer_hooks")))
     parts.append('<h3>Activation histogram</h3>' + _hist_svg(rec["hist"], _num(data.hist_edges)))
     parts.append('<div class="cols"><div><h3>Promotes</h3>'
                  + _pairs_html(rec["lt"], tok_name, "pair pos") + '</div><div><h3>Suppresses</h3>'
@@ -657,14 +724,17 @@ BROWSER_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 
 def screenshot(page_html, png, *, feature: int | None = None, card_only: bool = False,
                size: tuple[int, int] = (1400, 820), executable: str | None = None,
-               colors: int | None = 256) -> Path:
+               colors: int | None = 256, layer: int | None = None) -> Path:
     """Save a PNG of a written site page (``index.html`` or ``around-<id>.html``) in headless
     Chromium, with ``feature``'s card open; ``card_only`` keeps just the card panel (the page
     made tall enough to show the top activations). ``colors`` quantises the PNG (pillow) to keep
-    it small. Needs ``playwright`` and a Chromium (``executable``, default the system's)."""
+    it small. ``layer``: the layer shown by a site of several (:func:`write_layer_site`).
+    Needs ``playwright`` and a Chromium (``executable``, default the system's)."""
     sync_playwright = require("playwright.sync_api", "test", "site screenshots").sync_playwright
     exe = executable or shutil.which("chromium") or shutil.which("chromium-browser")
-    url = Path(page_html).resolve().as_uri() + (f"#f={int(feature)}" if feature is not None else "")
+    route = ([f"l={int(layer)}"] if layer is not None else []) + (
+        [f"f={int(feature)}"] if feature is not None else [])
+    url = Path(page_html).resolve().as_uri() + ("#" + "&".join(route) if route else "")
     w, h = size
 
     def shoot():

@@ -31,7 +31,8 @@ Adding one (the smallest example is `jsae.sae.archs.relu`):
      (``t.x_in`` is what was encoded, ``t.x_target`` what is reconstructed: a transcoder's
      other hook; ``t.x_target is t.x_in`` for an SAE);
    - ``unit_decoder(spec)``, ``code_k`` (k-sparse codes), ``n_hooks`` / ``token_shape`` /
-     ``layer_profile`` (several hooks), ``elementwise``, ``coef_field`` (the option that is the
+     ``layer_profile`` (several hooks), ``feature_layers`` (latents grouped by the layer
+     they read), ``elementwise``, ``coef_field`` (the option that is the
      sparsity coefficient), ``frozen_params`` / ``after_update`` (parameters not set by the
      gradient), ``supports_fast`` and the fast-path hooks, and the SAELens mapping
      (``saelens_name``, ``to_saelens``, ``from_saelens``).

@@ -141,6 +141,12 @@ class Arch:
         for a dictionary that writes several hooks; None otherwise."""
         return None
 
+    def feature_layers(self, spec) -> np.ndarray | None:
+        """``[d_sae]`` int: the hook (index among the hooks read) each latent reads alone, for
+        a dictionary whose latents are grouped by the layer they read; None when every
+        latent reads every hook (or there is one hook)."""
+        return None
+
     # ---- parameters ---------------------------------------------------------------------
 
     def unit_decoder(self, spec) -> bool:

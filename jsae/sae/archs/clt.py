@@ -152,6 +152,11 @@ class CLT(Arch):
         norms = np.linalg.norm(w, axis=-1) * np.asarray(_mask(sae.spec))
         return norms / np.maximum(norms.sum(-1, keepdims=True), 1e-12)
 
+    def feature_layers(self, spec):
+        """Latent l * n + i reads layer l's MLP input (layer-major)."""
+        L = spec.options.n_layers
+        return np.repeat(np.arange(L), spec.d_sae // L)
+
     def unit_decoder(self, spec):
         return False
 

@@ -3,6 +3,8 @@
  * Works from file:// : data files are scripts (data/*.js) that call window.__atlas_*(...),
  * injected on demand. All data text goes through textContent (never innerHTML).
  * Routes: index.html#f=ID opens a card; around-ID.html is the local map around feature ID.
+ * A site of several layers (PAGE.layers: [[layer, name], ...]) keeps each layer's data in
+ * data/L<layer>/ and shows one at a time: index.html#l=LAYER&f=ID; the selector reloads.
  * Keys: "/" search, ← → previous / next feature.
  * window.atlas exposes state for tests: ready, pointsDrawn, nPoints, current, cardReady,
  * screenPos(id), open(id).
@@ -12,6 +14,11 @@
   const PAGE = window.ATLAS_PAGE || { kind: "global" };
   const ACT_LEVELS = 1000;
   const atlas = (window.atlas = { ready: false, pointsDrawn: 0, nPoints: 0, current: null, cardReady: false });
+  const LAYERS = PAGE.layers || null;
+  const hashLayer = () => { const m = /(?:^#|&)l=(\d+)/.exec(location.hash); return m ? Number(m[1]) : null; };
+  const LAYER = LAYERS ? (LAYERS.some((l) => l[0] === hashLayer()) ? hashLayer() : LAYERS[0][0]) : null;
+  const DATA = LAYERS ? `data/L${LAYER}/` : "data/";
+  atlas.layer = LAYER;
 
   // ------------------------------------------------------------------ data by script tags
   const store = { index: null, shards: {}, tokens: null, local: {} };
@@ -400,7 +407,7 @@
     const row = rowOfId.get(id);
     if (row == null) return null;
     const shard = Math.floor(row / store.index.shard_size);
-    await load(`data/shard-${pad4(shard)}.js`);
+    await load(`${DATA}shard-${pad4(shard)}.js`);
     const s = store.shards[shard];
     return { rec: recordAt(s, row - s.lo), tokens: s.tokens };
   }
@@ -533,6 +540,21 @@
       return `${m ? "L" + m[1] : h} ${Math.round(100 * v)}%`;
     }).join(" · ");
   }
+  function profileChart(profile, hooks) { // share of decoder norm per layer written, as bars
+    const W = 460, H = 78, B = 14, n = profile.length, bw = W / Math.max(n, 1);
+    const root = svg("svg", { class: "hist profile", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "layer profile" });
+    profile.forEach((v, i) => {
+      const h = (H - B - 2) * Math.max(0, v || 0), hk = hooks && hooks[i] ? String(hooks[i]) : `hook ${i}`, m = /blocks\.(\d+)\./.exec(hk);
+      const name = m ? "L" + m[1] : String(i), t = svg("title");
+      t.textContent = `${hk}: ${(100 * (v || 0)).toFixed(1)}% of the decoder norm`;
+      root.append(svg("rect", { x: (i * bw + 1).toFixed(1), y: (H - B - h).toFixed(1), width: Math.max(bw - 2, 0.5).toFixed(1), height: h.toFixed(1), fill: "#3b82f6" }, t));
+      const lab = svg("text", { x: ((i + 0.5) * bw).toFixed(1), y: H - 3, "text-anchor": "middle" });
+      lab.textContent = name;
+      root.append(lab);
+    });
+    root.append(svg("line", { x1: 0, x2: W, y1: H - B + 0.5, y2: H - B + 0.5, stroke: "#cbd5e1" }));
+    return root;
+  }
   function steerCommand(id) {
     const m = store.index.meta, parts = ["jsae", "steer", String(m.run || "RUN_DIR")];
     if (m.hook) parts.push("--hook", String(m.hook));
@@ -581,6 +603,7 @@
       next != null ? el("a", { class: "ghost next", href: "#f=" + next, text: `#${next} →` }) : null);
     tools.append(step);
     kids.push(tools);
+    if (rec.profile) kids.push(section("Layer profile (share of decoder norm per layer written)", profileChart(rec.profile, ix.meta.layer_hooks)));
     kids.push(section("Activation histogram", histogram(rec.hist, ix.hist_edges, rec.mean)));
     kids.push(el("div", { class: "cols" },
       section("Promotes (logit effect)", pairList(rec.lt, tokName, "pos")),
@@ -670,7 +693,12 @@
   atlas.open = (id) => { location.hash = "f=" + id; };
   atlas.record = (id) => record(id).then((r) => r && r.rec); // (tests compare it with site.py's)
   function route() {
-    const m = /f=(-?\d+)/.exec(location.hash);
+    if (LAYERS) { // another layer's data: load that page; no layer named: name this one
+      const l = hashLayer();
+      if (l != null && l !== LAYER && LAYERS.some((x) => x[0] === l)) { location.reload(); return; }
+      if (l == null) history.replaceState(null, "", `#l=${LAYER}` + (location.hash.length > 1 ? "&" + location.hash.slice(1) : ""));
+    }
+    const m = /(?:^#|&)f=(-?\d+)/.exec(location.hash);
     if (m) open(Number(m[1]));
     else { atlas.current = null; renderSummary(); if (atlas.map) atlas.map.select(null); atlas.cardReady = true; }
   }
@@ -707,7 +735,7 @@
     return out;
   }
   async function searchText(q, limit) {
-    await load("data/tokens.js");
+    await load(DATA + "tokens.js");
     const { index, df, n } = store.tokens, toks = tokenize(q, index), score = new Map(), why = new Map();
     for (const t of toks) {
       const idf = Math.log(1 + n / Math.max(df[t] || 1, 1)); // rare tokens weigh more
@@ -720,7 +748,7 @@
     const ranked = [...score.entries()].sort((a, b) => b[1] - a[1] || a[0] - b[0]).slice(0, limit);
     return { toks, ranked: ranked.map(([f, s]) => [f, s, [...why.get(f)]]) };
   }
-  atlas.tokenize = (q) => load("data/tokens.js").then(() => tokenize(q, store.tokens.index));
+  atlas.tokenize = (q) => load(DATA + "tokens.js").then(() => tokenize(q, store.tokens.index));
 
   function resultItem(id, kind, extra) {
     return el("a", { class: "res " + kind, href: "#f=" + id, "data-fid": String(id) },
@@ -784,27 +812,34 @@
   }
 
   // ------------------------------------------------------------------ start
+  function layerSelector() { // one page per layer's data: choosing another loads it
+    const sel = el("select", { id: "layer", "aria-label": "layer" },
+      LAYERS.map(([l, name]) => { const o = el("option", { value: String(l), text: name }); if (l === LAYER) o.selected = true; return o; }));
+    sel.addEventListener("change", () => { location.hash = "l=" + sel.value; }); // route() reloads
+    document.querySelector(".brand").after(el("label", { class: "layersel" }, "layer ", sel));
+  }
   async function start() {
     try {
-      await load("data/atlas.js");
+      await load(DATA + "atlas.js");
     } catch (e) {
       document.getElementById("mapstatus").textContent = "data/atlas.js is missing: write the site with jsae atlas.";
       return;
     }
     const ix = store.index;
+    if (LAYERS) layerSelector();
     rowOfId = new Map(ix.ids.map((id, r) => [id, r]));
     const sub = document.getElementById("subtitle");
     const m = ix.meta;
     let pts;
     if (PAGE.kind === "local") {
-      await load(`data/around-${PAGE.center}.js`);
+      await load(`${DATA}around-${PAGE.center}.js`);
       const lm = store.local[PAGE.center];
       pts = { ...lm, label: labelOf };
       sub.replaceChildren(el("a", { href: "index.html", text: "← all features" }), " ",
         el("span", { text: `around #${lm.center} ${labelOf(lm.center)} · ${lm.ids.length} features within cosine distance ${Number(lm.radius).toFixed(2)}` }));
     } else {
       pts = { ids: ix.ids, x: ix.x, y: ix.y, cluster: ix.cluster, clusters: ix.clusters, label: labelOf };
-      sub.textContent = [m.model, m.hook, `${ix.n.toLocaleString("en-US")} features`].filter(Boolean).join(" · ");
+      sub.textContent = [m.model, LAYERS ? m.layer_hook : m.hook, `${ix.n.toLocaleString("en-US")} features`].filter(Boolean).join(" · ");
     }
     atlas.map = new MapView(document.getElementById("map"), pts, (id) => { location.hash = "f=" + id; });
     atlas.nPoints = atlas.map.nOk;
