@@ -69,7 +69,7 @@ fi
 
 "$PY" -m ruff check jsae tests benchmarks tools
 # Two workers, one test file each at a time (module fixtures are built once); JSAE_TEST_WORKERS=0 runs serially.
-"$PY" -m pytest -q -n "${JSAE_TEST_WORKERS:-2}" --dist loadfile "$@"
+"$PY" -m pytest -q -n "${JSAE_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
 if [ -n "$GEMMA_PY" ]; then
   "$GEMMA_PY" -m pytest -q -p no:cacheprovider tests/test_gemma_lib.py   # parity with gm.nn (Gemma 3 270M)
 fi
