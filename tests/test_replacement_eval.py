@@ -67,6 +67,15 @@ def tset(tiny):
     return saes, {IN.format(i): OUT.format(i) for i in range(L)}
 
 
+@pytest.fixture(scope="module")
+def set_eval(tiny, tset):
+    """(evaluator, the set's replacement metrics), shared: each costs 13 LM passes."""
+    model, tokens, mask, _ = tiny
+    saes, targets = tset
+    ev = _evaluator(model, tokens, mask, saes, targets)
+    return ev, replacement_metrics(ev, saes, targets)
+
+
 def _clt_from_set(saes, cross=0.0, seed=0):
     """The CLT whose layer-l encoder / same-layer decoder are layer l's transcoder's; its
     cross-layer decoder slices random at ``cross`` times the same-layer scale (0: none)."""
@@ -139,10 +148,10 @@ def _loop_metrics(model, tokens, mask, recon):
             "resid_explained": resid}
 
 
-def test_all_layer_splice_matches_a_layer_by_layer_loop(tiny, tset):
+def test_all_layer_splice_matches_a_layer_by_layer_loop(tiny, tset, set_eval):
     model, tokens, mask, acts = tiny
     saes, targets = tset
-    got = replacement_metrics(_evaluator(model, tokens, mask, saes, targets), saes, targets)
+    got = set_eval[1]
 
     def recon(l_, inputs):
         return reconstruct(saes[IN.format(l_)], jnp.asarray(inputs[l_], jnp.float32))
@@ -173,11 +182,10 @@ def test_all_layer_splice_matches_a_layer_by_layer_loop(tiny, tset):
     assert table.splitlines()[-2].lstrip().startswith("all") and "CE rec. (mean)" in table
 
 
-def test_per_layer_numbers_equal_the_single_dictionary_splice(tiny, tset):
+def test_per_layer_numbers_equal_the_single_dictionary_splice(tiny, tset, set_eval):
     model, tokens, mask, _ = tiny
     saes, targets = tset
-    ev = _evaluator(model, tokens, mask, saes, targets)
-    got = replacement_metrics(ev, saes, targets)
+    ev, got = set_eval
     means = ev.means()
     single = downstream_metrics(model, saes, ev.batches(), {h: means[targets[h]] for h in saes},
                                 forward=forward, targets=targets)
@@ -189,13 +197,12 @@ def test_per_layer_numbers_equal_the_single_dictionary_splice(tiny, tset):
     assert got["all"]["ce_clean"] == pytest.approx(single[IN.format(0)]["ce_clean"], rel=1e-6)
 
 
-def test_a_clt_with_zero_cross_layer_decoders_equals_its_set(tiny, tset):
+def test_a_clt_with_zero_cross_layer_decoders_equals_its_set(tiny, tset, set_eval):
     model, tokens, mask, _ = tiny
     saes, targets = tset
     key, clt = _clt_from_set(saes)
     out_key = KEY_JOIN.join(OUT.format(i) for i in range(L))
-    ev = _evaluator(model, tokens, mask, saes, targets)
-    a = replacement_metrics(ev, saes, targets)
+    ev, a = set_eval
     b = replacement_metrics(ev, {key: clt}, {key: out_key})
     assert [(s.layer, s.index) for s in replacement_sites(model.cfg, {key: clt},
                                                           {key: out_key})] == [(0, 0), (1, 1), (2, 2)]
