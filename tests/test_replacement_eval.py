@@ -211,6 +211,14 @@ def test_a_clt_with_zero_cross_layer_decoders_equals_its_set(tiny, tset, set_eva
     for ra, rb in zip(a["layers"], b["layers"]):
         for k in ("fvu", "l0", "ce_spliced", "kl_spliced", "resid_explained"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), k
+    # the CLT's own reconstruction metrics: over its stacked output hooks
+    acts = tiny[3]
+    rec = ev.evaluate({key: clt}, downstream=False, targets={key: out_key}).metrics[key]
+    x = np.stack([acts[IN.format(i)][mask] for i in range(L)], 1)
+    y = np.stack([acts[OUT.format(i)][mask] for i in range(L)], 1).astype(np.float64)
+    y_hat = np.asarray(reconstruct(clt, jnp.asarray(x)), np.float64)
+    fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert rec["fvu"] == pytest.approx(fvu, rel=1e-4)
 
 
 def test_a_clt_splice_matches_the_loop_and_reads_only_earlier_layers(tiny, tset):
