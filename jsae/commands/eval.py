@@ -3,7 +3,10 @@
 PATH is a jsae run directory (``saes/<hook>/`` + ``config.yaml``), one jsae SAE folder, or an
 imported SAELens / Gemma Scope folder (give ``--model`` and ``--hook`` when its files do not
 say). Prints a table and writes ``eval.json``, ``feature_density.png`` and per-hook density
-arrays (default folder: ``PATH/eval/``).
+arrays (default folder: ``PATH/eval/``). On a run holding a transcoder set or a cross-layer
+transcoder it evaluates the replacement model (every MLP replaced at once, and each alone: CE
+recovered, KL, top-1 agreement, residual explained, FVU and L0 per layer;
+`jsae.evals.replacement`), printed as a second table and written under ``replacement``.
 """
 
 from __future__ import annotations

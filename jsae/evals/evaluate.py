@@ -232,8 +232,9 @@ class Evaluator:
         stats = {h: ReconstructionStats() for h in saes}
         for acts, m in self.activation_batches():
             for h, sae in saes.items():
-                t = targets.get(h, h)
-                stats[h].add(sae, stack_hooks(acts, h), m, x_target=None if t == h else acts[t])
+                t = targets.get(h, h)  # a multi-hook transcoder's: its output hooks joined
+                stats[h].add(sae, stack_hooks(acts, h), m,
+                             x_target=None if t == h else stack_hooks(acts, t))
         for h, sae in saes.items():  # multi-host: combine the processes' shares
             width = int(np.prod(get_arch(sae.spec.architecture).token_shape(sae.spec)))
             stats[h].merge_processes(width, sae.spec.d_sae)
@@ -249,8 +250,7 @@ class Evaluator:
         from jsae.runs import input_hooks
 
         targets = {h: (targets or {}).get(h, h) for h in saes}
-        needed = [t for h in saes for t in [*input_hooks(h), targets[h]]
-                  if t != h or len(input_hooks(h)) == 1]
+        needed = captured_hooks(targets)
         unknown = [t for t in dict.fromkeys(needed) if t not in self.hooks]
         if unknown:
             raise ValueError(f"no evaluation activations for hooks {unknown}; have {self.hooks}")
@@ -331,6 +331,16 @@ def make_eval_fn(
 # ---- a run directory ----------------------------------------------------------------------
 
 
+def captured_hooks(targets: Mapping[str, str]) -> list[str]:
+    """The model hooks evaluating ``targets`` (key -> the hooks its dictionary reconstructs)
+    reads: every key's input hooks and output hooks, each once (a crosscoder's and a
+    multi-hook transcoder's keys split into their hooks)."""
+    from jsae.runs import input_hooks
+
+    return list(dict.fromkeys(p for h, t in targets.items()
+                              for p in [*input_hooks(h), *input_hooks(t)]))
+
+
 def load_run_saes(run_dir: str | Path) -> dict[str, SAE]:
     """hook -> SAE of a run directory: the newest SAE of every hook (`jsae.runs`)."""
     from jsae.runs import saes_from_run
@@ -340,9 +350,10 @@ def load_run_saes(run_dir: str | Path) -> dict[str, SAE]:
 
 def write_outputs(
     result: EvalResult, out_dir: str | Path, *, json_path: str | Path | None = None,
-    info: dict | None = None,
+    info: dict | None = None, extra: Mapping | None = None,
 ) -> dict[str, str]:
-    """``eval.json`` (metrics + info), ``feature_density.png`` and ``feature_density_<hook>.npy``."""
+    """``eval.json`` (metrics + info + the ``extra`` sections, e.g. ``replacement``),
+    ``feature_density.png`` and ``feature_density_<hook>.npy``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -359,7 +370,7 @@ def write_outputs(
     json_path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"info": info or {}, "tokens": result.n_tokens, "metrics": _jsonable(result.metrics),
            "saebench": _jsonable({h: saebench_view(m) for h, m in result.metrics.items()}),
-           "files": files}
+           **_jsonable(dict(extra or {})), "files": files}
     json_path.write_text(jsonsafe.dumps(doc, indent=2))  # NaN -> null: strict JSON
     files["json"] = str(json_path)
     return files
@@ -396,6 +407,8 @@ def saebench_view(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
@@ -541,6 +554,7 @@ def evaluate_path(
     path = Path(path)
     kind = detect_kind(path)
     meta: dict = {}
+    extra: dict = {}
     if kind == "run":
         from jsae.runs import output_hooks
 
@@ -558,10 +572,7 @@ def evaluate_path(
         targets = {key: meta.get("hook_name_out") or key}
     if "" in saes:
         raise ValueError(f"{path}: the hook is unknown; pass --hook (e.g. blocks.6.hook_resid_post)")
-    from jsae.runs import input_hooks
-
-    captured = list(dict.fromkeys([p for h, t in targets.items() for p in [*input_hooks(h), t]
-                                   if p != h or len(input_hooks(h)) == 1]))
+    captured = captured_hooks(targets)
     cfg = _eval_config(path, kind, overrides)
     run_cfg = _run_config_file(path, kind) is not None
     n_tokens = int(n_tokens or cfg.eval.tokens)
@@ -602,14 +613,26 @@ def evaluate_path(
         ev = Evaluator(model, captured, tokens, mask, forward=forward,
                        batch_size=batch_size or cfg.eval.batch_size,
                        downstream_tokens=ds_tokens, progress=print_fn is not None)
-        result = ev.evaluate(saes, downstream=downstream, targets=targets)
+        from jsae.evals.replacement import is_replacement, replacement_metrics
+
+        # a transcoder set / multi-hook transcoder: every MLP spliced at once, and each alone
+        replace = kind == "run" and downstream and is_replacement(saes, targets)
+        result = ev.evaluate(saes, downstream=downstream and not replace, targets=targets)
+        if replace:
+            extra["replacement"] = replacement_metrics(ev, saes, targets,
+                                                       progress=print_fn is not None)
         info.update(model=getattr(model, "name", None), dataset=cfg.data.dataset,
                     context_length=int(tokens.shape[1]), contexts=int(tokens.shape[0]),
                     exclude_bos=cfg.data.exclude_bos)
     out_dir = Path(out_dir) if out_dir else (
         Path(json_path).parent if json_path else (path if path.is_dir() else path.parent) / "eval")
-    files = write_outputs(result, out_dir, json_path=json_path, info=info)
+    files = write_outputs(result, out_dir, json_path=json_path, info=info, extra=extra)
     if print_fn is not None:
         print_fn(format_table(result.metrics))
+        if "replacement" in extra:
+            from jsae.evals.replacement import format_replacement_table
+
+            print_fn(format_replacement_table(extra["replacement"]))
         print_fn(f"wrote {files['json']}" + (f" and {files['plot']}" if "plot" in files else ""))
-    return {"info": info, "tokens": result.n_tokens, "metrics": result.metrics, "files": files}
+    return {"info": info, "tokens": result.n_tokens, "metrics": result.metrics, **extra,
+            "files": files}

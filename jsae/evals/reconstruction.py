@@ -136,7 +136,8 @@ class ReconstructionStats:
         d = x.shape[-1]
         row = get_arch(sae.spec.architecture).token_shape(sae.spec)[:-1] + (d,)  # [L, d]: hooks
         x = x.reshape(-1, *row)
-        y = None if x_target is None else jnp.asarray(x_target).reshape(-1, d)
+        # a transcoder's target rows: [d], or a multi-hook transcoder's [L, d] like its input
+        y = None if x_target is None else jnp.asarray(x_target).reshape(-1, *row)
         if y is not None and y.shape != x.shape:  # noqa: SIM102 - a transcoder's rows
             raise ValueError(f"x_target has shape {y.shape}, the input {x.shape}")
         w = jnp.ones(x.shape[0], bool) if mask is None else jnp.asarray(mask, bool).reshape(-1)
@@ -149,7 +150,7 @@ class ReconstructionStats:
             x = jnp.concatenate([x, jnp.zeros((pad, *row), x.dtype)])
             w = jnp.concatenate([w, jnp.zeros(pad, bool)])
             if y is not None:
-                y = jnp.concatenate([y, jnp.zeros((pad, d), y.dtype)])
+                y = jnp.concatenate([y, jnp.zeros((pad, *row), y.dtype)])
             for s in range(0, n + pad, rows):
                 part = None if y is None else y[s : s + rows]
                 self._merge(jax.device_get(

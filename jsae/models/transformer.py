@@ -225,11 +225,18 @@ def logits_from_normed(cfg: TransformerConfig, params: Params, x: Array) -> Arra
 class ReadsHook:
     """An intervention that also reads an earlier hook of the same forward: at its own hook it
     returns ``fn(act, activations[source])``. A transcoder spliced in place of an MLP is one
-    (``{"blocks.6.hook_mlp_out": ReadsHook("blocks.6.hook_resid_mid", fn)}``). A pytree:
-    arrays inside ``fn`` (a `jax.tree_util.Partial`) travel as jit arguments."""
+    (``{"blocks.6.hook_mlp_out": ReadsHook("blocks.6.hook_resid_mid", fn)}``). ``source`` may
+    be a tuple of hooks: ``fn`` then gets a tuple of their activations (a cross-layer
+    transcoder's output at one layer reads every earlier layer's input). A pytree: arrays
+    inside ``fn`` (a `jax.tree_util.Partial`) travel as jit arguments."""
 
-    source: str = flax.struct.field(pytree_node=False)
+    source: str | tuple = flax.struct.field(pytree_node=False)
     fn: Callable
+
+    @property
+    def sources(self) -> tuple:
+        """The hooks read, as a tuple."""
+        return self.source if isinstance(self.source, tuple) else (self.source,)
 
     def __call__(self, x: Array, src: Array) -> Array:
         return self.fn(x, src)
@@ -238,10 +245,12 @@ class ReadsHook:
 def _hook(name: str, x: Array, fns: Mapping[str, Callable], acts: dict, capture: frozenset) -> Array:
     fn = fns.get(name)
     if isinstance(fn, ReadsHook):
-        if fn.source not in acts:
-            raise ValueError(f"the intervention at {name} reads {fn.source}, which the forward "
-                             "has not reached yet (it must come earlier)")
-        y = fn(x, acts[fn.source])
+        missing = [h for h in fn.sources if h not in acts]
+        if missing:
+            raise ValueError(f"the intervention at {name} reads {', '.join(missing)}, which the "
+                             "forward has not reached yet (it must come earlier)")
+        src = tuple(acts[h] for h in fn.sources)
+        y = fn(x, src if isinstance(fn.source, tuple) else src[0])
         if y.shape != x.shape:
             raise ValueError(f"intervention at {name} changed the shape {x.shape} -> {y.shape}")
         x = y.astype(x.dtype)
@@ -412,7 +421,7 @@ def run(
     """
     fns = dict(interventions or {})
     capture = frozenset(capture)
-    read = frozenset(f.source for f in fns.values() if isinstance(f, ReadsHook))
+    read = frozenset(h for f in fns.values() if isinstance(f, ReadsHook) for h in f.sources)
     for name in list(fns) + list(capture) + list(read):
         parse_hook(name, cfg)
     B, T = tokens.shape
