@@ -47,9 +47,20 @@ def stack_hooks(acts, key: str, xp=None):
     return xp.stack([acts[h] for h in hooks], axis=-2)
 
 
+MAX_DIRNAME = 128  # file systems allow 255 bytes; an 18-layer CLT's joined key is ~400
+
+
 def sae_dirname(hook: str) -> str:
-    """The folder name of ``hook``'s SAE under ``RUN/saes/``."""
-    return hook.replace("/", "_")
+    """The folder name of ``hook``'s SAE under ``RUN/saes/``: the key itself, or for a long
+    one (a dictionary over many hooks) its start, its hook count and a hash of the whole key,
+    so it stays unique and within the file system's limit. The hook names live in sae.json."""
+    name = hook.replace("/", "_")
+    if len(name) <= MAX_DIRNAME:
+        return name
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[:80]}~{len(hook.split(KEY_JOIN))}-hooks~{digest}"
 
 
 def is_run(path: str | Path) -> bool:

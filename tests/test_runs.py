@@ -90,3 +90,24 @@ def test_bad_runs_get_one_line(run, tmp_path):
     (tmp_path / "m" / "config.yaml").write_text("model: {name: gemma-3-270m, hooks: blocks.6.hook_resid_post}\n")
     assert runs.model_section(tmp_path / "m")["hooks"] == ["blocks.6.hook_resid_post"]
     assert runs.sae_dirname("blocks.6/x") == "blocks.6_x"
+
+
+def test_a_dictionary_over_many_hooks_saves_under_a_short_unique_folder(tmp_path):
+    """An 18-layer CLT's key joins 18 hooks (~400 characters, over the 255-byte file-name
+    limit): its folder is a short, unique name, and the run still reads it by its hooks."""
+    import jax
+
+    from jsae.sae import SAESpec, init_sae
+    from jsae.sae.io import save_sae
+
+    key = runs.KEY_JOIN.join(f"blocks.{i}.mlp.hook_in" for i in range(18))
+    other = runs.KEY_JOIN.join(f"blocks.{i}.mlp.hook_in" for i in range(1, 19))
+    name = runs.sae_dirname(key)
+    assert len(name) <= runs.MAX_DIRNAME and name != runs.sae_dirname(other)
+    assert name.startswith("blocks.0.mlp.hook_in+") and "18-hooks" in name
+    assert runs.sae_dirname("blocks.6.hook_resid_post") == "blocks.6.hook_resid_post"  # as before
+    sae = init_sae(jax.random.key(0), SAESpec("relu", 4, 8), None)
+    save_sae(sae, tmp_path / "saes" / name, metadata={"hook_name": key, "steps": 1})
+    assert runs.saved_hooks(tmp_path) == [key]
+    got, info = runs.sae_from_run(tmp_path, key)
+    assert info["hook_name"] == key and got.spec == sae.spec
