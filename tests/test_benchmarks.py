@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HELPERS = {"toy.py"}  # imported by the scripts, not a benchmark
-SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py"}  # the tests below
+SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py", "transcoder_sets.py"}  # the tests below
 RATIO = r"\d+\.\d\dx"
 
 
@@ -111,3 +111,26 @@ def test_atlas_smoke():
     assert '"lm_s"' in out and '"update_s"' in out, out
     assert re.search(r'^\{"features": 512, .*"pca_map_s".*"hdbscan_s"', out, re.M), out
     assert re.search(r'^\{"features": 1000000, "planned": true', out, re.M), out
+
+
+def test_transcoder_sets_smoke():
+    """(a) one LM pass feeding three toy layers' transcoders, then one pass per layer; (b) the
+    CLT step and per-layer transcoders of the same parameter count, with compiled peak memory."""
+    out = run_smoke("transcoder_sets.py")
+    assert re.search(r"^one pass\s+[\d.]+ s\s+[\d,]+ tok/s", out, re.M), out
+    per_layer = re.search(r"^3 passes\s+[\d.]+ s\s+[\d,]+ tok/s .*per layer s: ([\d., ]+)\)$",
+                          out, re.M)
+    assert per_layer and len(per_layer.group(1).split(",")) == 3, out
+    assert re.search(rf"^ratio one pass / separate passes tokens_per_s: {RATIO}$", out, re.M), out
+    # the per-layer transcoders hold the CLT's parameter count to within one 8-latent step
+    counts = re.search(r"([\d,]+) parameters; 8 transcoders: d_sae \d+ each, TopK k \d+, "
+                       r"([\d,]+) parameters", out)
+    assert counts, out
+    clt, tcs = (int(c.replace(",", "")) for c in counts.groups())
+    assert abs(clt - tcs) <= 8 * 8 * (2 * 160 + 1), (clt, tcs)
+    for name in ("clt", "transcoders"):
+        assert re.search(rf"^{name}\s+[\d.]+ ms/step\s+[\d,]+ tok/s\s+peak\s+[\d.]+ MiB", out,
+                         re.M), (name, out)
+    assert re.search(rf"^ratio clt / transcoders step tokens_per_s: {RATIO}$", out, re.M), out
+    assert re.search(rf"^ratio clt / transcoders peak memory: {RATIO}$", out, re.M), out
+    assert "load average before:" in out and "load average after:" in out, out
