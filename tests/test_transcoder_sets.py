@@ -157,7 +157,9 @@ def test_one_pass_trains_a_transcoder_per_layer_saved_as_one_set(tmp_path, model
     out = evaluate_path(run, n_tokens=100, downstream_tokens=100, model=model, forward=forward,
                         documents=ListDocuments(TEXTS * 4), print_fn=None)
     assert out["info"]["output_hooks"] == dict(zip(ins, outs))
-    assert all(np.isfinite(out["metrics"][h]["ce_spliced"]) for h in ins)
+    layers = out["replacement"]["layers"]  # every MLP spliced: per layer and all together
+    assert len(layers) == len(ins) and all(np.isfinite(r["ce_spliced"]) for r in layers)
+    assert np.isfinite(out["replacement"]["all"]["ce_spliced"])
 
 
 class _WidthSource:

@@ -644,7 +644,7 @@ class CacheActivationSource:
         self.path = _path(cfg.data.path)
         self.manifest = read_manifest(self.path)
         avail = self.manifest["hooks"]
-        if getattr(cfg.sae, "layers", None) == "all" and not cfg.model.hooks:
+        if getattr(getattr(cfg, "sae", None), "layers", None) == "all" and not cfg.model.hooks:
             from jsae.config import transcoder_pairs
 
             # a set over every layer: the layers whose input and output hooks the cache holds
