@@ -102,27 +102,24 @@ class _ShapeOnlySource:
         self.d_in = {h: d_in for h in self.hooks}
 
 
-# Residual-stream widths (d_model) of common models, so `jsae plan` needs no download.
+# (d_model, n_layers) of common models, so `jsae plan` needs no download (the width sizes the
+# dictionary, the depth a set over every layer, `sae.layers: all`).
 # Longer keys first: "gemma-3-1b" must not match a "gemma-3-12b" name.
-MODEL_WIDTHS = {
-    "gemma-3-270m": 640, "gemma-3-12b": 3840, "gemma-3-27b": 5376, "gemma-3-1b": 1152,
-    "gemma-3-4b": 2560, "gemma-2-2b": 2304, "gemma-2-9b": 3584, "gemma-2-27b": 4608,
-    "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600, "gpt2": 768,
-    "llama-3.1-8b": 4096, "llama-3.2-1b": 2048, "llama-3.2-3b": 3072,
-    "smollm2-135m": 576, "smollm2-360m": 960, "smollm2-1.7b": 2048,
-    "qwen2.5-0.5b": 896, "qwen2.5-1.5b": 1536, "qwen2.5-7b": 3584,
+MODEL_SHAPES = {
+    "gemma-3-270m": (640, 18), "gemma-3-12b": (3840, 48), "gemma-3-27b": (5376, 62),
+    "gemma-3-1b": (1152, 26), "gemma-3-4b": (2560, 34), "gemma-2-2b": (2304, 26),
+    "gemma-2-9b": (3584, 42), "gemma-2-27b": (4608, 46),
+    "gpt2-medium": (1024, 24), "gpt2-large": (1280, 36), "gpt2-xl": (1600, 48), "gpt2": (768, 12),
+    "llama-3.1-8b": (4096, 32), "llama-3.2-1b": (2048, 16), "llama-3.2-3b": (3072, 28),
+    "smollm2-135m": (576, 30), "smollm2-360m": (960, 32), "smollm2-1.7b": (2048, 24),
+    "qwen2.5-0.5b": (896, 24), "qwen2.5-1.5b": (1536, 28), "qwen2.5-7b": (3584, 28),
 }
 
 
-# Depths (n_layers) of the same models, for a set over every layer (`sae.layers: all`).
-MODEL_DEPTHS = {
-    "gemma-3-270m": 18, "gemma-3-12b": 48, "gemma-3-27b": 62, "gemma-3-1b": 26,
-    "gemma-3-4b": 34, "gemma-2-2b": 26, "gemma-2-9b": 42, "gemma-2-27b": 46,
-    "gpt2-medium": 24, "gpt2-large": 36, "gpt2-xl": 48, "gpt2": 12,
-    "llama-3.1-8b": 32, "llama-3.2-1b": 16, "llama-3.2-3b": 28,
-    "smollm2-135m": 30, "smollm2-360m": 32, "smollm2-1.7b": 24,
-    "qwen2.5-0.5b": 24, "qwen2.5-1.5b": 28, "qwen2.5-7b": 28,
-}
+def _known_shape(cfg: RunConfig) -> tuple[int, int] | None:
+    """(d_model, n_layers) of the config's model when MODEL_SHAPES knows it by name."""
+    name = (cfg.model.path or cfg.model.name or "").lower()
+    return next((shape for key, shape in MODEL_SHAPES.items() if key in name), None)
 
 
 def _with_set_hooks(cfg: RunConfig) -> RunConfig:
@@ -132,14 +129,13 @@ def _with_set_hooks(cfg: RunConfig) -> RunConfig:
         return cfg
     from jsae.config import resolve_layers
 
-    name = (cfg.model.path or cfg.model.name or "").lower()
-    depth = next((n for key, n in MODEL_DEPTHS.items() if key in name), None)
-    if depth is None:
+    shape = _known_shape(cfg)
+    if shape is None:
         raise ConfigError(f"config key 'sae.layers': cannot tell how many layers model "
                           f"{cfg.model.name!r} has without loading it; list them (sae.layers: "
                           "[0, 1, ...])")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
-    resolve_layers(cfg, depth)
+    resolve_layers(cfg, shape[1])
     return cfg
 
 
@@ -167,10 +163,9 @@ def resolve_d_in(cfg: RunConfig) -> int:
             return int(d_in.get(cfg.model.hooks[0], next(iter(d_in.values()))))
         except FileNotFoundError:
             pass  # not harvested yet: fall back to the model's width
-    name = (cfg.model.path or cfg.model.name or "").lower()
-    for key, width in MODEL_WIDTHS.items():
-        if key in name:
-            return width
+    shape = _known_shape(cfg)
+    if shape is not None:
+        return shape[0]
     raise ConfigError(
         f"cannot tell d_in of model {cfg.model.name!r} without loading it; pass d_in "
         "(`jsae plan ... --d-in N`)"
