@@ -216,14 +216,92 @@ def ablate(sae: SAE, feature, *, keep_error: bool = True, reads: str | None = No
 def interventions_for(sae: SAE, hook: str, transform: Callable[..., Transform], *args,
                       output_hook: str | None = None, **kw) -> dict[str, Transform]:
     """``{hook: transform(sae, *args)}`` for an SAE; for a transcoder read at ``hook`` and
-    writing ``output_hook``: ``{output_hook: transform(sae, *args, reads=hook)}``.
+    writing ``output_hook``: ``{output_hook: transform(sae, *args, reads=hook)}``; for a
+    cross-layer transcoder (``hook`` / ``output_hook`` its joined keys): one edit per output
+    layer the features write to (:func:`layered_edit`). ``transform``: clamp, scale or ablate.
 
     >>> interventions_for(tc, "blocks.6.hook_resid_mid", clamp, 123, 8.0,
     ...                   output_hook="blocks.6.hook_mlp_out")
     """
     if output_hook is None or output_hook == hook:
         return {hook: transform(sae, *args, **kw)}
+    from jsae.runs import input_hooks
+
+    ins, outs = input_hooks(hook), input_hooks(output_hook)
+    if len(outs) > 1:
+        if transform is ablate:
+            args = (args[0], 0.0)
+        mode = {clamp: "clamp", scale: "scale", ablate: "scale"}.get(transform)
+        if mode is None:
+            raise ValueError("a cross-layer dictionary is edited with clamp, scale or ablate")
+        return layered_edit(sae, ins, outs, mode, *args, **kw)
     return {output_hook: transform(sae, *args, reads=hook, **kw)}
+
+
+def _edit_layer(mode: str, keep_error: bool, sae: SAE, features: Array, dirs: Array,
+                values: Array, act: Array, srcs: tuple) -> Array:
+    """Output layer ``j = len(srcs) - 1`` of a causal cross-layer dictionary with ``features``
+    edited. ``srcs``: input hooks ``0..j`` (``[..., d]`` each); the later layers' inputs are zero,
+    harmless because their features never write to layer ``j``. ``dirs [n_f, d]``: each
+    feature's raw write to layer ``j``."""
+    j = len(srcs) - 1
+    n_layers = get_arch(sae.spec.architecture).n_hooks(sae.spec)
+    x = jnp.stack([s.astype(jnp.float32) for s in srcs], axis=-2)  # [..., j+1, d]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, n_layers - x.shape[-2]), (0, 0)])
+    z = encode(sae, x)
+    z_f = jnp.take(z, features, axis=-1)
+    new = jnp.broadcast_to(values, z_f.shape) if mode == "clamp" else z_f * values
+    if keep_error:
+        return (act.astype(jnp.float32) + jnp.matmul(new - z_f, dirs)).astype(act.dtype)
+    return decode(sae, z.at[..., features].set(new))[..., j, :].astype(act.dtype)
+
+
+# module-level, one per (mode, error term), so the jit cache key is stable (as _clamp above)
+def _layer_clamp(*a):
+    return _edit_layer("clamp", True, *a)
+
+
+def _layer_clamp_replace(*a):
+    return _edit_layer("clamp", False, *a)
+
+
+def _layer_scale(*a):
+    return _edit_layer("scale", True, *a)
+
+
+def _layer_scale_replace(*a):
+    return _edit_layer("scale", False, *a)
+
+
+_LAYER_EDITS = {("clamp", True): _layer_clamp, ("clamp", False): _layer_clamp_replace,
+                ("scale", True): _layer_scale, ("scale", False): _layer_scale_replace}
+
+
+def layered_edit(sae: SAE, input_hooks: Sequence[str], output_hooks: Sequence[str], mode: str,
+                 features, values, *, keep_error: bool = True) -> dict[str, Transform]:
+    """Clamp (``mode="clamp"``) or scale (``"scale"``) features of a causal cross-layer
+    dictionary (a CLT: feature ``f`` reads the input hook of its own layer and writes that
+    layer's and every later output hook). ``{output_hooks[j]: ReadsHook(input_hooks[:j+1], ..)}``
+    for every layer ``j`` from the earliest edited feature's on: at each, the codes come from
+    the inputs of the same forward and ``(z_edited - z) @ W_dec[:, j]`` is added (the error term
+    kept), or the output is replaced by the edited reconstruction (``keep_error=False``)."""
+    arch = get_arch(sae.spec.architecture)
+    layers = arch.feature_layers(sae.spec)
+    n = arch.n_hooks(sae.spec)
+    if layers is None or not arch.multi_hook:
+        raise ValueError(f"a {sae.spec.architecture} is not a cross-layer dictionary")
+    if len(input_hooks) != n or len(output_hooks) != n:
+        raise BadInput(f"a dictionary over {n} layers needs {n} input and output hooks; got "
+                       f"{len(input_hooks)} and {len(output_hooks)}")
+    f = _as_features(sae, features)
+    v = _as_values(values, f.shape[0], "value" if mode == "clamp" else "factor")
+    first = int(np.asarray(layers)[np.asarray(f)].min())
+    out = {}
+    for j in range(first, n):
+        dirs = jnp.stack([feature_direction(sae, int(i), layer=j) for i in np.asarray(f)])
+        out[output_hooks[j]] = ReadsHook(tuple(input_hooks[:j + 1]), Partial(
+            _LAYER_EDITS[mode, bool(keep_error)], sae, f, dirs, v))
+    return out
 
 
 def _add(direction, coefficient, x):

@@ -513,3 +513,52 @@ def test_a_features_direction_per_layer_is_its_raw_write():
         np.testing.assert_allclose(np.asarray(feature_direction(sae, f, layer=t)), delta[t],
                                    rtol=1e-5, atol=1e-6)
     assert np.all(delta[0] == 0)  # it writes nothing before its own layer
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_clamping_a_clt_feature_writes_every_later_mlp_output_causally(activation):
+    """steering.interventions_for on a CLT (its joined input/output keys): clamping feature f of
+    layer l edits MLP outputs l..L-1 in the same forward. f's code reads only layer l's MLP
+    input, which no edit reaches, so the steered forward must equal adding
+    (value - z_f(unsteered input)) x its raw write at each output hook; layers before l
+    are untouched; keep_error=False at layer l gives the CLT's edited reconstruction."""
+    from test_steering_helpers import TinyModel, tiny_config
+
+    from jsae import steering
+    from jsae.models.transformer import forward
+    from jsae.runs import KEY_JOIN
+    from jsae.sae import decode, encode
+
+    model = TinyModel(tiny_config(d=D * 4, layers=L))
+    d = model.cfg.d_model
+    spec = SAESpec("clt", d, L * N, aux_k=3, n_layers=L, **_options(activation))
+    sae = init_sae(jax.random.key(3), spec, None)
+    rng = np.random.default_rng(3)
+    sae = sae.replace(params={**sae.params, "W_dec": sae.params["W_dec"] * 30.0})  # visible edits
+    ins = [f"blocks.{i}.mlp.hook_in" for i in range(L)]
+    outs = [f"blocks.{i}.hook_mlp_out" for i in range(L)]
+    toks = jnp.asarray(rng.integers(3, 97, (2, 12)))
+    base = forward(model.cfg, model.params, toks, capture=(*ins, *outs)).activations
+    f, value = N + 1, 5.0  # a layer-1 feature
+    x = jnp.stack([base[h] for h in ins], axis=-2)
+    z_f = np.asarray(encode(sae, x))[..., f]
+
+    fns = steering.interventions_for(sae, KEY_JOIN.join(ins), steering.clamp, [f], value,
+                                     output_hook=KEY_JOIN.join(outs))
+    assert sorted(fns) == outs[1:]  # nothing before the feature's own layer
+    steered = forward(model.cfg, model.params, toks, interventions=fns, capture=tuple(outs)).logits
+
+    def adds(j):
+        delta = (value - z_f)[..., None] * np.asarray(steering.feature_direction(sae, f, layer=j))
+        return lambda a: a + jnp.asarray(delta, a.dtype)
+
+    ref = forward(model.cfg, model.params, toks, interventions={outs[j]: adds(j) for j in range(1, L)}).logits
+    np.testing.assert_allclose(np.asarray(steered), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(steered) - np.asarray(forward(model.cfg, model.params, toks).logits)).max() > 1e-2
+
+    replaced = steering.interventions_for(sae, KEY_JOIN.join(ins), steering.clamp, [f], value,
+                                          output_hook=KEY_JOIN.join(outs), keep_error=False)
+    got = forward(model.cfg, model.params, toks, interventions=replaced, capture=(outs[1],)).activations
+    z = encode(sae, x).at[..., f].set(value)
+    np.testing.assert_allclose(np.asarray(got[outs[1]]), np.asarray(decode(sae, z))[..., 1, :],
+                               rtol=1e-4, atol=1e-4)

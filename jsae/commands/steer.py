@@ -49,7 +49,9 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
     out = getattr(run, "output_hook", None)  # a transcoder writes to another hook
     from jsae.sae.archs import get_arch
 
-    if get_arch(run.sae.spec.architecture).multi_hook and mode != "add":
+    arch = get_arch(run.sae.spec.architecture)
+    # a cross-layer transcoder is causal (each feature reads its own layer): clamp works there
+    if arch.multi_hook and arch.feature_layers(run.sae.spec) is None and mode != "add":
         raise BadInput(f"a {run.sae.spec.architecture}'s codes read all of its hooks, later ones "
                          f"included, so --mode {mode} cannot act during the forward pass; use "
                          "--mode add (adds value x its decoder row at every hook)")
@@ -80,7 +82,7 @@ def build_interventions(run, features, values, mode: str, keep_error: bool, corp
         return steering.interventions_for(run.sae, run.hook, transform, features, vals,
                                           keep_error=keep_error, output_hook=out), desc
     desc = ", ".join(f"+{v:.3g} x dir(f{f})" for f, v in zip(features, vals))
-    writes = [out] if out else input_hooks(run.hook)  # decoder rows live where it writes
+    writes = input_hooks(out or run.hook)  # decoder rows live where it writes
     return steering.add_feature(run.sae, writes, features, vals), desc
 
 
