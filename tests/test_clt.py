@@ -562,3 +562,18 @@ def test_clamping_a_clt_feature_writes_every_later_mlp_output_causally(activatio
     z = encode(sae, x).at[..., f].set(value)
     np.testing.assert_allclose(np.asarray(got[outs[1]]), np.asarray(decode(sae, z))[..., 1, :],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_reconstruct_layer_equals_the_whole_clt_at_that_layer(activation):
+    """Arch.reconstruct_layer (what the replacement eval splices at layer j) from the inputs of
+    layers 0..j alone equals the whole CLT's reconstruction at layer j from all inputs."""
+    from jsae.sae.core import reconstruct
+
+    sae = _sae(_options(activation)).replace(norm_scale=jnp.asarray(0.7, jnp.float32))
+    arch = get_arch("clt")
+    x, _ = _data()
+    full = np.asarray(reconstruct(sae, jnp.asarray(x)))
+    for j in range(L):
+        got = arch.reconstruct_layer(sae, jnp.asarray(x[:, : j + 1]) * sae.norm_scale, j) / sae.norm_scale
+        np.testing.assert_allclose(np.asarray(got), full[:, j], rtol=1e-5, atol=1e-5)

@@ -102,11 +102,9 @@ def replacement_sites(model_cfg, saes: Mapping[str, SAE], targets: Mapping[str, 
 def _replace_multi(sae: SAE, index: int, m, s, c, act, srcs):
     """``act`` with masked positions set to ``s * y_hat_index + (1 - s) * c``, y_hat the
     multi-hook transcoder's output at its ``index``-th layer from ``srcs`` (its inputs at
-    layers ``<= index``; the later ones zero)."""
-    x = jnp.stack([a.astype(jnp.float32) for a in srcs], axis=-2)
-    L = get_arch(sae.spec.architecture).n_hooks(sae.spec)
-    pad = jnp.zeros((*x.shape[:-2], L - x.shape[-2], x.shape[-1]), jnp.float32)
-    y = reconstruct(sae, jnp.concatenate([x, pad], axis=-2))[..., index, :]
+    layers ``<= index``)."""
+    x_n = jnp.stack([a.astype(jnp.float32) for a in srcs], axis=-2) * sae.norm_scale
+    y = get_arch(sae.spec.architecture).reconstruct_layer(sae, x_n, index) / sae.norm_scale
     new = s * y + (1.0 - s) * c.astype(jnp.float32)
     return jnp.where(m[..., None], new, act.astype(jnp.float32)).astype(act.dtype)
 

@@ -147,6 +147,13 @@ class Arch:
         latent reads every hook (or there is one hook)."""
         return None
 
+    def reconstruct_layer(self, sae, x_n: Array, j: int) -> Array:
+        """Output hook ``j``'s normalised reconstruction ``[..., d_out]`` from the inputs of hooks
+        ``0..j`` (``x_n [..., j+1, d_in]``), for a dictionary whose latents read one layer and
+        write that layer and later ones (``feature_layers`` is set): what a replacement model
+        splices at hook j in the middle of a forward."""
+        raise NotImplementedError(f"a {self.name} does not read and write layer by layer")
+
     # ---- parameters ---------------------------------------------------------------------
 
     def unit_decoder(self, spec) -> bool:

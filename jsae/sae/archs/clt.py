@@ -246,18 +246,38 @@ class CLT(Arch):
     def activate(self, sae, pre, x_n, *, train=False, topk_fn=None, batch_topk_fn=None):
         """The selections run per layer (causality); the sharded ``*_fn`` select over all
         latents at once, so they are not used (XLA partitions the per-layer selection)."""
+        return self._activate_layers(sae, pre, train=train)
+
+    def _activate_layers(self, sae, pre, *, train=False):
+        """pre [..., m] for the first m / n layers (all of them, or a prefix) -> codes."""
         o = sae.spec.options
+        m = pre.shape[-1]
         if o.activation == "jumprelu":
-            return jumprelu_ste(pre, self.threshold(sae.params), o.jumprelu_bandwidth)
-        per_layer = pre.reshape(*pre.shape[:-1], o.n_layers, -1)  # [..., L, n]
+            return jumprelu_ste(pre, self.threshold(sae.params)[:m], o.jumprelu_bandwidth)
+        per_layer = pre.reshape(*pre.shape[:-1], m // (sae.spec.d_sae // o.n_layers), -1)
         if o.activation == "topk":
             z = jax.nn.relu(selection.topk_dense(per_layer, o.k))
         elif train:  # batchtopk: the k * B largest codes of each layer over the batch
             acts = jax.nn.relu(per_layer.reshape(-1, *per_layer.shape[-2:]))  # [B, L, n]
             z = jax.vmap(lambda a: selection.batch_topk(a, o.k), in_axes=1, out_axes=1)(acts)
         else:
-            return jnp.where(pre > sae.params["ema_threshold"], pre, 0.0)
+            return jnp.where(pre > sae.params["ema_threshold"][:m], pre, 0.0)
         return z.reshape(pre.shape)
+
+    def reconstruct_layer(self, sae, x_n, j: int):
+        """Output layer ``j``'s normalised reconstruction from ``x_n [..., j+1, d]``, the inputs
+        of layers 0..j: only their encoders and decoder column ``j`` run (a replacement model
+        splicing layer j in a forward pays ``(j+1) n d`` twice, not the whole CLT's ``L n L d``).
+        Equals ``decode(encode(x_n with any later inputs))[..., j, :]``: later layers' features
+        never write to layer j."""
+        p, dt = sae.params, sae.spec.compute_dtype
+        m = (j + 1) * (sae.spec.d_sae // sae.spec.options.n_layers)
+        x_l = x_n * p["in_scale"][: j + 1, None]
+        pre = jnp.einsum("...ld,ldn->...ln", x_l.astype(dt), p["W_enc"][: j + 1].astype(dt),
+                         preferred_element_type=jnp.float32)
+        z = self._activate_layers(sae, pre.reshape(*pre.shape[:-2], m) + p["b_enc"][:m])
+        y = jnp.matmul(z.astype(dt), p["W_dec"][:m, j].astype(dt), preferred_element_type=jnp.float32)
+        return y / p["out_scale"][j] + p["b_dec"][j]
 
     def decode(self, sae, z, x_in=None):
         """z [..., L * n] -> y_hat [..., L, d_in] through the causally masked decoder."""
