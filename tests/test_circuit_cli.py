@@ -103,7 +103,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, uses_tiny):
            "--target 'xyz' is not one token of the model's vocabulary (it encodes as 3 tokens)", out)
     _fails(capsys, [*base, "--prompt", "abc", "--intervene", "7:1@1=0"], "layer 7 does not exist", out)
     _fails(capsys, [*base, "--prompt", "abc", "--intervene", "1:99@1=0"], "feature 99 does not exist", out)
-    _fails(capsys, [*base, "--prompt", "abc", "--intervene", "1:2@0=0"], "position 0 is outside", out)
+    _fails(capsys, [*base, "--prompt", "abc", "--intervene", "1:2@4=0"],
+           "position 4 is outside the prompt's 4 tokens", out)
+    _fails(capsys, [*base, "--prompt", "abc", "--intervene", "1:2@-5=0"], "position -5 is outside", out)
     _fails(capsys, [*base, "--prompt", "abc", "--model", "gemma-3-270m"],
            "trained on tiny, not gemma-3-270m: transcoders of another model", out)
     wide = _ct_folder(tmp_path / "wide", d=2 * D)
@@ -173,15 +175,75 @@ def test_write_circuit_with_a_layered_atlas(tmp_path):
     assert (out / "graph.html").is_file()
 
 
-def test_end_to_end(tmp_path, capsys, uses_tiny):
-    try:
-        from jsae.circuits import attribute, prune  # noqa: F401
-    except ImportError:
-        pytest.skip("jsae.circuits.attribute / prune are not in this tree yet")
+@pytest.fixture
+def fake_attribution(monkeypatch):
+    """Stand-ins for jsae.circuits' attribute / prune / intervene modules (a random graph over
+    the prompt's tokens), to test what the command does around them; they record their calls."""
+    import sys
+    import types
+
+    calls = {}
+
+    def attribute(model, saes, prompt, **kw):
+        calls["attribute"] = (sorted(saes), prompt, kw)
+        toks = np.asarray(model.tokenizer.encode(prompt), np.int32)
+        g = random_graph(7, n_layers=model.cfg.n_layers, n_pos=len(toks), n_feat=12, d_sae=24)
+        return dataclasses.replace(g, prompt=prompt, tokens=toks, scan=kw["scan"])
+
+    def prune(graph, node_threshold, edge_threshold):
+        calls["prune"] = (node_threshold, edge_threshold)
+        return types.SimpleNamespace(**dict(zip(("node_mask", "edge_mask", "cumulative_scores"),
+                                                keep_all(graph, 0.5))))
+
+    def intervene(model, saes, prompt, settings, **kw):
+        calls["intervene"] = settings
+        return {"top": [(40, 1.5, 0.5, 0.4, 0.1), (41, 0.5, 2.0, 0.1, 0.6)]}
+
+    for name, fns in (("attribute", {"attribute": attribute}),
+                      ("prune", {"prune": prune, "graph_scores": lambda g: (0.25, 0.75)}),
+                      ("intervene", {"intervene": intervene})):
+        monkeypatch.setitem(sys.modules, f"jsae.circuits.{name}", types.SimpleNamespace(**fns))
+    return calls
+
+
+def test_command_around_the_attribution(tmp_path, capsys, uses_tiny, fake_attribution):
+    """The command's own work with the attribution stood in: arguments passed on, the target
+    token, interventions resolved, everything written into --out atomically, printed."""
     ct = _ct_folder(tmp_path / "ct")
     out = tmp_path / "out"
-    rc = main(["circuit", str(ct), "--prompt", "Hello wor", "--out", str(out), "--max-logits", "3"])
+    argv = ["circuit", str(ct), "--prompt", "Hi there", "--out", str(out), "--target", "!",
+            "--max-logits", "4", "--node-threshold", "0.7", "--intervene", "2:5@-1=3",
+            "--intervene", "0:1@1=0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    keys, prompt, kw = fake_attribution["attribute"]
+    assert keys == [f"blocks.{i}.hook_resid_mid" for i in range(LAYERS)] and prompt == "Hi there"
+    assert kw["target_tokens"] == uses_tiny.tokenizer.encode("!", add_bos=False)
+    assert kw["max_logits"] == 4 and kw["outputs"]["blocks.1.hook_resid_mid"] == "blocks.1.hook_mlp_out"
+    assert fake_attribution["prune"] == (0.7, 0.98)
+    assert fake_attribution["intervene"] == {(2, 5, 8): 3.0, (0, 1, 1): 0.0}  # -1: the 9th token
+    assert "1.500 ->    0.500" in printed and "replacement score 0.250" in printed
+    names = {p.name for p in out.iterdir()}
+    assert names == {"graph.json", "graph-metadata.json", "graph.html", "graph.js", "graph.css",
+                     "graph-data.js", "circuit.json", ".jsae-output.json"}
+    doc = json.loads((out / "graph.json").read_text())
+    assert doc["metadata"]["scan"] == "ct" and doc["metadata"]["node_threshold"] == 0.7
+    assert doc["metadata"]["prompt_tokens"][1:] == list("Hi there")
+    s = json.loads((out / "circuit.json").read_text())
+    assert s["replacement_score"] == 0.25 and s["interventions"]["set"][0] == [2, 5, 8, 3.0]
+    assert main(argv) == 0  # its own folder: written again
+    capsys.readouterr()
+
+
+def test_end_to_end(tmp_path, capsys, uses_tiny):
+    for name in ("attribute", "prune", "intervene"):  # the attribution, from its own branch
+        pytest.importorskip(f"jsae.circuits.{name}", reason=f"jsae.circuits.{name} is not in this tree yet")
+    ct = _ct_folder(tmp_path / "ct")
+    out = tmp_path / "out"
+    rc = main(["circuit", str(ct), "--prompt", "Hello wor", "--out", str(out), "--max-logits", "3",
+               "--intervene", "1:3@-1=2"])
     assert rc == 0, capsys.readouterr().err
+    assert "intervention: the last position's top tokens" in capsys.readouterr().out
     doc = json.loads((out / "graph.json").read_text())
     assert doc["metadata"]["prompt"] == "Hello wor"
     assert len(doc["metadata"]["prompt_tokens"]) == 10

@@ -214,29 +214,20 @@ def resolve_interventions(wanted, n_layers: int, per_layer: int, n_pos: int) -> 
         if f >= per_layer:
             raise BadInput(f"--intervene {text}: feature {f} does not exist (layer {layer} has "
                            f"{per_layer} features)")
-        if not 1 <= p < n_pos:
-            raise BadInput(f"--intervene {text}: position {pos} is outside the prompt's tokens "
-                           f"1..{n_pos - 1} (0 is BOS)")
+        if not 0 <= p < n_pos:
+            raise BadInput(f"--intervene {text}: position {pos} is outside the prompt's "
+                           f"{n_pos} tokens (BOS included)")
         out[(layer, f, p)] = value
     return out
 
 
-def _print_intervention(res: dict, tokenizer, top: int = 8) -> None:
-    """The real model's top logits before and after the interventions (``res["before"]`` /
-    ``res["after"]``: the last position's logits [vocab]); other entries as they are."""
-    import numpy as np
-
-    if "before" in res and "after" in res:
-        b, a = np.asarray(res["before"], np.float64), np.asarray(res["after"], np.float64)
-        pa = np.exp(a - a.max()) / np.exp(a - a.max()).sum()
-        pb = np.exp(b - b.max()) / np.exp(b - b.max()).sum()
-        print("intervention: top logits after (before) at the last position")
-        for t in np.argsort(-a)[:top].tolist():
-            print(f"  {token_text(tokenizer, t)!r:>16}  logit {a[t]:8.3f} ({b[t]:8.3f}, "
-                  f"{a[t] - b[t]:+.3f})  p {pa[t]:.3f} ({pb[t]:.3f})")
-    for k, v in res.items():
-        if k not in ("before", "after"):
-            print(f"  {k}: {v}")
+def _print_intervention(res: dict, tokenizer) -> None:
+    """The real model's top tokens at the last position, clean and with the features set
+    (``res["top"]``: rows of token, clean logit, new logit, clean probability, new one)."""
+    print("intervention: the last position's top tokens, clean -> with the features set")
+    for t, lc, ln, pc, pn in res["top"]:
+        print(f"  {token_text(tokenizer, t)!r:>16}  logit {lc:8.3f} -> {ln:8.3f} ({ln - lc:+.3f})"
+              f"  p {pc:.3f} -> {pn:.3f}")
 
 
 # ---- the command
@@ -285,7 +276,10 @@ def run(args) -> int:
             raise BadInput(f"--atlas {atlas_dir}: no atlas there (atlas-L<layer>.npz or atlas.npz; "
                            "build one with jsae atlas)")
 
-    from jsae.circuits import attribute, intervene, prune
+    # the attribution itself (jsae.circuits' attribute / prune / intervene modules)
+    from jsae.circuits.attribute import attribute
+    from jsae.circuits.intervene import intervene
+    from jsae.circuits.prune import graph_scores, prune
 
     scan = args.scan or path.resolve().name
     graph = attribute(model, saes, args.prompt, outputs=outs,
@@ -293,21 +287,23 @@ def run(args) -> int:
                       max_logits=args.max_logits, logit_prob=args.logit_prob,
                       batch_size=args.batch_size, progress=True, scan=scan)
     pr = prune(graph, args.node_threshold, args.edge_threshold)
+    replacement, completeness = graph_scores(graph)
     toks = [token_text(tok, t) for t in np.asarray(graph.tokens).tolist()]
     logit_toks = [token_text(tok, t) for t in np.asarray(graph.logit_tokens).tolist()]
     summary = {
         "prompt": args.prompt, "tokens": toks, "run": str(path), "model": str(name),
         "scan": scan, "logit_targets": logit_toks,
         "logit_probabilities": np.asarray(graph.logit_probabilities).tolist(),
-        "replacement_score": float(pr.replacement_score),
-        "completeness_score": float(pr.completeness_score),
+        "replacement_score": float(replacement), "completeness_score": float(completeness),
         "node_threshold": args.node_threshold, "edge_threshold": args.edge_threshold,
         "active_features": graph.n_features,
     }
     if interventions:
-        res = intervene(model.params, cfg, saes, tokens, interventions)
+        res = intervene(model, saes, args.prompt, interventions, outputs=outs)
         _print_intervention(res, tok)
-        summary["interventions"] = [[k[0], k[1], k[2], v] for k, v in interventions.items()]
+        summary["interventions"] = {
+            "set": [[k[0], k[1], k[2], v] for k, v in interventions.items()],
+            "top": [[token_text(tok, r[0]), *r[1:]] for r in res["top"]]}
     from jsae.circuits.files import write_circuit
 
     with atomic_folder(out, owner=OWNER) as tmp:

@@ -29,8 +29,9 @@
     if (parent) parent.appendChild(e);
     return e;
   }
-  function visible(s) {
-    return String(s).replace(/\u2581/g, " ").replace(/\n/g, "⏎").replace(/\t/g, "⇥").replace(/\r/g, "␍");
+  function visible(s) {  // whitespace shown (as the atlas shows it); an empty token as ∅
+    const v = String(s).replace(/\u2581/g, " ").replace(/\n/g, "⏎").replace(/\t/g, "⇥").replace(/\r/g, "␍");
+    return v.trim() ? v : (v.replace(/ /g, "·") || "∅");
   }
   function fmt(v) {
     if (v === null || v === undefined) return "–";
@@ -160,6 +161,7 @@
       const p = el("path", { d: linkPath(a, b),
         class: `link ${l.weight >= 0 ? "pos" : "neg"}${hl ? " hl" : ""}${touch ? " touch" : ""}`,
         "stroke-width": (0.4 + 6.6 * Math.abs(l.weight) / maxW).toFixed(2),
+        "stroke-opacity": (0.1 + 0.75 * Math.sqrt(Math.abs(l.weight) / maxW)).toFixed(3),
         "data-source": l.source, "data-target": l.target, "data-weight": l.weight }, gl);
       p.__link = l;
     }
@@ -199,9 +201,11 @@
     updateButtons();
   }
 
-  function moveTip(ev) {
+  function moveTip(ev) {  // beside the pointer, on its left near the right edge
     const box = svg.parentNode.getBoundingClientRect();
-    tip.style.left = (ev.clientX - box.left + svg.parentNode.scrollLeft + 14) + "px";
+    let x = ev.clientX - box.left + 14;
+    if (x + tip.offsetWidth > box.width - 8) x = Math.max(4, ev.clientX - box.left - tip.offsetWidth - 14);
+    tip.style.left = (x + svg.parentNode.scrollLeft) + "px";
     tip.style.top = (ev.clientY - box.top + svg.parentNode.scrollTop + 12) + "px";
   }
 
