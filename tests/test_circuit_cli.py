@@ -63,7 +63,7 @@ def _fails(capsys, argv, match, out=None):
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if not ln.startswith("loading ")]  # the progress line
+    lines = [ln for ln in err.splitlines() if not ln.startswith(("loading ", "warning: "))]
     assert len(lines) == 1 and lines[0].startswith("jsae circuit: "), err
     assert match in lines[0], err
     if out is not None:
@@ -106,8 +106,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, uses_tiny):
     _fails(capsys, [*base, "--prompt", "abc", "--intervene", "1:2@4=0"],
            "position 4 is outside the prompt's 4 tokens", out)
     _fails(capsys, [*base, "--prompt", "abc", "--intervene", "1:2@-5=0"], "position -5 is outside", out)
-    _fails(capsys, [*base, "--prompt", "abc", "--model", "gemma-3-270m"],
-           "trained on tiny, not gemma-3-270m: transcoders of another model", out)
+    err = _fails(capsys, [*base, "--prompt", "x" * 40, "--model", "gemma-3-270m"], "--prompt has 41", out)
+    assert "warning: " in err and "names its model tiny, not gemma-3-270m" in err
     wide = _ct_folder(tmp_path / "wide", d=2 * D)
     _fails(capsys, ["circuit", str(wide), "--out", str(out), "--prompt", "abc"],
            f"reads {2 * D}-dimensional inputs but the model has d_model {D}: transcoders of another model", out)
@@ -233,6 +233,20 @@ def test_command_around_the_attribution(tmp_path, capsys, uses_tiny, fake_attrib
     assert s["replacement_score"] == 0.25 and s["interventions"]["set"][0] == [2, 5, 8, 3.0]
     assert main(argv) == 0  # its own folder: written again
     capsys.readouterr()
+
+
+def test_a_cross_layer_atlas_keeps_latent_ids(tmp_path):
+    """A CLT's layered atlas keeps each feature's latent index (layer * n + i): the graph's
+    (layer, i) finds it there."""
+    data = random_atlas_data(12, seed=1, n_local_maps=0)  # ids 0, 2, ..., 22
+    data.feature_ids = data.feature_ids + 48  # layer 2 of n = 24: latents 48..71
+    data.meta["d_sae"] = 4 * 24
+    save_atlas(data, tmp_path / "atlas-L2.npz")
+    atlas = read_atlases(tmp_path, features_per_layer=24, cross_layer=True)
+    assert atlas.atlas_id(2, 0) == 48 and atlas.atlas_id(2, 4) == 52
+    assert atlas.atlas_id(2, 1) is None and atlas.atlas_id(1, 0) is None
+    assert read_atlases(tmp_path).atlas_id(2, 0) is None  # a set's ids are the features
+    assert read_atlases(tmp_path / "none") is None
 
 
 def test_end_to_end(tmp_path, capsys, uses_tiny):

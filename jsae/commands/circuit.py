@@ -250,9 +250,12 @@ def run(args) -> int:
     name = args.model or recorded
     if not name:
         raise BadInput(f"{path}: no model named in its config; give --model")
-    if not _same_model(args.model, recorded):
-        raise BadInput(f"{path}: the transcoders were trained on {recorded}, not {args.model}: "
-                       "transcoders of another model")
+    if not _same_model(args.model, recorded):  # names differ (a path, a GGUF file...): the
+        #                                          shapes below decide; say it
+        import sys
+
+        print(f"warning: {path} names its model {recorded}, not {args.model}; checking the "
+              "transcoders' shapes against it", file=sys.stderr)
     log(f"loading {name} ...")
     model = load_model(name)
     cfg, tok = model.cfg, model.tokenizer
