@@ -33,6 +33,8 @@ def built(tmp_path_factory):
     write_layer_site(root / "atlas", layers, progress=False)
     ids = {la.layer: set(la.data.feature_ids.tolist()) for la in layers}
     clerps = {(int(L), int(f)): f"says <b>{f}</b> & co" for L, _, f in g.active_features[::2]}
+    L, _, f = g.active_features[0]
+    clerps[(int(L), int(f))] = "<img src=x onerror=window.__xss=1></script>"  # shown as text
     nm, em, cs = keep_all(g, 0.6)
     doc = graph_json(g, nm, em, cs, token_strings(g), slug="test", logit_strings=logit_strings(g),
                      clerps=clerps)
@@ -162,5 +164,14 @@ def test_graph_viewer_hover_pin_group_card(built, browser, tmp_path):
     frame = p.frame_locator("#card")
     frame.locator("#panel .card-head .fid").wait_for(timeout=20_000)
     assert frame.locator("#panel .card-head .fid").inner_text() == f"Feature {f}"
+    nasty = next(n for n in feats if n["clerp"].startswith("<img"))
+    p.hover(f'g.node[data-id="{nasty["node_id"]}"] .shape')
+    assert nasty["clerp"] in p.inner_text("#tooltip")
+    p.click(f'g.node[data-id="{nasty["node_id"]}"] .shape')
+    assert nasty["clerp"] in p.inner_text("#panel h2")
+    assert p.evaluate("window.__xss") is None and p.locator("img").count() == 0
+    p.click(f'g.node[data-id="{nasty["node_id"]}"] .shape')
+    p.click(f'g.node[data-id="{nid}"] .shape')
+    frame.locator("#panel .card-head .fid").wait_for(timeout=20_000)
     _save(w, tmp_path, "circuit_card.png")
     assert not w.problems, w.problems
