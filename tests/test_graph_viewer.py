@@ -147,9 +147,15 @@ def test_graph_viewer_hover_pin_group_card(built, browser, tmp_path):
         assert shown[(sid, t)] == pytest.approx(v, rel=1e-6, abs=1e-9)
     for s, v in inc.items():
         assert shown[(s, sid)] == pytest.approx(v, rel=1e-6, abs=1e-9)
-    assert p.evaluate("graphView.supernodes()")[0][1:] == sorted(members, key=list(members).index) or \
-        set(p.evaluate("graphView.supernodes()")[0][1:]) == members
+    assert set(p.evaluate("graphView.supernodes()")[0][1:]) == members
     _save(w, tmp_path, "circuit_group.png")
+    url = p.url  # the view is in the URL: a reload shows the same group and pins
+    assert "#pins=" in url and "groups=G1:" in url
+    p.goto("about:blank")
+    p.goto(url)
+    p.wait_for_function("window.graphView && graphView.ready", timeout=20_000)
+    assert p.locator("g.node.supernode.pinned").count() == 1
+    assert set(p.evaluate("graphView.supernodes()")[0][1:]) == members
     p.click("#ungroup")
     assert p.locator("g.node.supernode").count() == 0
     assert p.locator("g.node").count() == len(doc["nodes"])

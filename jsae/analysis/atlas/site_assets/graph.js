@@ -199,6 +199,44 @@
     }
     view.shown = { nodes, links };
     updateButtons();
+    saveHash();
+  }
+
+  // the pins and groups live in the URL (#pins=ID,ID&groups=NAME:ID,ID;NAME:ID,ID), so a view can
+  // be bookmarked or sent; ids are escaped with encodeURIComponent
+  function saveHash() {
+    const enc = (ids) => ids.map(encodeURIComponent).join(",");
+    const parts = [];
+    if (state.pinned.size) parts.push("pins=" + enc([...state.pinned]));
+    if (state.groups.length) {
+      parts.push("groups=" + state.groups.map((g) => encodeURIComponent(g.name) + ":" + enc(g.members)).join(";"));
+    }
+    const h = parts.join("&");
+    if (("#" + h) !== (location.hash || "#")) history.replaceState(null, "", h ? "#" + h : location.pathname + location.search);
+  }
+
+  function loadHash() {
+    const h = location.hash.replace(/^#/, "");
+    if (!h) return false;
+    const dec = (s) => s.split(",").filter(Boolean).map(decodeURIComponent);
+    for (const part of h.split("&")) {
+      const [k, v] = [part.slice(0, part.indexOf("=")), part.slice(part.indexOf("=") + 1)];
+      if (k === "groups") {
+        for (const g of v.split(";").filter(Boolean)) {
+          const i = g.indexOf(":");
+          const name = decodeURIComponent(g.slice(0, i));
+          const ms = dec(g.slice(i + 1)).filter((id) => byId.has(id));
+          if (ms.length > 1) state.groups.push({ id: `group:${name}`, name, members: ms });
+        }
+      }
+    }
+    const known = new Set([...byId.keys(), ...state.groups.map((g) => g.id)]);
+    for (const part of h.split("&")) {
+      if (part.startsWith("pins=")) dec(part.slice(5)).filter((id) => known.has(id)).forEach((id) => state.pinned.add(id));
+    }
+    const n = state.groups.map((g) => +(/^G(\d+)$/.exec(g.name) || [0, 0])[1]);
+    state.nextGroup = Math.max(0, ...n) + 1;
+    return true;
   }
 
   function moveTip(ev) {  // beside the pointer, on its left near the right edge
@@ -312,12 +350,14 @@
   document.getElementById("clear").addEventListener("click", () => { state.pinned.clear(); render(); });
   document.getElementById("prompt").textContent = G.metadata.prompt;
   window.addEventListener("resize", render);
-  // circuit-tracer's qParams: pinned ids and supernodes ([name, ...ids]) to start from
-  for (const s of G.qParams.supernodes || []) {
-    const ms = s.slice(1).filter((id) => byId.has(id));
-    if (ms.length > 1) state.groups.push({ id: `group:${s[0]}`, name: String(s[0]), members: ms });
+  // the URL's pins and groups, else circuit-tracer's qParams (pinned ids, supernodes [name, ...ids])
+  if (!loadHash()) {
+    for (const s of G.qParams.supernodes || []) {
+      const ms = s.slice(1).filter((id) => byId.has(id));
+      if (ms.length > 1) state.groups.push({ id: `group:${s[0]}`, name: String(s[0]), members: ms });
+    }
+    for (const id of G.qParams.pinnedIds || []) if (byId.has(id)) state.pinned.add(id);
   }
-  for (const id of G.qParams.pinnedIds || []) if (byId.has(id)) state.pinned.add(id);
 
   const view = window.graphView = { state, render, group, ungroup, shown: null, ready: false,
     supernodes: () => state.groups.map((g) => [g.name, ...g.members]) };
