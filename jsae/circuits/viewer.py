@@ -10,6 +10,8 @@ the data is a script that sets ``window.__graph_data``) and needs no network. Ro
 (embeddings at the bottom, logits on top), columns positions; hover shows a node's label, a
 click pins it and opens a feature's atlas card (``<atlas>/index.html#l=LAYER&f=ID``) in the
 side panel; pinned nodes group into a supernode whose links are the sums of its members'.
+The pins and groups are kept in the URL (``#pins=...&groups=NAME:ID,ID``); without one the
+graph's ``qParams`` (circuit-tracer's pinned ids and supernodes) start the view.
 """
 
 from __future__ import annotations
