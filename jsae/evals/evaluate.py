@@ -178,10 +178,15 @@ class Evaluator:
     def batches(self, n_contexts: int | None = None, desc: str | None = None):
         """``(tokens [B, T], mask [B, T])`` over the first ``n_contexts`` contexts (default all);
         the last batch is padded with masked-out rows so every batch has the same shape (one
-        compilation). ``desc``: show a progress bar with that title."""
+        compilation). ``desc``: show a progress bar with that title. A prefix (``n_contexts``,
+        the spliced-LM passes) is cut into equal batches no larger than ``batch_size``: 3
+        contexts run as one batch of 3, not padded to 16 (each pass computes full-vocabulary
+        logits for every row, padding included)."""
         B = self.batch_size
         T = self.tokens.shape[1]
         n = len(self.tokens) if n_contexts is None else int(n_contexts)
+        if n_contexts is not None and n:
+            B = -(-n // -(-n // B))  # ceil(n / number of batches)
         starts = range(0, n, B)
         if desc and self.progress:
             from tqdm.auto import tqdm
