@@ -171,7 +171,8 @@ def measure(model: str, *, batch: int = 8, seq: int = 128, layers=(6,), iters: i
         )
         tdt = torch.float32 if dtype == "float32" else torch.bfloat16
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        hf = transformers.Gemma3ForCausalLM(hc)
+        with dev:  # random init on the device itself (fast on a GPU), then the real weights
+            hf = transformers.Gemma3ForCausalLM(hc)
         f32 = jax.device_get(lm.astype(jnp.float32).params)
         hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params_to_hf(cfg, f32).items()}, strict=False)
         hf = hf.to(device=dev, dtype=tdt).eval()
