@@ -453,7 +453,9 @@ def part_dictionary(a, clock: Clock) -> dict:
     res["atlas"] = {"seconds": time.perf_counter() - t, "tokens": int(data.meta["n_tokens"]),
                     "live": int(live.sum()), "clusters": len(data.cluster_labels),
                     "median_nn_cos": float(np.median(nn)) if len(nn) else None,
-                    "map": map_method, "site_mb": _mb(site)}
+                    "map": map_method,
+                    # without state/ (the pass's resumable state, not needed to view the site)
+                    "site_mb": _mb(site, skip="state")}
     say(clock, f"atlas: {res['atlas']['live']} of {a.dict_features} features fired, "
                f"{res['atlas']['clusters']} clusters ({map_method}), site {res['atlas']['site_mb']:.1f} MB")
 
@@ -482,8 +484,9 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+def _mb(path: Path, skip: str | None = None) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*")
+               if f.is_file() and (skip is None or skip not in f.relative_to(path).parts)) / 2**20
 
 
 # ---- part 5: attribution graphs ------------------------------------------------------------
