@@ -9,7 +9,10 @@ weights, same machine, same batch, in one run.
 "harvest" runs the model up to `blocks.{layer}.hook_resid_post` and stops (jsae:
 `stop_after_capture=True`; transformers: the same model truncated to layer+1 blocks, as
 TransformerLens' `stop_at_layer` does). "body" is every block without the unembedding; "full" is
-the forward with logits. Prints the hardware and tokens/s and the ratios jsae / torch.
+the forward with logits. Prints the hardware and tokens/s and the ratios jsae / torch. The torch
+side runs on CUDA when torch sees a GPU (synchronised before each timing stops), on the CPU
+otherwise. ``measure(...)`` is the same as a function (benchmarks/device_suite.py calls it for
+several layers at once).
 
 "nnx" runs the same three through the Flax NNX modules (`jsae.models.nnx.forward(lm.model, ...)`:
 `nnx.split` + a jitted pure function of the state), interleaved with the pure-dict "jax" path, and
