@@ -139,10 +139,11 @@ def finite_positive(x) -> bool:
 
 
 class Clock:
-    """A part's deadline: ``left()`` seconds remain."""
+    """A part's deadline: ``left()`` seconds remain; ``checkpoint(results)`` records what the
+    part has measured so far (kept if the part is stopped at its deadline)."""
 
-    def __init__(self, budget_s: float):
-        self.t0, self.budget = time.perf_counter(), budget_s
+    def __init__(self, budget_s: float, checkpoint=lambda results: None):
+        self.t0, self.budget, self.checkpoint = time.perf_counter(), budget_s, checkpoint
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -203,6 +204,7 @@ def part_sae_step(a, clock: Clock) -> dict:
                    "ratios": r["ratios"], "unavailable": r["unavailable"],
                    "floor_ms": floor, "jsae_over_floor": r["ms"][jsae_name] / floor}
             res["rows"].append(row)
+            clock.checkpoint(res)
             say(clock, f"{arch} {dtype}: jsae {r['ms'][jsae_name]:.2f} ms/step; ratios "
                        + (", ".join(f"{p} {x:.2f}x" for p, x in r["ratios"].items()) or "none"))
     return res
@@ -234,6 +236,7 @@ def part_harvest(a, clock: Clock) -> dict:
                 row["ratio_jsae_over_transformers"] = impls["jax"] / impls["torch"]
             res["rows"].append(row)
         res.setdefault("max_diff", {})[dtype] = r["max_diff"]
+        clock.checkpoint(res)
         say(clock, f"harvest {dtype} done")
     return res
 
@@ -271,6 +274,7 @@ def part_atlas_pass(a, clock: Clock) -> dict:
                                    ctx, batch, repeats)
         r["ratio_atlas_over_harvest"] = r["atlas_tok_s"] / r["harvest_tok_s"]
         res["rows"].append(r)
+        clock.checkpoint(res)
         say(clock, f"{F} features: harvest {r['harvest_tok_s']:,.0f} tok/s, atlas pass "
                    f"{r['atlas_tok_s']:,.0f} tok/s (adds {r['atlas_overhead']:.0%})")
     return res
@@ -378,18 +382,24 @@ def part_dictionary(a, clock: Clock) -> dict:
     hook = f"blocks.{layer}.hook_resid_post"
     res = {"hook": hook, "d_sae": a.dict_features, "k": a.dict_k}
 
-    # 1. how fast this machine trains, with the very config the run uses (tokens still unknown)
+    # 1. how fast this machine trains, with the very config the run uses (tokens still unknown),
+    # while another thread counts the corpus's tokens (for the epochs; tokenizers free the GIL)
     probe = out / "calibration-config.yaml"
     probe.write_text(yaml.safe_dump(_dictionary_config(a, out, 10**9, layer), sort_keys=False))
+    counted: dict = {}
+    probe_cfg = C.load(probe)  # here: the architecture registry is filled on first use, not in a thread
+    counter = threading.Thread(target=lambda: counted.update(n=_corpus_tokens(probe_cfg)))
+    counter.start()
     cal = _calibrate(probe, seconds=3 if a.small else min(20, 0.06 * clock.budget),
                      min_steps=3 if a.small else 20)
-    probe_cfg = out / ".calibration-config.yaml"
-    probe.replace(probe_cfg)
+    counter.join()
+    probe.unlink()
     res["calibration"] = cal
     say(clock, f"calibration: {cal['tokens_per_s']:,.0f} tokens/s ({cal['steps']} steps in "
                f"{cal['seconds']:.1f} s, setup {cal['setup_s']:.1f} s)")
-
-    corpus, docs = _corpus_tokens(C.load(probe_cfg))
+    if "n" not in counted:
+        raise RuntimeError("counting the corpus's tokens failed (see the log above)")
+    corpus, docs = counted["n"]
     res.update(corpus_train_tokens=corpus, corpus_train_documents=docs)
     say(clock, f"the corpus: {corpus:,} training tokens in {docs:,} documents")
 
@@ -405,8 +415,8 @@ def part_dictionary(a, clock: Clock) -> dict:
     cfg = C.load(cfg_file)
     res.update(config=str(cfg_file), train_tokens=cfg.train.tokens, token_target=a.dict_tokens,
                limited_by="budget" if fit < a.dict_tokens else "--dict-tokens")
-    probe_cfg.unlink()
     res["epochs"] = cfg.train.tokens / corpus
+    clock.checkpoint(res)
     say(clock, f"training on {cfg.train.tokens:,} tokens ({res['limited_by']} limit) = "
                f"{res['epochs']:.2f} epochs over the corpus's {corpus:,} training tokens "
                f"({docs:,} documents); config {cfg_file}")
@@ -417,6 +427,7 @@ def part_dictionary(a, clock: Clock) -> dict:
     res["train_s"] = time.perf_counter() - t
     res["train_tokens_per_s"] = cfg.train.tokens / res["train_s"]
     res["heldout"] = summary.get("heldout", {}).get(hook)
+    clock.checkpoint(res)
     say(clock, f"trained in {res['train_s']:.0f} s ({res['train_tokens_per_s']:,.0f} tok/s "
                "end to end)")
 
@@ -430,6 +441,7 @@ def part_dictionary(a, clock: Clock) -> dict:
     doc = json.loads((run / "eval" / "eval.json").read_text())
     res["eval"] = doc["metrics"][hook]
     res["eval_s"] = time.perf_counter() - t
+    clock.checkpoint(res)
     say(clock, f"eval: FVU {res['eval']['fvu']:.4f}, L0 {res['eval']['l0']:.1f}, CE recovered "
                f"{res['eval'].get('ce_recovered_zero', float('nan')):.4f} ({res['eval_s']:.0f} s)")
 
@@ -456,6 +468,7 @@ def part_dictionary(a, clock: Clock) -> dict:
                     "map": map_method,
                     # without state/ (the pass's resumable state, not needed to view the site)
                     "site_mb": _mb(site, skip="state")}
+    clock.checkpoint(res)
     say(clock, f"atlas: {res['atlas']['live']} of {a.dict_features} features fired, "
                f"{res['atlas']['clusters']} clusters ({map_method}), site {res['atlas']['site_mb']:.1f} MB")
 
@@ -645,9 +658,16 @@ RUNNERS = {1: part_sae_step, 2: part_harvest, 3: part_atlas_pass, 4: part_dictio
 def worker(a) -> int:
     """Run part ``a.worker``; write OUT/parts/part-N.json whatever happens."""
     n = a.worker
-    clock = Clock(a.part_budget_s)
     doc = {"part": n, "name": PARTS[n], "command": " ".join([sys.executable, *sys.argv]),
            "budget_s": a.part_budget_s}
+    f = Path(a.out) / "parts" / f"part-{n}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(results: dict) -> None:  # what is measured so far, in case of a stop
+        f.write_text(json.dumps({**doc, "results": results, "status": "running"}, indent=1,
+                                default=str))
+
+    clock = Clock(a.part_budget_s, checkpoint)
     print(f"part {n} ({PARTS[n]}): python {platform.python_version()} at {sys.executable}", flush=True)
     doc["hardware"] = hardware()
     doc["versions"] = versions()
@@ -667,8 +687,6 @@ def worker(a) -> int:
         traceback.print_exc()
         doc["status"], doc["reason"] = "failed", f"{type(e).__name__}: {str(e)[:500]}"
     doc["seconds"] = clock.elapsed()
-    f = Path(a.out) / "parts" / f"part-{n}.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(doc, indent=1, default=str))
     return 0
 
@@ -690,8 +708,8 @@ def run_part(a, n: int, budget: float, out: Path, python: str, t0: float) -> dic
            f"{budget:.1f}", *a.forward]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            # jax and torch share the GPU within a part: jax must not take 75% of it up front
-           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
     if a.small:
         env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
     log_file = out / "logs" / f"part-{n}.log"
@@ -716,8 +734,10 @@ def run_part(a, n: int, budget: float, out: Path, python: str, t0: float) -> dic
     doc["log"] = str(log_file.relative_to(out))
     doc.setdefault("command", " ".join(cmd))
     if timed_out:
-        doc["status"], doc["reason"] = "timeout", f"stopped at its deadline ({budget:.0f} s + {grace} s)"
-    elif "status" not in doc:
+        doc["status"], doc["reason"] = "timeout", (
+            f"stopped at its deadline ({budget:.0f} s + {grace:.0f} s)"
+            + ("; results: what it measured before" if doc.get("results") else ""))
+    elif doc.get("status", "running") == "running":
         doc["status"], doc["reason"] = "failed", f"the part's process exited with code {rc} " \
                                                  "before writing its result (see its log)"
     return doc
