@@ -134,6 +134,23 @@ def describe(hw: dict) -> str:
             + (f", {hw['memory_gib']} GiB" if "memory_gib" in hw else ""))
 
 
+def torch_beside_jax() -> str | None:
+    """Why PyTorch peers cannot be compared with jax here (None: they run on the same kind of
+    device): on a TPU host, or a GPU that torch does not see, they would run on the CPU."""
+    import jax
+
+    backend = jax.default_backend()
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    cuda = torch.cuda.is_available()
+    if backend == "cpu" or (backend == "gpu" and cuda):
+        return None
+    return (f"jax runs on {backend} but torch {'sees a GPU' if cuda else 'has no GPU'}: a "
+            "PyTorch peer would not run on the same device (a GPU-only comparison)")
+
+
 def finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -179,6 +196,11 @@ def part_sae_step(a, clock: Clock) -> dict:
     if not on_gpu:
         res["note"] = ("no accelerator: every contender runs on the CPU (PyTorch peers without "
                        "autocast)")
+    apart = torch_beside_jax()
+    peers = ("saelens", "torch") if apart is None else ()
+    if apart:
+        res["peers_skipped"] = apart
+        say(clock, f"PyTorch peers skipped: {apart}")
     longest = 0.0
     for dtype in ("float32", "bfloat16"):
         rate = sae_step.matmul_rate(dtype, n=256 if a.small else 4096)
@@ -194,7 +216,7 @@ def part_sae_step(a, clock: Clock) -> dict:
                 say(clock, f"{arch} {dtype}: skipped (budget spent)")
                 continue
             t = time.perf_counter()
-            r = sae_step.compare(arch, B, d, F, k, dtype, peers=("saelens", "torch"),
+            r = sae_step.compare(arch, B, d, F, k, dtype, peers=peers,
                                  rounds=rounds, steps=steps, reference=False,
                                  saelens_sparse=False)
             longest = max(longest, time.perf_counter() - t)
@@ -223,12 +245,16 @@ def part_harvest(a, clock: Clock) -> dict:
     layers = sorted({min(6, n_layers - 1), min(17, n_layers - 1)})
     batch, seq, iters = (2, 32, 1) if a.small else (32, 256, 5)
     res = {"layers": layers, "batch": batch, "seq": seq, "iters": iters, "rows": []}
+    apart = torch_beside_jax()
+    if apart:
+        res["transformers_skipped"] = apart
+        say(clock, f"transformers skipped: {apart}")
     for dtype in ("bfloat16", "float32"):
         if clock.left() < 10:
             res.setdefault("skipped", []).append({"dtype": dtype, "reason": "budget spent"})
             continue
         r = harvest.measure(a.model_path, batch=batch, seq=seq, layers=layers, iters=iters,
-                            dtype=dtype, modes=("harvest",), nnx=False)
+                            dtype=dtype, modes=("harvest",), nnx=False, use_torch=apart is None)
         for name, impls in r["tok_s"].items():
             layer = int(name.split("L")[-1]) if "L" in name else layers[0]
             row = {"dtype": dtype, "layer": layer, "tok_s": impls}
