@@ -41,7 +41,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_pass(run: str, tokens: int, context_length: int, batch_size: int, repeats: int) -> dict:
+def bench_pass(run, tokens: int, context_length: int, batch_size: int, repeats: int) -> dict:
+    """The pass next to a plain harvest. ``run``: a run folder, or anything with ``model``,
+    ``sae`` and ``hook`` (an LM and a dictionary already in memory)."""
     import jax
 
     from jsae.analysis.atlas.stream import StreamConfig, stream_text
@@ -49,7 +51,7 @@ def bench_pass(run: str, tokens: int, context_length: int, batch_size: int, repe
     from jsae.analysis.run import load_run
     from jsae.data.harvest import Harvester
 
-    r = load_run(run)
+    r = load_run(run) if isinstance(run, (str, Path)) else run
     n_ctx = -(-tokens // context_length)
     tok, msk = corpus_contexts(r.model.tokenizer, n_ctx, context_length, seed=1)
     tok, msk = tok[: n_ctx - n_ctx % batch_size], msk[: n_ctx - n_ctx % batch_size]

@@ -6,6 +6,9 @@
     python benchmarks/sae_step.py --cpu-devices 8 --mesh data=2,model=4   # sharded steps
     python benchmarks/sae_step.py --smoke       # every architecture, peer and piece, tiny shape
 
+``compare(arch, ...)`` is one architecture's comparison as a function (benchmarks/device_suite.py
+calls it); Matryoshka is available with ``--arch matryoshka`` (prefixes as configs/matryoshka.yaml).
+
 For each architecture it times the jitted, donated jsae train step (Adam, grad clipping,
 decoder-norm handling and dead-latent bookkeeping included: the step `jsae train` runs) and,
 in the same process and interleaved round by round (so that load from other processes hits
@@ -15,7 +18,8 @@ all of them alike), the PyTorch peers on the same device:
   backward, grad clipping, Adam: the body of ``SAETrainer._train_step``), when installed;
   for topk also with ``use_sparse_activations=True`` (``saelens-sparse``).
 - ``torch``: a plain PyTorch TopK step (encoder matmul, ``torch.topk``, ``embedding_bag``
-  decoder, MSE, backward, clipping, Adam); bf16 autocast on GPU, fp32 on CPU.
+  decoder, MSE, backward, clipping, Adam); with ``--dtype bfloat16`` on a GPU both peers run
+  under bf16 autocast (fp32 parameters, as jsae's bf16 matmuls), otherwise in fp32.
 
 It prints the hardware, ms/step and tokens/s of each, the ratio jsae/peer, and the dense-FLOP
 floor (12 B d_in d_sae FLOPs at the matmul rate measured on this device), and ends with
@@ -50,6 +54,21 @@ def _now() -> float:
 # ---- jsae -------------------------------------------------------------------------------------
 
 
+SPARSE = ("topk", "batchtopk", "matryoshka")  # k-sparse codes: jsae's fast path applies
+
+
+def matryoshka_groups(d_sae: int) -> list[int]:
+    """Nested prefixes as configs/matryoshka.yaml has them (1/80, 1/20, 1/5 of d_sae), d_sae last."""
+    return sorted({max(1, d_sae // 80), max(2, d_sae // 20), max(3, d_sae // 5)}) + [d_sae]
+
+
+def arch_options(arch: str, d_sae: int, k: int) -> dict:
+    """jsae's option keywords of ``arch`` at this shape."""
+    if arch == "matryoshka":
+        return {"k": k, "matryoshka_groups": matryoshka_groups(d_sae)}
+    return {"k": k} if arch in SPARSE else {}
+
+
 def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, fast: bool,
               mesh=None, topk_chunk: int = 0):
     """(step, state, x): a jitted, donated jsae train step and its initial state.
@@ -67,8 +86,8 @@ def jsae_step(arch: str, batch: int, d_in: int, d_sae: int, k: int, dtype: str, 
     cfg = RunConfig()
     cfg.train.steps = 1000
     cfg.train.lr_warmup_steps = 10
-    spec = SAESpec(arch, d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None,
-                   dtype=dtype, fast_path=fast, topk_chunk=topk_chunk)
+    spec = SAESpec(arch, d_in, d_sae, dtype=dtype, fast_path=fast, topk_chunk=topk_chunk,
+                   **arch_options(arch, d_sae, k))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, d_in)).astype(np.float32)
     sae = init_sae(jax.random.key(0), spec, x[:1024], b_dec_init="mean")
@@ -120,17 +139,20 @@ class SAELensRunner:
         "relu": ("StandardTrainingSAE", "StandardTrainingSAEConfig"),
         "jumprelu": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"),
         "gated": ("GatedTrainingSAE", "GatedTrainingSAEConfig"),
+        "matryoshka": ("MatryoshkaBatchTopKTrainingSAE", "MatryoshkaBatchTopKTrainingSAEConfig"),
     }
 
-    def __init__(self, arch, batch, d_in, d_sae, k, *, sparse=False):
+    def __init__(self, arch, batch, d_in, d_sae, k, *, sparse=False, dtype="bfloat16"):
         import sae_lens
         import torch
 
         dev = _torch_device()
         cls_name, cfg_name = self.CLASSES[arch]
         kw = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": str(dev)}
-        if arch in ("topk", "batchtopk"):
+        if arch in SPARSE:
             kw["k"] = k
+        if arch == "matryoshka":
+            kw["matryoshka_widths"] = matryoshka_groups(d_sae)
         if sparse:
             kw["use_sparse_activations"] = True
         cfg = getattr(sae_lens, cfg_name)(**kw)
@@ -139,7 +161,7 @@ class SAELensRunner:
         self.x = torch.randn(batch, d_in, device=dev)
         self.dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
         self.since_fired = torch.zeros(d_sae, device=dev)
-        self.autocast = dev.type == "cuda"
+        self.autocast = dev.type == "cuda" and dtype == "bfloat16"  # fp32 params either way
         self.dev = dev
         self.run(1)
 
@@ -186,7 +208,7 @@ class SAELensRunner:
 class TorchTopKRunner:
     """A plain PyTorch TopK SAE step with an embedding_bag (gather) decoder."""
 
-    def __init__(self, batch, d_in, d_sae, k):
+    def __init__(self, batch, d_in, d_sae, k, *, dtype="bfloat16"):
         import torch
 
         dev = _torch_device()
@@ -201,7 +223,7 @@ class TorchTopKRunner:
         self.opt = torch.optim.Adam(self.params, lr=1e-4)
         self.x = torch.randn(batch, d_in, device=dev)
         self.k, self.dev = k, dev
-        self.autocast = dev.type == "cuda"
+        self.autocast = dev.type == "cuda" and dtype == "bfloat16"
         self.since_fired = torch.zeros(d_sae, device=dev)
         self.run(1)
 
@@ -355,10 +377,66 @@ class Entry:
         return 1e3 * statistics.median(self.times)
 
 
+def compare(arch: str, B: int, d: int, F: int, k: int, dtype: str, *, peers=("saelens", "torch"),
+            rounds: int = 3, steps: int = 3, reference: bool = True, mesh=None,
+            topk_chunk: int = 0, saelens_sparse: bool = True, log=print) -> dict:
+    """Time one architecture's jsae step(s) and its peers, interleaved round by round.
+
+    Prints the same lines as the script and returns ``{"ms": {name: median ms/step},
+    "rounds_ms": {name: [...]}, "unavailable": {peer: reason}, "ratios": {peer: peer ms / jsae
+    ms}, "best_peer": name or None}`` (ratios > 1: jsae is faster)."""
+    log(f"\n== {arch} ==")
+    entries: list[Entry] = []
+    sparse_arch = arch in SPARSE
+    entries.append(Entry("jsae" + ("-fast" if sparse_arch else ""),
+                         JsaeRunner(arch, B, d, F, k, dtype, fast=sparse_arch, mesh=mesh,
+                                    topk_chunk=topk_chunk)))
+    if sparse_arch and reference:
+        entries.append(Entry("jsae-reference", JsaeRunner(arch, B, d, F, k, dtype, fast=False,
+                                                          mesh=mesh)))
+    n_jsae = len(entries)
+    peers_wanted = []
+    if "saelens" in peers:
+        peers_wanted.append(("saelens", lambda: SAELensRunner(arch, B, d, F, k, dtype=dtype)))
+        if arch == "topk" and saelens_sparse:
+            peers_wanted.append(("saelens-sparse",
+                                 lambda: SAELensRunner(arch, B, d, F, k, sparse=True, dtype=dtype)))
+    if "torch" in peers and arch == "topk":
+        peers_wanted.append(("torch-topk-embbag", lambda: TorchTopKRunner(B, d, F, k, dtype=dtype)))
+    unavailable = {}
+    for name, make in peers_wanted:
+        try:
+            entries.append(Entry(name, make()))
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            unavailable[name] = why
+            log(f"({name} unavailable: {why})")
+    for _ in range(rounds):
+        for e in entries:
+            e.times.append(e.runner.run(steps))
+    best_jsae = min(entries[:n_jsae], key=lambda e: e.ms)
+    for e in entries:
+        tok = B / (e.ms / 1e3)
+        rel = f"  jsae/this {e.ms / best_jsae.ms:.2f}x" if e is not best_jsae else ""
+        log(f"{e.name:20s} {e.ms:9.1f} ms/step  {tok:12,.0f} tokens/s"
+            f"  (rounds: {', '.join(f'{1e3 * t:.0f}' for t in e.times)} ms){rel}")
+    out = {"ms": {e.name: e.ms for e in entries},
+           "rounds_ms": {e.name: [1e3 * t for t in e.times] for e in entries},
+           "unavailable": unavailable,
+           "ratios": {e.name: e.ms / entries[0].ms for e in entries[n_jsae:]}, "best_peer": None}
+    if entries[n_jsae:]:
+        best_peer = min(entries[n_jsae:], key=lambda e: e.ms)
+        out["best_peer"] = best_peer.name
+        log(f"{arch}: ratio jsae/{best_peer.name} tokens_per_s: {best_peer.ms / entries[0].ms:.2f}")
+    for e in entries:  # free memory before the next architecture
+        e.runner = None
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["topk"],
-                    choices=["topk", "batchtopk", "relu", "jumprelu", "gated"])
+                    choices=["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka"])
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--d-in", type=int, default=768)
     ap.add_argument("--d-sae", type=int, default=12288)
@@ -420,47 +498,11 @@ def main(argv=None) -> int:
 
     headline = None
     for arch in args.arch:
-        print(f"\n== {arch} ==")
-        entries: list[Entry] = []
-        sparse_arch = arch in ("topk", "batchtopk")
-        entries.append(Entry("jsae" + ("-fast" if sparse_arch else ""),
-                             JsaeRunner(arch, B, d, F, k, args.dtype, fast=sparse_arch,
-                                        mesh=mesh, topk_chunk=args.topk_chunk)))
-        if sparse_arch and not args.no_reference:
-            entries.append(Entry("jsae-reference", JsaeRunner(arch, B, d, F, k, args.dtype,
-                                                              fast=False, mesh=mesh)))
-        n_jsae = len(entries)
-        peers_wanted = []
-        if "saelens" in args.peers:
-            peers_wanted.append(("saelens", lambda a=arch: SAELensRunner(a, B, d, F, k)))
-            if arch == "topk":
-                peers_wanted.append(("saelens-sparse",
-                                     lambda a=arch: SAELensRunner(a, B, d, F, k, sparse=True)))
-        if "torch" in args.peers and arch == "topk":
-            peers_wanted.append(("torch-topk-embbag", lambda: TorchTopKRunner(B, d, F, k)))
-        for name, make in peers_wanted:
-            try:
-                entries.append(Entry(name, make()))
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                print(f"({name} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        for _ in range(args.rounds):
-            for e in entries:
-                e.times.append(e.runner.run(args.steps))
-        best_jsae = min(entries[:n_jsae], key=lambda e: e.ms)
-        for e in entries:
-            tok = B / (e.ms / 1e3)
-            rel = f"  jsae/this {e.ms / best_jsae.ms:.2f}x" if e is not best_jsae else ""
-            print(f"{e.name:20s} {e.ms:9.1f} ms/step  {tok:12,.0f} tokens/s"
-                  f"  (rounds: {', '.join(f'{1e3 * t:.0f}' for t in e.times)} ms){rel}")
-        peers = entries[n_jsae:]
-        if peers:
-            best_peer = min(peers, key=lambda e: e.ms)
-            ratio = best_peer.ms / entries[0].ms
-            print(f"{arch}: ratio jsae/{best_peer.name} tokens_per_s: {ratio:.2f}")
-            if headline is None:
-                headline = ratio
-        for e in entries:  # free memory before the next architecture
-            e.runner = None
+        res = compare(arch, B, d, F, k, args.dtype, peers=args.peers, rounds=args.rounds,
+                      steps=args.steps, reference=not args.no_reference, mesh=mesh,
+                      topk_chunk=args.topk_chunk)
+        if res["best_peer"] and headline is None:
+            headline = res["ratios"][res["best_peer"]]
     load1 = os.getloadavg()
     print(f"\nload average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     if headline is not None:

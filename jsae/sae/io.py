@@ -30,10 +30,17 @@ WEIGHTS = "sae.safetensors"
 
 
 def save_sae(sae: SAE, path: str | Path, metadata: dict | None = None, *,
-             owner: str = "jsae") -> Path:
-    """Write ``sae`` (host or single-process arrays) to the folder ``path``, atomically."""
+             owner: str = "jsae", dtype: str = "float32") -> Path:
+    """Write ``sae`` (host or single-process arrays) to the folder ``path``, atomically.
+    ``dtype="float16"`` halves the file (a dictionary to copy off a machine); `load_sae` gives
+    the parameters back in the stored dtype."""
+    store = np.dtype(dtype)
+    if store not in (np.float32, np.float16):
+        raise ValueError(f"save_sae stores float32 or float16, not {dtype}")
+
     def write(tmp: Path) -> None:
-        tensors = {k: np.asarray(jax.device_get(v), np.float32) for k, v in sae.params.items()}
+        tensors = {k: np.asarray(jax.device_get(v), np.float32).astype(store)
+                   for k, v in sae.params.items()}
         tensors["norm_scale"] = np.asarray(jax.device_get(sae.norm_scale), np.float32).reshape(())
         save_file(tensors, str(tmp / WEIGHTS))
         return {WEIGHTS: file_record(tmp / WEIGHTS)}
