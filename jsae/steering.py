@@ -245,9 +245,9 @@ def _edit_layer(mode: str, keep_error: bool, sae: SAE, features: Array, dirs: Ar
     harmless because their features never write to layer ``j``. ``dirs [n_f, d]``: each
     feature's raw write to layer ``j``."""
     j = len(srcs) - 1
-    n_layers = get_arch(sae.spec.architecture).n_hooks(sae.spec)
+    n_hooks = get_arch(sae.spec.architecture).n_hooks(sae.spec)
     x = jnp.stack([s.astype(jnp.float32) for s in srcs], axis=-2)  # [..., j+1, d]
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, n_layers - x.shape[-2]), (0, 0)])
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, n_hooks - x.shape[-2]), (0, 0)])
     z = encode(sae, x)
     z_f = jnp.take(z, features, axis=-1)
     new = jnp.broadcast_to(values, z_f.shape) if mode == "clamp" else z_f * values
