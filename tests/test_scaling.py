@@ -138,7 +138,7 @@ def test_joint_fit_recovers_exponents_and_optimum():
     assert j["beta"] == pytest.approx(beta, rel=0.05)
     assert j["n_exponent"] == pytest.approx(beta / (alpha + beta), abs=0.03)
     assert j["d_exponent"] == pytest.approx(alpha / (alpha + beta), abs=0.03)
-    assert 0 < j["n_exponent_sd"] < 0.05 and j["bootstrap"] == 10
+    assert 0 < j["n_exponent_sd"] < 0.05 and j["bootstrap"] == 10 and j["at_bound"] == []
     # the optimum is a minimum on the budget line: neighbours on it are worse
     no, do = fit.optimal_allocation(j, fpt, [1e14])
     on_line = lambda m: fit.joint_loss(j, m, 1e14 / fpt(m))  # noqa: E731

@@ -78,6 +78,9 @@ def _report(result: dict, out) -> None:
         print(f"optimal features N* ~ C^{j['n_exponent']:.3f} +- {j['n_exponent_sd']:.3f}, "
               f"tokens D* ~ C^{j['d_exponent']:.3f} +- {j['d_exponent_sd']:.3f} "
               f"(bootstrap sd, {j['bootstrap']} refits)")
+        if j["at_bound"]:
+            print(f"warning: {' and '.join(j['at_bound'])} reached the fit's bound: these runs "
+                  "do not constrain it (train longer or over more sizes)")
     else:
         print(f"joint fit skipped: {j['skipped']}")
     r = result.get("recommendation")

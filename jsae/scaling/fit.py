@@ -105,6 +105,7 @@ def fit_loglog(x, y) -> dict:
 
 
 JOINT_PARAMS = ("E", "A", "alpha", "B", "beta")
+EXP_MAX = 3.0  # the joint fit's exponents lie in [0, EXP_MAX]
 
 
 def _joint_once(ln, ld, loss, starts) -> np.ndarray:
@@ -120,7 +121,7 @@ def _joint_once(ln, ld, loss, starts) -> np.ndarray:
     best = None
     for p0 in starts:
         res = least_squares(resid, p0, bounds=([-np.inf, -np.inf, 0.0, -np.inf, 0.0],
-                                               [np.inf, np.inf, 3.0, np.inf, 3.0]))
+                                               [np.inf, np.inf, EXP_MAX, np.inf, EXP_MAX]))
         if best is None or res.cost < best.cost:
             best = res
     return best.x
@@ -192,6 +193,8 @@ def fit_joint(n, d, loss, flops_per_token, compute_range, *, bootstrap: int = 10
     out = {k: float(v) for k, v in params.items()}
     resid = np.log(joint_loss(params, n, d)) - np.log(loss)
     out["rel_rmse"] = float(np.sqrt(np.mean(resid**2)))
+    # an exponent on its bound (0 or EXP_MAX) is not measured: the points do not constrain it
+    out["at_bound"] = [k for k in ("alpha", "beta") if not 1e-6 < out[k] < EXP_MAX - 1e-3]
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(bootstrap):
