@@ -170,3 +170,24 @@ def test_scaling_bad_input_is_one_line_and_writes_nothing(sweep, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_scaling_refuses_folders_without_points_or_of_another_model(sweep, tmp_path, capsys):
+    import shutil
+
+    def variant(name, edit):
+        dst = tmp_path / name
+        shutil.copytree(sweep[0] / "saes" / "synthetic", dst)
+        info = json.loads((dst / "sae.json").read_text())
+        edit(info["metadata"])
+        (dst / "sae.json").write_text(json.dumps(info))
+        return str(dst)
+
+    no_points = variant("np", lambda m: m.pop("scaling"))
+    other = variant("om", lambda m: m.update(model_name="another-model"))
+    out = tmp_path / "never"
+    for bad, says in ((no_points, "no held-out points"), (other, "model")):
+        assert cli.main(["scaling", bad, str(sweep[1]), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert not out.exists()
