@@ -145,3 +145,25 @@ def test_families_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err, err
     assert not out.exists()
+
+
+def test_families_reads_a_harvest_cache_sample(planted, tmp_path):
+    """--activations CACHE: the cache's held-out rows give the same co-activation as the array."""
+    from jsae.data.cache import CacheWriter
+
+    decs, _, x = planted
+    hook = "blocks.0.hook_resid_post"
+    w = CacheWriter(tmp_path / "c", {"model": "tiny", "hooks": [hook], "d_in": {hook: D},
+                                    "dtype": "float32"})
+    w.write_shard("train", {hook: x[:64]})
+    w.write_shard("eval", {hook: x})
+    w.mark_complete("train")
+    w.mark_complete("eval")
+    paths = _save(tmp_path, decs[:2])
+    np.save(tmp_path / "x.npy", x)
+    for src, out in ((tmp_path / "c", "a"), (tmp_path / "x.npy", "b")):
+        assert cli.main(["families", *paths, "--out", str(tmp_path / out), "--min-cos", "0.6",
+                         "--activations", str(src)]) == 0
+    a, b = (json.loads((tmp_path / o / "families.json").read_text()) for o in "ab")
+    assert a["sample_tokens"] == b["sample_tokens"] == 600
+    assert a["levels"][0]["p_parent"] == b["levels"][0]["p_parent"]

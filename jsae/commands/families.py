@@ -5,8 +5,8 @@ Each RUN is a run directory or an SAE folder (a family member's ``saes/<hook>/<n
 on the same hook of the same model; they are ordered by size. Each dictionary's features are
 matched to the next smaller one's by decoder cosine (exact: every pair is compared); a match
 below ``--min-cos`` leaves a feature without a parent. The trees start at the smallest
-dictionary's features. With ``--activations X.npy`` (rows of the hook's activations, e.g. saved
-from a harvest) the match is also read from co-activation (how often the parent fires where the
+dictionary's features. With ``--activations`` (a ``.npy`` of the hook's activations, or a
+`jsae harvest` cache: its held-out rows, ``--sample`` of them, default 16,384) the match is also read from co-activation (how often the parent fires where the
 child does, and which parent fires most with it) and each split is scored by how much of the
 parent's firing its children's union covers. Writes ``families.json`` and ``families.png``.
 """
@@ -38,8 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hook", default=None, help="the hook, for runs that train several")
     p.add_argument("--min-cos", type=_cosine, default=0.5,
                    help="the least decoder cosine for a match (default 0.5)")
-    p.add_argument("--activations", default=None, metavar="X.npy",
-                   help="activation sample [tokens, d_in] for co-activation and coverage")
+    p.add_argument("--activations", default=None, metavar="X.npy|CACHE",
+                   help="activation sample for co-activation and coverage: a .npy array "
+                   "[tokens, d_in], or a `jsae harvest` cache (its held-out rows)")
     p.add_argument("--sample", type=positive_int, default=None,
                    help="use the first N rows of --activations")
     p.add_argument("--top", type=nonneg_int, default=20,
@@ -55,19 +56,20 @@ def run(args) -> int:
     from jsae import jsonsafe, outputs
     from jsae.scaling.members import read_members
     from jsae.scaling.plots import families_png
-    from jsae.scaling.splitting import families, read_sample
+    from jsae.scaling.splitting import cache_sample, families, read_sample
 
     out = Path(args.out)
     outputs.claim_folder(out, OWNER, overwrite=args.overwrite)
     members = read_members(args.runs, args.hook)
-    if args.activations:
+    x = None
+    if args.activations and outputs.is_cache_dir(Path(args.activations)):
+        x = cache_sample(args.activations, members[0].hook, args.sample)
+    elif args.activations:
         from jsae.sae.archs import get_arch
 
         spec = members[0].spec
         x = read_sample(args.activations, get_arch(spec.architecture).token_shape(spec),
                         args.sample)
-    else:
-        x = None
     saes = [m.load()[0] for m in members]
     result = families(members, saes, x, min_cos=args.min_cos, top=args.top)
     out.mkdir(parents=True, exist_ok=True)

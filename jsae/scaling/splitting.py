@@ -9,6 +9,24 @@ from jsae.errors import BadInput
 from jsae.scaling import families as fam
 from jsae.scaling.members import Member
 
+CACHE_SAMPLE = 16384  # held-out rows read from a cache when --sample is not given
+
+
+def cache_sample(path, key: str, n: int | None) -> np.ndarray:
+    """The first ``n`` held-out rows of a `jsae harvest` cache for the dictionary keyed ``key``
+    (one hook ``[n, d]``; several stacked ``[n, L, d]``), read as training reads them."""
+    from jsae.config import DataConfig, ModelConfig, RunConfig
+    from jsae.data.cache import CacheActivationSource
+    from jsae.runs import input_hooks, stack_hooks
+
+    cfg = RunConfig(data=DataConfig(source="cache", path=str(path)),  # what the source reads
+                    model=ModelConfig(hooks=input_hooks(key)))
+    want = n or CACHE_SAMPLE
+    parts = [stack_hooks(b, key) for b in CacheActivationSource(cfg).eval_batches(want, 4096)]
+    if not parts:
+        raise BadInput(f"{path}: the cache has no held-out rows")
+    return np.concatenate(parts).astype(np.float32)
+
 
 def read_sample(path, token_shape: tuple[int, ...], n: int | None) -> np.ndarray:
     """An activation sample ``[T, *token_shape]`` (``[T, d_in]``; a dictionary reading several
@@ -92,4 +110,4 @@ def _level_record(lv: dict, small: Member, large: Member) -> dict:
     return rec
 
 
-__all__ = ["families", "read_sample"]
+__all__ = ["cache_sample", "families", "read_sample"]
