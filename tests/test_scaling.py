@@ -191,3 +191,45 @@ def test_scaling_refuses_folders_without_points_or_of_another_model(sweep, tmp_p
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
     assert not out.exists()
+
+
+class _TwoHooks:
+    """Two hooks fed from one synthetic stream (the second scaled), for a run of two SAEs."""
+
+    def __init__(self):
+        from jsae.data.sources import SyntheticSource
+
+        self.src = SyntheticSource(D_IN, 96, 3, seed=0)
+        self.hooks, self.d_in = ["a", "b"], {"a": D_IN, "b": D_IN}
+
+    def _two(self, b):
+        x = b["synthetic"]
+        return {"a": x, "b": 2.0 * x[:, ::-1].copy()}
+
+    def next_batch(self, n):
+        return self._two(self.src.next_batch(n))
+
+    def eval_batches(self, n_tokens, batch_size):
+        return (self._two(b) for b in self.src.eval_batches(n_tokens, batch_size))
+
+    def state(self):
+        return self.src.state()
+
+    def restore(self, state):
+        self.src.restore(state)
+
+
+def test_points_of_a_run_with_several_dictionaries(tmp_path):
+    """metrics.csv holds eval_<hook>/<metric> columns; each dictionary gets its own points."""
+    from jsae.train import Run, Trainer
+
+    raw = _raw(tmp_path / "two", 32, steps=16, at_tokens=[256, 1024])
+    raw["model"] = {"hooks": ["a", "b"]}
+    cfg = from_dict(raw)
+    summary = Run(cfg, log=lambda s: None).train(Trainer(cfg, _TwoHooks()))
+    for h in ("a", "b"):
+        pts = summary["scaling"][h]["points"]
+        assert [p["step"] for p in pts] == [2, 8, 16]
+        assert pts[-1]["fvu"] == summary["heldout"][h]["fvu"]
+        assert all(0 < p["fvu"] < 2 and p["eval_tokens"] == 1024 for p in pts)
+    assert summary["scaling"]["a"]["points"][0]["fvu"] != summary["scaling"]["b"]["points"][0]["fvu"]
