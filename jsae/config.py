@@ -150,6 +150,8 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class EvalConfig:
     every_steps: Optional[int] = None  # periodic evaluation during training
+    # held-out evaluation at these token counts (a list, or 'log:N'), for `jsae scaling`
+    at_tokens: Optional[Union[list[int], str]] = None
     tokens: int = 16384
     downstream_tokens: Optional[int] = None  # CE/KL tokens (default: 4096 on CPU, else tokens)
     batch_size: int = 8  # contexts per LM pass for downstream metrics
@@ -405,6 +407,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(s.dead_after_tokens > 0, "sae.dead_after_tokens", "must be a positive integer")
     e = cfg.eval
     need(e.tokens > 0, "eval.tokens", f"must be a positive integer, got {e.tokens}")
+    if e.at_tokens is not None:
+        from jsae.train.eval_points import at_steps
+
+        try:
+            at_steps(e.at_tokens, t.batch_size, cfg.resolved_steps())
+        except ValueError as err:
+            need(False, "eval.at_tokens", str(err))
     need(e.batch_size > 0, "eval.batch_size", f"must be a positive integer, got {e.batch_size}")
     need(e.show_features >= 0, "eval.show_features", "must be >= 0 (0: show none)")
     need(e.show_features_contexts > 0, "eval.show_features_contexts",

@@ -223,6 +223,24 @@ def load_sae(path: str | Path) -> tuple[SAE, dict]:
     return SAE(params=params, norm_scale=jnp.asarray(scale), spec=spec), meta
 
 
+def read_spec(path: str | Path) -> tuple[SAESpec, dict]:
+    """(spec, metadata) from an SAE folder's sae.json alone, checked, without reading the
+    weights (what a command needs to compare dictionaries' shapes and read their records)."""
+    from jsae import validate as v
+
+    meta_file = Path(path) / "sae.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"not a jsae SAE folder: {meta_file} is missing")
+    info = v.mapping(v.read_json(meta_file, "SAE metadata"), "", meta_file)
+    if info.get("format") != FORMAT:
+        raise FileFormatError(f"{meta_file}: unknown format {info.get('format')!r}; expected "
+                              f"{FORMAT}")
+    meta = info.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise v.bad(meta_file, "field 'metadata'", f"is {type(meta).__name__}; expected an object")
+    return _checked_spec(info, meta_file), meta
+
+
 def _checked_spec(info: dict, meta_file: Path) -> SAESpec:
     """sae.json's spec, its fields typed and in range (a hand-edited or damaged spec is refused
     in one line naming the field)."""

@@ -28,6 +28,7 @@ from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
 from jsae.train.divergence import DivergenceGuard, TrainingDiverged
+from jsae.train.eval_points import at_steps
 from jsae.train.metrics_log import flatten_metrics
 from jsae.train.optim import lr_schedule, make_optimizer, sparsity_schedule
 from jsae.train.state import TrainState, init_state
@@ -153,6 +154,8 @@ class Trainer:
         self.layers = _set_layers(cfg, self.inputs)
         self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
         self.total_steps = cfg.resolved_steps()
+        # steps of eval.at_tokens: held-out points for scaling laws (the last is the final eval)
+        self.eval_at = set(at_steps(cfg.eval.at_tokens, cfg.train.batch_size, self.total_steps))
         self.specs = {h: spec_from_config(cfg, source.d_in[self.inputs[h][0]],
                                           n_hooks=len(self.inputs[h])) for h in self.hooks}
         _check_widths(cfg, self.inputs, self.targets, source.d_in)
@@ -384,7 +387,8 @@ class Trainer:
                     l0=f"{float(h0['l0']):.1f}", dead=f"{float(h0['dead_frac']):.2f}",
                     tok_s=f"{tok_s:,.0f}",
                 )
-            if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < self.total_steps:
+            periodic = bool(cfg.eval.every_steps) and done % cfg.eval.every_steps == 0
+            if (periodic or done in self.eval_at) and done < self.total_steps:
                 # every process evaluates (collectives); the callback decides who writes
                 ev = eval_fn(self, states) if eval_fn else flatten_metrics(self.evaluate(states), multi)
                 if on_metrics is not None:

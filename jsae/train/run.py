@@ -111,8 +111,13 @@ class Run:
                      "or the SAE's reconstruction are not finite, or no held-out token was "
                      "evaluated; written as null")
         summary: dict[str, Any] = {"steps": steps, "heldout": final}
+        scaling = self._scaling_points(trainer, final) if self.is_main else {}
+        if scaling:
+            summary["scaling"] = scaling
         for h in trainer.hooks:  # every process takes part in the fetches; process 0 writes
             meta = {**trainer.metadata(h), "steps": steps, "heldout": final[h]}
+            if h in scaling:  # the points travel with the dictionary (`jsae scaling` on a folder)
+                meta["scaling"] = scaling[h]
             save_sae_from_mesh(fitted.states[h].sae, self.dir / "saes" / sae_dirname(h),
                                write=self.is_main, metadata=meta)
         record = trainer.set_record()
@@ -129,6 +134,38 @@ class Run:
                 summary["plot"] = str(png) if png else None
             jsonsafe.write(self.dir / "summary.json", summary)
         return summary
+
+    def _scaling_points(self, trainer: Trainer, final: dict) -> dict[str, dict]:
+        """Per dictionary, its held-out points at ``eval.at_tokens`` (`jsae scaling`): the
+        eval_* rows of metrics.csv at those steps (also those logged before a resume) and the
+        final held-out metrics, each with its tokens and training FLOPs; {} without
+        ``eval.at_tokens``."""
+        if not trainer.eval_at:
+            return {}
+        from jsae.scaling.flops import flops_per_token
+        from jsae.train.metrics_log import read_metrics
+
+        csv_path = self.dir / "metrics.csv"
+        cols = read_metrics(csv_path) if csv_path.is_file() else {}
+        multi, bs, steps = len(trainer.hooks) > 1, self.cfg.train.batch_size, trainer.total_steps
+        out = {}
+        for h in trainer.hooks:
+            per_token = flops_per_token(trainer.specs[h])
+            prefix = f"eval_{h}/" if multi else "eval_"
+            names = [c for c in cols if c.startswith(prefix) and "/" not in c[len(prefix):]]
+            rows = {}
+            for i, step in enumerate(cols.get("step", [])):
+                vals = {c[len(prefix):]: cols[c][i] for c in names}
+                if int(step) in trainer.eval_at and int(step) < steps and vals and \
+                        any(v == v for v in vals.values()):  # all nan: a training row
+                    rows[int(step)] = vals
+            rows[steps] = {k: float(v) for k, v in final[h].items()}
+            for r in rows.values():  # the held-out rows evaluated, not the tokens trained on
+                r["eval_tokens"] = r.pop("tokens", None)
+            out[h] = {"batch_size": bs, "flops_per_token": per_token,
+                      "points": [{**rows[s], "step": s, "tokens": s * bs,
+                                  "flops": s * bs * per_token} for s in sorted(rows)]}
+        return out
 
     # ---- after ----------------------------------------------------------------------------
     def close(self) -> None:
