@@ -30,41 +30,57 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e ".[test,torch,demo,atlas,vision,notebook]"
 
-if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; then
-  if "$PY" -m venv --system-site-packages .ci-saelens \
-     && "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .ci-saelens/pin.txt \
-     && .ci-saelens/bin/pip install -q -c .ci-saelens/pin.txt "sae-lens==6.54.12"; then
-    export JSAE_SAELENS_PYTHON="$PWD/.ci-saelens/bin/python"
-  else
-    echo "sae-lens could not be installed; the SAELens round-trip test will skip"
-  fi
-fi
-
+# The side venvs are independent once this environment is installed: they build at once (each
+# is mostly downloading), each one's output in .ci-<name>.log, and a failed one only skips its tests.
+build_saelens() {
+  "$PY" -m venv --system-site-packages .ci-saelens \
+    && "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .ci-saelens/pin.txt \
+    && .ci-saelens/bin/pip install -q -c .ci-saelens/pin.txt "sae-lens==6.54.12"
+}
 # circuit-tracer 0.5.0 needs transformers<=4.57.3 (this environment has 5.x), so its venv does not
 # see this one's packages; torch is pinned (a constraints file) to the CPU build installed first.
-if [ "${JSAE_WITH_CIRCUIT_TRACER:-0}" = "1" ] && [ -z "${JSAE_CIRCUIT_TRACER_PYTHON:-}" ]; then
-  CT=.ci-circuit-tracer
-  if "$PY" -m venv "$CT" && echo "$TORCH_PIN" > "$CT/pin.txt" \
-     && { "$CT/bin/python" -c "import torch" 2>/dev/null || install_torch "$CT/bin/python"; } \
-     && "$CT/bin/pip" install -q -c "$CT/pin.txt" "circuit-tracer==0.5.0" "nnsight==0.6.3" \
-        "transformers<=4.57.3"; then
-    export JSAE_CIRCUIT_TRACER_PYTHON="$PWD/$CT/bin/python"
-  else
-    echo "circuit-tracer could not be installed; the circuit-tracer round-trip test will skip"
-  fi
+build_circuit_tracer() {
+  local CT=.ci-circuit-tracer
+  "$PY" -m venv "$CT" && echo "$TORCH_PIN" > "$CT/pin.txt" \
+    && { "$CT/bin/python" -c "import torch" 2>/dev/null || install_torch "$CT/bin/python"; } \
+    && "$CT/bin/pip" install -q -c "$CT/pin.txt" "circuit-tracer==0.5.0" "nnsight==0.6.3" \
+       "transformers<=4.57.3"
+}
+# Google's `gemma` library for the parity tests: its normal install resolves for ages and pulls
+# TensorFlow, so it goes in --no-deps with pinned pieces (tests/test_gemma_lib.py explains).
+build_gemma() {
+  "$PY" -m venv --system-site-packages .ci-gemma \
+    && .ci-gemma/bin/pip install -q --no-deps "gemma==3.3.0" "kauldron==1.4.2" "clu==0.0.12" \
+       "ml_collections==1.1.0" "lark==1.3.1" "typeguard==4.6.1" "jaxtyping==0.3.11" "sentencepiece==0.2.3"
+}
+declare -A BUILDS=()
+if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; then
+  build_saelens > .ci-saelens.log 2>&1 & BUILDS[saelens]=$!
 fi
-
-# Google's `gemma` library for the parity tests, in a side venv: its normal install resolves for ages
-# and pulls TensorFlow, so it goes in --no-deps with pinned pieces (tests/test_gemma_lib.py explains).
-GEMMA_PY=""
+if [ "${JSAE_WITH_CIRCUIT_TRACER:-0}" = "1" ] && [ -z "${JSAE_CIRCUIT_TRACER_PYTHON:-}" ]; then
+  build_circuit_tracer > .ci-circuit-tracer.log 2>&1 & BUILDS[circuit_tracer]=$!
+fi
 if [ $# -eq 0 ] || [ "${JSAE_WITH_GEMMA:-0}" = "1" ]; then
-  if "$PY" -m venv --system-site-packages .ci-gemma \
-     && .ci-gemma/bin/pip install -q --no-deps "gemma==3.3.0" "kauldron==1.4.2" "clu==0.0.12" \
-        "ml_collections==1.1.0" "lark==1.3.1" "typeguard==4.6.1" "jaxtyping==0.3.11" "sentencepiece==0.2.3"; then
-    GEMMA_PY="$PWD/.ci-gemma/bin/python"
+  build_gemma > .ci-gemma.log 2>&1 & BUILDS[gemma]=$!
+fi
+GEMMA_PY=""
+for name in "${!BUILDS[@]}"; do
+  if wait "${BUILDS[$name]}"; then
+    case $name in
+      saelens) export JSAE_SAELENS_PYTHON="$PWD/.ci-saelens/bin/python" ;;
+      circuit_tracer) export JSAE_CIRCUIT_TRACER_PYTHON="$PWD/.ci-circuit-tracer/bin/python" ;;
+      gemma) GEMMA_PY="$PWD/.ci-gemma/bin/python" ;;
+    esac
   else
-    echo "the gemma library could not be installed; its parity tests skip"
+    echo "the $name side venv could not be installed (.ci-${name//_/-}.log); its tests skip"
+    tail -n 5 ".ci-${name//_/-}.log" || true
   fi
+done
+
+# JSAE_WAIT_FOR=FILE: wait (up to 10 min) for FILE before the tests; CI installs the browser for
+# the atlas site tests meanwhile and touches FILE when done.
+if [ -n "${JSAE_WAIT_FOR:-}" ]; then
+  for _ in $(seq 600); do [ -e "$JSAE_WAIT_FOR" ] && break; sleep 1; done
 fi
 
 "$PY" -m ruff check jsae tests benchmarks tools
