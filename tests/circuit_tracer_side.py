@@ -80,6 +80,11 @@ from circuit_tracer.replacement_model.replacement_model_transformerlens import T
 from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 from circuit_tracer.attribution.attribute import attribute
 from circuit_tracer.graph import prune_graph, compute_graph_scores
+if S.get("keep_rotary_tables"):
+    # circuit-tracer shares one rotary table across layers (`_deduplicate_attention_buffers`,
+    # a memory saving), which gives Gemma 3's local layers (base 10k) the global base (1M);
+    # keeping each layer's own table leaves circuit-tracer's attribution as it is
+    RM._deduplicate_attention_buffers = lambda self: None
 def build(tc=None):  # ReplacementModel.from_config, with the weights loaded before wrapping
     m = RM(tl_cfg, tokenizer=tok)
     m.load_and_process_state_dict(convert_gemma_weights(hf, tl_cfg), fold_ln=False,

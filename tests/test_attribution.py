@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from test_steering_helpers import tiny_params
 
 from jsae.circuits import dictionaries as dicts
-from jsae.circuits.attribute import attribute
+from jsae.circuits.attribution import attribute
 from jsae.circuits.intervene import intervene
 from jsae.circuits.prune import compute_influence, graph_scores, normalize_matrix, prune
 from jsae.circuits.replacement import freeze, frozen_forward, ones_like_sources

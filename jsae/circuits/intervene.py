@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.circuits import dictionaries as dicts
-from jsae.circuits.attribute import prompt_tokens
+from jsae.circuits.attribution import prompt_tokens
 from jsae.errors import BadInput
 from jsae.models.transformer import ReadsHook, forward
 

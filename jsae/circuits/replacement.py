@@ -16,7 +16,7 @@ position 0's MLP outputs, norm biases), to every active feature's pre-activation
 x_in[l_s, p_s] + b_enc_s`` and every logit target's demeaned logit ``(W_U[:, v] - mean_v W_U) .
 ln_final(x)[-1]`` (before any soft cap). A skip connection ``x_in W_skip`` stays in the linear
 path, as circuit-tracer keeps it. At c = 1 it reproduces the real model's values exactly; its
-Jacobian is the attribution graph: ``adjacency[t, s] = d target_t / d c_s`` (`jsae.circuits.attribute`).
+Jacobian is the attribution graph: ``adjacency[t, s] = d target_t / d c_s`` (`jsae.circuits.attribution`).
 
 Shapes (T positions, L layers, H heads, n active features padded to ``n_pad``, W decoder rows
 per feature, K logit targets padded to ``k_pad``) are in `Frozen`.
@@ -304,11 +304,11 @@ def freeze(cfg: TransformerConfig, params, dic: Dictionaries, tokens, *, max_log
 # ---- the frozen forward -----------------------------------------------------------------------
 
 
-def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
-                   c_emb: Array, *, return_inputs: bool = False):
-    """(pre-activations [n_pad], demeaned logits [k_pad]) of the frozen replacement model with
-    the source nodes scaled by ``c_feat [n_pad]``, ``c_err [L, T]``, ``c_emb [T]`` (module
-    docstring). ``return_inputs`` adds the transcoders' inputs ``x_in [L, T, d]``."""
+def frozen_states(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
+                  c_emb: Array) -> tuple[Array, Array]:
+    """(the transcoders' inputs ``x_in [L, T, d]``, the final normed residual of the last
+    position ``h [d]``) of the frozen model with the sources scaled by ``c_feat [n_pad]``,
+    ``c_err [L, T]``, ``c_emb [T]``: what every target reads (module docstring)."""
     L, T = fz.n_layers, fz.n_pos
     D = fz.emb.shape[-1]
     x = fz.x0_const + c_emb[:, None] * fz.emb
@@ -330,7 +330,15 @@ def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_
             out = out + x_in @ fz.skip[i]
         x = x + out
     h = frozen_norm(cfg, params["final_norm"], x[-1], fz.r_final[-1])
-    x_in = jnp.stack(x_ins)
+    return jnp.stack(x_ins), h
+
+
+def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
+                   c_emb: Array, *, return_inputs: bool = False):
+    """(pre-activations [n_pad], demeaned logits [k_pad]) of the frozen replacement model with
+    the source nodes scaled by ``c_feat``, ``c_err``, ``c_emb`` (`frozen_states`).
+    ``return_inputs`` adds the transcoders' inputs ``x_in [L, T, d]``."""
+    x_in, h = frozen_states(cfg, params, fz, c_feat, c_err, c_emb)
     pre = jnp.sum(fz.enc * x_in[fz.layer, fz.pos], -1) + fz.b_enc
     logit = fz.logit_vecs @ h + fz.logit_const
     return (pre, logit, x_in) if return_inputs else (pre, logit)
@@ -343,5 +351,6 @@ def ones_like_sources(fz: Frozen):
 
 
 __all__ = ["Frozen", "attention_patterns", "freeze", "frozen_attention", "frozen_forward",
+           "frozen_states",
            "frozen_norm", "logit_targets", "ones_like_sources", "token_embeddings",
            "unembedding"]

@@ -25,23 +25,27 @@ import numpy as np
 
 from jsae.circuits import dictionaries as dicts
 from jsae.circuits.graph import Graph
-from jsae.circuits.replacement import Frozen, freeze, frozen_forward, ones_like_sources
+from jsae.circuits.replacement import Frozen, freeze, frozen_states, ones_like_sources
 from jsae.errors import BadInput
 
 
 def _rows(cfg, params, fz: Frozen, ids):
-    """``[B, n_pad + L*T + T]``: the adjacency rows of targets ``ids [B]`` (index into the
-    concatenated ``[pre-activations (n_pad), logits (k_pad)]``)."""
-    c = ones_like_sources(fz)
-
-    def f(c_feat, c_err, c_emb):
-        pre, logit = frozen_forward(cfg, params, fz, c_feat, c_err, c_emb)
-        return jnp.concatenate([pre, logit])
-
-    out, vjp = jax.vjp(f, *c)
+    """``[B, n_pad + L*T + T]``: the adjacency rows of targets ``ids [B]`` (``< n_pad``: an
+    active feature, else logit target ``id - n_pad``). A target reads one linear function of
+    `frozen_states`, so its cotangent is built directly (a feature's encoder row at its layer
+    and position, a logit's demeaned unembedding) and one vjp gives its row."""
+    n_pad, L, T = fz.act.shape[0], fz.n_layers, fz.n_pos
+    (x_in, h), vjp = jax.vjp(lambda *c: frozen_states(cfg, params, fz, *c),
+                             *ones_like_sources(fz))
 
     def row(t):
-        g_feat, g_err, g_emb = vjp(jax.nn.one_hot(t, out.shape[0], dtype=out.dtype))
+        is_logit = t >= n_pad
+        f = jnp.minimum(t, n_pad - 1)
+        k = jnp.clip(t - n_pad, 0, fz.logit_vecs.shape[0] - 1)
+        at = jax.nn.one_hot(fz.layer[f] * T + fz.pos[f], L * T, dtype=x_in.dtype)
+        ct_x = jnp.where(is_logit, 0.0, at[:, None] * fz.enc[f][None]).reshape(x_in.shape)
+        ct_h = jnp.where(is_logit, fz.logit_vecs[k], 0.0)
+        g_feat, g_err, g_emb = vjp((ct_x, ct_h))
         return jnp.concatenate([g_feat, g_err.reshape(-1), g_emb])
 
     return jax.vmap(row)(ids)
