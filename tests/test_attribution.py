@@ -167,6 +167,20 @@ def test_graph_layout(tiny):
     assert not gc.adjacency[:gc.n_features, :gc.n_features][lc[:, None] <= lc[None, :]].any()
 
 
+def test_a_circuit_tracer_folder_gives_the_same_graph(tiny, tmp_path):
+    """The exported folder (what circuit-tracer reads) attributes as the SAEs do; progress
+    reports every row."""
+    model, sets, graphs = tiny
+    saes, outs = sets["plt"]
+    save_circuit_tracer(gather([(k, outs[k], s) for k, s in saes.items()], "tiny"), tmp_path / "ct")
+    seen = []
+    g = attribute(model, tmp_path / "ct", TOKENS, batch_size=32,
+                  progress=lambda done, total: seen.append((done, total)))
+    np.testing.assert_allclose(g.adjacency, graphs["plt"].adjacency, rtol=1e-4, atol=1e-5)
+    n_rows = g.n_features + g.n_logits
+    assert seen[-1] == (n_rows, n_rows) and len(seen) == -(-n_rows // 32)
+
+
 def test_targets_split_over_8_devices_give_the_same_graph(tiny):
     from jsae.parallel import make_mesh
 

@@ -304,6 +304,19 @@ def freeze(cfg: TransformerConfig, params, dic: Dictionaries, tokens, *, max_log
 # ---- the frozen forward -----------------------------------------------------------------------
 
 
+def _stacked_blocks(cfg: TransformerConfig, params) -> dict:
+    """The weights the frozen blocks use (norms, V and O), stacked over layers ``[L, ...]``."""
+    keep = {"ln1", "ln2", "ln1_post"}
+    attn = {"v", "o", "bv", "bo"}
+
+    def pick(b):
+        out = {k: v for k, v in b.items() if k in keep}
+        out["attn"] = {k: v for k, v in b["attn"].items() if k in attn}
+        return out
+
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[pick(b) for b in params["blocks"]])
+
+
 def frozen_states(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
                   c_emb: Array) -> tuple[Array, Array]:
     """(the transcoders' inputs ``x_in [L, T, d]``, the final normed residual of the last
@@ -315,22 +328,21 @@ def frozen_states(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_e
     w = (c_feat * fz.act)[:, None, None] * fz.dec  # [n, W, d]
     m = jnp.zeros((L * T, D), jnp.float32).at[fz.write.reshape(-1)].add(w.reshape(-1, D))
     m = m.reshape(L, T, D) + c_err[..., None] * fz.err + fz.mlp_const
-    x_ins = []
-    for i in range(L):
-        p = params["blocks"][i]
-        a = frozen_attention(cfg, p["attn"], frozen_norm(cfg, p["ln1"], x, fz.r1[i]),
-                             fz.patterns[i])
+
+    def layer(x, xs):  # one block, its weights and frozen scales sliced by lax.scan
+        p, pattern, r1, r1_post, r2, m_l, skip = xs
+        a = frozen_attention(cfg, p["attn"], frozen_norm(cfg, p["ln1"], x, r1), pattern)
         if cfg.post_norms:
-            a = frozen_norm(cfg, p["ln1_post"], a, fz.r1_post[i])
+            a = frozen_norm(cfg, p["ln1_post"], a, r1_post)
         x = x + a
-        x_in = _mlp_input(cfg, fz.site_in, p["ln2"], x, fz.r2[i])
-        x_ins.append(x_in)
-        out = m[i]
-        if fz.skip is not None:
-            out = out + x_in @ fz.skip[i]
-        x = x + out
+        x_in = _mlp_input(cfg, fz.site_in, p["ln2"], x, r2)
+        out = m_l if skip is None else m_l + x_in @ skip
+        return x + out, x_in
+
+    xs = (_stacked_blocks(cfg, params), fz.patterns, fz.r1, fz.r1_post, fz.r2, m, fz.skip)
+    x, x_ins = jax.lax.scan(layer, x, xs)  # one compiled block, whatever the depth
     h = frozen_norm(cfg, params["final_norm"], x[-1], fz.r_final[-1])
-    return jnp.stack(x_ins), h
+    return x_ins, h
 
 
 def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
