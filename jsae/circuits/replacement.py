@@ -178,6 +178,17 @@ def unembedding(cfg: TransformerConfig, params) -> Array:
     return params["embed"].T if cfg.tie_embeddings else params["unembed"]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def logit_vectors(cfg: TransformerConfig, params, ids: Array) -> Array:
+    """``[k, d]`` the unembedding columns of ``ids`` minus the mean column (circuit-tracer
+    demeans over the vocabulary), without transposing a tied embedding."""
+    if cfg.tie_embeddings:
+        table = params["embed"].astype(jnp.float32)  # [V, d]
+        return table[ids] - table.mean(0)[None]
+    w = params["unembed"].astype(jnp.float32)  # [d, V]
+    return w[:, ids].T - w.mean(1)[None]
+
+
 # ---- freezing a prompt ----------------------------------------------------------------------
 
 
@@ -271,8 +282,7 @@ def freeze(cfg: TransformerConfig, params, dic: Dictionaries, tokens, *, max_log
         a = np.asarray(a)
         return np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
 
-    W_U = unembedding(cfg, params).astype(jnp.float32)
-    vecs = W_U[:, ids].T - W_U.mean(-1)[None]  # circuit-tracer demeans over the vocabulary
+    vecs = logit_vectors(cfg, params, jnp.asarray(ids))
     bias = params.get("unembed_bias")
     const = (np.asarray(bias, np.float32)[ids] - float(np.mean(bias)) if bias is not None
              else np.zeros(len(ids), np.float32))
@@ -363,6 +373,6 @@ def ones_like_sources(fz: Frozen):
 
 
 __all__ = ["Frozen", "attention_patterns", "freeze", "frozen_attention", "frozen_forward",
-           "frozen_states",
+           "frozen_states", "logit_vectors",
            "frozen_norm", "logit_targets", "ones_like_sources", "token_embeddings",
            "unembedding"]
