@@ -318,3 +318,65 @@ def test_real_circuit_tracer_computes_the_same_graphs(tiny, tmp_path):
         attribute(model, saes, TOKENS, outputs=outs, batch_size=64)
         timings[name] = (round(time.perf_counter() - t0, 3), round(report[name]["seconds_warm"], 3))
     print("attribution seconds, warm (jsae, circuit-tracer):", timings)
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_matches_circuit_tracer(tmp_path):
+    """Gemma 3 270M (jsae's GGUF port; its weights handed to transformers as safetensors),
+    random JumpReLU transcoders on every layer's MLP: circuit-tracer finds the same features
+    and logit targets, the same adjacency (float32 tolerance), pruning and scores. Its
+    TransformerLens model keeps each layer's rotary table (`keep_rotary_tables`: its shared
+    table gives the local layers the global base)."""
+    import jsae.models as M
+
+    circuit_tracer_python()
+    lm = M.load("gemma-3-270m")
+    cfg = lm.cfg
+    toks = np.asarray(lm.tokenizer.encode("The capital of France is", add_bos=True), np.int32)
+    n_layers, d, n = cfg.n_layers, cfg.d_model, 256
+    ins = [f"blocks.{i}.mlp.hook_in" for i in range(n_layers)]
+    outs = {h: h.replace("mlp.hook_in", "hook_mlp_out") for h in ins}
+    acts = forward(cfg, lm.params, toks[None], capture=ins + list(outs.values())).activations
+    saes = {}
+    for i, h in enumerate(ins):  # codes of unit scale; ~5% fire; outputs at the MLP's scale
+        r = np.random.default_rng(i)
+        rms_in = float(np.sqrt(np.mean(np.asarray(acts[h][0, 1:], np.float64) ** 2)))
+        rms_out = float(np.sqrt(np.mean(np.asarray(acts[outs[h]][0], np.float64) ** 2)))
+        p = {"W_enc": r.standard_normal((d, n)) / np.sqrt(d),
+             "W_dec": r.standard_normal((n, d)) * 0.05 * rms_out,
+             "b_enc": np.zeros(n), "b_dec": np.zeros(d),
+             "log_threshold": np.log(r.uniform(1.2, 2.5, n))}
+        saes[h] = SAE(params={k: jnp.asarray(v, jnp.float32) for k, v in p.items()},
+                      norm_scale=jnp.asarray(1 / rms_in, jnp.float32),
+                      spec=SAESpec("jumprelu_transcoder", d, n))
+    g = attribute(lm, saes, toks, outputs=outs, batch_size=64)
+    save_file(params_to_hf(cfg, jax.device_get(lm.params)), str(tmp_path / "model.safetensors"))
+    save_circuit_tracer(gather([(h, outs[h], saes[h]) for h in ins], "gemma-3-270m"),
+                        tmp_path / "ct" / "plt")
+    np.save(tmp_path / "tokens.npy", toks)
+    hc = dict(vocab_size=cfg.vocab_size, hidden_size=d, intermediate_size=cfg.d_mlp,
+              num_hidden_layers=n_layers, num_attention_heads=cfg.n_heads,
+              num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+              sliding_window=cfg.sliding_window, query_pre_attn_scalar=cfg.head_dim,
+              rope_theta=cfg.rope_base, rope_local_base_freq=cfg.rope_local_base,
+              layer_types=["sliding_attention" if t == "local" else "full_attention"
+                           for t in cfg.layer_types],
+              rms_norm_eps=cfg.norm_eps, max_position_embeddings=64,  # TL's masks: n_ctx^2
+              bos_token_id=2, eos_token_id=1, pad_token_id=0,
+              hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    (tmp_path / "settings.json").write_text(json.dumps({
+        "hf_config": hc, "sets": ["plt"], "max_logits": 10, "logit_prob": 0.95,
+        "batch_size": 64, "keep_rotary_tables": True, "warm": False}))
+    report = run_circuit_tracer(ATTRIBUTION_SCRIPT, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    ref = np.load(tmp_path / "plt.npz")
+    np.testing.assert_array_equal(ref["active"], g.active_features)
+    assert 200 < g.n_features < 5000
+    np.testing.assert_array_equal(ref["logit_tokens"], g.logit_tokens)
+    A = ref["adjacency"]
+    np.testing.assert_allclose(g.adjacency, A, rtol=1e-3, atol=1e-5 * np.abs(A).max())
+    res = prune(g.__class__(**{**g.__dict__, "adjacency": A}))
+    np.testing.assert_array_equal(res.node_mask, ref["node_mask"])
+    np.testing.assert_array_equal(res.edge_mask, ref["edge_mask"])
+    np.testing.assert_allclose(graph_scores(g), (report["plt"]["replacement"],
+                                                 report["plt"]["completeness"]), rtol=1e-4)
