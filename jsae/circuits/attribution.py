@@ -25,15 +25,26 @@ import numpy as np
 
 from jsae.circuits import dictionaries as dicts
 from jsae.circuits.graph import Graph
-from jsae.circuits.replacement import Frozen, freeze, frozen_states, ones_like_sources
+from jsae.circuits.replacement import (
+    Frozen,
+    freeze,
+    frozen_states,
+    ones_like_sources,
+    truncate,
+)
 from jsae.errors import BadInput
 
 
-def _rows(cfg, params, fz: Frozen, ids):
+def _rows(cfg, params, fz: Frozen, ids, depth: int):
     """``[B, n_pad + L*T + T]``: the adjacency rows of targets ``ids [B]`` (``< n_pad``: an
     active feature, else logit target ``id - n_pad``). A target reads one linear function of
     `frozen_states`, so its cotangent is built directly (a feature's encoder row at its layer
-    and position, a logit's demeaned unembedding) and one vjp gives its row."""
+    and position, a logit's demeaned unembedding) and one vjp gives its row. Only the first
+    ``depth`` layers run (targets reading layers < depth; ``L`` for logits): as circuit-tracer
+    starts each backward at its batch's highest layer."""
+    L_all = fz.n_layers
+    if depth < L_all:
+        fz, params = truncate(fz, params, depth)
     n_pad, L, T = fz.act.shape[0], fz.n_layers, fz.n_pos
     (x_in, h), vjp = jax.vjp(lambda *c: frozen_states(cfg, params, fz, *c),
                              *ones_like_sources(fz))
@@ -46,12 +57,13 @@ def _rows(cfg, params, fz: Frozen, ids):
         ct_x = jnp.where(is_logit, 0.0, at[:, None] * fz.enc[f][None]).reshape(x_in.shape)
         ct_h = jnp.where(is_logit, fz.logit_vecs[k], 0.0)
         g_feat, g_err, g_emb = vjp((ct_x, ct_h))
+        g_err = jnp.pad(g_err, ((0, L_all - L), (0, 0)))  # layers not run: no effect
         return jnp.concatenate([g_feat, g_err.reshape(-1), g_emb])
 
     return jax.vmap(row)(ids)
 
 
-_rows_jit = jax.jit(_rows, static_argnums=(0,))
+_rows_jit = jax.jit(_rows, static_argnums=(0, 4))
 
 
 def _sharded_rows(mesh):
@@ -60,7 +72,7 @@ def _sharded_rows(mesh):
 
     split = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
     rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(_rows, static_argnums=(0,), in_shardings=(rep, rep, split),
+    return jax.jit(_rows, static_argnums=(0, 4), in_shardings=(rep, rep, split),
                    out_shardings=split)
 
 
@@ -86,6 +98,17 @@ def _progress_fn(progress, total: int):
     return update, bar
 
 
+def _depth(fz: Frozen, chunk: np.ndarray, n_pad: int) -> int:
+    """Layers a batch of targets needs, rounded up to a quarter of the model (at most four
+    compiled variants): the highest layer read + 1, all of them for a logit."""
+    L = fz.n_layers
+    if (chunk >= n_pad).any():
+        return L
+    need = int(np.asarray(jax.device_get(fz.layer))[chunk].max()) + 1
+    step = -(-L // 4)
+    return min(L, -(-need // step) * step)
+
+
 def compute_rows(cfg, params, fz: Frozen, n_features: int, n_logits: int, *, batch_size: int = 64,
                  mesh=None, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """(feature rows [n, n_sources_padded], logit rows [k, ...]) of the frozen model ``fz``."""
@@ -104,7 +127,7 @@ def compute_rows(cfg, params, fz: Frozen, n_features: int, n_logits: int, *, bat
             chunk = ids[start:start + batch_size]
             batch = np.zeros(batch_size, np.int32)  # padded with target 0; its rows dropped
             batch[:len(chunk)] = chunk
-            rows = run(cfg, params, fz, jnp.asarray(batch))
+            rows = run(cfg, params, fz, jnp.asarray(batch), _depth(fz, chunk, n_pad))
             out.append(np.asarray(jax.device_get(rows))[:len(chunk)])
             update(min(start + batch_size, total), total)
     finally:

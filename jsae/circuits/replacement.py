@@ -336,7 +336,9 @@ def frozen_states(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_e
     D = fz.emb.shape[-1]
     x = fz.x0_const + c_emb[:, None] * fz.emb
     w = (c_feat * fz.act)[:, None, None] * fz.dec  # [n, W, d]
-    m = jnp.zeros((L * T, D), jnp.float32).at[fz.write.reshape(-1)].add(w.reshape(-1, D))
+    # writes beyond the layers held (a truncated model, `truncate`) are dropped
+    m = jnp.zeros((L * T, D), jnp.float32).at[fz.write.reshape(-1)].add(w.reshape(-1, D),
+                                                                       mode="drop")
     m = m.reshape(L, T, D) + c_err[..., None] * fz.err + fz.mlp_const
 
     def layer(x, xs):  # one block, its weights and frozen scales sliced by lax.scan
@@ -366,6 +368,15 @@ def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_
     return (pre, logit, x_in) if return_inputs else (pre, logit)
 
 
+def truncate(fz: Frozen, params, depth: int) -> tuple[Frozen, dict]:
+    """The frozen model of the first ``depth`` layers only (and their params): enough for
+    targets reading layers < depth (its final norm is then meaningless)."""
+    cut = {k: getattr(fz, k)[:depth] for k in ("patterns", "r1", "r1_post", "r2", "err",
+                                              "mlp_const")}
+    cut["skip"] = None if fz.skip is None else fz.skip[:depth]
+    return fz.replace(**cut), {**params, "blocks": params["blocks"][:depth]}
+
+
 def ones_like_sources(fz: Frozen):
     """The coefficients of the real run: (c_feat, c_err, c_emb) all ones."""
     return (jnp.ones(fz.act.shape, jnp.float32), jnp.ones(fz.err.shape[:2], jnp.float32),
@@ -373,6 +384,6 @@ def ones_like_sources(fz: Frozen):
 
 
 __all__ = ["Frozen", "attention_patterns", "freeze", "frozen_attention", "frozen_forward",
-           "frozen_states", "logit_vectors",
+           "frozen_states", "logit_vectors", "truncate",
            "frozen_norm", "logit_targets", "ones_like_sources", "token_embeddings",
            "unembedding"]
