@@ -1,0 +1,222 @@
+"""Attribution graphs: the Jacobian of the frozen replacement model (`jsae.circuits.replacement`)
+computed a batch of target rows at a time.
+
+A target (an active feature's pre-activation or a logit target's demeaned logit) gets its row
+by one vector-Jacobian product of `frozen_forward` with respect to the source coefficients;
+``jax.vmap`` runs a batch of targets at once, jitted, with the same shapes every batch (the
+targets padded to ``batch_size``), so a prompt compiles once. With a ``mesh``, the targets of
+a batch are split over its devices (the frozen model replicated): long prompts spread their
+rows over chips and the result is the same.
+
+Rows are circuit-tracer's: ``adjacency[t, s]`` for sources s in node order ``[features, error
+nodes (layer-major), tokens]``, logit nodes as sources have zero columns, error and token
+nodes zero rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.circuits import dictionaries as dicts
+from jsae.circuits.graph import Graph
+from jsae.circuits.replacement import (
+    Frozen,
+    freeze,
+    frozen_states,
+    ones_like_sources,
+    truncate,
+)
+from jsae.errors import BadInput
+
+
+def _rows(cfg, params, fz: Frozen, ids, depth: int):
+    """``[B, n_pad + L*T + T]``: the adjacency rows of targets ``ids [B]`` (``< n_pad``: an
+    active feature, else logit target ``id - n_pad``). A target reads one linear function of
+    `frozen_states`, so its cotangent is built directly (a feature's encoder row at its layer
+    and position, a logit's demeaned unembedding) and one vjp gives its row. Only the first
+    ``depth`` layers run (targets reading layers < depth; ``L`` for logits): as circuit-tracer
+    starts each backward at its batch's highest layer."""
+    L_all = fz.n_layers
+    if depth < L_all:
+        fz, params = truncate(fz, params, depth)
+    n_pad, L, T = fz.act.shape[0], fz.n_layers, fz.n_pos
+    (x_in, h), vjp = jax.vjp(lambda *c: frozen_states(cfg, params, fz, *c),
+                             *ones_like_sources(fz))
+
+    def row(t):
+        is_logit = t >= n_pad
+        f = jnp.minimum(t, n_pad - 1)
+        k = jnp.clip(t - n_pad, 0, fz.logit_vecs.shape[0] - 1)
+        at = jax.nn.one_hot(fz.layer[f] * T + fz.pos[f], L * T, dtype=x_in.dtype)
+        ct_x = jnp.where(is_logit, 0.0, at[:, None] * fz.enc[f][None]).reshape(x_in.shape)
+        ct_h = jnp.where(is_logit, fz.logit_vecs[k], 0.0)
+        g_feat, g_err, g_emb = vjp((ct_x, ct_h))
+        g_err = jnp.pad(g_err, ((0, L_all - L), (0, 0)))  # layers not run: no effect
+        return jnp.concatenate([g_feat, g_err.reshape(-1), g_emb])
+
+    return jax.vmap(row)(ids)
+
+
+_rows_jit = jax.jit(_rows, static_argnums=(0, 4))
+
+
+def _sharded_rows(mesh):
+    """`_rows` with the target axis split over every device of ``mesh``."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    split = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(_rows, static_argnums=(0, 4), in_shardings=(rep, rep, split),
+                   out_shardings=split)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_cached(mesh):
+    return _sharded_rows(mesh)
+
+
+def _progress_fn(progress, total: int):
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return (lambda done, total: None), None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="attribution", unit="row")
+    state = {"done": 0}
+
+    def update(done, total):
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    return update, bar
+
+
+def _depth(fz: Frozen, chunk: np.ndarray, n_pad: int) -> int:
+    """Layers a batch of targets needs, rounded up to a quarter of the model (at most four
+    compiled variants): the highest layer read + 1, all of them for a logit."""
+    L = fz.n_layers
+    if (chunk >= n_pad).any():
+        return L
+    need = int(np.asarray(jax.device_get(fz.layer))[chunk].max()) + 1
+    step = -(-L // 4)
+    return min(L, -(-need // step) * step)
+
+
+def compute_rows(cfg, params, fz: Frozen, n_features: int, n_logits: int, *, batch_size: int = 64,
+                 mesh=None, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(feature rows [n, n_sources_padded], logit rows [k, ...]) of the frozen model ``fz``."""
+    n_pad = int(fz.act.shape[0])
+    ids = np.concatenate([np.arange(n_logits) + n_pad, np.arange(n_features)]).astype(np.int32)
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.size) * mesh.size
+        run = _sharded_cached(mesh)
+    else:
+        run = _rows_jit
+    total = len(ids)
+    update, bar = _progress_fn(progress, total)
+    out = []
+    try:
+        for start in range(0, total, batch_size):
+            chunk = ids[start:start + batch_size]
+            batch = np.zeros(batch_size, np.int32)  # padded with target 0; its rows dropped
+            batch[:len(chunk)] = chunk
+            rows = run(cfg, params, fz, jnp.asarray(batch), _depth(fz, chunk, n_pad))
+            out.append(np.asarray(jax.device_get(rows))[:len(chunk)])
+            update(min(start + batch_size, total), total)
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return rows[n_logits:], rows[:n_logits]
+
+
+def assemble(feature_rows: np.ndarray, logit_rows: np.ndarray, n_features: int, n_pad: int,
+             n_layers: int, n_pos: int) -> np.ndarray:
+    """The dense ``[n_nodes, n_nodes]`` adjacency from rows over padded sources."""
+    n_src = n_features + (n_layers + 1) * n_pos
+    k = logit_rows.shape[0]
+    adj = np.zeros((n_src + k, n_src + k), np.float32)
+
+    def cols(rows):
+        return np.concatenate([rows[:, :n_features], rows[:, n_pad:]], axis=1)
+
+    if n_features:
+        adj[:n_features, :n_src] = cols(feature_rows)
+    if k:
+        adj[n_src:, :n_src] = cols(logit_rows)
+    return adj
+
+
+def prompt_tokens(model_cfg, tokenizer, prompt) -> np.ndarray:
+    """``[T]`` int32 with a BOS at position 0 (prepended where missing, as circuit-tracer
+    does); a prompt longer than the model's context is one line."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise BadInput("a text prompt needs the model's tokenizer; pass token ids instead")
+        toks = np.asarray(tokenizer.encode(prompt, add_bos=True), np.int32)
+    else:
+        toks = np.asarray(prompt, np.int32).reshape(-1)
+        bos = model_cfg.bos_id
+        if bos is not None and (len(toks) == 0 or toks[0] != bos):
+            toks = np.concatenate([[bos], toks]).astype(np.int32)
+    if len(toks) < 2:
+        raise BadInput("the prompt is empty: attribution needs at least one token after BOS")
+    if len(toks) > model_cfg.max_position:
+        raise BadInput(f"the prompt has {len(toks)} tokens; the model's context is "
+                       f"{model_cfg.max_position}")
+    if toks.min() < 0 or toks.max() >= model_cfg.vocab_size:
+        raise BadInput(f"token ids must lie in [0, {model_cfg.vocab_size}); got "
+                       f"{int(toks.min())}..{int(toks.max())}")
+    return toks
+
+
+def attribute(model, saes, prompt, *, outputs: Mapping[str, str] | None = None,
+              target_tokens: Sequence[int] | None = None, max_logits: int = 10,
+              logit_prob: float = 0.95, batch_size: int = 64, mesh=None,
+              progress: bool | Callable[[int, int], None] = False, scan: str = "") -> Graph:
+    """The attribution graph of ``prompt`` (text, or token ids) on ``model`` (a
+    `jsae.models.LanguageModel`, or anything with ``cfg``, ``params`` and ``tokenizer``) with
+    every MLP replaced by ``saes``: a run folder (a transcoder set or a CLT), a circuit-tracer
+    folder, a mapping input hook key -> SAE (``outputs``: key -> the hook it writes; default
+    each layer's ``hook_mlp_out``) or `jsae.circuits.dictionaries.Dictionaries`.
+
+    Logit targets: ``target_tokens``, or circuit-tracer's salient logits (``max_logits``,
+    ``logit_prob``). ``batch_size`` target rows per jitted step (split over ``mesh``'s
+    devices when given). ``progress``: True (a bar) or ``fn(done, total)``.
+    """
+    cfg, params = model.cfg, model.params
+    dic = dicts.load(saes, outputs, model_cfg=cfg)
+    tokens = prompt_tokens(cfg, getattr(model, "tokenizer", None), prompt)
+    if target_tokens is not None:
+        bad = [int(t) for t in np.asarray(target_tokens).reshape(-1)
+               if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise BadInput(f"target token {bad[0]} is not in the vocabulary [0, {cfg.vocab_size})")
+    if max_logits < 1 or not 0 < logit_prob <= 1:
+        raise BadInput(f"max_logits must be >= 1 and logit_prob in (0, 1]; got {max_logits}, "
+                       f"{logit_prob}")
+    t0 = time.perf_counter()
+    fz, info = freeze(cfg, params, dic, tokens, max_logits=max_logits, logit_prob=logit_prob,
+                      target_tokens=target_tokens)
+    n, k = len(info["activations"]), len(info["logit_tokens"])
+    f_rows, l_rows = compute_rows(cfg, params, fz, n, k, batch_size=batch_size, mesh=mesh,
+                                  progress=progress)
+    adj = assemble(f_rows, l_rows, n, int(fz.act.shape[0]), cfg.n_layers, len(tokens))
+    text = prompt if isinstance(prompt, str) else ""
+    return Graph(prompt=text, tokens=tokens, active_features=info["features"],
+                 activations=info["activations"], logit_tokens=info["logit_tokens"],
+                 logit_probabilities=info["logit_probabilities"], adjacency=adj,
+                 n_layers=cfg.n_layers, scan=scan,
+                 meta={"seconds": time.perf_counter() - t0, "site_in": dic.site_in,
+                       "cross_layer": dic.cross_layer, "batch_size": batch_size,
+                       "max_logits": max_logits, "logit_prob": logit_prob})
+
+
+__all__ = ["assemble", "attribute", "compute_rows", "prompt_tokens"]
