@@ -1,6 +1,6 @@
 """`jsae circuit`: its arguments, its bad-input paths (one line, exit 2, nothing written) and
 what it writes from a graph (files.py), on a tiny model and random transcoders in
-circuit-tracer's layout; the end-to-end run needs `jsae.circuits.attribute` and skips without.
+circuit-tracer's layout; end to end on a tiny model.
 """
 
 from __future__ import annotations
@@ -177,9 +177,8 @@ def test_write_circuit_with_a_layered_atlas(tmp_path):
 
 @pytest.fixture
 def fake_attribution(monkeypatch):
-    """Stand-ins for jsae.circuits' attribute / prune / intervene modules (a random graph over
+    """Stand-ins for jsae.circuits' attribute / prune / intervene (a random graph over
     the prompt's tokens), to test what the command does around them; they record their calls."""
-    import sys
     import types
 
     calls = {}
@@ -199,10 +198,11 @@ def fake_attribution(monkeypatch):
         calls["intervene"] = settings
         return {"top": [(40, 1.5, 0.5, 0.4, 0.1), (41, 0.5, 2.0, 0.1, 0.6)]}
 
-    for name, fns in (("attribute", {"attribute": attribute}),
-                      ("prune", {"prune": prune, "graph_scores": lambda g: (0.25, 0.75)}),
-                      ("intervene", {"intervene": intervene})):
-        monkeypatch.setitem(sys.modules, f"jsae.circuits.{name}", types.SimpleNamespace(**fns))
+    import jsae.circuits
+
+    for name, fn in (("attribute", attribute), ("prune", prune), ("intervene", intervene),
+                     ("graph_scores", lambda g: (0.25, 0.75))):
+        monkeypatch.setattr(jsae.circuits, name, fn)
     return calls
 
 
@@ -250,8 +250,6 @@ def test_a_cross_layer_atlas_keeps_latent_ids(tmp_path):
 
 
 def test_end_to_end(tmp_path, capsys, uses_tiny):
-    for name in ("attribute", "prune", "intervene"):  # the attribution, from its own branch
-        pytest.importorskip(f"jsae.circuits.{name}", reason=f"jsae.circuits.{name} is not in this tree yet")
     ct = _ct_folder(tmp_path / "ct")
     out = tmp_path / "out"
     rc = main(["circuit", str(ct), "--prompt", "Hello wor", "--out", str(out), "--max-logits", "3",

@@ -279,10 +279,7 @@ def run(args) -> int:
             raise BadInput(f"--atlas {atlas_dir}: no atlas there (atlas-L<layer>.npz or atlas.npz; "
                            "build one with jsae atlas)")
 
-    # the attribution itself (jsae.circuits' attribute / prune / intervene modules)
-    from jsae.circuits.attribute import attribute
-    from jsae.circuits.intervene import intervene
-    from jsae.circuits.prune import graph_scores, prune
+    from jsae.circuits import attribute, graph_scores, intervene, prune
 
     scan = args.scan or path.resolve().name
     graph = attribute(model, saes, args.prompt, outputs=outs,
