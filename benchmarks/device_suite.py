@@ -563,21 +563,29 @@ print(json.dumps(out))
 """
 
 
-def _random_transcoders(model, n: int, seed: int = 0):
+def _random_transcoders(model, n: int, active: int, seed: int = 0):
     """One random JumpReLU transcoder per layer (MLP input -> MLP output), as circuit-tracer's
-    CPU figure in /work/shared used: speed depends on the shapes and the active count."""
+    CPU figure in /work/shared used: speed depends on the shapes and the active count, so each
+    layer's threshold is set from the prompt's own MLP inputs to let about ``active`` of its
+    ``n`` features fire per token (trained transcoders' L0)."""
     import jax.numpy as jnp
     import numpy as np
 
+    from jsae.models.transformer import forward
     from jsae.sae import SAE, SAESpec
 
     d, L = model.cfg.d_model, model.cfg.n_layers
     rng = np.random.default_rng(seed)
+    hooks = tuple(f"blocks.{i}.hook_resid_mid" for i in range(L))
+    ids = jnp.asarray([model.tokenizer.encode(PROMPT)])
+    acts = forward(model.cfg, model.params, ids, capture=hooks).activations
     out = []
     for i in range(L):
-        p = {"W_enc": rng.standard_normal((d, n)) / np.sqrt(d), "W_dec": rng.standard_normal((n, d)) / np.sqrt(n),
-             "b_enc": np.zeros(n), "b_dec": np.zeros(d),
-             "log_threshold": np.log(np.full(n, 0.5))}
+        w_enc = rng.standard_normal((d, n)) / np.sqrt(d)
+        pre = np.asarray(acts[hooks[i]][0, 1:], np.float64) @ w_enc  # BOS has no features
+        theta = np.maximum(np.quantile(pre, 1.0 - active / n, axis=0), 1e-3)
+        p = {"W_enc": w_enc, "W_dec": rng.standard_normal((n, d)) / np.sqrt(n),
+             "b_enc": np.zeros(n), "b_dec": np.zeros(d), "log_threshold": np.log(theta)}
         sae = SAE(params={k: jnp.asarray(v, jnp.float32) for k, v in p.items()},
                   norm_scale=jnp.asarray(1.0, jnp.float32),
                   spec=SAESpec("jumprelu_transcoder", d, n))
@@ -615,11 +623,11 @@ def part_attribution(a, clock: Clock) -> dict:
     work = Path(a.out) / "attribution"
     work.mkdir(parents=True, exist_ok=True)
     model = load(a.model_path)
-    n = 64 if a.small else 4096
-    tcs = _random_transcoders(model, n)
+    n, active = (64, 2) if a.small else (4096, 64)
+    tcs = _random_transcoders(model, n, active)
     ct_dir = work / "transcoders"
     save_circuit_tracer(gather(tcs, str(model.name)), ct_dir, owner=OWNER)
-    res = {"prompt": PROMPT, "features_per_layer": n, "layers": model.cfg.n_layers,
+    res = {"prompt": PROMPT, "features_per_layer": n, "active_per_token": active, "layers": model.cfg.n_layers,
            "transcoders": str(ct_dir)}
 
     # jsae: the first call compiles; the second is the warm time
