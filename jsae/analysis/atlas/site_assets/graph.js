@@ -14,6 +14,7 @@
   const tokens = G.metadata.prompt_tokens;
   const nPos = tokens.length;
   const byId = new Map(G.nodes.map((n) => [n.node_id, n]));
+  const MAX_LINKS = 1500;  // links drawn at once (the strongest), besides a pinned node's
   const layers = G.nodes.filter((n) => n.feature_type !== "embedding" && n.feature_type !== "logit")
     .map((n) => +n.layer);
   const logitLayer = G.nodes.filter((n) => n.feature_type === "logit").map((n) => +n.layer);
@@ -92,12 +93,14 @@
       if (!cells.has(k)) cells.set(k, []);
       cells.get(k).push(n);
     }
+    // a logit box is about four nodes wide; a crowded cell widens its column up to 16 nodes
     const need = new Array(nPos).fill(1);
     for (const [k, ns] of cells) {
       const c = +k.split(":")[1];
-      need[c] = Math.max(need[c], Math.min(ns.length, 8));
+      const logits = ns.some((n) => kind(n) === "logit");
+      need[c] = Math.max(need[c], Math.min(logits ? 4 * ns.length : ns.length, logits ? 40 : 16));
     }
-    const left = 64, right = 24, top = 26, bottom = 56;
+    const left = 64, right = 24, top = 26, bottom = 76;
     const W = Math.max(svg.parentNode.clientWidth - 2, 760);
     const total = need.reduce((a, b) => a + b, 0);
     const colX = [], colW = [];
@@ -152,7 +155,11 @@
     }
     const maxW = Math.max(1e-12, ...links.map((l) => Math.abs(l.weight)));
     const gl = el("g", { class: "links" }, svg);
-    const order = links.slice().sort((a, b) => Math.abs(a.weight) - Math.abs(b.weight));
+    // the MAX_LINKS strongest links (weakest drawn first, under the others), and every link of
+    // a pinned node: a real graph keeps thousands, which drawn at once hide each other
+    const sorted = links.slice().sort((a, b) => Math.abs(a.weight) - Math.abs(b.weight));
+    const cut = sorted.length - MAX_LINKS;
+    const order = sorted.filter((l, i) => i >= cut || state.pinned.has(l.source) || state.pinned.has(l.target));
     for (const l of order) {
       const a = L.pos.get(l.source), b = L.pos.get(l.target);
       if (!a || !b) continue;
