@@ -234,6 +234,33 @@ def test_intervention_moves_the_logits_as_a_splice_does(tiny):
     assert len(out["top"]) >= 10 and out["top"][0][0] == int(np.argmax(out["clean"]))
 
 
+def test_a_clt_intervention_writes_its_layer_and_every_later_one(tiny):
+    """Setting a layer-1 CLT feature at one position adds (value - code) x its raw write to the
+    MLP outputs of layers 1..L-1 there (its code reads layer 1's input, which no edit reaches),
+    and nothing to layer 0's, whose output comes before layer 1's input in the forward."""
+    from jsae.steering import feature_direction
+
+    model, sets, graphs = tiny
+    saes, outs = sets["clt"]
+    (sae,) = saes.values()
+    g = graphs["clt"]
+    at1 = np.flatnonzero(g.active_features[:, 0] == 1)
+    i = at1[np.argmax(g.active_features[at1, 1])]  # the latest position: inside every window
+    layer, pos, feat = (int(v) for v in g.active_features[i])
+    a = float(g.activations[i])
+    out = intervene(model, saes, TOKENS, {(layer, feat, pos): 3.0 * a}, outputs=outs)
+    n = sae.spec.d_sae // L
+
+    def adds(t):
+        row = np.asarray(feature_direction(sae, layer * n + feat, layer=t))
+        return lambda x: x.at[0, pos].add(jnp.asarray(2.0 * a * row, x.dtype))
+
+    want = forward(CFG, model.params, TOKENS[None],
+                   interventions={OUT[t]: adds(t) for t in range(1, L)}).logits[0, -1]
+    np.testing.assert_allclose(out["intervened"], np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert np.abs(out["intervened"] - out["clean"]).max() > 1e-3
+
+
 def test_bad_input_is_one_line(tiny):
     model, sets, _ = tiny
     saes, outs = sets["plt"]

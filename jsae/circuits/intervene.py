@@ -68,7 +68,9 @@ def intervention_hooks(dic: dicts.Dictionaries, settings: Mapping, n_pos: int) -
     writes = dic.writes()
     hooks = {}
     for t in range(dic.n_layers):
-        layers = sorted(l for l in by_layer if t in writes[l])
+        # a layer's features write its own and later layers only (a CLT's earlier rows are zero,
+        # and its input hook comes after those layers' outputs in the forward)
+        layers = sorted(l for l in by_layer if l <= t and t in writes[l])
         if layers:
             srcs = tuple(dic.input_hook(l) for l in layers)
             hooks[dic.output_hook(t)] = ReadsHook(srcs, _delta_fn(dic, t, layers, by_layer))
