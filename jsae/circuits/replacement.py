@@ -34,13 +34,12 @@ import numpy as np
 from jsae.circuits.dictionaries import Dictionaries
 from jsae.models.config import TransformerConfig
 from jsae.models.transformer import (
-    _rms,
-    apply_rope,
     attention_mask,
+    attention_weights,
     forward,
     norm,
     norm_affine,
-    rope_inv_freq,
+    qkv,
 )
 
 Array = jax.Array
@@ -115,27 +114,9 @@ def attention_patterns(cfg: TransformerConfig, layer: int, a, h: Array) -> Array
     h = h[None]
     T = h.shape[1]
     positions = jnp.arange(T, dtype=jnp.int32)[None]
-    q = jnp.einsum("btd,dhk->bthk", h, a["q"])
-    k = jnp.einsum("btd,dhk->bthk", h, a["k"])
-    if cfg.qkv_bias:
-        q, k = q + a["bq"], k + a["bk"]
-    if cfg.qk_norm:
-        q = _rms(q, a["q_norm"], cfg.norm_eps)
-        k = _rms(k, a["k_norm"], cfg.norm_eps)
-    if cfg.pos == "rope":
-        inv = rope_inv_freq(cfg.head_dim, cfg.rope_base_for(layer), cfg.rope_scaling_for(layer))
-        q = apply_rope(q, positions, inv)
-        k = apply_rope(k, positions, inv)
+    q, k, _ = qkv(cfg, layer, a, h, positions)
     mask = attention_mask(positions, positions, jnp.ones((1, T), bool), cfg.window(layer))
-    _, _, H, Dh = q.shape
-    K = k.shape[2]
-    qg = q.reshape(1, T, K, H // K, Dh)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
-                   preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_softcap is not None:
-        s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(s, axis=-1).reshape(H, T, T)
+    return attention_weights(cfg, q, k.astype(q.dtype), mask).reshape(q.shape[2], T, T)
 
 
 def frozen_attention(cfg: TransformerConfig, a, h: Array, pattern: Array) -> Array:

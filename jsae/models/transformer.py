@@ -159,8 +159,9 @@ def attention_mask(
     return m
 
 
-def attend(cfg: TransformerConfig, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] -> [B,T,H,Dh]."""
+def attention_weights(cfg: TransformerConfig, q: Array, k: Array, mask: Array) -> Array:
+    """Grouped-query attention weights. q [B,T,H,Dh], k [B,S,K,Dh], mask [B,T,S] ->
+    [B, K, H/K, T, S] float32 (softmax over S)."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, Dh)
@@ -168,7 +169,13 @@ def attend(cfg: TransformerConfig, q: Array, k: Array, v: Array, mask: Array) ->
     if cfg.attn_softcap is not None:
         s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
     s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
-    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def attend(cfg: TransformerConfig, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] -> [B,T,H,Dh]."""
+    B, T, H, Dh = q.shape
+    w = attention_weights(cfg, q, k, mask).astype(v.dtype)
     o = jnp.einsum("bkgts,bskd->btkgd", w, v, preferred_element_type=jnp.float32)
     return o.astype(q.dtype).reshape(B, T, H, Dh)
 
@@ -264,6 +271,24 @@ def _hook(name: str, x: Array, fns: Mapping[str, Callable], acts: dict, capture:
     return x
 
 
+def qkv(cfg: TransformerConfig, layer: int, a: Mapping[str, Array], h: Array, positions: Array):
+    """(q, k, v) ``[B, T, heads, head_dim]`` of layer ``layer`` on its normed input ``h [B, T, D]``:
+    projections, biases, q/k norms and the layer's rotary embedding."""
+    q = jnp.einsum("btd,dhk->bthk", h, a["q"])
+    k = jnp.einsum("btd,dhk->bthk", h, a["k"])
+    v = jnp.einsum("btd,dhk->bthk", h, a["v"])
+    if cfg.qkv_bias:
+        q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
+    if cfg.qk_norm:
+        q = _rms(q, a["q_norm"], cfg.norm_eps)
+        k = _rms(k, a["k_norm"], cfg.norm_eps)
+    if cfg.pos == "rope":
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope_base_for(layer), cfg.rope_scaling_for(layer))
+        q = apply_rope(q, positions, inv)
+        k = apply_rope(k, positions, inv)
+    return q, k, v
+
+
 def attention(
     cfg: TransformerConfig,
     layer: int,
@@ -278,18 +303,7 @@ def attention(
 ):
     """Self-attention of layer `layer` on the normed input `h [B, T, D]` -> (out [B, T, D] before any
     post-norm, (k, v) written into the cache or None). `a` holds q, k, v, o (+ biases, q/k norms)."""
-    q = jnp.einsum("btd,dhk->bthk", h, a["q"])
-    k = jnp.einsum("btd,dhk->bthk", h, a["k"])
-    v = jnp.einsum("btd,dhk->bthk", h, a["v"])
-    if cfg.qkv_bias:
-        q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
-    if cfg.qk_norm:
-        q = _rms(q, a["q_norm"], cfg.norm_eps)
-        k = _rms(k, a["k_norm"], cfg.norm_eps)
-    if cfg.pos == "rope":
-        inv = rope_inv_freq(cfg.head_dim, cfg.rope_base_for(layer), cfg.rope_scaling_for(layer))
-        q = apply_rope(q, positions, inv)
-        k = apply_rope(k, positions, inv)
+    q, k, v = qkv(cfg, layer, a, h, positions)
     new_kv = None
     if cache_kv is not None:
         ck, cv = cache_kv
