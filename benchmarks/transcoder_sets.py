@@ -92,6 +92,10 @@ class Contender:
         return _now() - t0
 
 
+# TopK transcoders here: configs/transcoders_all.yaml ships JumpReLU ones, whose keys are cleared
+TOPK = ("sae.jumprelu_sparsity=null", "sae.target_l0=null", "sae.jumprelu_threshold=null")
+
+
 def bench_sets(args, lm, data_sets: list[str], layers: list[int]) -> float:
     import gc
 
@@ -100,7 +104,7 @@ def bench_sets(args, lm, data_sets: list[str], layers: list[int]) -> float:
               f"model.batch_size={args.lm_batch}", f"model.dtype={args.dtype}",
               f"data.context_length={args.context}", f"data.shuffle_buffer={args.batch}",
               f"sae.init_sample={args.batch}", f"sae.expansion={args.expansion}",
-              f"sae.k={args.k}", "checkpoint.enabled=false", "mesh.data=1", "mesh.model=1",
+              "sae.architecture=skip_transcoder", *TOPK, f"sae.k={args.k}", "checkpoint.enabled=false", "mesh.data=1", "mesh.model=1",
               *data_sets]
     L = len(layers)
     print(f"\n== (a) one LM pass feeding {L} transcoders vs {L} passes feeding one each ==")
@@ -203,7 +207,7 @@ def bench_clt(args, n_layers: int, d: int) -> float:
                                        f"sae.k={args.clt_k}", "sae.activation=topk"]),
                      n_layers, d)
     m = matching_d_sae(n_layers, n, d, clt.params)
-    tcs = StepRunner(_cfg("transcoders_all.yaml", [*common, "sae.architecture=transcoder",
+    tcs = StepRunner(_cfg("transcoders_all.yaml", [*common, *TOPK, "sae.architecture=transcoder",
                                                    "sae.expansion=null", f"sae.d_sae={m}",
                                                    f"sae.k={args.clt_k}"]), n_layers, d)
     print(f"CLT: {n} features per layer x {n_layers} layers, d_in {d}, TopK k {args.clt_k} per "
