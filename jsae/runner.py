@@ -85,6 +85,8 @@ def _train(cfg: RunConfig, run: Run, print_fn) -> dict:
             eval_fn = make_eval_fn(cfg)
         summary = run.train(trainer, checkpointer=checkpointer, eval_fn=eval_fn)
     except TrainingStopped as stop:
+        if getattr(checkpointer, "interrupted", False):  # Ctrl-C: saved; ends as an interrupt
+            raise KeyboardInterrupt from None
         print_fn(f"stopped at step {stop.step} (SIGTERM): checkpoint saved in "
                  f"{run.dir / 'checkpoints'}; run the same command again to resume")
         return {"stopped_at": stop.step}

@@ -242,6 +242,11 @@ def test_ctrl_c_is_one_line_exit_130_with_the_resume_hint(ws, tmp_path):
     assert p.returncode == 130, (out, err)
     line = one_line(err)
     assert "interrupted" in line and "resume" in line
+    # the first Ctrl-C stops at a step boundary with a checkpoint: the resume loses nothing
+    from jsae.train.checkpoint import latest_checkpoint
+
+    assert "Ctrl-C: stopping at the next safe point" in out
+    assert latest_checkpoint(tmp_path / "run") is not None
 
 
 # -------------------------------------------------------------------------- no silent success

@@ -175,7 +175,8 @@ class RunCheckpointer:
         self._last_saved: int | None = None
         self._pending: int | None = None  # saved step whose file listing is not written yet
         self._stop = threading.Event()
-        self._prev_handler = None
+        self._interrupted = False
+        self._prev_handler = self._prev_int = None
         self._check_shared_directory()
         self._check_writable()
         self._mngr = self._new_manager()
@@ -260,10 +261,26 @@ class RunCheckpointer:
         def handler(signum, frame):
             self._stop.set()
 
+        def on_ctrl_c(signum, frame):
+            # The first Ctrl-C stops at the next step boundary, with a checkpoint, and the run
+            # then ends as an interrupt (exit 130): a KeyboardInterrupt raised inside an Orbax
+            # save could leave its threads waiting forever. A second Ctrl-C interrupts at once.
+            self._interrupted = True
+            self._stop.set()
+            signal.signal(signal.SIGINT, self._prev_int or signal.default_int_handler)
+            print("Ctrl-C: stopping at the next safe point (press it again to stop at once)",
+                  flush=True)
+
         try:
             self._prev_handler = signal.signal(signal.SIGTERM, handler)
+            self._prev_int = signal.signal(signal.SIGINT, on_ctrl_c)
         except (ValueError, OSError):  # not in the main interpreter thread
-            self._prev_handler = None
+            self._prev_handler = self._prev_int = None
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop came from Ctrl-C (SIGINT) rather than SIGTERM."""
+        return self._interrupted
 
     def request_stop(self) -> None:
         """What SIGTERM does: ask the loop to save and stop after the current step."""
@@ -497,12 +514,13 @@ class RunCheckpointer:
             raise CheckpointWriteError(f"saving a checkpoint in {self.directory} failed: "
                                        f"{e.strerror or e}") from e
         finally:
-            if self._prev_handler is not None:
-                try:
-                    signal.signal(signal.SIGTERM, self._prev_handler)
-                except (ValueError, OSError):
-                    pass
-                self._prev_handler = None
+            for sig, prev in ((signal.SIGTERM, self._prev_handler), (signal.SIGINT, self._prev_int)):
+                if prev is not None:
+                    try:
+                        signal.signal(sig, prev)
+                    except (ValueError, OSError):
+                        pass
+            self._prev_handler = self._prev_int = None
 
 
 # ---- reading a run's checkpoint outside training ----------------------------------------
