@@ -57,6 +57,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder)
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 OWNER = "benchmarks/device_suite.py"  # what jsae.outputs records as the writer of --out
@@ -98,14 +100,7 @@ def versions(python_packages=("jax", "jaxlib", "flax", "torch", "transformers", 
 
 def hardware() -> dict:
     """The machine: CPU, cores, memory, and the accelerators jax and torch see."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     hw = {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.machine()}"}
     try:
         hw["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

@@ -37,19 +37,13 @@ import sys
 import tempfile
 import time
 
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder)
+
 
 def hardware() -> str:
     import jax
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     devs = jax.devices()
     return (
         f"{platform.system()} {platform.machine()}, CPU: {cpu}, {os.cpu_count()} logical cores; "

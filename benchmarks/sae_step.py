@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder)
 
 
 def _now() -> float:
@@ -267,14 +267,7 @@ class TorchTopKRunner:
 
 def hardware() -> str:
     dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     parts = [f"jax {jax.__version__} backend={jax.default_backend()} device={dev.device_kind}",
              f"cpu={cpu} x{os.cpu_count()}"]
     try:

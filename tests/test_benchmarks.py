@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-HELPERS = {"toy.py"}  # imported by the scripts, not a benchmark
+HELPERS = {"toy.py", "machine.py"}  # imported by the scripts, not benchmarks
 SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py", "transcoder_sets.py",  # below
           "device_suite.py"}  # its --small (alias --smoke): tests/test_device_suite.py
 RATIO = r"\d+\.\d\dx"
