@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import re
 import socket
 import threading
 import time
@@ -151,7 +152,75 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tiny, monkeypatch, capsys):
     code, rep = got["reply"]
     assert code == 200 and rep["model"] == "t"
     out, err = capsys.readouterr()
-    assert f"at http://127.0.0.1:{port}/v1" in out and "stopped (Ctrl-C)" in err
+    assert f"at http://127.0.0.1:{port}/v1" in out and "jsae serve: stopped" in err
     with pytest.raises(OSError):  # the port is closed
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     assert np.isscalar(rep["usage"]["prompt_tokens"])
+
+
+SERVE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import jsae.models
+from test_steering_helpers import TinyModel
+m = TinyModel()
+jsae.models.load = lambda name, dtype="float32": m
+from jsae import cli
+sys.exit(cli.main(["serve", "tiny", "--port", "0", "--quiet"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_process_stops_cleanly_on_a_signal(sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT.format(tests=str(Path(__file__).parent))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        url = re.search(r"at (http://\S+/v1)", line).group(1)
+        code, rep = _post(url + "/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 2})
+        assert code == 200
+        p.send_signal(getattr(signal, sig))
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and err.strip().splitlines()[-1] == "jsae serve: stopped"
+
+
+@pytest.mark.slow
+def test_real_gemma_chat_completion_matches_uncached_generation():
+    """Gemma 3 270M through the server: Gemma's turn template by id, and the cached, jitted
+    reply equals re-running the whole forward per token."""
+    from jsae.models import load
+
+    lm = load("gemma-3-270m")
+    srv = make_server(ChatModel(lm, "gemma-3-270m"), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    msgs = [{"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "What colour is the sky?"}]
+    try:
+        code, rep = _post(f"http://127.0.0.1:{srv.server_address[1]}/v1/chat/completions",
+                          {"messages": msgs, "max_tokens": 6, "temperature": 0})
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert code == 200, rep
+    tok = lm.tokenizer
+    ids, stops = chat_ids(tok, msgs)
+    assert tok.token_to_id("<start_of_turn>") == 105 and stops == [106, 1]
+    assert ids[:3] == [2, 105, *tok.encode("user", add_bos=False)]
+    assert tok.decode(ids, skip_special_tokens=False).endswith("<start_of_turn>model\n")
+    ref = generate_tokens(lm.cfg, lm.params, [ids], 6, use_cache=False, eos_id=106, pad_id=lm.pad_id)[0]
+    ref = [int(t) for t in ref if t >= 0]
+    ref = ref[: ref.index(106)] if 106 in ref else ref
+    assert rep["choices"][0]["message"]["content"] == tok.decode(ref)
+    assert rep["usage"]["prompt_tokens"] == len(ids)

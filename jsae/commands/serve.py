@@ -58,10 +58,21 @@ def run(args) -> int:
     host, port = srv.server_address[:2]
     print(f"serving {model.name} at http://{host}:{port}/v1 (chat/completions, models); "
           "Ctrl-C stops", flush=True)
+
+    def on_term(signum, frame):  # a service manager's stop: as clean as Ctrl-C
+        raise KeyboardInterrupt
+
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if main else None
     try:
         srv.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
-        print("jsae serve: stopped (Ctrl-C)", file=sys.stderr, flush=True)
+        print("jsae serve: stopped", file=sys.stderr, flush=True)
     finally:
         srv.server_close()
+        if main:
+            signal.signal(signal.SIGTERM, old)
     return 0
