@@ -173,7 +173,12 @@ def _handler(model: ChatModel, log: Callable[[str], None] | None):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
+                if log:
+                    log(f"client {self.client_address[0]}:{self.client_address[1]} left before "
+                        "the reply")
 
         def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
             self._send(code, {"error": {"message": message, "type": kind, "param": None,

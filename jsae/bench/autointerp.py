@@ -1,8 +1,11 @@
 """Automated interpretability: explanations of sampled live features scored on held-out contexts (detection, fuzzing; offline: each feature's top-token label).
 
-For a random sample of live features (SAEBench samples alive latents the same way), the
-contexts of the run's corpus statistics (:func:`jsae.analysis.run.corpus_stats`) are encoded
-once more for just those features, token by token. A token is *active* when its code exceeds
+The contexts are the offline-corpus sample that :func:`jsae.analysis.run.corpus_stats` scans
+(same sampler and seed). One LM pass encodes them, token by token, for a random set of
+candidate features (``CANDIDATES`` per feature wanted, so that no separate scan of the whole
+dictionary is needed to find live ones); the features are the first candidates, in random
+order, that are active in at least 3 contexts (SAEBench samples alive latents at random the
+same way). A token is *active* when its code exceeds
 ``act_threshold`` times the feature's peak over the corpus (SAEBench's ``act_threshold_frac``);
 a context is active when one of its tokens is. Per feature:
 
@@ -42,6 +45,7 @@ import numpy as np
 
 EVAL_TYPE_ID = "autointerp"
 N_BOOT = 1000
+CANDIDATES = 4  # features encoded per feature wanted: dead and rare ones are passed over
 
 
 def add_arguments(group) -> None:
@@ -72,6 +76,9 @@ def add_arguments(group) -> None:
                             "(default 0.01, SAEBench's)")
     group.add_argument("--autointerp-cache", metavar="DIR",
                        help="folder of cached replies (default RUN_DIR/analysis/<hook>/autointerp)")
+    group.add_argument("--autointerp-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="how long to wait for one reply before retrying (default 300: a "
+                            "CPU-served model is slow)")
     group.add_argument("--autointerp-min-interval", type=float, default=0.0, metavar="SECONDS",
                        help="least time between two requests (rate limit; default 0)")
 
@@ -85,6 +92,8 @@ def check_arguments(args) -> None:
     if args.autointerp_score_examples < 2:
         raise ConfigError("--autointerp-score-examples must be >= 2 (a scorer needs both classes); "
                           f"got {args.autointerp_score_examples}")
+    if not math.isfinite(args.autointerp_timeout) or args.autointerp_timeout <= 0:
+        raise ConfigError(f"--autointerp-timeout must be > 0 seconds; got {args.autointerp_timeout}")
     if not math.isfinite(args.autointerp_min_interval) or args.autointerp_min_interval < 0:
         raise ConfigError(f"--autointerp-min-interval must be >= 0; got {args.autointerp_min_interval}")
 
@@ -197,7 +206,7 @@ def _client(args, cache_dir: Path, log):
     key = os.environ.get(args.autointerp_api_key_env) or None
     c = ChatClient(args.autointerp_explainer, model=args.autointerp_model or "default", api_key=key,
                    min_interval=args.autointerp_min_interval, cache_dir=cache_dir,
-                   max_tokens=96, temperature=0.0)
+                   timeout=args.autointerp_timeout, max_tokens=96, temperature=0.0)
     if not args.autointerp_model:
         names = c.models()
         if not names:
@@ -212,25 +221,32 @@ def evaluate(run, args, *, log):
 
     from jsae.analysis.atlas import explain as ex
     from jsae.analysis.atlas.labels import token_strings
-    from jsae.analysis.run import corpus_stats
+    from jsae.analysis.corpus import corpus_contexts
     from jsae.bench import Result
 
     seed = int(args.seed)
     thr_frac = float(args.autointerp_act_threshold)
     n_explain, n_score = args.autointerp_explain_examples, args.autointerp_score_examples
-    top, contexts = corpus_stats(run, args.autointerp_contexts, args.autointerp_context_length,
-                                 seed=seed, batch_size=args.batch_size, log=log)
+    n_feat = int(args.autointerp_features)
+    # the contexts `corpus_stats` scans (same sampler and seed), encoded once for candidates only
+    contexts, _ = corpus_contexts(run.model.tokenizer, args.autointerp_contexts,
+                                  args.autointerp_context_length, seed=seed)
     contexts = np.asarray(contexts)
-    # live and seen in at least 3 contexts (top.values counts up to top_n contexts per feature)
-    seen = (top.values > 0).sum(1)
-    live = top.features[(top.frequency > 0) & (seen >= 3)]
-    rng = np.random.default_rng([seed, 7])
-    feats = np.sort(rng.choice(live, size=min(args.autointerp_features, len(live)), replace=False))
-    n_live = int((top.frequency > 0).sum())
-    log(f"[autointerp] {len(feats)} of {n_live} live features ({len(live)} active in >= 3 of "
-        f"{len(contexts)} contexts)")
+    d_sae = int(run.sae.spec.d_sae)
+    order = np.random.default_rng([seed, 7]).permutation(d_sae)
+    cand = np.sort(order[: min(d_sae, CANDIDATES * n_feat)])
+    log(f"[autointerp] encoding {len(contexts)} contexts x {contexts.shape[1]} tokens for "
+        f"{len(cand)} random candidate features ...")
     with tqdm(total=len(contexts), desc="autointerp codes", unit="ctx", leave=False) as bar:
-        codes = feature_token_codes(run, contexts, feats, args.batch_size, progress=bar.update)
+        codes = feature_token_codes(run, contexts, cand, args.batch_size, progress=bar.update)
+    fired = (codes.max(1) > 0).sum(0)  # contexts where each candidate fires
+    rank = np.argsort(order)[cand]  # place in the random order
+    eligible = np.flatnonzero(fired >= 3)
+    keep = np.sort(eligible[np.argsort(rank[eligible], kind="stable")][:n_feat])
+    codes, feats = codes[:, :, keep], cand[keep]
+    n_live = int((fired > 0).sum())
+    log(f"[autointerp] {len(feats)} features: the first of {len(cand)} random candidates active in "
+        f">= 3 contexts ({n_live} fire at all, {len(eligible)} in >= 3)")
     token_str = token_strings(run.model.tokenizer, contexts)
     visible = np.vectorize(lambda t: bool(token_str.get(int(t), "").strip())
                            and not _special(token_str.get(int(t), "")), otypes=[bool])(contexts)
@@ -243,7 +259,7 @@ def evaluate(run, args, *, log):
 
     rows, det_items, fuzz_items, lab_ctx, lab_tok = [], [], [], [], []
     skipped, unparsed = 0, {"detection": 0, "fuzzing": 0}
-    for s, f in enumerate(tqdm(feats, desc="autointerp", unit="feature")):
+    for s, f in enumerate(tqdm(feats, desc="autointerp", unit="feature", disable=client is None)):
         z = codes[:, :, s]
         thr = thr_frac * float(z.max())
         frng = np.random.default_rng([seed, int(f)])
@@ -304,8 +320,9 @@ def evaluate(run, args, *, log):
         "label_token_balanced_accuracy": off_tok["balanced_accuracy"],
         "label_token_ci_low": off_tok["ci_low"], "label_token_ci_high": off_tok["ci_high"],
         "n_features": off_det["n_features"]}}
-    unstructured = {"live_features": n_live, "skipped_too_rare": skipped,
-                    "corpus_tokens": int(top.n_tokens)}
+    unstructured = {"candidates": len(cand), "candidates_firing": n_live,
+                    "candidates_in_3_contexts": len(eligible), "skipped_too_rare": skipped,
+                    "corpus_tokens": int(contexts.size)}
     if client is not None:
         per = np.array([r["detection_score"] for r in rows], float)
         per = per[np.isfinite(per)]
