@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROLES = ("system", "user", "assistant")
 MAX_BODY = 8 << 20  # bytes of one request body
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: fewer compiled programs
 
 
 class BadRequest(ValueError):
@@ -153,7 +154,8 @@ class ChatModel:
             out = generate_tokens(self.lm.cfg, self.lm.params, [ids], max_tokens,
                                   temperature=temperature, top_p=top_p,
                                   key=jax.random.PRNGKey(seed),
-                                  eos_id=stops[0] if stops else None, pad_id=self.lm.pad_id)
+                                  eos_id=stops[0] if stops else None, pad_id=self.lm.pad_id,
+                                  pad_multiple=PROMPT_BUCKET)
         row = [int(t) for t in out[0] if t >= 0]
         cut = [row.index(s) for s in stops if s in row]
         finish = "stop" if cut else "length"

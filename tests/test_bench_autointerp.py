@@ -240,16 +240,17 @@ def test_measure_through_jsae_serve(tiny, tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        doc = _bench(d, tmp_path / "b", ["--autointerp-explainer", url, "--autointerp-features", "2",
+        doc = _bench(d, tmp_path / "b", ["--autointerp-explainer", url, "--autointerp-features", "1",
+                                         "--autointerp-explain-examples", "2",
                                          "--autointerp-cache", str(tmp_path / "c")])
     finally:
         srv.shutdown()
         srv.server_close()
     u = doc["eval_result_unstructured"]
-    assert u["explainer"].startswith("tiny-chat at ") and u["requests_sent"] == 3 * 2
-    assert len(doc["eval_result_details"]) == 2  # gibberish explanations, scored or unparsed
+    assert u["explainer"].startswith("tiny-chat at ") and u["requests_sent"] == 3
+    assert len(doc["eval_result_details"]) == 1  # a gibberish explanation, scored or unparsed
     assert sum(u["unparsed_replies"].values()) + doc["eval_result_metrics"]["detection"]["n_features"] \
-        + doc["eval_result_metrics"]["fuzzing"]["n_features"] == 4
+        + doc["eval_result_metrics"]["fuzzing"]["n_features"] == 2
 
 
 @pytest.mark.parametrize("extra, needle", [
