@@ -253,9 +253,25 @@ def test_measure_through_jsae_serve(tiny, tmp_path):
         + doc["eval_result_metrics"]["fuzzing"]["n_features"] == 2
 
 
+def test_unreachable_explainer_is_one_line(tiny, tmp_path, capsys):
+    import socket
+
+    d, _ = tiny
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    assert cli.main(["bench", str(d), "--only", "autointerp", "--out", str(tmp_path / "o"),
+                     "--autointerp-explainer", f"http://127.0.0.1:{port}/v1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("jsae bench: cannot reach http://127.0.0.1:") and "/v1/models" in err[-1]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--autointerp-explainer", "ftp://x"], "--autointerp-explainer must be an http"),
     (["--autointerp-score-examples", "1"], "--autointerp-score-examples must be >= 2"),
+    (["--autointerp-timeout", "0"], "--autointerp-timeout must be > 0"),
 ])
 def test_bad_options_are_one_line(tiny, tmp_path, capsys, extra, needle):
     d, _ = tiny

@@ -1,4 +1,4 @@
-"""Automated interpretability: explanations of sampled live features scored on held-out contexts (detection, fuzzing; offline: each feature's top-token label).
+"""Automated interpretability: explanations of sampled live features scored on held-out contexts (detection, fuzzing; offline: each feature's top-token label)
 
 The contexts are the offline-corpus sample that :func:`jsae.analysis.run.corpus_stats` scans
 (same sampler and seed). One LM pass encodes them, token by token, for a random set of
@@ -55,23 +55,23 @@ def add_arguments(group) -> None:
                        help="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1 of `jsae "
                             "serve`, vLLM, a hosted API) that writes and scores explanations; "
                             "without it only the offline label score is computed")
-    group.add_argument("--autointerp-model",
+    group.add_argument("--autointerp-model", metavar="NAME",
                        help="model name sent to the endpoint (default: the first it lists)")
     group.add_argument("--autointerp-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="environment variable holding the endpoint's API key "
                             "(default OPENAI_API_KEY; unset: no key sent)")
-    group.add_argument("--autointerp-features", type=positive_int, default=100,
+    group.add_argument("--autointerp-features", type=positive_int, metavar="N", default=100,
                        help="live features sampled (default 100)")
-    group.add_argument("--autointerp-contexts", type=positive_int, default=512,
+    group.add_argument("--autointerp-contexts", type=positive_int, metavar="N", default=512,
                        help="corpus contexts scanned (default 512)")
-    group.add_argument("--autointerp-context-length", type=positive_int, default=64,
+    group.add_argument("--autointerp-context-length", type=positive_int, metavar="N", default=64,
                        help="tokens per context (default 64)")
-    group.add_argument("--autointerp-explain-examples", type=positive_int, default=10,
+    group.add_argument("--autointerp-explain-examples", type=positive_int, metavar="N", default=10,
                        help="top contexts shown to the explainer (default 10)")
-    group.add_argument("--autointerp-score-examples", type=positive_int, default=6,
+    group.add_argument("--autointerp-score-examples", type=positive_int, metavar="N", default=6,
                        help="held-out active contexts per feature and scorer, and as many "
                             "inactive ones for detection (default 6; at least 2)")
-    group.add_argument("--autointerp-act-threshold", type=probability, default=0.01,
+    group.add_argument("--autointerp-act-threshold", type=probability, metavar="FRAC", default=0.01,
                        help="a token is active above this fraction of the feature's peak "
                             "(default 0.01, SAEBench's)")
     group.add_argument("--autointerp-cache", metavar="DIR",
@@ -228,6 +228,11 @@ def evaluate(run, args, *, log):
     thr_frac = float(args.autointerp_act_threshold)
     n_explain, n_score = args.autointerp_explain_examples, args.autointerp_score_examples
     n_feat = int(args.autointerp_features)
+    client = None  # first: an unreachable endpoint is said before the LM pass
+    if args.autointerp_explainer:
+        cache = Path(args.autointerp_cache) if args.autointerp_cache else (
+            run.path / "analysis" / run.hook / "autointerp")
+        client = _client(args, cache, log)
     # the contexts `corpus_stats` scans (same sampler and seed), encoded once for candidates only
     contexts, _ = corpus_contexts(run.model.tokenizer, args.autointerp_contexts,
                                   args.autointerp_context_length, seed=seed)
@@ -251,11 +256,6 @@ def evaluate(run, args, *, log):
     visible = np.vectorize(lambda t: bool(token_str.get(int(t), "").strip())
                            and not _special(token_str.get(int(t), "")), otypes=[bool])(contexts)
 
-    client = None
-    if args.autointerp_explainer:
-        cache = Path(args.autointerp_cache) if args.autointerp_cache else (
-            run.path / "analysis" / run.hook / "autointerp")
-        client = _client(args, cache, log)
 
     rows, det_items, fuzz_items, lab_ctx, lab_tok = [], [], [], [], []
     skipped, unparsed = 0, {"detection": 0, "fuzzing": 0}
