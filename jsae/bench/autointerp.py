@@ -24,7 +24,9 @@ Each score is a balanced accuracy ((TPR + TNR) / 2, 0.5 = chance) pooled over th
 features, with a 95% bootstrap interval that resamples features (a feature's items are not
 independent). ``autointerp_score`` is SAEBench's name: the mean over features of each one's
 detection score (SAEBench's scoring set mixes top, importance-weighted and random contexts and
-averages plain accuracy; this one is balanced by construction).
+averages plain accuracy; this one is balanced by construction). A feature active in nearly every
+context has no inactive one to hold out: its items count in the pooled score, but it has no
+detection score of its own (None in the details).
 
 Without an explainer the **offline** score needs no language model: a feature's label is the
 set of tokens at the peak of its explainer contexts (what the atlas's token labels list), and it
@@ -256,7 +258,6 @@ def evaluate(run, args, *, log):
     visible = np.vectorize(lambda t: bool(token_str.get(int(t), "").strip())
                            and not _special(token_str.get(int(t), "")), otypes=[bool])(contexts)
 
-
     rows, det_items, fuzz_items, lab_ctx, lab_tok = [], [], [], [], []
     skipped, unparsed = 0, {"detection": 0, "fuzzing": 0}
     for s, f in enumerate(tqdm(feats, desc="autointerp", unit="feature", disable=client is None)):
@@ -286,30 +287,30 @@ def evaluate(run, args, *, log):
             expl = ex.clean_explanation(client.chat(ex.EXPLAIN_SYSTEM, ex.examples_prompt(texts)))
             row["explanation"] = expl
             # detection: held-out active and inactive contexts, unmarked, shuffled
-            order = frng.permutation(len(held))
+            mix = frng.permutation(len(held))
             pred = ex.ask_labels(client, ex.DETECT_SYSTEM, expl,
-                                 [ex.context_text(token_str, contexts[held[i]]) for i in order])
+                                 [ex.context_text(token_str, contexts[held[i]]) for i in mix])
             row["detection_score"] = float("nan")
             if pred is None:
                 unparsed["detection"] += 1
             else:
-                det_items.append((y_ctx[order], pred))
-                row["detection_score"] = ex.balanced_accuracy(y_ctx[order], pred)
+                det_items.append((y_ctx[mix], pred))
+                row["detection_score"] = ex.balanced_accuracy(y_ctx[mix], pred)
             # fuzzing: held-out active contexts, about half marked right, the rest wrong
             pos = sp["pos"][frng.permutation(len(sp["pos"]))]
             right = np.arange(len(pos)) >= len(pos) // 2
             marks = [active[c] & visible[c] if ok else fuzz_marks(active[c], visible[c], frng)
                      for c, ok in zip(pos, right)]
-            order = frng.permutation(len(pos))
+            mix = frng.permutation(len(pos))
             pred = ex.ask_labels(client, ex.FUZZ_SYSTEM, expl,
                                  [ex.context_text(token_str, contexts[pos[i]], marked=marks[i])
-                                  for i in order])
+                                  for i in mix])
             row["fuzzing_score"] = float("nan")
             if pred is None:
                 unparsed["fuzzing"] += 1
             else:
-                fuzz_items.append((right[order], pred))
-                row["fuzzing_score"] = ex.balanced_accuracy(right[order], pred)
+                fuzz_items.append((right[mix], pred))
+                row["fuzzing_score"] = ex.balanced_accuracy(right[mix], pred)
         rows.append(row)
 
     off_det = pooled_balanced_accuracy(lab_ctx, seed=seed)
