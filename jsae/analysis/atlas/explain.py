@@ -12,6 +12,10 @@ which ones the feature fires on. The score is the balanced accuracy of those ans
 
 Requests are rate limited (``min_interval`` seconds apart), retried on 429/5xx, and cached on
 disk by a hash of the request, so an interrupted run resumes without asking again.
+
+The prompts, the client and the scoring pieces (:func:`context_text`, :func:`ask_labels`,
+:func:`balanced_accuracy`, the fuzzing prompt) are shared with ``jsae bench``'s autointerp
+measure (jsae/bench/autointerp.py), which scores explanations on held-out corpus contexts.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ DETECT_SYSTEM = (
     "You judge whether a feature of a language model is active on pieces of text, given a "
     "description of what the feature responds to. Answer with a JSON list of 0s and 1s, one per "
     "excerpt in order: 1 if the feature would be active somewhere in that excerpt, else 0."
+)
+
+FUZZ_SYSTEM = (
+    "You judge whether a description of a feature of a language model explains where it is "
+    "active. In each excerpt some tokens are marked like <<this>>. Answer with a JSON list of 0s "
+    "and 1s, one per excerpt in order: 1 if the feature, as described, would be active on the "
+    "marked tokens of that excerpt, 0 if the marks look misplaced."
 )
 
 
@@ -79,6 +90,21 @@ class ChatClient:
         if dt > 0:
             time.sleep(dt)
         self._last = time.monotonic()
+
+    def models(self) -> list[str]:
+        """Model ids the endpoint lists at ``GET .../models`` (not cached)."""
+        url = self.url[: -len("/chat/completions")] + "/models"
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:  # noqa: S310 - user URL
+                return [str(m["id"]) for m in json.loads(r.read().decode())["data"]]
+        except urllib.error.HTTPError as e:
+            raise ExplainerError(f"{url} refused to list its models: HTTP {e.code}") from e
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            raise ExplainerError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExplainerError(f"{url} answered something that is not a model list ({e})") from e
 
     def chat(self, system: str, user: str) -> str:
         body = {"model": self.model, "messages": [{"role": "system", "content": system},
@@ -120,32 +146,43 @@ class ChatClient:
         return content
 
 
-def _text(data: AtlasData, tokens, acts=None, *, mark: float | None = None) -> str:
-    """An example as text; tokens whose code is >= ``mark`` wrapped in ``<< >>``."""
+def context_text(token_str: dict[int, str], tokens, acts=None, *, mark: float | None = None,
+                 marked=None) -> str:
+    """A context as text (ids < 0 and ``<bos>``-like tokens left out, newlines as ``\\n``);
+    tokens whose code is >= ``mark``, or where the boolean array ``marked`` is set, wrapped in
+    ``<< >>`` (the format of delphi's and OpenAI's explainers)."""
     out = []
     for j, t in enumerate(tokens):
         if t < 0:
             continue
-        s = data.token_str.get(int(t), "")
+        s = token_str.get(int(t), "")
         if s.startswith("<") and s.endswith(">") and len(s) > 2:  # <bos> and friends
             continue
         s = s.replace("\n", "\\n")
-        if mark is not None and acts is not None and float(acts[j]) >= mark and s.strip():
+        on = (marked is not None and bool(marked[j])) or (
+            mark is not None and acts is not None and float(acts[j]) >= mark)
+        if on and s.strip():
             lead = s[: len(s) - len(s.lstrip())]
             s = f"{lead}<<{s.strip()}>>"
         out.append(s)
     return "".join(out).strip()
 
 
+def _text(data: AtlasData, tokens, acts=None, *, mark: float | None = None) -> str:
+    """An atlas example as text; tokens whose code is >= ``mark`` wrapped in ``<< >>``."""
+    return context_text(data.token_str, tokens, acts, mark=mark)
+
+
+def examples_prompt(texts: list[str]) -> str:
+    """The explainer's question: marked examples, one a line, numbered from 1."""
+    return "\n".join(f"Example {i + 1}: {t}" for i, t in enumerate(texts))
+
+
 def explain_prompt(data: AtlasData, row: int, n_examples: int = 10) -> str:
     peak = float(data.max_act[row]) or 1.0
-    lines = []
-    for k in range(min(n_examples, data.top_value.shape[1])):
-        if data.top_value[row, k] <= 0:
-            continue
-        lines.append(f"Example {len(lines) + 1}: "
-                     + _text(data, data.top_tokens[row, k], data.top_acts[row, k], mark=0.5 * peak))
-    return "\n".join(lines)
+    texts = [_text(data, data.top_tokens[row, k], data.top_acts[row, k], mark=0.5 * peak)
+             for k in range(min(n_examples, data.top_value.shape[1])) if data.top_value[row, k] > 0]
+    return examples_prompt(texts)
 
 
 def detection_set(data: AtlasData, row: int, n: int = 5, seed: int = 0
@@ -185,20 +222,41 @@ def _parse_answers(reply: str, n: int) -> np.ndarray | None:
     return np.array(vals[:n]) if len(vals) >= n else None
 
 
+def balanced_accuracy(labels, preds) -> float:
+    """``(TPR + TNR) / 2`` of 0/1 predictions (NaN unless both classes occur)."""
+    y, p = np.asarray(labels).astype(bool), np.asarray(preds).astype(bool)
+    if not y.any() or y.all():
+        return float("nan")
+    return 0.5 * (float(np.mean(p[y])) + float(np.mean(~p[~y])))
+
+
+def labels_prompt(explanation: str, texts: list[str]) -> str:
+    """The scorer's question: the explanation, then the excerpts numbered from 1."""
+    return (f"Feature description: {explanation}\n\n"
+            + "\n".join(f"Excerpt {i + 1}: {t}" for i, t in enumerate(texts))
+            + f"\n\nAnswer with a JSON list of {len(texts)} numbers (0 or 1).")
+
+
+def ask_labels(client: ChatClient, system: str, explanation: str, texts: list[str]
+               ) -> np.ndarray | None:
+    """The scorer's 0/1 answer per excerpt (``system``: :data:`DETECT_SYSTEM` or
+    :data:`FUZZ_SYSTEM`); None when the reply holds no usable list."""
+    return _parse_answers(client.chat(system, labels_prompt(explanation, texts)), len(texts))
+
+
 def detection_score(client: ChatClient, explanation: str, texts: list[str], labels: np.ndarray
                     ) -> float:
     """Balanced accuracy of the scorer's answers (NaN if it answered no usable list)."""
     if not len(texts) or labels.min() == labels.max():
         return float("nan")
-    user = (f"Feature description: {explanation}\n\n"
-            + "\n".join(f"Excerpt {i + 1}: {t}" for i, t in enumerate(texts))
-            + f"\n\nAnswer with a JSON list of {len(texts)} numbers (0 or 1).")
-    pred = _parse_answers(client.chat(DETECT_SYSTEM, user), len(texts))
-    if pred is None:
-        return float("nan")
-    tpr = float(np.mean(pred[labels == 1] == 1))
-    tnr = float(np.mean(pred[labels == 0] == 0))
-    return 0.5 * (tpr + tnr)
+    pred = ask_labels(client, DETECT_SYSTEM, explanation, texts)
+    return float("nan") if pred is None else balanced_accuracy(labels, pred)
+
+
+def clean_explanation(reply: str) -> str:
+    """The explainer's first non-empty line, unquoted, at most 200 characters."""
+    lines = [x.strip() for x in reply.strip().splitlines() if x.strip()]
+    return (lines[0] if lines else "").strip('"')[:200]
 
 
 def explain_atlas(data: AtlasData, client: ChatClient, *, features=None, n_features: int = 50,
@@ -224,7 +282,7 @@ def explain_atlas(data: AtlasData, client: ChatClient, *, features=None, n_featu
         prompt = explain_prompt(data, r, n_examples)
         if not prompt:
             continue
-        expl = client.chat(EXPLAIN_SYSTEM, prompt).strip().splitlines()[0].strip().strip('"')[:200]
+        expl = clean_explanation(client.chat(EXPLAIN_SYSTEM, prompt))
         texts, labels = detection_set(data, r, n_detect, seed)
         data.explanations[r] = expl
         data.explanation_scores[r] = detection_score(client, expl, texts, labels)
