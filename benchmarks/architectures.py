@@ -3,6 +3,8 @@
     python benchmarks/architectures.py                      # 300k tokens, Gemma 3 270M, layer 6
     python benchmarks/architectures.py --tokens 100000 --archs topk,skip_transcoder
     python benchmarks/architectures.py --smoke              # toy model and text, every path, ~1 min
+    python benchmarks/architectures.py --archs topk,batchtopk,matryoshka,jumprelu \
+        --reuse --bench absorption,probing                   # + SAEBench's measures (jsae bench)
 
 One `jsae harvest` of Gemma 3 270M's layer 6 (hook_resid_post for the SAEs, hook_resid_mid ->
 hook_mlp_out for the transcoders) over the offline text, then `jsae train` of each architecture
@@ -15,7 +17,9 @@ held-out L0 lands near 32 too (measured: RESULTS.md), so FVU and CE compare at m
 A transcoder's FVU is of the MLP's output and
 its CE is with the MLP replaced (zero ablation: the MLP's output zeroed), so compare
 transcoders with transcoders and SAEs with SAEs. Prints the hardware and a Markdown table; each
-run's eval.json is kept under --out.
+run's eval.json is kept under --out. ``--bench MEASURES`` also runs `jsae bench` (SAEBench's
+measures: absorption, sparse probing, autointerp, multilingual concepts) on every SAE run and adds
+its headline numbers to the table; ``--reuse`` keeps runs already trained and evaluated in --out.
 
 ``--smoke`` runs the same commands on a toy random Gemma 3 and a toy corpus (benchmarks/toy.py,
 `--set model.name=... data.dataset=files`) for 4,096 tokens, with `jsae` called in this process
@@ -75,6 +79,38 @@ def jsae(*args: str) -> float:
     return time.perf_counter() - t
 
 
+# `jsae bench` measure -> (metric group, metric) shown in the table
+HEADLINES = {
+    "absorption": [("mean", "mean_absorption_fraction_score"), ("mean", "mean_full_absorption_score"),
+                   ("mean", "mean_num_split_features")],
+    "probing": [("sae", "sae_top_1_test_accuracy"), ("sae", "sae_top_5_test_accuracy"),
+                ("llm", "llm_test_accuracy")],
+    "autointerp": [("offline", "balanced_accuracy"), ("autointerp", "autointerp_score")],
+    "languages": [("concepts", "cross_lingual_share")],
+}
+
+
+def _bench_headlines(doc: dict) -> dict[str, float]:
+    """The table's numbers from `jsae bench --json`: the metrics named in HEADLINES that the
+    measure reported (a measure may group its metrics otherwise: then every number it has)."""
+    out = {}
+    for name, m in doc["measures"].items():
+        metrics = m["metrics"] or {}
+        picked = [(g, k) for g, k in HEADLINES.get(name, []) if k in (metrics.get(g) or {})]
+        if not picked:
+            picked = [(g, k) for g, v in metrics.items() if isinstance(v, dict)
+                      for k, x in v.items() if isinstance(x, (int, float))]
+        for g, k in picked:
+            out[f"{name}.{k}"] = float(metrics[g][k])
+    return out
+
+
+def _earlier_rows(out: Path) -> dict[str, dict]:
+    """The rows of an earlier results.json in ``out`` (--reuse), by architecture."""
+    f = out / "results.json"
+    return {r["arch"]: r for r in json.loads(f.read_text()).get("runs", [])} if f.is_file() else {}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +122,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help="reuse this harvest (default OUT/cache, harvested first)")
     ap.add_argument("--set", action="append", default=[], metavar="ARCH:KEY=VALUE",
                     help="an extra override for one architecture, e.g. relu:sae.l1_coef=20")
+    ap.add_argument("--bench", default="",
+                    help="comma-separated `jsae bench` measures to run on every SAE run (e.g. "
+                         "absorption,probing); transcoders are skipped")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep runs of --out that are already trained and evaluated (their "
+                         "train s is then the first run's)")
     ap.add_argument("--smoke", action="store_true",
                     help="toy model and corpus, 4,096 tokens, jsae in this process: checks every "
                          "architecture's path runs (not a measurement)")
@@ -124,10 +166,10 @@ def main(argv=None) -> int:
 
     hooks = f"[{SAE_HOOK},{TC_IN},{TC_OUT}]"
     toy = [x for s in toy_sets for x in ("--set", s)]
-    t_harvest = 0.0 if args.cache else jsae(
+    t_harvest = 0.0 if args.cache or (args.reuse and cache.is_dir()) else jsae(
         "harvest", "configs/quickstart.yaml", "--out", str(cache), "--tokens", str(args.tokens),
         "--eval-tokens", str(args.eval_tokens), "--set", f"model.hooks={hooks}", *toy)
-    rows = []
+    rows, before = [], _earlier_rows(out)
     for arch in archs:
         base, over = RUNS[arch]
         run = out / arch
@@ -135,15 +177,23 @@ def main(argv=None) -> int:
                   f"train.tokens={args.tokens}", f"eval.tokens={args.eval_tokens}",
                   "eval.show_features=0", "checkpoint.enabled=false"]
         sets = [x for s in toy_sets + shared + over + extra.get(arch, []) for x in ("--set", s)]
-        t_train = jsae("train", base, *sets, "--fresh")
-        t_eval = jsae("eval", str(run), "--tokens", str(args.eval_tokens),
-                      "--downstream-tokens", str(args.downstream_tokens))
+        earlier = before.get(arch) if args.reuse else None
+        if earlier and (run / "eval" / "eval.json").is_file():
+            t_train, t_eval = earlier["train_s"], earlier["eval_s"]
+        else:
+            t_train = jsae("train", base, *sets, "--fresh")
+            t_eval = jsae("eval", str(run), "--tokens", str(args.eval_tokens),
+                          "--downstream-tokens", str(args.downstream_tokens))
         doc = json.loads((run / "eval" / "eval.json").read_text())
         (hook, m), = doc["metrics"].items()
-        rows.append({"arch": arch, "hook": hook, "replaces": (doc["info"].get("output_hooks")
-                                                              or {}).get(hook, hook),
+        replaces = (doc["info"].get("output_hooks") or {}).get(hook, hook)
+        bench = {}
+        if args.bench and replaces == hook:  # SAEBench's measures are of SAEs
+            jsae("bench", str(run), "--only", args.bench, "--json", str(run / "bench.json"), "--overwrite")
+            bench = _bench_headlines(json.loads((run / "bench.json").read_text()))
+        rows.append({"arch": arch, "hook": hook, "replaces": replaces,
                      "overrides": over + extra.get(arch, []),
-                     "train_s": t_train, "eval_s": t_eval, **m})
+                     "train_s": t_train, "eval_s": t_eval, **m, "bench": bench})
         (out / "results.json").write_text(json.dumps(  # after every run: a partial table too
             {"hardware": hardware(), "tokens": args.tokens, "harvest_s": t_harvest,
              "runs": rows}, indent=2))
@@ -156,6 +206,15 @@ def main(argv=None) -> int:
         print(f"| {r['arch']} | {where} | {r['l0']:.1f} | {r['fvu']:.4f} | "
               f"{r['ce_recovered_zero']:.4f} | {r['ce_delta']:.4f} | {r['kl_spliced']:.4f} | "
               f"{r['dead_frac']:.1%} | {r['train_s']:.0f} |")
+    benched = [r for r in rows if r["bench"]]
+    if benched:
+        names = sorted({k for r in benched for k in r["bench"]})
+        print("\n| architecture | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for r in benched:
+            print(f"| {r['arch']} | " + " | ".join(
+                f"{r['bench'][k]:.3f}" if isinstance(r["bench"].get(k), float) else "-"
+                for k in names) + " |")
     if rows:
         base = next((r for r in rows if r["arch"] == "topk"), rows[0])
         print(f"train time ratio ARCH / {base['arch']}: " + ", ".join(
