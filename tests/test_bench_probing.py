@@ -36,6 +36,23 @@ def test_logistic_probe_matches_sklearn(n, d, scale):
     assert np.isfinite(c2).all() and _logistic.accuracy(c2, b2, xs, ys) == 1.0
 
 
+def test_probe_accuracy_standardises_on_the_training_rows():
+    lm = pytest.importorskip("sklearn.linear_model")
+    pre = pytest.importorskip("sklearn.preprocessing")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(90, 6)) * [1e-3, 1e-2, 1.0, 10.0, 1e3, 0.0] + 2.0  # last column constant
+    w = np.array([400.0, -50.0, 1.0, 0.1, 1e-3])
+    s = x[:, :5] @ w + rng.normal(size=90)
+    y = s > np.median(s)
+    xt = rng.normal(size=(70, 6)) * [1e-3, 1e-2, 1.0, 10.0, 1e3, 0.0] + 2.0
+    yt = xt[:, :5] @ w > np.median(s)
+    sc = pre.StandardScaler().fit(x)
+    ref = lm.LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(sc.transform(x), y)
+    got = probing.probe_accuracy(x, y, xt, yt)
+    assert got == pytest.approx(float(np.mean(ref.predict(sc.transform(xt)) == yt)), abs=1.5 / 70)
+    assert probing.probe_accuracy(x * 1e-4, y, xt * 1e-4, yt) == pytest.approx(got)  # units do not matter
+
+
 def test_top_k_mean_diff_is_saebench_selection():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 12))
