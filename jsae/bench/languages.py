@@ -338,11 +338,31 @@ def evaluate(run, args, *, log):
               "min_distinct_languages": args.languages_min_distinct, "random_seed": seed,
               "score": "max code over the name's tokens", "lexicon": "CLDR via babel",
               "llm_batch_size": max(args.batch_size, 32), "model_name": run.model_name}
-    unstructured = {"n_distinct_languages_histogram": {str(i): int(v) for i, v in enumerate(hist) if v},
+    claim = {c: _verdict(c, per_cat[c], args.languages_min_distinct) for c in sents}
+    claim["all"] = _verdict("all categories", all_metrics, args.languages_min_distinct)
+    by_transfer = sorted(details, key=lambda r: -r["transfer_from_english_distinct_tokens"])
+    claim["languages_by_transfer"] = [f"{r['language']} {r['transfer_from_english_distinct_tokens']:.0%}"
+                                      for r in by_transfer]
+    for line in [claim[c] for c in [*sents, "all"]]:
+        log(f"[languages] {line}")
+    log("[languages] English concept features that also work (distinct tokens) in: "
+        + ", ".join(claim["languages_by_transfer"]))
+    unstructured = {"claim": claim,
+                    "n_distinct_languages_histogram": {str(i): int(v) for i, v in enumerate(hist) if v},
                     "top_cross_lingual_features": top_rows,
                     "lexicon": {cat: {str(c): by for c, by in rows.items()} for cat, rows in lex.items()},
                     "n_sentences": len(ids), "seconds": round(time.perf_counter() - t0, 1)}
     return Result(config, finite({"all": all_metrics, **per_cat}), details, unstructured)
+
+
+def _verdict(name: str, m: dict, min_distinct: int) -> str:
+    """One line: the cross-lingual share against its chance level, and whether the claim holds
+    (at least 5 cross-lingual features and a share at least twice the control's)."""
+    holds = m["n_cross_lingual_features"] >= 5 and m["cross_lingual_share"] >= 2 * m["cross_lingual_share_control"]
+    return (f"{name}: {m['n_cross_lingual_features']} of {m['n_concept_features']} concept features "
+            f"({m['cross_lingual_share']:.1%}) work in English and in >= {min_distinct} language(s) with other "
+            f"tokens; deranged-concept control {m['cross_lingual_share_control']:.1%}: "
+            + ("holds (above chance)" if holds else "does not hold here"))
 
 
 def _shares(fc: dict, cc: dict, F: int) -> dict:
