@@ -243,7 +243,7 @@ def evaluate(run, args, *, log):
     import numpy as np
 
     from jsae.bench import Result
-    from jsae.bench._lexicon import CATEGORIES, LANGS, names
+    from jsae.bench._lexicon import CATEGORIES, LANGS, TEMPLATES, names
     from jsae.bench._texts import reduce_texts
     from jsae.jsonsafe import finite
 
@@ -266,73 +266,26 @@ def evaluate(run, args, *, log):
 
     score = reduce_texts(run, ids, masks, jax.jit(_span_max), batch_size=max(args.batch_size, 32),
                          desc="lexicon sentences")["max"]
-    T = 3
-    per_cat, feats, ctrl, offset = {}, {}, {}, 0
-    en_works = np.zeros(F, bool)
-    also = np.zeros((len(langs), F), bool)
-    also_dist = np.zeros((len(langs), F), bool)
-    en_dist_feats = np.zeros((len(langs), F), bool)
-    top_rows = {}
+    T = len(TEMPLATES["en"]["months"])
+    per_cat, kept, top_rows, offset = {}, {}, {}, 0
     for cat, s in sents.items():
         C = len(s["concepts"])
         x = score[offset: offset + C * len(langs) * T].reshape(C, len(langs), T, F)
         offset += C * len(langs) * T
         st = category_stats(x, auroc_min=args.languages_auroc, max_negative=args.languages_max_negative)
-        distinct = np.array([[not (s["name_tokens"][c, lang] & s["name_tokens"][c, "en"]) for lang in langs]
-                             for c in s["concepts"]])
+        distinct = _distinct(s, langs)
         fc = feature_concepts(st["works"], distinct, en, args.languages_min_distinct)
         cc = feature_concepts(derange(st["works"], en, seed), distinct, en, args.languages_min_distinct)
-        feats[cat], ctrl[cat] = fc, cc
-        w = st["works"]
-        # per language: English concept features (their English concept) that also work there
-        e = w[:, en]  # [C, F]
-        en_works |= e.any(0)
-        for li in range(len(langs)):
-            also[li] |= (e & w[:, li]).any(0)
-            also_dist[li] |= (e & w[:, li] & distinct[:, li, None]).any(0)
-            en_dist_feats[li] |= (e & distinct[:, li, None]).any(0)
-        per_cat[cat] = {**_shares(fc, cc, F),
+        kept[cat] = (st["works"], distinct, fc, cc)
+        per_cat[cat] = {**_shares(fc, cc),
                         "n_concepts": C,
                         "concepts_with_cross_lingual_feature": float(
                             np.mean([(fc["cross"] & (fc["concept"] == k)).any() for k in range(C)])),
                         "mean_best_pooled_auroc": float(st["pooled"].max(1).mean()),
                         "distinct_token_share": float(np.delete(distinct, en, axis=1).mean())}
         top_rows[cat] = _top(fc, st, s["concepts"], lex[cat], langs, distinct)
-    union = {k: np.zeros(F, bool) for k in ("concept", "cross")}
-    union_c = {k: np.zeros(F, bool) for k in ("concept", "cross")}
-    hist = np.zeros(len(langs), np.int64)
-    for cat in sents:
-        union["concept"] |= feats[cat]["concept"] >= 0
-        union["cross"] |= feats[cat]["cross"]
-        union_c["concept"] |= ctrl[cat]["concept"] >= 0
-        union_c["cross"] |= ctrl[cat]["cross"]
-    nd_best = np.max([np.where(feats[c]["concept"] >= 0, feats[c]["n_distinct"], -1) for c in sents], axis=0)
-    for v in nd_best[nd_best >= 0]:
-        hist[v] += 1
-    n_con, n_cross = int(union["concept"].sum()), int(union["cross"].sum())
-    n_con_c, n_cross_c = int(union_c["concept"].sum()), int(union_c["cross"].sum())
-    all_metrics = {
-        "n_concept_features": n_con, "n_cross_lingual_features": n_cross,
-        "cross_lingual_share": n_cross / max(n_con, 1),
-        "cross_lingual_share_control": n_cross_c / max(n_con_c, 1),
-        "concept_feature_fraction": n_con / F,
-        "n_english_concept_features": int(en_works.sum()),
-        "concepts_with_cross_lingual_feature": float(np.mean(
-            [per_cat[c]["concepts_with_cross_lingual_feature"] for c in sents])),
-        "n_languages": len(langs), "n_concepts": int(sum(len(r) for r in lex.values())),
-    }
-    details = []
-    for li, lang in enumerate(langs):
-        if li == en:
-            continue
-        details.append({"language": lang,
-                        "transfer_from_english": float(also[li].sum() / max(en_works.sum(), 1)),
-                        "transfer_from_english_distinct_tokens": float(
-                            also_dist[li].sum() / max(en_dist_feats[li].sum(), 1)),
-                        "n_english_features_with_distinct_names": int(en_dist_feats[li].sum()),
-                        "distinct_token_share": float(np.mean(
-                            [np.mean([not (s["name_tokens"][c, lang] & s["name_tokens"][c, "en"])
-                                      for c in s["concepts"]]) for s in sents.values()]))})
+    all_metrics, hist = _overall(kept, per_cat, F, langs, en)
+    details = _per_language(kept, langs, en, F)
     config = {"languages": langs, "categories": cats, "templates_per_language": T,
               "auroc_threshold": args.languages_auroc, "max_negative_rate": args.languages_max_negative,
               "min_distinct_languages": args.languages_min_distinct, "random_seed": seed,
@@ -365,7 +318,65 @@ def _verdict(name: str, m: dict, min_distinct: int) -> str:
             + ("holds (above chance)" if holds else "does not hold here"))
 
 
-def _shares(fc: dict, cc: dict, F: int) -> dict:
+def _distinct(s: dict, langs):
+    """``[C, L]``: the name of concept c in language l shares no token with the English name."""
+    import numpy as np
+
+    return np.array([[not (s["name_tokens"][c, lang] & s["name_tokens"][c, "en"]) for lang in langs]
+                     for c in s["concepts"]])
+
+
+def _overall(kept: dict, per_cat: dict, F: int, langs, en: int) -> tuple:
+    """Metrics over every category (a feature counted once: a concept feature, or cross-lingual,
+    in any category) and the histogram of distinct-token languages of the concept features."""
+    import numpy as np
+
+    con, cross, con_c, cross_c = (np.zeros(F, bool) for _ in range(4))
+    en_feats = np.zeros(F, bool)
+    for works, _, fc, cc in kept.values():
+        con |= fc["concept"] >= 0
+        cross |= fc["cross"]
+        con_c |= cc["concept"] >= 0
+        cross_c |= cc["cross"]
+        en_feats |= works[:, en].any(0)
+    nd = np.max([np.where(fc["concept"] >= 0, fc["n_distinct"], -1) for _, _, fc, _ in kept.values()], axis=0)
+    hist = np.bincount(nd[nd >= 0], minlength=len(langs))
+    m = {"n_concept_features": int(con.sum()), "n_cross_lingual_features": int(cross.sum()),
+         "cross_lingual_share": float(cross.sum() / max(con.sum(), 1)),
+         "cross_lingual_share_control": float(cross_c.sum() / max(con_c.sum(), 1)),
+         "concept_feature_fraction": float(con.sum() / F),
+         "n_english_concept_features": int(en_feats.sum()),
+         "concepts_with_cross_lingual_feature": float(np.mean(
+             [per_cat[c]["concepts_with_cross_lingual_feature"] for c in kept])),
+         "n_languages": len(langs), "n_concepts": int(sum(per_cat[c]["n_concepts"] for c in kept))}
+    return m, hist
+
+
+def _per_language(kept: dict, langs, en: int, F: int) -> list[dict]:
+    """Per non-English language: the share of the features that work for a concept in English
+    that also work for it there (all, and among the concepts whose name there has distinct tokens)."""
+    import numpy as np
+
+    L = len(langs)
+    en_any, also, also_dist, en_dist = (np.zeros((L, F), bool) for _ in range(4))
+    shares = [[] for _ in range(L)]
+    for works, distinct, _, _ in kept.values():
+        e = works[:, en]  # [C, F]: works for concept c in English
+        for li in range(L):
+            en_any[li] |= e.any(0)
+            also[li] |= (e & works[:, li]).any(0)
+            also_dist[li] |= (e & works[:, li] & distinct[:, li, None]).any(0)
+            en_dist[li] |= (e & distinct[:, li, None]).any(0)
+            shares[li].append(float(distinct[:, li].mean()))
+    return [{"language": lang,
+             "transfer_from_english": float(also[li].sum() / max(en_any[li].sum(), 1)),
+             "transfer_from_english_distinct_tokens": float(also_dist[li].sum() / max(en_dist[li].sum(), 1)),
+             "n_english_features_with_distinct_names": int(en_dist[li].sum()),
+             "distinct_token_share": float(np.mean(shares[li]))}
+            for li, lang in enumerate(langs) if li != en]
+
+
+def _shares(fc: dict, cc: dict) -> dict:
     import numpy as np
 
     n = int((fc["concept"] >= 0).sum())
