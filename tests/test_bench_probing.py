@@ -182,3 +182,7 @@ def test_offline_datasets_are_disjoint_and_seeded():
     again = probing.load_datasets(["language"], 20, 10, seed=4)["wikipedia_summaries/language"]
     assert again["fr"] == lang["fr"]
     assert probing.load_datasets(["language"], 20, 10, seed=5)["wikipedia_summaries/language"]["fr"] != lang["fr"]
+    from jsae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--probing-train / --probing-test: summaries in es has \d+ texts"):
+        probing.load_datasets(["language"], 6000, 1000, seed=0)

@@ -93,10 +93,15 @@ def check_arguments(args) -> None:
 # labelled text
 
 
+def _too_few(what: str, have: int, want: int):
+    from jsae.config import ConfigError
+
+    return ConfigError(f"--probing-train / --probing-test: {what} has {have} texts, fewer than the {want} asked")
+
+
 def _split(items: list, n_train: int, n_test: int, rng, what: str) -> tuple[list, list]:
     if len(items) < n_train + n_test:
-        raise ValueError(f"{what}: {len(items)} texts, fewer than --probing-train + --probing-test = "
-                         f"{n_train + n_test}")
+        raise _too_few(what, len(items), n_train + n_test)
     order = rng.permutation(len(items))
     return [items[i] for i in order[:n_train]], [items[i] for i in order[n_train:n_train + n_test]]
 
@@ -136,9 +141,11 @@ def source_classes(n_train: int, n_test: int, seed: int, *, min_chars: int = 200
             with open(speeches[i], encoding="utf-8", errors="replace") as fh:
                 paras += [" ".join(p.split()) for p in fh.read().split("\n\n") if len(p.strip()) >= min_chars]
         if len(paras) < n:
-            raise ValueError(f"State of the Union: {len(paras)} paragraphs for {n} texts")
+            raise _too_few("the State of the Union speeches' side of the split", len(paras), n)
         sides.append([paras[j] for j in rng.choice(len(paras), n, replace=False)])
     wiki = offline_texts(seed=seed + 2)
+    if len(wiki) < n_train + n_test:
+        raise _too_few("the encyclopedia summaries", len(wiki), n_train + n_test)
     return {"speech": (sides[0], sides[1]), "encyclopedia": (wiki[:n_train], wiki[n_train:n_train + n_test])}
 
 
