@@ -177,6 +177,28 @@ def test_bench_languages_on_a_tiny_run(tiny_run, tmp_path):
     assert not st["works"].any()
     rows = {r["language"]: r for r in doc["eval_result_details"]}
     assert set(rows) == {"fr", "de"} and 0 <= rows["fr"]["transfer_from_english"] <= 1
+    assert "cross_lingual_share_random_directions" not in m["all"]
+    assert cli.main(["bench", str(d), "--only", "languages", "--out", str(out), "--languages-langs", "en,fr,de",
+                     "--languages-categories", "months", "--languages-baseline"]) == 0
+    base = json.loads((out / "multilingual_concepts.json").read_text())
+    assert base["eval_result_metrics"]["all"]["n_concept_features"] == m["all"]["n_concept_features"]
+    assert 0 <= base["eval_result_metrics"]["months"]["cross_lingual_share_random_directions"] <= 1
+    assert "months (random directions)" in base["eval_result_unstructured"]["claim"]
+
+
+def test_random_directions_keep_norms_and_everything_else():
+    from test_steering_helpers import random_sae
+
+    sae = random_sae("relu", 16, 24, seed=2)
+    r = ml.random_directions(sae, seed=0)
+    w, rw = np.asarray(sae.params["W_enc"]), np.asarray(r.params["W_enc"])
+    np.testing.assert_allclose(np.linalg.norm(rw, axis=0), np.linalg.norm(w, axis=0), rtol=1e-5)
+    cos = np.abs((w * rw).sum(0)) / np.linalg.norm(w, axis=0) ** 2
+    assert cos.mean() < 0.5  # new directions (random in 16 dimensions)
+    for k in sae.params:
+        if k != "W_enc":
+            np.testing.assert_array_equal(np.asarray(r.params[k]), np.asarray(sae.params[k]))
+    assert np.array_equal(np.asarray(ml.random_directions(sae, seed=0).params["W_enc"]), rw)
 
 
 def test_planted_feature_is_a_concept_feature_but_not_cross_lingual(tiny_run):

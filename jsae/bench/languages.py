@@ -30,7 +30,9 @@ France in English and for Japan in German" is what the control counts.
 
 The claim that a dictionary's features are about concepts holds where the cross-lingual share
 clearly exceeds its control, and it holds for the languages (details) where transfer from English
-is high. Measure several layers with a run per layer (or a run with several hooks)::
+is high. The LM's activations carry some of it without any dictionary: ``--languages-baseline``
+measures the same dictionary with random encoder directions (same column norms, biases and
+decoder), and a learned dictionary should beat that too. Measure several layers with a run per layer (or a run with several hooks)::
 
     for L in 3 6 9 12; do
       jsae bench runs/multi --hook blocks.$L.hook_resid_post --only languages --json lang-L$L.json
@@ -54,6 +56,10 @@ def add_arguments(group) -> None:
     group.add_argument("--languages-max-negative", type=float, default=0.1,
                        help="largest share of the other concepts' sentences a working feature may fire on "
                             "(default 0.1)")
+    group.add_argument("--languages-baseline", action="store_true",
+                       help="also measure the dictionary with random encoder directions (same norms and "
+                            "biases): how much of the result the LM's activations give without learning "
+                            "(a second pass, about as long as the first)")
     group.add_argument("--languages-min-distinct", type=int, default=1,
                        help="distinct-token languages besides English a cross-lingual feature must work in "
                             "(default 1)")
@@ -238,21 +244,65 @@ def derange(works, en: int, seed: int):
 
 def evaluate(run, args, *, log):
     """Multilingual concept features of ``run``'s dictionary (module doc)."""
+    import dataclasses
     import time
-
-    import numpy as np
 
     from jsae.bench import Result
     from jsae.bench._lexicon import CATEGORIES, LANGS, TEMPLATES, names
-    from jsae.bench._texts import reduce_texts
     from jsae.jsonsafe import finite
 
     langs = _choice(args.languages_langs, LANGS, "--languages-langs")
     cats = _choice(args.languages_categories, CATEGORIES, "--languages-categories")
-    en, seed, F = langs.index("en"), int(args.seed), int(run.sae.spec.d_sae)
+    seed = int(args.seed)
     t0 = time.perf_counter()
     lex = names(langs, cats)
     sents = build_sentences(run.model.tokenizer, lex, langs)
+    n = sum(len(s["ids"]) for s in sents.values())
+    log(f"[languages] {n} sentences ({', '.join(f'{len(r)} {c}' for c, r in lex.items())} in "
+        f"{len(langs)} languages) through {run.hook} ...")
+    per_cat, all_metrics, details, hist, top_rows = _measure(run, sents, lex, langs, args)
+    claim = {c: _verdict(c, per_cat[c], args.languages_min_distinct) for c in sents}
+    claim["all"] = _verdict("all categories", all_metrics, args.languages_min_distinct)
+    if args.languages_baseline:
+        log("[languages] baseline: the same dictionary with random encoder directions ...")
+        base = dataclasses.replace(run, sae=random_directions(run.sae, seed))
+        b_cat, b_all, _, _, _ = _measure(base, sents, lex, langs, args)
+        for m, b in ((all_metrics, b_all), *((per_cat[c], b_cat[c]) for c in sents)):
+            for k in ("cross_lingual_share", "n_cross_lingual_features", "n_concept_features",
+                      "concepts_with_cross_lingual_feature"):
+                m[f"{k}_random_directions"] = b[k]
+        claim.update({f"{c} (random directions)": _verdict(c, b_cat[c], args.languages_min_distinct) for c in sents})
+    by_transfer = sorted(details, key=lambda r: -r["transfer_from_english_distinct_tokens"])
+    claim["languages_by_transfer"] = [f"{r['language']} {r['transfer_from_english_distinct_tokens']:.0%}"
+                                      for r in by_transfer]
+    for key, line in claim.items():
+        if key != "languages_by_transfer":
+            log(f"[languages] {line}")
+    log("[languages] English concept features that also work (distinct tokens) in: "
+        + ", ".join(claim["languages_by_transfer"]))
+    config = {"languages": langs, "categories": cats, "templates_per_language": len(TEMPLATES["en"]["months"]),
+              "auroc_threshold": args.languages_auroc, "max_negative_rate": args.languages_max_negative,
+              "min_distinct_languages": args.languages_min_distinct, "random_seed": seed,
+              "random_directions_baseline": bool(args.languages_baseline),
+              "score": "max code over the name's tokens", "lexicon": "CLDR via babel",
+              "llm_batch_size": max(args.batch_size, 32), "model_name": run.model_name}
+    unstructured = {"claim": claim,
+                    "n_distinct_languages_histogram": {str(i): int(v) for i, v in enumerate(hist) if v},
+                    "top_cross_lingual_features": top_rows,
+                    "lexicon": {cat: {str(c): by for c, by in rows.items()} for cat, rows in lex.items()},
+                    "n_sentences": n, "seconds": round(time.perf_counter() - t0, 1)}
+    return Result(config, finite({"all": all_metrics, **per_cat}), details, unstructured)
+
+
+def _measure(run, sents: dict, lex: dict, langs, args) -> tuple:
+    """Score every sentence with ``run``'s dictionary and derive everything reported:
+    ``(per-category metrics, overall metrics, per-language rows, histogram, top features)``."""
+    import jax
+    import numpy as np
+
+    from jsae.bench._texts import reduce_texts
+
+    en, seed, F = langs.index("en"), int(args.seed), int(run.sae.spec.d_sae)
     ids = [np.asarray(x, np.int32) for s in sents.values() for x in s["ids"]]
     masks = []
     for s in sents.values():
@@ -260,18 +310,14 @@ def evaluate(run, args, *, log):
             m = np.zeros(len(x), bool)
             m[a:b] = True
             masks.append(m)
-    log(f"[languages] {len(ids)} sentences ({', '.join(f'{len(r)} {c}' for c, r in lex.items())} in "
-        f"{len(langs)} languages) through {run.hook} ...")
-    import jax
-
     score = reduce_texts(run, ids, masks, jax.jit(_span_max), batch_size=max(args.batch_size, 32),
                          desc="lexicon sentences")["max"]
-    T = len(TEMPLATES["en"]["months"])
     per_cat, kept, top_rows, offset = {}, {}, {}, 0
     for cat, s in sents.items():
-        C = len(s["concepts"])
-        x = score[offset: offset + C * len(langs) * T].reshape(C, len(langs), T, F)
-        offset += C * len(langs) * T
+        C, L = len(s["concepts"]), len(langs)
+        T = len(s["ids"]) // (C * L)
+        x = score[offset: offset + C * L * T].reshape(C, L, T, F)
+        offset += C * L * T
         st = category_stats(x, auroc_min=args.languages_auroc, max_negative=args.languages_max_negative)
         distinct = _distinct(s, langs)
         fc = feature_concepts(st["works"], distinct, en, args.languages_min_distinct)
@@ -285,27 +331,21 @@ def evaluate(run, args, *, log):
                         "distinct_token_share": float(np.delete(distinct, en, axis=1).mean())}
         top_rows[cat] = _top(fc, st, s["concepts"], lex[cat], langs, distinct)
     all_metrics, hist = _overall(kept, per_cat, F, langs, en)
-    details = _per_language(kept, langs, en, F)
-    config = {"languages": langs, "categories": cats, "templates_per_language": T,
-              "auroc_threshold": args.languages_auroc, "max_negative_rate": args.languages_max_negative,
-              "min_distinct_languages": args.languages_min_distinct, "random_seed": seed,
-              "score": "max code over the name's tokens", "lexicon": "CLDR via babel",
-              "llm_batch_size": max(args.batch_size, 32), "model_name": run.model_name}
-    claim = {c: _verdict(c, per_cat[c], args.languages_min_distinct) for c in sents}
-    claim["all"] = _verdict("all categories", all_metrics, args.languages_min_distinct)
-    by_transfer = sorted(details, key=lambda r: -r["transfer_from_english_distinct_tokens"])
-    claim["languages_by_transfer"] = [f"{r['language']} {r['transfer_from_english_distinct_tokens']:.0%}"
-                                      for r in by_transfer]
-    for line in [claim[c] for c in [*sents, "all"]]:
-        log(f"[languages] {line}")
-    log("[languages] English concept features that also work (distinct tokens) in: "
-        + ", ".join(claim["languages_by_transfer"]))
-    unstructured = {"claim": claim,
-                    "n_distinct_languages_histogram": {str(i): int(v) for i, v in enumerate(hist) if v},
-                    "top_cross_lingual_features": top_rows,
-                    "lexicon": {cat: {str(c): by for c, by in rows.items()} for cat, rows in lex.items()},
-                    "n_sentences": len(ids), "seconds": round(time.perf_counter() - t0, 1)}
-    return Result(config, finite({"all": all_metrics, **per_cat}), details, unstructured)
+    return per_cat, all_metrics, _per_language(kept, langs, en, F), hist, top_rows
+
+
+def random_directions(sae, seed: int):
+    """``sae`` with every encoder column replaced by a random direction of the same norm (seeded;
+    biases, thresholds and the decoder kept): what the measure finds in the LM's activations
+    without a learned dictionary."""
+    import jax
+    import jax.numpy as jnp
+
+    w = sae.params["W_enc"]  # [..., d_sae]: latents on the last axis
+    r = jax.random.normal(jax.random.PRNGKey(seed), w.shape, jnp.float32)
+    axes = tuple(range(w.ndim - 1))
+    r = r * jnp.linalg.norm(w.astype(jnp.float32), axis=axes, keepdims=True) / jnp.linalg.norm(r, axis=axes, keepdims=True)
+    return sae.replace(params={**sae.params, "W_enc": r.astype(w.dtype)})
 
 
 def _verdict(name: str, m: dict, min_distinct: int) -> str:
@@ -406,4 +446,4 @@ def _top(fc, st, concepts, names_by_concept, langs, distinct, n: int = 10) -> li
 
 
 __all__ = ["EVAL_TYPE_ID", "add_arguments", "build_sentences", "category_stats", "check_arguments",
-           "derange", "evaluate", "feature_concepts", "grouped_auroc", "name_span"]
+           "derange", "evaluate", "feature_concepts", "grouped_auroc", "name_span", "random_directions"]
