@@ -183,7 +183,7 @@ def test_bench_languages_on_a_tiny_run(tiny_run, tmp_path):
     base = json.loads((out / "multilingual_concepts.json").read_text())
     assert base["eval_result_metrics"]["all"]["n_concept_features"] == m["all"]["n_concept_features"]
     assert 0 <= base["eval_result_metrics"]["months"]["cross_lingual_share_random_directions"] <= 1
-    assert "months (random directions)" in base["eval_result_unstructured"]["claim"]
+    assert "random encoder directions" in base["eval_result_unstructured"]["claim"]["months"]
 
 
 def test_random_directions_keep_norms_and_everything_else():
@@ -300,3 +300,13 @@ def test_bench_probing_and_languages_on_gemma(tmp_path):
     print(json.dumps(m, indent=1), json.dumps(langs["eval_result_unstructured"]["claim"], indent=1))
     assert m["n_concepts"] == 52 and m["n_languages"] == 4 and m["n_concept_features"] > 0
     assert 0 <= m["cross_lingual_share"] <= 1 and 0 <= m["cross_lingual_share_control"] <= 1
+
+
+def test_verdict_needs_twice_the_control_and_the_random_directions():
+    m = {"n_cross_lingual_features": 10, "n_concept_features": 100, "cross_lingual_share": 0.10,
+         "cross_lingual_share_control": 0.04}
+    assert ml._verdict("c", m, 1).endswith(": holds")
+    assert ml._verdict("c", {**m, "cross_lingual_share_control": 0.06}, 1).endswith("does not hold here")
+    assert ml._verdict("c", {**m, "cross_lingual_share_random_directions": 0.05}, 1).endswith(": holds")
+    assert ml._verdict("c", {**m, "cross_lingual_share_random_directions": 0.06}, 1).endswith("does not hold here")
+    assert ml._verdict("c", {**m, "n_cross_lingual_features": 4}, 1).endswith("does not hold here")

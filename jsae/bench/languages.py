@@ -261,8 +261,6 @@ def evaluate(run, args, *, log):
     log(f"[languages] {n} sentences ({', '.join(f'{len(r)} {c}' for c, r in lex.items())} in "
         f"{len(langs)} languages) through {run.hook} ...")
     per_cat, all_metrics, details, hist, top_rows = _measure(run, sents, lex, langs, args)
-    claim = {c: _verdict(c, per_cat[c], args.languages_min_distinct) for c in sents}
-    claim["all"] = _verdict("all categories", all_metrics, args.languages_min_distinct)
     if args.languages_baseline:
         log("[languages] baseline: the same dictionary with random encoder directions ...")
         base = dataclasses.replace(run, sae=random_directions(run.sae, seed))
@@ -271,7 +269,8 @@ def evaluate(run, args, *, log):
             for k in ("cross_lingual_share", "n_cross_lingual_features", "n_concept_features",
                       "concepts_with_cross_lingual_feature"):
                 m[f"{k}_random_directions"] = b[k]
-        claim.update({f"{c} (random directions)": _verdict(c, b_cat[c], args.languages_min_distinct) for c in sents})
+    claim = {c: _verdict(c, per_cat[c], args.languages_min_distinct) for c in sents}
+    claim["all"] = _verdict("all categories", all_metrics, args.languages_min_distinct)
     by_transfer = sorted(details, key=lambda r: -r["transfer_from_english_distinct_tokens"])
     claim["languages_by_transfer"] = [f"{r['language']} {r['transfer_from_english_distinct_tokens']:.0%}"
                                       for r in by_transfer]
@@ -349,13 +348,19 @@ def random_directions(sae, seed: int):
 
 
 def _verdict(name: str, m: dict, min_distinct: int) -> str:
-    """One line: the cross-lingual share against its chance level, and whether the claim holds
-    (at least 5 cross-lingual features and a share at least twice the control's)."""
-    holds = m["n_cross_lingual_features"] >= 5 and m["cross_lingual_share"] >= 2 * m["cross_lingual_share_control"]
+    """One line: the cross-lingual share against its chance level (and against random encoder
+    directions where measured), and whether the claim holds: at least 5 cross-lingual features and
+    a share at least twice the control's (and twice the random directions')."""
+    share = m["cross_lingual_share"]
+    holds = m["n_cross_lingual_features"] >= 5 and share >= 2 * m["cross_lingual_share_control"]
+    base = m.get("cross_lingual_share_random_directions")
+    if base is not None:
+        holds = holds and share >= 2 * base
     return (f"{name}: {m['n_cross_lingual_features']} of {m['n_concept_features']} concept features "
-            f"({m['cross_lingual_share']:.1%}) work in English and in >= {min_distinct} language(s) with other "
-            f"tokens; deranged-concept control {m['cross_lingual_share_control']:.1%}: "
-            + ("holds (above chance)" if holds else "does not hold here"))
+            f"({share:.1%}) work in English and in >= {min_distinct} language(s) with other "
+            f"tokens; deranged-concept control {m['cross_lingual_share_control']:.1%}"
+            + ("" if base is None else f", random encoder directions {base:.1%}") + ": "
+            + ("holds" if holds else "does not hold here"))
 
 
 def _distinct(s: dict, langs):
