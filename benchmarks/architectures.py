@@ -84,9 +84,10 @@ HEADLINES = {
     "absorption": [("mean", "mean_absorption_fraction_score"), ("mean", "mean_full_absorption_score"),
                    ("mean", "mean_num_split_features")],
     "probing": [("sae", "sae_top_1_test_accuracy"), ("sae", "sae_top_5_test_accuracy"),
-                ("llm", "llm_test_accuracy")],
-    "autointerp": [("offline", "balanced_accuracy"), ("autointerp", "autointerp_score")],
-    "languages": [("concepts", "cross_lingual_share")],
+                ("sae", "sae_test_accuracy"), ("llm", "llm_test_accuracy")],
+    "autointerp": [("offline", "label_detection_balanced_accuracy"),
+                   ("autointerp", "autointerp_score")],
+    "languages": [("all", "cross_lingual_share")],
 }
 
 
