@@ -571,7 +571,10 @@ def _random_transcoders(model, n: int, active: int, seed: int = 0):
 
     d, L = model.cfg.d_model, model.cfg.n_layers
     rng = np.random.default_rng(seed)
-    hooks = tuple(f"blocks.{i}.hook_resid_mid" for i in range(L))
+    # the MLP's normalised input, the hook circuit-tracer's side reads (_CT_SCRIPT): both sides
+    # must run the same transcoders on the same activations (with hook_resid_mid here, jsae
+    # attributed 1,017 active features where circuit-tracer saw 26)
+    hooks = tuple(f"blocks.{i}.mlp.hook_in" for i in range(L))
     ids = jnp.asarray([model.tokenizer.encode(PROMPT)])
     acts = forward(model.cfg, model.params, ids, capture=hooks).activations
     out = []
@@ -584,7 +587,7 @@ def _random_transcoders(model, n: int, active: int, seed: int = 0):
         sae = SAE(params={k: jnp.asarray(v, jnp.float32) for k, v in p.items()},
                   norm_scale=jnp.asarray(1.0, jnp.float32),
                   spec=SAESpec("jumprelu_transcoder", d, n))
-        out.append((f"blocks.{i}.hook_resid_mid", f"blocks.{i}.hook_mlp_out", sae))
+        out.append((hooks[i], f"blocks.{i}.hook_mlp_out", sae))
     return out
 
 

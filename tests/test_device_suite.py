@@ -140,6 +140,8 @@ def test_attribution_part_reports_each_side(suite):
     if os.environ.get("JSAE_CIRCUIT_TRACER_PYTHON"):
         assert ct["status"] == "ok", ct
         assert _positive_finite(ct["seconds"]) and _positive_finite(ct["peak_rss_mb"])
+        # the same transcoders on the same activations: the same graph size on both sides
+        assert ct["active_features"] == js["active_features"], (ct, js)
     else:
         assert ct["status"].startswith("skipped"), ct
 
