@@ -160,7 +160,10 @@ def test_hook_activations_read_each_prompt_at_its_own_word(planted):
     model, _ = planted
     prompts = [f"\n{WORDS['c'][0]} has the first letter:",
                f"\nA has the first letter: A\n{WORDS['d'][1]} has the first letter:"]
-    got = data.hook_activations(model, HOOK, prompts, batch_size=4)
+    got, read = data.hook_activations(model, HOOK, prompts, batch_size=4)
+    assert [VOCAB[i] for i in read] == [WORDS["c"][0], WORDS["d"][1]]
+    assert data.own_token(model.tokenizer, WORDS["d"][1]) == read[1]
+    assert data.own_token(model.tokenizer, "has the") == -1
     for p, g in zip(prompts, got):
         ids = model.tokenizer.encode(p)
         ref = forward(CFG, model.params, jnp.asarray([ids]), capture=(HOOK,)).activations[HOOK][0, -6]
@@ -275,6 +278,7 @@ def measured(planted):
 def test_measure_finds_the_planted_letters_and_absorbed_words(measured):
     rows = {r["first_letter"]: r for r in measured["rows"]}
     assert measured["words"]["vocabulary"] == len([w for w in VOCAB if w.isalpha()])
+    assert measured["words"]["read_at_own_token"] == 1.0
     found = planted_measured = 0
     for li, letter in enumerate(string.ascii_lowercase):
         r = rows[letter]

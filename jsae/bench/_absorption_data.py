@@ -49,6 +49,12 @@ def first_letter(word: str) -> str:
     return " " + [ch for ch in word.strip() if ch.isalpha()][0].upper()
 
 
+def own_token(tokenizer, word: str) -> int:
+    """The word's id when it encodes alone to one token, else -1."""
+    ids = tokenizer.encode(word, add_bos=False)
+    return ids[0] if len(ids) == 1 else -1
+
+
 def letter_index(word: str) -> int:
     return LETTERS.index(first_letter(word).strip().lower())
 
@@ -69,10 +75,12 @@ def icl_prompt(word: str, examples: Sequence[str], rng: np.random.Generator, *,
 
 
 def hook_activations(model, hook: str, prompts: Sequence[str], *, position: int = TOKEN_POS,
-                     batch_size: int = 32, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """``[N, d_model]`` activations at ``hook`` on the token ``position`` from each prompt's own
-    end (the BOS prepended as the model's tokenizer does). Prompts are right-padded to a multiple
-    of 16 tokens so that few shapes compile; the forward stops at the hook."""
+                     batch_size: int = 32, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``([N, d_model], [N])``: activations at ``hook`` on the token ``position`` from each
+    prompt's own end (the BOS prepended as the model's tokenizer does), and the token id read
+    there. Prompts are right-padded to a multiple of 16 tokens so that few shapes compile; the
+    forward stops at the hook."""
     import jax.numpy as jnp
 
     from jsae.models.transformer import forward
@@ -81,6 +89,7 @@ def hook_activations(model, hook: str, prompts: Sequence[str], *, position: int 
     ids = tok.encode_batch(list(prompts)) if hasattr(tok, "encode_batch") else [tok.encode(p) for p in prompts]
     pad = tok.pad_id if tok.pad_id is not None else 0
     out = np.zeros((len(ids), model.cfg.d_model), np.float32)
+    read = np.array([x[position] if len(x) >= -position else -1 for x in ids], np.int64)
     order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
     for b in range(0, len(ids), batch_size):
         rows = order[b:b + batch_size]
@@ -97,5 +106,5 @@ def hook_activations(model, hook: str, prompts: Sequence[str], *, position: int 
         out[rows] = np.asarray(acts[jnp.arange(batch_size), jnp.asarray(at)], np.float32)[:len(rows)]
         if progress is not None:
             progress(len(rows))
-    return out
+    return out, read
 

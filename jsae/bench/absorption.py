@@ -108,7 +108,10 @@ def measure(model, sae, hook: str, *, n_words: int = 2000, seed: int = 0, max_k:
     log(f"absorption: {len(vocab)} of the vocabulary's {n_vocab} single-token words "
         f"({len(train_w)} train the probes, {len(test_w)} measured)")
     bar = tqdm(total=len(prompts), desc="absorption: prompts", unit="prompt")
-    acts = data.hook_activations(model, hook, prompts, batch_size=batch_size, progress=bar.update)
+    acts, read = data.hook_activations(model, hook, prompts, batch_size=batch_size, progress=bar.update)
+    # SAEBench reads the 6th token from the end as the word's: how often that holds here
+    own = np.array([data.own_token(model.tokenizer, w) for w in train_w + test_w])
+    at_word = float(np.mean(read == own))
     x_train, x_test = acts[:cut], acts[cut:]
     W, b = train_probes(x_train, y_train, 26, seed=seed, epochs=epochs, batch_size=64, lr=1e-2,
                         weight_decay=1e-4)
@@ -140,7 +143,8 @@ def measure(model, sae, hook: str, *, n_words: int = 2000, seed: int = 0, max_k:
         absorb_sets.append([test_w[i] for i in tp])
     bar.total += len(absorb_prompts)
     bar.refresh()
-    a_acts = data.hook_activations(model, hook, absorb_prompts, batch_size=batch_size, progress=bar.update)
+    a_acts, _ = data.hook_activations(model, hook, absorb_prompts, batch_size=batch_size,
+                                      progress=bar.update)
     bar.close()
     a_codes = _codes(sae, a_acts) if len(a_acts) else np.zeros((0, sae.spec.d_sae), np.float32)
     s = 0
@@ -166,7 +170,8 @@ def measure(model, sae, hook: str, *, n_words: int = 2000, seed: int = 0, max_k:
              "num_letters_evaluated": len(good)}
     return {"rows": rows, "metrics": {"mean": mean, "first_letter": first},
             "words": {"vocabulary": n_vocab, "sampled": len(vocab), "train": len(train_w),
-                      "test": len(test_w), "measured": len(absorb_prompts)}}
+                      "test": len(test_w), "measured": len(absorb_prompts),
+                      "read_at_own_token": at_word}}
 
 
 def evaluate(run, args, *, log):
