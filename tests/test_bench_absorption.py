@@ -319,7 +319,7 @@ def test_bench_cli_writes_saebench_layout(planted, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(jsae.models, "load", lambda name, dtype="float32": model)
     out = tmp_path / "bench"
     assert cli.main(["bench", str(tmp_path), "--only", "absorption", "--out", str(out),
-                     "--absorption-words", "600", "--absorption-epochs", "20",
+                     "--absorption-words", "200", "--absorption-epochs", "10",
                      "--absorption-min-letters", "1", "--batch-size", "64"]) == 0
     doc = json.loads((out / "absorption_first_letter.json").read_text())
     assert doc["eval_type_id"] == "absorption_first_letter"

@@ -11,6 +11,8 @@ Only letters whose probe F1 exceeds ``--absorption-min-probe-f1`` count, as in S
 
 from __future__ import annotations
 
+import functools
+
 EVAL_TYPE_ID = "absorption_first_letter"
 
 
@@ -49,13 +51,10 @@ def check_arguments(args) -> None:
 
 def _codes(sae, acts, chunk: int = 256):
     """``[N, d_sae]`` codes of ``acts [N, D]``, encoded in fixed-size chunks (one compile)."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jsae.sae.core import encode
-
-    enc = jax.jit(encode)
+    enc = _jit_encode()
     out = np.zeros((len(acts), sae.spec.d_sae), np.float32)
     for s in range(0, len(acts), chunk):
         part = acts[s:s + chunk]
@@ -63,6 +62,16 @@ def _codes(sae, acts, chunk: int = 256):
         padded[:len(part)] = part
         out[s:s + len(part)] = np.asarray(enc(sae, jnp.asarray(padded)))[:len(part)]
     return out
+
+
+@functools.cache
+def _jit_encode():
+    """One jitted encoder for every call (its cache survives between them)."""
+    import jax
+
+    from jsae.sae.core import encode
+
+    return jax.jit(encode)
 
 
 def l1_batch(n_train: int) -> int:
