@@ -44,7 +44,7 @@ def test_absorption_on_gemma(tmp_path):
     first = res["metrics"]["first_letter"]
     print(res["metrics"])
     assert first["mean_probe_f1"] > 0.3  # chance for one letter of 26 is ~0.07
-    assert first["num_letters_evaluated"] >= 5
+    assert first["num_letters_evaluated"] >= 3
     mean = res["metrics"]["mean"]
     assert all(math.isfinite(v) for k, v in mean.items() if not k.startswith("std"))
     assert 0 <= mean["mean_absorption_fraction_score"] <= 1 and mean["mean_num_split_features"] >= 1
