@@ -6,6 +6,8 @@
 # index serves), so no dependency pulls a multi-GB CUDA build on a machine without a GPU.
 # JSAE_WITH_SAELENS=1 also installs the real sae-lens in a side venv (.ci-saelens) so the
 # export tests load jsae's folders with it (they skip otherwise).
+# JSAE_WITH_SAEBENCH=1 also installs the real sae-bench 0.6.0 in a side venv (.ci-saebench) so
+# tests/test_bench_absorption.py checks jsae's absorption measure against it (it skips otherwise).
 # JSAE_WITH_CIRCUIT_TRACER=1 also installs the real circuit-tracer in a side venv
 # (.ci-circuit-tracer, ~1.6 GB, about 90 s) so tests/test_circuit_formats.py loads jsae's
 # exports with it (it skips otherwise).
@@ -37,6 +39,17 @@ build_saelens() {
     && "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .ci-saelens/pin.txt \
     && .ci-saelens/bin/pip install -q -c .ci-saelens/pin.txt "sae-lens==6.54.12"
 }
+# sae-bench 0.6.0 pins numpy<2 (its venv then shadows this environment's numpy 2, which the
+# shared transformers / scikit-learn / jax are built against) and pulls a torchvision built for
+# another torch: both are removed again, so the venv runs on this environment's numpy and no
+# torchvision (the absorption eval needs neither pin).
+build_saebench() {
+  "$PY" -m venv --system-site-packages .ci-saebench \
+    && "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .ci-saebench/pin.txt \
+    && .ci-saebench/bin/pip install -q -c .ci-saebench/pin.txt "sae-bench==0.6.0" "sae-lens==6.54.12" \
+    && .ci-saebench/bin/pip uninstall -q -y numpy torchvision \
+    && .ci-saebench/bin/python -c "import sae_bench.evals.absorption.main, transformer_lens"
+}
 # circuit-tracer 0.5.0 needs transformers<=4.57.3 (this environment has 5.x), so its venv does not
 # see this one's packages; torch is pinned (a constraints file) to the CPU build installed first.
 build_circuit_tracer() {
@@ -57,6 +70,9 @@ declare -A BUILDS=()
 if [ "${JSAE_WITH_SAELENS:-0}" = "1" ] && [ -z "${JSAE_SAELENS_PYTHON:-}" ]; then
   build_saelens > .ci-saelens.log 2>&1 & BUILDS[saelens]=$!
 fi
+if [ "${JSAE_WITH_SAEBENCH:-0}" = "1" ] && [ -z "${JSAE_SAEBENCH_PYTHON:-}" ]; then
+  build_saebench > .ci-saebench.log 2>&1 & BUILDS[saebench]=$!
+fi
 if [ "${JSAE_WITH_CIRCUIT_TRACER:-0}" = "1" ] && [ -z "${JSAE_CIRCUIT_TRACER_PYTHON:-}" ]; then
   build_circuit_tracer > .ci-circuit-tracer.log 2>&1 & BUILDS[circuit_tracer]=$!
 fi
@@ -68,6 +84,7 @@ for name in "${!BUILDS[@]}"; do
   if wait "${BUILDS[$name]}"; then
     case $name in
       saelens) export JSAE_SAELENS_PYTHON="$PWD/.ci-saelens/bin/python" ;;
+      saebench) export JSAE_SAEBENCH_PYTHON="$PWD/.ci-saebench/bin/python" ;;
       circuit_tracer) export JSAE_CIRCUIT_TRACER_PYTHON="$PWD/.ci-circuit-tracer/bin/python" ;;
       gemma) GEMMA_PY="$PWD/.ci-gemma/bin/python" ;;
     esac
