@@ -13,8 +13,25 @@ from pathlib import Path
 import pytest
 
 
+def _wait_for_build(marker: str, timeout_s: float = 900) -> None:
+    """tools/test.sh builds the side venv while the suite runs: wait for MARKER.done (or skip on
+    MARKER.failed, the build's log beside it)."""
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if Path(marker + ".done").exists():
+            return
+        if Path(marker + ".failed").exists():
+            pytest.skip(f"the sae-bench side venv could not be installed ({marker}.log)")
+        time.sleep(2)
+    pytest.skip(f"the sae-bench side venv was not ready after {timeout_s:.0f} s ({marker}.log)")
+
+
 def saebench_python() -> str:
     """$JSAE_SAEBENCH_PYTHON, or this Python if it has sae_bench; else the test skips."""
+    if os.environ.get("JSAE_SAEBENCH_MARKER"):
+        _wait_for_build(os.environ["JSAE_SAEBENCH_MARKER"])
     exe = os.environ.get("JSAE_SAEBENCH_PYTHON")
     if not exe and importlib.util.find_spec("sae_bench"):
         exe = sys.executable
