@@ -249,59 +249,6 @@ def test_bench_languages_bad_options_are_one_line(tiny_run, tmp_path, capsys, ar
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
-def test_bench_probing_and_languages_on_gemma(tmp_path):
-    """Real model, a small TopK dictionary trained here (layer 3), both measures through the CLI."""
-    pytest.importorskip("babel")
-    import jax
-
-    from jsae import config
-    from jsae.bench import _lexicon
-    from jsae.data.lm_source import TextActivationSource
-    from jsae.models import load
-    from jsae.train.loop import Trainer
-    from jsae.train.run import Run
-
-    hook = "blocks.3.hook_resid_post"
-    try:
-        lm = load("gemma-3-270m")
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"offline model not installed: {e}")
-    cfg = config.from_dict({
-        "run_dir": str(tmp_path / "run"),
-        "model": {"name": "gemma-3-270m", "hooks": [hook], "batch_size": 16},
-        "data": {"source": "text", "dataset": "offline", "context_length": 64, "shuffle_buffer": 4096},
-        "sae": {"architecture": "topk", "d_sae": 2048, "k": 16, "init_sample": 1024},
-        "train": {"steps": 60, "batch_size": 256, "lr": 2e-3, "lr_warmup_steps": 10, "log_every": 30,
-                  "progress": False},
-        "eval": {"tokens": 256, "batch_size": 4},
-        "checkpoint": {"enabled": False},
-        "mesh": {"data": 1, "model": 1},
-    })
-    Run(cfg, log=lambda s: None).train(Trainer(cfg, TextActivationSource(cfg, lm)))
-    jax.clear_caches()
-    # surface tokens on the real tokenizer: "France" in French is English's token, "Frankreich" is not
-    lex = _lexicon.names(["en", "fr", "de", "ja"], ["countries"])
-    toks = ml.build_sentences(lm.tokenizer, lex, ["en", "fr", "de", "ja"])["countries"]["name_tokens"]
-    assert toks["FR", "fr"] & toks["FR", "en"] and not toks["FR", "de"] & toks["FR", "en"]
-    assert not toks["FR", "ja"] & toks["FR", "en"]
-    out = tmp_path / "bench"
-    assert cli.main(["bench", str(tmp_path / "run"), "--only", "probing,languages", "--out", str(out),
-                     "--probing-datasets", "language,concepts", "--probing-train", "16", "--probing-test", "8",
-                     "--probing-context-length", "64", "--probing-k", "1,5",
-                     "--languages-langs", "en,fr,de,ja", "--languages-categories", "countries,months"]) == 0
-    probe = json.loads((out / "sparse_probing.json").read_text())
-    det = {d["dataset_name"]: d for d in probe["eval_result_details"]}
-    assert det["wikipedia_summaries/language"]["llm_test_accuracy"] >= 0.9  # language id is easy for the LM
-    for group in probe["eval_result_metrics"].values():
-        assert all(0.0 <= v <= 1.0 for v in group.values())
-    langs = json.loads((out / "multilingual_concepts.json").read_text())
-    m = langs["eval_result_metrics"]["all"]
-    print(json.dumps(m, indent=1), json.dumps(langs["eval_result_unstructured"]["claim"], indent=1))
-    assert m["n_concepts"] == 52 and m["n_languages"] == 4 and m["n_concept_features"] > 0
-    assert 0 <= m["cross_lingual_share"] <= 1 and 0 <= m["cross_lingual_share_control"] <= 1
-
-
 def test_verdict_needs_twice_the_control_and_the_random_directions():
     m = {"n_cross_lingual_features": 10, "n_concept_features": 100, "cross_lingual_share": 0.10,
          "cross_lingual_share_control": 0.04}
