@@ -327,6 +327,9 @@ def largest_d_sae(
     The probes (latents per model shard) should be in the regime of the answer: the fast
     path's AuxK switches from a dense to a sparse decoder once d_sae >= 48 * aux_k.
     """
+    if cfg.family:
+        raise ConfigError("config key 'family': the largest width that fits is planned for one "
+                          "dictionary; plan without the family (or each member's config)")
     plans = []
     for f in probes:
         c = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, d_sae=f * model,
