@@ -197,7 +197,6 @@ class Trainer:
             for k in self.members[name]:
                 self.optimizers[k], step_fns[k] = optimizer, step_fn
         self.optimizer = self.optimizers[self.hooks[0]]
-        self.lr = lr_schedule(cfg, self.total_steps)
 
         targets, inputs = self.targets, self.inputs
 
@@ -441,8 +440,9 @@ class Trainer:
                 if on_metrics is not None:
                     on_metrics(done, flat)
                 if self.family:  # each member's figures on the one line
+                    one = len(self.members[self.family[0]]) == 1  # one hook: the name says it
                     bar.set_postfix_str(" | ".join(
-                        f"{_member_label(h)}: fvu {float(m[h]['fvu']):.3f} l0 "
+                        f"{split_member(h)[1] if one else h}: fvu {float(m[h]['fvu']):.3f} l0 "
                         f"{float(m[h]['l0']):.1f} dead {float(m[h]['dead_frac']):.2f}"
                         for h in self.hooks) + f" | tok/s {tok_s:,.0f}")
                 else:
@@ -531,12 +531,6 @@ class TrainingStopped(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step} on request (SIGTERM); checkpoint saved")
         self.step = step
-
-
-def _member_label(key: str) -> str:
-    """A family member's name on the progress line (with its hook's key when it has several)."""
-    base, name = split_member(key)
-    return name if name is not None else base
 
 
 def _rows(batch: dict, hooks: list[str], xp=np):
