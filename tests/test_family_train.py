@@ -215,6 +215,8 @@ def test_eval_covers_every_member(family):
     ([{"name": "a", "train": {"batch_size": 64}}], "family[0].train.batch_size"),
     ([{"name": "a", "train": {"tokens": 4096}}], "family[0].train.tokens"),
     ([{"name": "a", "sae": {"init_sample": 64}}], "family[0].sae.init_sample"),
+    ([{"name": "a", "sae": {"input_hook": "blocks.1.hook_resid_post"}}],
+     "family[0].sae.input_hook"),
     ([{"name": "a", "model": {"hooks": ["x"]}}], "family[0].model"),
     ([{"name": "a", "data": {"d_in": 8}}], "family[0].data"),
     ([{"name": "a", "sae": {"kk": 3}}], "family[0].sae.kk"),
@@ -228,6 +230,17 @@ def test_bad_family_is_one_line_naming_the_key(tmp_path, family_, key):
         from_dict(_raw(tmp_path / "run", family_))
     msg = str(e.value)
     assert f"'{key}" in msg and "\n" not in msg, msg
+
+
+def test_a_member_may_change_its_architecture(tmp_path):
+    fam = [{"name": "t"}, {"name": "r", "sae": {"architecture": "relu", "d_sae": 96},
+                           "train": {"sparsity_warmup_steps": 5}}]
+    cfg = from_dict(_raw(tmp_path / "run", fam))
+    relu = member_config(cfg, 1)
+    assert (relu.sae.architecture, relu.sae.d_sae, relu.train.sparsity_warmup_steps) == (
+        "relu", 96, 5)
+    assert "k" not in relu.sae.options.__dataclass_fields__  # the run's TopK key is not its
+    assert member_config(cfg, 0).sae.k == 3
 
 
 def test_bad_family_on_the_command_line_exits_2_writing_nothing(tmp_path, capsys):
