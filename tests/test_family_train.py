@@ -175,6 +175,18 @@ def test_family_folders_metrics_and_checkpoints(family):
     assert set(summary["heldout"]) == {"synthetic@w64", "synthetic@w128"}
 
 
+def test_export_writes_each_member_at_its_hook(family, tmp_path):
+    from jsae.export import export_run
+
+    _, run_dir, _, _ = family
+    written = export_run(run_dir, tmp_path / "out", format="saelens")
+    assert sorted(Path(p).relative_to(tmp_path / "out").as_posix() for p in written) == [
+        "synthetic/w128", "synthetic/w64"]
+    for name in ("w64", "w128"):
+        cfg = json.loads((tmp_path / "out" / "synthetic" / name / "cfg.json").read_text())
+        assert cfg["hook_name"] == "synthetic"
+
+
 def test_sigterm_and_resume_end_like_the_uninterrupted_family(family, tmp_path):
     cfg, _, ref_states, ref_data = family
     cfg = from_dict(_raw(tmp_path))
