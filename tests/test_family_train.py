@@ -300,3 +300,4 @@ def test_configs_family_yaml_is_valid():
     cfg = load(Path(__file__).resolve().parents[1] / "configs" / "family.yaml")
     assert len(cfg.family) >= 3
     assert len({member_config(cfg, i).sae.d_sae for i in range(len(cfg.family))}) >= 3
+
