@@ -163,6 +163,8 @@ def test_family_folders_metrics_and_checkpoints(family):
 
     members = read_members([run_dir / "saes/synthetic/w128", run_dir / "saes/synthetic/w64"])
     assert [m.d_sae for m in members] == [64, 128] and {m.hook for m in members} == {"synthetic"}
+    whole = read_members([run_dir])  # the family's run directory: every member's folder
+    assert [m.folder for m in whole] == [m.folder for m in members]
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     for name in ("w64", "w128"):
         assert f"synthetic@{name}/loss" in header and f"eval_synthetic@{name}/fvu" in header
