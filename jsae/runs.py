@@ -6,6 +6,8 @@ What ``jsae train`` writes (``jsae.train.rundir`` guards the writing)::
     RUN/saes/<hook>/                final SAEs (``jsae.sae.io``; '/' in a hook name -> '_'); a
                                 transcoder's is under its input hook, metadata
                                 ``hook_name_out`` naming the hook it reconstructs
+    RUN/saes/<hook>/<name>/         a family's members (config key ``family``): keyed
+                                ``<hook>@<name>``, metadata ``family_member`` the name
     RUN/saes/set.json               a set (``sae.layers``): its layers and, per layer, the
                                 dictionary key and its two hooks (`read_set`); a cross-layer
                                 transcoder is one key, its input hooks joined with '+'
@@ -270,7 +272,8 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 
 
 __all__ = [
-    "KEY_JOIN", "MEMBER_JOIN", "SET_RECORD", "member_key", "split_member", "input_hooks", "is_run", "latest_step", "stack_hooks", "model_section",
+    "KEY_JOIN", "MEMBER_JOIN", "SET_RECORD", "member_key", "split_member", "input_hooks",
+    "is_run", "latest_step", "stack_hooks", "model_section",
     "output_hook", "output_hooks", "read_set", "run_config", "write_set_record",
     "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",
