@@ -1,7 +1,9 @@
 """Run configuration: typed dataclasses <-> YAML, with validation that names the bad key.
 
 A config file has the sections ``model``, ``data``, ``sae``, ``train``, ``checkpoint``,
-``eval``, ``mesh`` plus the top-level keys ``seed`` and ``run_dir``.  Every key has a default,
+``eval``, ``mesh`` plus the top-level keys ``seed``, ``run_dir`` and ``family`` (several
+dictionaries from one pass: a list of members, each a ``name`` and overrides of ``sae`` and
+``train`` keys; `member_config` is a member's whole config).  Every key has a default,
 so a config file only states what differs.  The ``sae`` section holds the common keys of
 `SAEConfig` and the chosen architecture's own (the fields of its `Arch.Options`, e.g. ``sae.k``),
 checked through the registry `jsae.sae.archs`.  ``--set section.key=value`` overrides apply on
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -166,6 +169,17 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class FamilyMember:
+    """One dictionary of a family: its name (its folder ``saes/<hook>/<name>/``) and its
+    overrides of the run's ``sae`` and ``train`` keys (as written in YAML, checked by
+    `member_config`)."""
+
+    name: str
+    sae: dict = dataclasses.field(default_factory=dict)
+    train: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -176,6 +190,8 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0
     run_dir: str = "runs/default"
+    # several dictionaries trained from one pass over the data (None: one dictionary)
+    family: Optional[list[FamilyMember]] = None
 
     # ---- derived values -------------------------------------------------------------
     def resolved_d_sae(self, d_in: int) -> int:
@@ -281,6 +297,8 @@ def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {raw!r}")
     if cls is SAEConfig:
         return _sae_from_dict(raw, prefix)
+    if cls is RunConfig and raw.get("family") is not None:
+        raw = {**raw, "family": _family_from_raw(raw["family"])}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -288,8 +306,111 @@ def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'; allowed keys here: {', '.join(names)}")
+        if cls is RunConfig and key == "family":  # parsed above; members checked in validate
+            kwargs[key] = value
+            continue
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
+
+
+MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MEMBER_KEYS = ("name", "sae", "train")
+
+
+def _family_from_raw(raw: Any) -> list[FamilyMember]:
+    """The ``family`` list as written: each member a mapping of name, sae and train."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"config key 'family': expected a list of members (name, sae, train), "
+                          f"got {raw!r}")
+    out = []
+    for i, m in enumerate(raw):
+        key = f"family[{i}]"
+        if not isinstance(m, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of name, sae and train, "
+                              f"got {m!r}")
+        for k in m:
+            if k not in MEMBER_KEYS:
+                raise ConfigError(f"unknown config key '{key}.{k}'; a member overrides sae and "
+                                  f"train keys only (allowed keys here: {', '.join(MEMBER_KEYS)}); "
+                                  "the hooks, data and model are the run's")
+        name = m.get("name")
+        if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name):
+            raise ConfigError(f"config key '{key}.name': expected a name of letters, digits, "
+                              f"'_', '.' or '-' (its folder saes/<hook>/<name>/), got {name!r}")
+        for section in ("sae", "train"):
+            if not isinstance(m.get(section) or {}, dict):
+                raise ConfigError(f"config key '{key}.{section}': expected a mapping of "
+                                  f"{section} keys, got {m[section]!r}")
+        out.append(FamilyMember(name, dict(m.get("sae") or {}), dict(m.get("train") or {})))
+    return out
+
+
+# Keys every member shares with the run, and why: one data stream feeds them all.
+_SHARED_SAE = {
+    "input_hook": "the members read the run's hooks",
+    "output_hook": "the members read the run's hooks",
+    "layers": "the members read the run's hooks",
+    "init_sample": "every member is initialised from the same first tokens of the one data "
+                   "stream, as a run of it alone would be",
+}
+_SHARED_TRAIN = {k: "one data stream feeds every member the same batches for the same number "
+                    "of steps" for k in ("steps", "tokens", "batch_size")}
+_SHARED_TRAIN.update({k: "the members are logged together" for k in ("log_every", "progress")})
+
+
+def member_config(cfg: RunConfig, i: int) -> RunConfig:
+    """The whole config of ``cfg.family[i]``: the run's, with the member's ``sae`` and
+    ``train`` overrides (a run of it alone trains the same dictionary); ConfigError naming
+    ``family[i].<key>`` when the member is impossible or changes a key members share."""
+    m = cfg.family[i]
+    where = f"family[{i}]"
+    for section, shared in (("sae", _SHARED_SAE), ("train", _SHARED_TRAIN)):
+        for k in getattr(m, section):
+            if k in shared:
+                raise ConfigError(f"config key '{where}.{section}.{k}' (member {m.name!r}): must "
+                                  f"agree across the family ({shared[k]}); set it in the "
+                                  f"top-level {section} section")
+    raw = to_dict(cfg)
+    raw.pop("family", None)
+    sae = dict(raw["sae"])
+    if m.sae.get("architecture", cfg.sae.architecture) != cfg.sae.architecture:
+        common = {f.name for f in dataclasses.fields(SAEConfig)}
+        sae = {k: v for k, v in sae.items() if k in common}  # the other architecture's keys go
+    if "d_sae" in m.sae or "expansion" in m.sae:  # the member's size, not the run's
+        sae.update(d_sae=None, expansion=None)
+    raw["sae"] = {**sae, **m.sae}
+    raw["train"] = {**raw["train"], **m.train}
+    try:
+        out = from_dict(raw)
+    except ConfigError as e:
+        msg = re.sub(r"key '(sae|train)\.", lambda g: f"key '{where}.{g.group(1)}.", str(e),
+                     count=1)
+        raise ConfigError(f"{msg} (family member {m.name!r})") from None
+    archs = _archs()
+    a, b = archs.get_arch(cfg.sae.architecture), archs.get_arch(out.sae.architecture)
+    if (a.transcoder, a.multi_hook) != (b.transcoder, b.multi_hook):
+        raise ConfigError(f"config key '{where}.sae.architecture' (member {m.name!r}): "
+                          f"{out.sae.architecture!r} reads or writes other hooks than the run's "
+                          f"{cfg.sae.architecture!r}; every member reads the run's hooks")
+    return out
+
+
+def _check_family(cfg: RunConfig) -> None:
+    """Member names unique, each member's config possible (`member_config`)."""
+    if cfg.family is None:
+        return
+    if cfg.sae.layers is not None:
+        raise ConfigError("config key 'family': a transcoder set (sae.layers) trains one "
+                          "dictionary per layer already; train one set per run")
+    seen: dict[str, int] = {}
+    for i, m in enumerate(cfg.family):
+        if m.name in seen:
+            raise ConfigError(f"config key 'family[{i}].name': {m.name!r} is also "
+                              f"family[{seen[m.name]}]'s name; each member needs its own "
+                              "(its folder saes/<hook>/<name>/)")
+        seen[m.name] = i
+    for i in range(len(cfg.family)):
+        member_config(cfg, i)
 
 
 def _sae_from_dict(raw: dict, prefix: str) -> SAEConfig:
@@ -427,6 +548,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(cfg.model.batch_size > 0, "model.batch_size", "must be a positive integer")
     if d.exclude_norm_outliers is not None:
         need(d.exclude_norm_outliers > 1.0, "data.exclude_norm_outliers", "must be > 1 (a multiple of the median norm)")
+    _check_family(cfg)
     return cfg
 
 
@@ -565,6 +687,8 @@ def from_dict(raw: dict) -> RunConfig:
 def to_dict(cfg: RunConfig) -> dict:
     """Plain dict as YAML writes it: the ``sae`` options flat next to the common keys."""
     out = dataclasses.asdict(cfg)
+    if cfg.family is None:  # a run of one dictionary writes the config.yaml it always did
+        del out["family"]
     if cfg.sae.layers is not None:  # derived from the set's templates (and, for all, the model)
         del out["model"]["hooks"]
     sae, keys = out["sae"], _archs().get_arch(cfg.sae.architecture).option_keys()

@@ -221,7 +221,8 @@ def _shard_bytes(tree) -> int:
 
 
 def compile_step(cfg: RunConfig, data: int, model: int, d_in: int | None = None):
-    """(compiled, abstract_states, abstract_batches, trainer) for the config on a mesh."""
+    """(compiled, abstract_states, abstract_batches, trainer, simulated) for the config on a
+    mesh; a family's ``compiled`` is a dict, member name -> its compiled step."""
     from jsae import parallel
     from jsae.train.loop import Trainer
 
@@ -241,14 +242,42 @@ def compile_step(cfg: RunConfig, data: int, model: int, d_in: int | None = None)
         h: jax.ShapeDtypeStruct((cfg.train.batch_size, d_in), np.float32, sharding=bsh)
         for h in trainer.source_hooks
     }
-    compiled = trainer._compiled(states).lower(states, batches).compile()
+    if trainer.family:  # one program per member, each over its own states and the one batch
+        steps = trainer.member_steps(states)
+        compiled = {name: steps[name].lower({k: states[k] for k in keys}, batches).compile()
+                    for name, keys in trainer.members.items()}
+    else:
+        compiled = trainer._compiled(states).lower(states, batches).compile()
     return compiled, states, batches, trainer, simulated
+
+
+@dataclasses.dataclass
+class _Memory:
+    argument_size_in_bytes: int
+    output_size_in_bytes: int
+    alias_size_in_bytes: int
+    temp_size_in_bytes: int
+    generated_code_size_in_bytes: int
+
+
+def _family_memory(compiled: dict, batch_bytes: int) -> _Memory:
+    """A family's step as its members' programs run in turn: every member's state held at
+    once (arguments, outputs and aliases add up; the one batch is counted once), scratch the
+    largest member's (a member's temporaries are freed before the next one's)."""
+    mems = [c.memory_analysis() for c in compiled.values()]
+    return _Memory(
+        sum(int(m.argument_size_in_bytes) for m in mems) - (len(mems) - 1) * batch_bytes,
+        sum(int(m.output_size_in_bytes) for m in mems),
+        sum(int(m.alias_size_in_bytes) for m in mems),
+        max(int(m.temp_size_in_bytes) for m in mems),
+        sum(int(m.generated_code_size_in_bytes) for m in mems))
 
 
 def plan(cfg: RunConfig, data: int = 1, model: int = 1, d_in: int | None = None) -> Plan:
     """Compile the training step on abstract shapes and report bytes per device."""
     compiled, states, batches, trainer, simulated = compile_step(cfg, data, model, d_in)
-    mem = compiled.memory_analysis()
+    mem = (_family_memory(compiled, _shard_bytes(batches)) if isinstance(compiled, dict)
+           else compiled.memory_analysis())
     params = sum(_shard_bytes(s.sae) for s in states.values())
     opt = sum(_shard_bytes(s.opt_state) for s in states.values())
     total_state = sum(_shard_bytes(s) for s in states.values())
@@ -298,6 +327,9 @@ def largest_d_sae(
     The probes (latents per model shard) should be in the regime of the answer: the fast
     path's AuxK switches from a dense to a sparse decoder once d_sae >= 48 * aux_k.
     """
+    if cfg.family:
+        raise ConfigError("config key 'family': the largest width that fits is planned for one "
+                          "dictionary; plan without the family (or each member's config)")
     plans = []
     for f in probes:
         c = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, d_sae=f * model,

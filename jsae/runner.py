@@ -16,6 +16,7 @@ from jsae.config import ConfigError, RunConfig
 from jsae.data import make_source
 from jsae.data.sources import SyntheticSource
 from jsae.evals.reconstruction import dictionary_recovery
+from jsae.runs import split_member
 from jsae.train.loop import NO_CHECKPOINTS, Checkpointer, Trainer, TrainingStopped
 from jsae.train.preflight import preflight
 from jsae.train.run import Run
@@ -67,6 +68,9 @@ def check_heldout(cfg: RunConfig, source) -> None:
 
 
 def _train(cfg: RunConfig, run: Run, print_fn) -> dict:
+    if cfg.family:
+        print_fn(f"jsae train: a family of {len(cfg.family)} dictionaries from one pass: "
+                 + ", ".join(m.name for m in cfg.family))
     print_fn(
         f"jsae train: {cfg.sae.architecture} SAE on {cfg.data.source} data, "
         f"{cfg.resolved_steps()} steps x {cfg.train.batch_size} tokens, "
@@ -110,8 +114,8 @@ def _report(cfg: RunConfig, trainer: Trainer, source, summary: dict, print_fn) -
     if model is not None and cfg.eval.show_features > 0:
         for hook in trainer.hooks:
             sae = parallel.to_host(trainer.states[hook].sae)  # collective: every process
-            if jax.process_index() == 0:
-                show_features(cfg, model, sae, hook, print_fn)
+            if jax.process_index() == 0:  # a family member reads its hook's activations
+                show_features(cfg, model, sae, split_member(hook)[0], print_fn)
     for hook, m in summary["heldout"].items():
         print_fn(
             f"[{hook}] held-out: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "

@@ -6,6 +6,8 @@ What ``jsae train`` writes (``jsae.train.rundir`` guards the writing)::
     RUN/saes/<hook>/                final SAEs (``jsae.sae.io``; '/' in a hook name -> '_'); a
                                 transcoder's is under its input hook, metadata
                                 ``hook_name_out`` naming the hook it reconstructs
+    RUN/saes/<hook>/<name>/         a family's members (config key ``family``): keyed
+                                ``<hook>@<name>``, metadata ``family_member`` the name
     RUN/saes/set.json               a set (``sae.layers``): its layers and, per layer, the
                                 dictionary key and its two hooks (`read_set`); a cross-layer
                                 transcoder is one key, its input hooks joined with '+'
@@ -30,11 +32,26 @@ from jsae.errors import FileFormatError
 from jsae.sae.core import SAE
 
 KEY_JOIN = "+"  # a crosscoder's key: its hooks joined ("blocks.3.hook_resid_post+blocks.6...")
+# a family member's key: its hook's key and its name ("blocks.6.hook_resid_post@w4k"), its
+# folder saes/<hook>/<name>/
+MEMBER_JOIN = "@"
+
+
+def member_key(key: str, name: str) -> str:
+    """The key of family member ``name`` on the dictionary key ``key``."""
+    return f"{key}{MEMBER_JOIN}{name}"
+
+
+def split_member(key: str) -> tuple[str, str | None]:
+    """(the hook's key, the member's name) of a family member's key; (key, None) otherwise."""
+    base, sep, name = key.rpartition(MEMBER_JOIN)
+    return (base, name) if sep else (key, None)
 
 
 def input_hooks(key: str) -> list[str]:
-    """The hooks a dictionary keyed ``key`` reads: one, or a crosscoder's several."""
-    return key.split(KEY_JOIN)
+    """The hooks a dictionary keyed ``key`` reads: one, or a crosscoder's several (a family
+    member reads its hook's)."""
+    return split_member(key)[0].split(KEY_JOIN)
 
 
 def stack_hooks(acts, key: str, xp=None):
@@ -53,7 +70,11 @@ MAX_DIRNAME = 128  # file systems allow 255 bytes; an 18-layer CLT's joined key 
 def sae_dirname(hook: str) -> str:
     """The folder name of ``hook``'s SAE under ``RUN/saes/``: the key itself, or for a long
     one (a dictionary over many hooks) its start, its hook count and a hash of the whole key,
-    so it stays unique and within the file system's limit. The hook names live in sae.json."""
+    so it stays unique and within the file system's limit. The hook names live in sae.json.
+    A family member's is its name under its hook's folder: ``<hook>/<name>``."""
+    base, member = split_member(hook)
+    if member is not None:
+        return f"{sae_dirname(base)}/{member}"
     name = hook.replace("/", "_")
     if len(name) <= MAX_DIRNAME:
         return name
@@ -88,25 +109,33 @@ def model_section(run_dir: str | Path) -> dict:
 
 
 def saved_hooks(run_dir: str | Path) -> list[str]:
-    """Hooks with a final SAE folder under ``RUN/saes/`` (names from the SAE metadata)."""
+    """Keys with a final SAE folder under ``RUN/saes/`` (names from the SAE metadata; a
+    family member's folder ``saes/<hook>/<name>/`` gives its key ``<hook>@<name>``)."""
     saes = Path(run_dir) / "saes"
     hooks = []
-    for meta in sorted(saes.glob("*/sae.json")) if saes.is_dir() else []:
-        if meta.parent.name.startswith("."):  # a save cut off before its rename into place
-            continue
+    found = [*saes.glob("*/sae.json"), *saes.glob("*/*/sae.json")] if saes.is_dir() else []
+    for meta in sorted(found):
+        if any(p.name.startswith(".") for p in (meta.parent, meta.parent.parent)):
+            continue  # a save cut off before its rename into place
         try:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             info = {}
-        hooks.append((info.get("metadata") or {}).get("hook_name") or meta.parent.name)
+        m = info.get("metadata") or {}
+        hook = m.get("hook_name") or meta.parent.name
+        member = m.get("family_member")
+        hooks.append(member_key(hook, member) if isinstance(member, str) else hook)
     return hooks
 
 
 def output_hook(run_dir: str | Path, hook: str) -> str | None:
     """The hook ``hook``'s dictionary reconstructs when it is not ``hook`` itself (a
     transcoder's ``sae.output_hook``; in a set, the template's at the key's layer; a cross-layer
-    transcoder's key: its output hooks joined), from config.yaml; None for an SAE."""
+    transcoder's key: its output hooks joined), from config.yaml; None for an SAE. A family
+    member's is its hook's."""
     from jsae.config import layer_hook, template_layer
+
+    hook = split_member(hook)[0]
 
     try:
         sae_cfg = run_config(run_dir).get("sae") or {}
@@ -243,7 +272,8 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 
 
 __all__ = [
-    "KEY_JOIN", "SET_RECORD", "input_hooks", "is_run", "latest_step", "stack_hooks", "model_section",
+    "KEY_JOIN", "MEMBER_JOIN", "SET_RECORD", "member_key", "split_member", "input_hooks",
+    "is_run", "latest_step", "stack_hooks", "model_section",
     "output_hook", "output_hooks", "read_set", "run_config", "write_set_record",
     "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",

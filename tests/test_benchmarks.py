@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HELPERS = {"toy.py", "machine.py"}  # imported by the scripts, not benchmarks
 SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py", "transcoder_sets.py",  # below
+          "family.py",
           "device_suite.py"}  # its --small (alias --smoke): tests/test_device_suite.py
 RATIO = r"\d+\.\d\dx"
 
@@ -134,4 +135,18 @@ def test_transcoder_sets_smoke():
                          re.M), (name, out)
     assert re.search(rf"^ratio clt / transcoders step tokens_per_s: {RATIO}$", out, re.M), out
     assert re.search(rf"^ratio clt / transcoders peak memory: {RATIO}$", out, re.M), out
+    assert "load average before:" in out and "load average after:" in out, out
+
+
+def test_family_smoke():
+    """A toy family of two widths from one LM pass, then one run per width; the same from a
+    cache harvested first."""
+    out = run_smoke("family.py")
+    for label in ("from text", "from a cache"):
+        assert f"== {label}: one pass feeding 2 dictionaries vs 2 runs ==" in out, out
+        assert re.search(rf"^ratio family / separate runs tokens_per_s \({label}\): {RATIO}$",
+                         out, re.M), out
+    assert len(re.findall(r"^family\s+[\d.]+ s\s+[\d,]+ tok/s$", out, re.M)) == 2, out
+    assert len(re.findall(r"^2 runs\s+[\d.]+ s\s+[\d,]+ tok/s  \(per run s: [\d.]+, [\d.]+\)$",
+                          out, re.M)) == 2, out
     assert "load average before:" in out and "load average after:" in out, out

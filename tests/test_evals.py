@@ -300,6 +300,22 @@ def test_evaluator_several_hooks_match_single(tiny):
     assert both.density[HOOK].shape == (48,)
 
 
+def test_evaluator_splices_one_family_member_at_a_time(tiny):
+    """A family's members replace the same hook: CE/KL run one member per round, each as it
+    would alone (keys <hook>@<name>, jsae.runs.member_key)."""
+    model, tokens, mask = tiny
+    saes = {f"{HOOK}@{n}": random_sae("topk", model.cfg.d_model, 48, seed=i, k=3)
+            for i, n in enumerate("ab")}
+    ev = Evaluator(model, [HOOK], tokens, mask, forward=forward, batch_size=BATCH)
+    both = ev.evaluate(saes).metrics
+    for key, sae in saes.items():
+        alone = ev.evaluate({HOOK: sae}).metrics[HOOK]
+        assert "ce_loss_score" in alone
+        for k, v in alone.items():
+            assert both[key][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (key, k)
+    assert both[f"{HOOK}@a"]["ce_loss_score"] != both[f"{HOOK}@b"]["ce_loss_score"]
+
+
 # ---- the training loop and the CLI ------------------------------------------------------------
 
 

@@ -252,7 +252,7 @@ class Evaluator:
         ``targets[hook]``: the hook a transcoder at ``hook`` reconstructs (also among
         ``self.hooks``); its metrics measure that hook, and CE / KL splice the transcoder in
         place of it (:mod:`jsae.evals.downstream`)."""
-        from jsae.runs import input_hooks
+        from jsae.runs import input_hooks, split_member
 
         targets = {h: (targets or {}).get(h, h) for h in saes}
         needed = captured_hooks(targets)
@@ -274,15 +274,23 @@ class Evaluator:
         spliced = {h: s for h, s in saes.items() if len(input_hooks(h)) == 1}
         if downstream and spliced:
             means = self.means()
-            batches = self.batches(self.downstream_contexts,
-                                   desc=f"eval: CE/KL, {1 + 4 * len(spliced)} LM passes")
-            ds = downstream_metrics(self.model, spliced, batches,
-                                    {h: means[targets[h]] for h in spliced},
-                                    forward=self.forward, targets=targets)
-            n_ds = int(process_sum(float(self.n_downstream_tokens)))
-            for h in spliced:
-                metrics[h].update(ds[h])
-                metrics[h]["downstream_tokens"] = float(n_ds)
+            # a family's members replace the same hook: one round of LM passes per member,
+            # its keys spliced under their hooks' names
+            rounds: dict = {}
+            for h, s in spliced.items():
+                rounds.setdefault(split_member(h)[1], {})[h] = s
+            for group in rounds.values():
+                base = {h: split_member(h)[0] for h in group}
+                tgt = {base[h]: split_member(targets[h])[0] for h in group}
+                batches = self.batches(self.downstream_contexts,
+                                       desc=f"eval: CE/KL, {1 + 4 * len(group)} LM passes")
+                ds = downstream_metrics(self.model, {base[h]: s for h, s in group.items()},
+                                        batches, {b: means[t] for b, t in tgt.items()},
+                                        forward=self.forward, targets=tgt)
+                n_ds = int(process_sum(float(self.n_downstream_tokens)))
+                for h in group:
+                    metrics[h].update(ds[base[h]])
+                    metrics[h]["downstream_tokens"] = float(n_ds)
         return EvalResult(metrics, density, int(process_sum(float(self.n_tokens))))
 
 
@@ -368,7 +376,8 @@ def write_outputs(
             n_tokens={h: result.n_tokens for h in result.density},
         ))
         for h, d in result.density.items():
-            p = out_dir / f"feature_density_{sae_dirname(h)}.npy"
+            # one file per dictionary (a family member's folder <hook>/<name> flattened)
+            p = out_dir / f"feature_density_{sae_dirname(h).replace('/', '@')}.npy"
             np.save(p, np.asarray(d, np.float32))
             files[f"density:{h}"] = str(p)
     json_path = Path(json_path) if json_path else out_dir / "eval.json"

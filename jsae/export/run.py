@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jsae.runs import is_run, run_config, run_hooks, sae_dirname, sae_from_run
+from jsae.runs import is_run, run_config, run_hooks, sae_dirname, sae_from_run, split_member
 from jsae.sae.core import SAE
 
 FORMATS = ("saelens", "gemmascope", "jsae", "circuit-tracer", "gemmascope2")
@@ -110,16 +110,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
     written = []
     for h, sae, info in saes:
         dest = out if len(hooks) == 1 else out / sae_dirname(h)
+        hook, member = split_member(h)  # a family member reads its hook
         if format == "saelens":
             dataset = None if synthetic else (data.get("path") or data.get("dataset"))
             save_saelens(
-                sae, dest, hook_name=h, owner=EXPORT,
+                sae, dest, hook_name=hook, owner=EXPORT,
                 model_name="synthetic" if synthetic else cfg.get("model", {}).get("name"),
                 context_size=None if synthetic else data.get("context_length"),
                 prepend_bos=None if synthetic else data.get("prepend_bos"),
                 dataset_path=dataset,
                 exclude_special_tokens=None if synthetic else data.get("exclude_bos"),
                 metadata={"jsae_run_dir": str(run_dir.absolute()), "jsae_step": info["step"],
+                          **({"jsae_family_member": member} if member else {}),
                           **({"hook_name_out": info["hook_name_out"]}
                              if info.get("hook_name_out") else {})},
             )
@@ -127,7 +129,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
         elif format == "gemmascope":
             written.append(save_gemmascope(sae, dest, owner=EXPORT))
         else:
-            meta = {"hook_name": h, "steps": info["step"]}
+            meta = {"hook_name": hook, "steps": info["step"],
+                    **({"family_member": member} if member else {})}
             if info.get("hook_name_out"):
                 meta["hook_name_out"] = info["hook_name_out"]
             written.append(save_sae(sae, dest, metadata=meta, owner=EXPORT))

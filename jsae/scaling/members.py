@@ -2,7 +2,8 @@
 one hook of one model (`jsae scaling`, `jsae families`).
 
 A member is a run directory (its dictionary for ``hook``; the newest SAE as `jsae.runs` picks
-it) or an SAE folder (``RUN/saes/<hook>/``, or a family member's ``saes/<hook>/<name>/``).
+it) or an SAE folder (``RUN/saes/<hook>/``, or a family member's ``saes/<hook>/<name>/``); a
+family's run directory stands for all its members' folders (on ``hook``).
 Its held-out points (``eval.at_tokens``) come from the dictionary's ``sae.json`` metadata
 (``scaling``), written by `jsae.train.run.Run.finish`, so a folder carries its own.
 """
@@ -13,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from jsae.errors import BadInput
-from jsae.runs import is_run, run_hooks, sae_dirname
+from jsae.runs import is_run, run_hooks, sae_dirname, split_member
 from jsae.sae.io import read_spec
 from jsae.sae.spec import SAESpec
 
@@ -72,18 +73,34 @@ def read_member(path: str | Path, hook: str | None = None) -> Member:
     folder = p / "saes" / sae_dirname(h)
     if (folder / "sae.json").is_file():
         spec, meta = read_spec(folder)
-        return Member(p, h, meta.get("model_name"), spec, meta, folder)
+        return Member(p, split_member(h)[0], meta.get("model_name"), spec, meta, folder)
     from jsae.runs import sae_from_checkpoint
 
     sae, info = sae_from_checkpoint(p, h)
     from jsae.runs import model_section
 
-    return Member(p, h, model_section(p).get("name"), sae.spec, info, None)
+    return Member(p, split_member(h)[0], model_section(p).get("name"), sae.spec, info, None)
+
+
+def _family_folders(path, hook: str | None) -> list:
+    """A family's run directory: its members' final folders (those on ``hook``, when given);
+    any other path: itself."""
+    p = Path(path)
+    if (p / "sae.json").is_file() or not is_run(p):
+        return [path]
+    try:
+        keys = run_hooks(p)
+    except (OSError, ValueError, KeyError):
+        return [path]
+    folders = [p / "saes" / sae_dirname(k) for k in keys
+               if split_member(k)[1] is not None and (hook is None or split_member(k)[0] == hook)]
+    return [f for f in folders if (f / "sae.json").is_file()] or [path]
 
 
 def read_members(paths, hook: str | None = None, *, at_least: int = 2) -> list[Member]:
     """Members at ``paths``, checked to be comparable (one hook, one model, one width d_in, one
     architecture's kind of hooks), sorted by dictionary size (stable). BadInput otherwise."""
+    paths = [q for p in paths for q in _family_folders(p, hook)]
     if len(paths) < at_least:
         raise BadInput(f"give at least {at_least} runs or SAE folders (got {len(paths)}): the "
                        "comparison is across dictionary sizes")

@@ -1,5 +1,6 @@
 """The training loop: one jitted, sharded step over one SAE per hook point (a transcoder: one
-per input hook, reconstructing its output hook from the same LM pass).
+per input hook, reconstructing its output hook from the same LM pass); a family (``family``)
+trains several dictionaries per hook from the same batches, one jitted step per member.
 
 ``Trainer`` owns the mesh, the jitted step and the states. ``Trainer.start`` asks the
 checkpointer for the states to continue from (or makes fresh ones); ``Trainer.fit`` pulls
@@ -20,10 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsae import parallel
-from jsae.config import ConfigError, RunConfig, template_layer, transcoder_pairs
+from jsae.config import ConfigError, RunConfig, member_config, template_layer, transcoder_pairs
 from jsae.errors import JsaeError
 from jsae.evals.reconstruction import ReconstructionStats, batch_sums
-from jsae.runs import KEY_JOIN, input_hooks
+from jsae.runs import KEY_JOIN, input_hooks, member_key, split_member
 from jsae.sae.archs import get_arch
 from jsae.sae.core import SAESpec
 from jsae.sae.init import init_sae
@@ -149,14 +150,29 @@ class Trainer:
         # one dictionary per key: inputs[key] the hooks it reads (one; a crosscoder's several,
         # stacked [B, L, d]), targets[key] the hook it reconstructs (a transcoder's other one;
         # a cross-layer transcoder's several, joined); a set: one transcoder per layer
-        self.inputs, self.targets = _layout(cfg, self.source_hooks, source.d_in)
+        inputs, targets = _layout(cfg, self.source_hooks, source.d_in)
+        # a family: each member's keys (`member_key`: its hook's key @ its name), its config;
+        # one dictionary: the group None, the run's config. base_index[key]: the position of
+        # its hook's key in the layout, which picks its init key as in a run of it alone
+        self.member_cfgs: dict[str | None, RunConfig] = (
+            {m.name: member_config(cfg, i) for i, m in enumerate(cfg.family)}
+            if cfg.family else {None: cfg})
+        self.members: dict[str | None, list[str]] = {}
+        self.inputs, self.targets, self.base_index = {}, {}, {}
+        for name in self.member_cfgs:
+            for i, h in enumerate(inputs):
+                k = h if name is None else member_key(h, name)
+                self.members.setdefault(name, []).append(k)
+                self.inputs[k] = inputs[h]
+                self.targets[k] = k if targets[h] == h else targets[h]
+                self.base_index[k] = i
         self.hooks: list[str] = list(self.targets)
         self.layers = _set_layers(cfg, self.inputs)
         self.mesh = mesh or parallel.make_mesh(cfg.mesh.data, cfg.mesh.model)
         self.total_steps = cfg.resolved_steps()
         # steps of eval.at_tokens: held-out points for scaling laws (the last is the final eval)
         self.eval_at = set(at_steps(cfg.eval.at_tokens, cfg.train.batch_size, self.total_steps))
-        self.specs = {h: spec_from_config(cfg, source.d_in[self.inputs[h][0]],
+        self.specs = {h: spec_from_config(self.cfg_of(h), source.d_in[self.inputs[h][0]],
                                           n_hooks=len(self.inputs[h])) for h in self.hooks}
         _check_widths(cfg, self.inputs, self.targets, source.d_in)
         for spec in self.specs.values():
@@ -167,46 +183,65 @@ class Trainer:
                 raise ConfigError(f"{e}; change the config or the mesh") from None
             check_index_range(spec.d_sae, self.mesh.shape[parallel.MODEL])
         self.local_batch = cfg.train.batch_size // jax.process_count()
-        self.optimizer = make_optimizer(cfg, self.total_steps)
-        self.lr = lr_schedule(cfg, self.total_steps)
-        self.sparsity = sparsity_schedule(_sparsity_coef(cfg), cfg.train.sparsity_warmup_steps)
-        step_fn = make_train_step(
-            self.optimizer, self.sparsity, self.lr,
-            dead_after_tokens=cfg.sae.dead_after_tokens, aux_coef=cfg.sae.aux_coef,
-            mesh=self.mesh,
-        )
+        # each member its own optimizer and schedules (the run's own for one dictionary)
+        self.optimizers, step_fns = {}, {}
+        for name, mcfg in self.member_cfgs.items():
+            optimizer = make_optimizer(mcfg, self.total_steps)
+            step_fn = make_train_step(
+                optimizer,
+                sparsity_schedule(_sparsity_coef(mcfg), mcfg.train.sparsity_warmup_steps),
+                lr_schedule(mcfg, self.total_steps),
+                dead_after_tokens=mcfg.sae.dead_after_tokens, aux_coef=mcfg.sae.aux_coef,
+                mesh=self.mesh,
+            )
+            for k in self.members[name]:
+                self.optimizers[k], step_fns[k] = optimizer, step_fn
+        self.optimizer = self.optimizers[self.hooks[0]]
 
         targets, inputs = self.targets, self.inputs
 
         def multi_step(states: States, batches: dict[str, jax.Array]):
-            out = {h: step_fn(states[h], _rows(batches, inputs[h], jax.numpy),
-                              None if targets[h] == h
-                              else _rows(batches, input_hooks(targets[h]), jax.numpy))
+            out = {h: step_fns[h](states[h], _rows(batches, inputs[h], jax.numpy),
+                                  None if targets[h] == h
+                                  else _rows(batches, input_hooks(targets[h]), jax.numpy))
                    for h in states}
             return {h: o[0] for h, o in out.items()}, {h: o[1] for h, o in out.items()}
 
+        # one dictionary: one jitted step over every key; a family: one per member, over its
+        # keys, the very program a run of that member alone compiles (so its parameters are
+        # bitwise the same), all fed the one batch
         self._multi_step = multi_step
         self._jitted = None
         self._eval_fns: dict | None = None  # per hook, built on first evaluation
         self.states: States | None = None
 
     # ---- state ------------------------------------------------------------------------
+    def cfg_of(self, key: str) -> RunConfig:
+        """The config dictionary ``key`` trains with (a family member's own)."""
+        return self.member_cfgs[split_member(key)[1] if self.cfg.family else None]
+
+    @property
+    def family(self) -> list[str]:
+        """The members' names ([] for a run of one dictionary)."""
+        return [n for n in self.member_cfgs if n is not None]
+
     def init_states(self) -> States:
-        """Fresh states: normalisation and b_dec from a sample of the source's data."""
+        """Fresh states: normalisation and b_dec from a sample of the source's data (one
+        sample for every member of a family; each member's init key as in a run of it alone)."""
         cfg = self.cfg
         sample = self.source.next_batch(max(cfg.sae.init_sample // jax.process_count(), 1))
         key = jax.random.key(cfg.seed)
         states = {}
-        for i, h in enumerate(self.hooks):
-            k_init, k_state = jax.random.split(jax.random.fold_in(key, i))
-            t = self.targets[h]
+        for h in self.hooks:
+            k_init, k_state = jax.random.split(jax.random.fold_in(key, self.base_index[h]))
+            t, s = self.targets[h], self.cfg_of(h).sae
             sae = init_sae(
                 k_init, self.specs[h], _gather_sample(_rows(sample, self.inputs[h])),
-                normalize=cfg.sae.normalize,
-                b_dec_init=cfg.sae.b_dec_init,
+                normalize=s.normalize,
+                b_dec_init=s.b_dec_init,
                 target_sample=None if t == h else _gather_sample(_rows(sample, input_hooks(t))),
             )
-            states[h] = init_state(sae, self.optimizer, k_state)
+            states[h] = init_state(sae, self.optimizers[h], k_state)
         return self.place(states)
 
     def state_shardings(self, states: States):
@@ -216,16 +251,38 @@ class Trainer:
         """Put states on the mesh with the shardings from `jsae.parallel`."""
         return jax.device_put(states, self.state_shardings(states))
 
+    def _jit_step(self, states: States):
+        """The jitted step over ``states``' keys (shardings from them; states donated)."""
+        st_sh = self.state_shardings(states)
+        b_sh = {h: parallel.batch_sharding(self.mesh) for h in self.source_hooks}
+        return jax.jit(
+            self._multi_step,
+            in_shardings=(st_sh, b_sh),
+            out_shardings=(st_sh, parallel.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    def member_steps(self, states: States) -> dict:
+        """A family's jitted step per member (over that member's keys of ``states``)."""
+        return {name: self._jit_step({k: states[k] for k in keys})
+                for name, keys in self.members.items()}
+
     def _compiled(self, states: States):
         if self._jitted is None:
-            st_sh = self.state_shardings(states)
-            b_sh = {h: parallel.batch_sharding(self.mesh) for h in self.source_hooks}
-            self._jitted = jax.jit(
-                self._multi_step,
-                in_shardings=(st_sh, b_sh),
-                out_shardings=(st_sh, parallel.replicated(self.mesh)),
-                donate_argnums=(0,),
-            )
+            if not self.family:
+                self._jitted = self._jit_step(states)
+            else:
+                steps, members = self.member_steps(states), self.members
+
+                def family_step(states: States, batches):
+                    new, metrics = {}, {}
+                    for name, keys in members.items():  # dispatched asynchronously, in turn
+                        s, m = steps[name]({k: states[k] for k in keys}, batches)
+                        new.update(s)
+                        metrics.update(m)
+                    return new, metrics
+
+                self._jitted = family_step
         return self._jitted
 
     def step(self, states: States, local_batches: dict[str, np.ndarray]):
@@ -319,7 +376,8 @@ class Trainer:
                 f"source: {' '.join(str(e).split())}; restore the config's data section, "
                 "or start over with `jsae train --fresh` (the old run is moved aside)"
             ) from e
-        log(f"resuming from step {int(states[self.hooks[0]].step)} (checkpoint in {where})")
+        log(f"resuming from step {int(states[self.hooks[0]].step)} (checkpoint in {where})"
+            + (f" for the family {', '.join(self.family)}" if self.family else ""))
         return states
 
     def step_of(self, states: States) -> int:
@@ -381,12 +439,19 @@ class Trainer:
                     raise
                 if on_metrics is not None:
                     on_metrics(done, flat)
-                h0 = m[self.hooks[0]]
-                bar.set_postfix(
-                    loss=f"{float(h0['loss']):.4g}", fvu=f"{float(h0['fvu']):.3f}",
-                    l0=f"{float(h0['l0']):.1f}", dead=f"{float(h0['dead_frac']):.2f}",
-                    tok_s=f"{tok_s:,.0f}",
-                )
+                if self.family:  # each member's figures on the one line
+                    one = len(self.members[self.family[0]]) == 1  # one hook: the name says it
+                    bar.set_postfix_str(" | ".join(
+                        f"{split_member(h)[1] if one else h}: fvu {float(m[h]['fvu']):.3f} l0 "
+                        f"{float(m[h]['l0']):.1f} dead {float(m[h]['dead_frac']):.2f}"
+                        for h in self.hooks) + f" | tok/s {tok_s:,.0f}")
+                else:
+                    h0 = m[self.hooks[0]]
+                    bar.set_postfix(
+                        loss=f"{float(h0['loss']):.4g}", fvu=f"{float(h0['fvu']):.3f}",
+                        l0=f"{float(h0['l0']):.1f}", dead=f"{float(h0['dead_frac']):.2f}",
+                        tok_s=f"{tok_s:,.0f}",
+                    )
             periodic = bool(cfg.eval.every_steps) and done % cfg.eval.every_steps == 0
             if (periodic or done in self.eval_at) and done < self.total_steps:
                 # every process evaluates (collectives); the callback decides who writes
@@ -409,8 +474,13 @@ class Trainer:
     # ---- what is saved with each dictionary ------------------------------------------------
     def metadata(self, h: str) -> dict[str, Any]:
         """Dictionary ``h``'s sae.json metadata: its hooks (``hook_names`` / ``hook_names_out``
-        when it reads / writes several, ``hook_name_out`` a transcoder's output) and layers."""
-        meta: dict[str, Any] = {"hook_name": h, "model_name": self.cfg.model.name}
+        when it reads / writes several, ``hook_name_out`` a transcoder's output) and layers; a
+        family member's hook_name is its hook's key, ``family_member`` its name and ``family``
+        every member's."""
+        base, member = split_member(h)
+        meta: dict[str, Any] = {"hook_name": base, "model_name": self.cfg.model.name}
+        if member is not None:
+            meta["family_member"], meta["family"] = member, self.family
         outs = input_hooks(self.targets[h])
         if len(self.inputs[h]) > 1:
             meta["hook_names"] = list(self.inputs[h])
@@ -445,7 +515,7 @@ class Trainer:
             out = {}
             for h in self.hooks:
                 sae = init_sae(key, self.specs[h], None)
-                out[h] = init_state(sae, self.optimizer, key)
+                out[h] = init_state(sae, self.optimizers[h], key)
             return out
 
         shapes = jax.eval_shape(make)

@@ -78,12 +78,22 @@ def _fmt(b: float) -> str:
 
 def dictionary_specs(cfg: RunConfig, d_in: int) -> list:
     """The specs of the dictionaries ``cfg`` trains (the trainer's own layout over
-    ``model.hooks``): one per hook, per transcoder, or one over several hooks."""
+    ``model.hooks``): one per hook, per transcoder, or one over several hooks (every family
+    member's, member after member)."""
+    return [s for specs in member_specs(cfg, d_in).values() for s in specs]
+
+
+def member_specs(cfg: RunConfig, d_in: int) -> dict:
+    """Per family member (its index; None for a run of one dictionary), the specs it trains."""
+    from jsae.config import member_config
     from jsae.train.loop import _layout, spec_from_config
 
     hooks = list(cfg.model.hooks)
     inputs, _ = _layout(cfg, hooks, {h: d_in for h in hooks})
-    return [spec_from_config(cfg, d_in, n_hooks=len(ins)) for ins in inputs.values()]
+    cfgs = ({i: member_config(cfg, i) for i in range(len(cfg.family))} if cfg.family
+            else {None: cfg})
+    return {i: [spec_from_config(c, d_in, n_hooks=len(ins)) for ins in inputs.values()]
+            for i, c in cfgs.items()}
 
 
 def params_per_latent(spec) -> float:
@@ -102,12 +112,15 @@ def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
     if have is None:
         return
     on_host = what.startswith("this machine")
-    need = sum(state_bytes(d_in, s.d_sae, cfg.train.batch_size, data=data, model=model,
-                           params_per_latent=params_per_latent(s))
-               for s in dictionary_specs(cfg, d_in))
-    total = need * (data * model if on_host else 1)
+    per_member = {i: sum(state_bytes(d_in, s.d_sae, cfg.train.batch_size, data=data,
+                                     model=model, params_per_latent=params_per_latent(s))
+                         for s in specs)
+                  for i, specs in member_specs(cfg, d_in).items()}
+    total = sum(per_member.values()) * (data * model if on_host else 1)
     if total <= have:
         return
+    if cfg.family:  # every member's state is held at once: name the largest
+        _refuse_member(cfg, d_in, per_member, total, have, what, on_host, data, model)
     per_latent = total / d_sae
     fits = max(int(have / per_latent) // 256 * 256, 0)
     key = "sae.d_sae" if cfg.sae.d_sae is not None else "sae.expansion"
@@ -117,6 +130,26 @@ def check_memory(cfg: RunConfig, d_in: int, data: int, model: int) -> None:
         f"{'in all' if on_host else 'per device'} for the SAE, its Adam state and the "
         f"pre-activations, but {what} {_fmt(have)}; use d_sae <= ~{fits:,}, more mesh.model "
         "shards or a smaller train.batch_size (`jsae plan CONFIG` shows the compiled figure)")
+
+
+def _refuse_member(cfg: RunConfig, d_in: int, per_member: dict, total: int, have: int,
+                   what: str, on_host: bool, data: int, model: int) -> None:
+    """ConfigError naming the family's largest member, with what it and the others need."""
+    from jsae.config import member_config
+
+    i = max(per_member, key=per_member.get)
+    m, scale = cfg.family[i], data * model if on_host else 1
+    c = member_config(cfg, i)
+    key = "sae.d_sae" if c.sae.d_sae is not None else "sae.expansion"
+    key = f"family[{i}].{key}" if ("d_sae" in m.sae or "expansion" in m.sae) else key
+    rest = (total - per_member[i] * scale)
+    raise ConfigError(
+        f"config key '{key}': family member {m.name!r} (d_sae={c.resolved_d_sae(d_in):,}, d_in "
+        f"{d_in}, batch {cfg.train.batch_size}, mesh data={data} model={model}) needs at least "
+        f"{_fmt(per_member[i] * scale)} {'in all' if on_host else 'per device'} and the other "
+        f"{len(per_member) - 1} member(s) {_fmt(rest)}, all held at once, but {what} "
+        f"{_fmt(have)}; make it smaller, drop members, use more mesh.model shards or a smaller "
+        "train.batch_size (`jsae plan CONFIG` shows the compiled figure)")
 
 
 def preflight(cfg: RunConfig, *, d_in: int | None = None, memory: bool = True) -> tuple[int, int]:
@@ -154,6 +187,8 @@ def preflight(cfg: RunConfig, *, d_in: int | None = None, memory: bool = True) -
             get_arch(cfg.sae.architecture).check(cfg.sae.options, d_sae)
         except ValueError as e:  # an OptionError names its key
             raise ConfigError(f"config key {e}") from None
+    if cfg.family:
+        _check_members(cfg, d_in, model)
     if memory and d_in is not None:
         check_memory(cfg, d_in, data, model)
     if d_sae is not None:
@@ -163,5 +198,29 @@ def preflight(cfg: RunConfig, *, d_in: int | None = None, memory: bool = True) -
     return data, model
 
 
-__all__ = ["check_memory", "device_memory", "dictionary_specs", "mesh_shape", "params_per_latent",
+def _check_members(cfg: RunConfig, d_in: int | None, model: int) -> None:
+    """Each family member's width against the mesh (`preflight`'s checks of the run's)."""
+    from jsae.config import member_config
+    from jsae.sae.archs import get_arch
+    from jsae.train.loop import check_index_range
+
+    for i, m in enumerate(cfg.family):
+        c = member_config(cfg, i)
+        d_sae = c.sae.d_sae if d_in is None else c.resolved_d_sae(d_in)
+        if d_sae is None:
+            continue
+        where = f"family[{i}].sae.{'d_sae' if c.sae.d_sae is not None else 'expansion'}"
+        try:
+            if d_sae % model:
+                raise ValueError(f"d_sae={d_sae} is not divisible by mesh.model={model} (the "
+                                 "latents are split evenly over the model axis)")
+            get_arch(c.sae.architecture).check(c.sae.options, d_sae)
+            check_index_range(d_sae, model)
+        except ValueError as e:
+            raise ConfigError(f"config key '{where}' (member {m.name!r}): "
+                              f"{' '.join(str(e).split())}") from None
+
+
+__all__ = ["check_memory", "device_memory", "dictionary_specs", "member_specs", "mesh_shape",
+           "params_per_latent",
            "preflight", "state_bytes"]

@@ -215,12 +215,14 @@ def read_run_config(run_dir: str | Path) -> dict | None:
 
 
 def finished_hooks(run_dir: str | Path) -> list[str]:
-    """The dictionaries saved under ``saes/`` (a hidden folder is a save that was cut off)."""
+    """The dictionaries saved under ``saes/`` (a hidden folder is a save that was cut off; a
+    family member's is ``<hook>/<name>``)."""
     saes = Path(run_dir) / "saes"
     if not saes.is_dir():
         return []
-    return sorted(p.name for p in saes.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / "sae.json").is_file())
+    found = [*saes.glob("*/sae.json"), *saes.glob("*/*/sae.json")]
+    return sorted(str(p.parent.relative_to(saes)) for p in found
+                  if not any(q.startswith(".") for q in p.parent.relative_to(saes).parts))
 
 
 def _finished_whole(run_dir: Path) -> bool:
