@@ -145,9 +145,17 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tiny, monkeypatch, capsys):
                 time.sleep(0.05)
         _thread.interrupt_main()  # Ctrl-C
 
+    # pytest-xdist's workers ignore SIGINT (execnet), and interrupt_main() then does nothing:
+    # the server would never stop. Ctrl-C as a shell delivers it: Python's default handler.
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     t = threading.Thread(target=client, daemon=True)
     t.start()
-    assert cli.main(["serve", "tiny", "--port", str(port), "--name", "t"]) == 0
+    try:
+        assert cli.main(["serve", "tiny", "--port", str(port), "--name", "t"]) == 0
+    finally:
+        signal.signal(signal.SIGINT, old)
     t.join(5)
     code, rep = got["reply"]
     assert code == 200 and rep["model"] == "t"
