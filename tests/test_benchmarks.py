@@ -95,9 +95,12 @@ def test_architectures_smoke():
     # One SAE and one transcoder row: each kind of table row, the harvest, and eval of a run
     # trained from a cache. The other six rows differ from these only in `--set` overrides, and
     # every architecture trains in the unit tests; all eight here would add a minute of CI.
-    out = run_smoke("architectures.py", "--archs", "topk,skip_transcoder")
+    # --bench: `jsae bench` on the SAE row only (SAEBench's measures are of SAEs), its table
+    out = run_smoke("architectures.py", "--archs", "topk,skip_transcoder", "--bench", "autointerp")
     rows = re.findall(r"^\| (\w+) \| blocks\.6\.[^|]+\| [\d.]+ \| [\d.]+ \|", out, re.M)
     assert rows == ["topk", "skip_transcoder"], out
+    assert re.search(r"^\| architecture \| autointerp\.label_detection_balanced_accuracy \|$", out, re.M), out
+    assert re.search(r"^\| topk \| [\d.]+ \|$", out, re.M) and "| skip_transcoder | 0." not in out, out
     assert re.search(rf"^train time ratio ARCH / topk: topk {RATIO}, skip_transcoder {RATIO}", out,
                      re.M), out
     assert "smoke: 2 architectures trained and evaluated" in out, out
