@@ -158,7 +158,7 @@ def test_bench_probing_on_a_tiny_run(tiny_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--probing-k", "0,2"], "--probing-k must be comma-separated integers >= 1"),
-    (["--probing-datasets", "language,nope"], "--probing-datasets: unknown dataset(s) nope"),
+    (["--probing-datasets", "language,nope"], "--probing-datasets: unknown value(s) nope"),
     (["--probing-train", "1"], "--probing-train must be >= 2"),
 ])
 def test_bench_probing_bad_options_are_one_line(tiny_run, tmp_path, capsys, argv, needle):

@@ -52,6 +52,19 @@ def measures() -> dict[str, ModuleType]:
     return out
 
 
+def choices(value: str, allowed, option: str) -> list[str]:
+    """A comma-separated option's values (``"a, b"`` -> ``["a", "b"]``, repeats dropped), each
+    one of ``allowed``; anything else is one line naming ``option`` (a ConfigError)."""
+    from jsae.config import ConfigError
+
+    got = [x.strip() for x in str(value).split(",") if x.strip()]
+    bad = [x for x in got if x not in allowed]
+    if not got or bad:
+        raise ConfigError(f"{option}: unknown value(s) {', '.join(bad) or '(none given)'}; "
+                          f"choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(got))
+
+
 def sae_cfg_dict(run) -> dict:
     """What SAEBench records of the dictionary under ``sae_cfg_dict`` (SAELens' config names)."""
     spec = run.sae.spec
@@ -93,4 +106,4 @@ def saebench_output(eval_type_id: str, result: Result, run) -> dict:
     })
 
 
-__all__ = ["Result", "measures", "sae_cfg_dict", "saebench_output"]
+__all__ = ["Result", "choices", "measures", "sae_cfg_dict", "saebench_output"]

@@ -66,14 +66,9 @@ def add_arguments(group) -> None:
 
 
 def _choice(value: str, allowed, opt: str) -> list[str]:
-    from jsae.config import ConfigError
+    from jsae.bench import choices
 
-    got = [x.strip() for x in str(value).split(",") if x.strip()]
-    bad = [x for x in got if x not in allowed]
-    if not got or bad:
-        raise ConfigError(f"{opt}: unknown value(s) {', '.join(bad) or '(none given)'}; choose from "
-                          f"{', '.join(allowed)}")
-    return list(dict.fromkeys(got))
+    return choices(value, allowed, opt)
 
 
 def check_arguments(args) -> None:

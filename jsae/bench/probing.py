@@ -68,14 +68,9 @@ def _ks(args) -> list[int]:
 
 
 def _datasets(args) -> list[str]:
-    from jsae.config import ConfigError
+    from jsae.bench import choices
 
-    names = [x.strip() for x in str(args.probing_datasets).split(",") if x.strip()]
-    bad = [n for n in names if n not in DATASETS]
-    if not names or bad:
-        raise ConfigError(f"--probing-datasets: unknown dataset(s) {', '.join(bad) or '(none given)'}; "
-                          f"choose from {', '.join(DATASETS)}")
-    return list(dict.fromkeys(names))
+    return choices(args.probing_datasets, DATASETS, "--probing-datasets")
 
 
 def check_arguments(args) -> None:

@@ -39,14 +39,9 @@ OWNER = "jsae bench"
 
 
 def _only(args, available) -> list[str]:
-    from jsae.config import ConfigError
+    from jsae.bench import choices
 
-    names = [x.strip() for x in args.only.split(",") if x.strip()]
-    unknown = [n for n in names if n not in available]
-    if not names or unknown:
-        raise ConfigError(f"--only: unknown measure(s) {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {', '.join(available)}")
-    return list(dict.fromkeys(names))
+    return choices(args.only, list(available), "--only")
 
 
 def run(args) -> int:
