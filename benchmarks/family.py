@@ -26,25 +26,14 @@ measurement.
 from __future__ import annotations
 
 import argparse
-import atexit
-import datetime
 import gc
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _load_avg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 class Contender:
@@ -143,24 +132,14 @@ def main(argv=None) -> int:
                         lm_batch=2, context=32)
     args = ap.parse_args(argv)
     args.widths = [int(w) for w in args.widths.split(",")]
-    args.tmp = tempfile.mkdtemp(prefix="jsae-familybench-")
-    atexit.register(shutil.rmtree, args.tmp, ignore_errors=True)
-    data_sets: list[str] = []
-    if args.model is None:
-        import toy
-
-        args.model = str(toy.write_model(os.path.join(args.tmp, "model")))
-        data_sets = toy.smoke_sets(args.model, toy.write_corpus(os.path.join(args.tmp, "c.jsonl")))
-    data_sets = data_sets or [f"model.name={args.model}"]
-
+    import toy
     from harvest import hardware
+    from machine import load_avg, print_header
 
     import jsae.models as M
 
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"command: python {' '.join(sys.argv)}")
-    print(hardware())
-    print(f"load average before: {_load_avg()}", flush=True)
+    args.tmp, args.model, data_sets = toy.model_or_toy(args.model, "jsae-familybench-")
+    print_header(hardware())
     lm = M.load(args.model, dtype=args.dtype)
     print(f"model {lm.name}: layer {args.layer}, d_model {lm.cfg.d_model}, dtype {args.dtype}",
           flush=True)
@@ -178,7 +157,7 @@ def main(argv=None) -> int:
               "timed below)")
         cached = family_config(args, [*data_sets, "data.source=cache", f"data.path={cache}"])
         compare(args, cached, lm, "from a cache")
-    print(f"\nload average after: {_load_avg()}")
+    print(f"\nload average after: {load_avg()}")
     return 0
 
 

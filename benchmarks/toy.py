@@ -113,6 +113,21 @@ def smoke_sets(folder: str | Path, corpus: str | Path) -> list[str]:
             "data.shuffle_buffer=4096", "data.holdout_fraction=0.1"]
 
 
+def model_or_toy(model: str | None, prefix: str) -> tuple[str, str, list[str]]:
+    """(a temporary folder removed at exit, the model, its data overrides): ``model`` with the
+    config's text, or (``None``, --smoke) the toy model and corpus written into the folder."""
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    if model is not None:
+        return tmp, model, [f"model.name={model}"]
+    folder = str(write_model(Path(tmp) / "model"))
+    return tmp, folder, smoke_sets(folder, write_corpus(Path(tmp) / "c.jsonl"))
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/toy")
     print(write_model(out / "model"), write_corpus(out / "corpus.jsonl"))

@@ -32,13 +32,8 @@ works (tests/test_benchmarks.py), not a measurement.
 from __future__ import annotations
 
 import argparse
-import atexit
-import datetime
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,12 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _now() -> float:
     return time.perf_counter()
 
-
-def _load_avg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def _cfg(name: str, overrides: list[str]):
@@ -253,24 +242,14 @@ def main(argv=None) -> int:
         ap.set_defaults(model=None, layers="0,3,7", steps=1, batch=64, lm_batch=2, context=32,
                         n_per_layer=16, clt_k=2, k=4, rounds=1, clt_steps=1)
     args = ap.parse_args(argv)
-    args.tmp = tempfile.mkdtemp(prefix="jsae-tcbench-")
-    atexit.register(shutil.rmtree, args.tmp, ignore_errors=True)
-    data_sets: list[str] = []
-    if args.model is None:
-        import toy
-
-        args.model = str(toy.write_model(os.path.join(args.tmp, "model")))
-        data_sets = toy.smoke_sets(args.model, toy.write_corpus(os.path.join(args.tmp, "c.jsonl")))
-    data_sets = data_sets or [f"model.name={args.model}"]
-
+    import toy
     from harvest import hardware
+    from machine import load_avg, print_header
 
     import jsae.models as M
 
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"command: python {' '.join(sys.argv)}")
-    print(hardware())
-    print(f"load average before: {_load_avg()}", flush=True)
+    args.tmp, args.model, data_sets = toy.model_or_toy(args.model, "jsae-tcbench-")
+    print_header(hardware())
     lm = M.load(args.model, dtype=args.dtype)
     n_layers, d = lm.cfg.n_layers, lm.cfg.d_model
     print(f"model {lm.name}: {n_layers} layers, d_model {d}, dtype {args.dtype}", flush=True)
@@ -281,7 +260,7 @@ def main(argv=None) -> int:
     del lm
     if not args.no_clt:
         bench_clt(args, n_layers, d)
-    print(f"\nload average after: {_load_avg()}")
+    print(f"\nload average after: {load_avg()}")
     return 0
 
 
