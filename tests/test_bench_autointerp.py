@@ -279,3 +279,24 @@ def test_bad_options_are_one_line(tiny, tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_destination_jsae_bench_did_not_write_is_refused(tiny, tmp_path, capsys):
+    """A non-empty foreign --out folder or a foreign --json file: one line, exit 2, every
+    existing file byte-identical and nothing new written."""
+    d, _ = tiny
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    mine = tmp_path / "results.json"
+    mine.write_text('{"mine": 1}')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["bench", str(d), "--only", "autointerp"]
+    assert cli.main([*args, "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main([*args, "--out", str(tmp_path / "new"), "--json", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not written by jsae bench" in err[0], err
+    assert (out / "notes.txt").read_text() == "mine" and mine.read_text() == '{"mine": 1}'
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -62,12 +62,16 @@ def run(args) -> int:
         check = getattr(ms[name], "check_arguments", None)
         if check:
             check(args)
+    # destinations are checked before the model loads: a refused command does no work
+    if args.out:
+        outputs.claim_folder(args.out, OWNER, overwrite=args.overwrite)
+    if args.json:
+        outputs.claim_file(args.json, OWNER, overwrite=args.overwrite)
     log(f"loading {args.run_dir} ...")
     r = load_run(args.run_dir, args.hook)
     out = Path(args.out) if args.out else Path(args.run_dir) / "bench" / runs.sae_dirname(r.hook)
-    outputs.claim_folder(out, OWNER, overwrite=args.overwrite)
-    if args.json:
-        outputs.claim_file(args.json, OWNER, overwrite=args.overwrite)
+    if not args.out:
+        outputs.claim_folder(out, OWNER, overwrite=args.overwrite)
     summary, written = {}, []
     for name in names:
         m = ms[name]
