@@ -478,15 +478,14 @@ def part_dictionary(a, clock: Clock) -> dict:
     if cli(at):
         raise RuntimeError(f"jsae {' '.join(at)} failed")
     from jsae.analysis.atlas.build import load_atlas
+    from jsae.analysis.atlas.structure import structure
 
     data = load_atlas(site / "atlas.npz")
-    live = data.density > 0
-    nn = data.cos_vals[live, 0] if data.cos_vals.shape[1] else np.zeros(0)
-    nn = nn[np.isfinite(nn) & (data.cos_ids[live, 0] >= 0)] if len(nn) else nn
+    st = structure(data)
     res["atlas"] = {"seconds": time.perf_counter() - t, "tokens": int(data.meta["n_tokens"]),
-                    "live": int(live.sum()), "clusters": len(data.cluster_labels),
-                    "median_nn_cos": float(np.median(nn)) if len(nn) else None,
-                    "map": map_method,
+                    "live": st["live"], "clusters": st["clusters"],
+                    "content_clusters": st["content_clusters"],
+                    "median_nn_cos": st["median_nn_cos"], "map": map_method,
                     # without state/ (the pass's resumable state, not needed to view the site)
                     "site_mb": _mb(site, skip="state")}
     clock.checkpoint(res)

@@ -261,6 +261,9 @@ def run(args) -> int:
     live = int((data.density > 0).sum())
     print(f"atlas of {data.meta['hook']}: {live} of {data.n_features} features fired on "
           f"{data.meta['n_tokens']:,} tokens; {len(data.cluster_labels)} clusters; wrote {out}")
+    from jsae.analysis.atlas.structure import describe, structure
+
+    print(describe(structure(data)))
     for lm in data.local_maps:
         print(_describe_local(data, lm))
     return 0
