@@ -2,7 +2,9 @@
 static site (open DIR/index.html); `--around F --radius R` adds the local map of a feature.
 On a transcoder set or a dictionary whose features are grouped by layer (a cross-layer
 transcoder), without --hook: every layer's features from one pass, one site with a layer
-selector (DIR/atlas-L<layer>.npz per layer)."""
+selector (DIR/atlas-L<layer>.npz per layer). A family member (--hook HOOK@NAME) is atlased
+like any dictionary; `--families families.json` adds each feature's parent and children in the
+next smaller and larger members (`jsae families`), linked to their atlases (--family-atlas)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(works from file://), DIR/atlas.npz, DIR/map.png. With --around F on an existing atlas, "
         "only the local map of F is computed (no LM pass).")
     p.add_argument("run_dir", help="training run folder (config.yaml + saes/<hook>/)")
-    p.add_argument("--out", help="output folder (default RUN_DIR/atlas)")
-    p.add_argument("--hook", help="hook point (default: the run's first hook; on a set or a "
-                   "cross-layer transcoder, every layer in one site with a layer selector)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/atlas; a family member's: "
+                   "RUN_DIR/atlas-NAME)")
+    p.add_argument("--hook", help="hook point, or a family member's key HOOK@NAME (default: "
+                   "the run's first hook; on a set or a cross-layer transcoder, every layer in "
+                   "one site with a layer selector)")
     p.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to scan (default 200000)")
     p.add_argument("--text", action="append", default=[], metavar="GLOB",
                    help="read the corpus from these .txt/.jsonl files (repeatable; default: the "
@@ -56,6 +60,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--explainer-model", default="default", help="model name sent to the explainer")
     p.add_argument("--explain", type=int, default=50,
                    help="features to explain, the most frequent live ones first (default 50)")
+    p.add_argument("--families", metavar="FAMILIES.json",
+                   help="`jsae families` output over this dictionary and others of its hook: "
+                   "each card shows its parent in the next smaller dictionary and its children "
+                   "in the next larger one, and the map can colour a feature's siblings")
+    p.add_argument("--family-atlas", action="append", default=[], metavar="NAME=DIR",
+                   help="with --families: the atlas of the dictionary NAME (its folder's name "
+                   "in families.json, e.g. a family member's) is in DIR; the family row links "
+                   "to its cards (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -63,15 +75,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _paths(args):
     from pathlib import Path
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "atlas"
+    from jsae.runs import split_member
+
+    member = split_member(args.hook)[1] if args.hook else None
+    default = "atlas" if member is None else f"atlas-{member}"  # members do not share one
+    out = Path(args.out) if args.out else Path(args.run_dir) / default
     return out, out / "atlas.npz"
 
 
 def _load_sae(run_dir, hook):
+    """(SAE, key) of ``hook`` (default: the run's first), as `jsae.runs.sae_from_run` reads it
+    (a family member's ``saes/<hook>/<name>/``; a later checkpoint when there is one)."""
     from pathlib import Path
 
-    from jsae.analysis.run import run_hooks
-    from jsae.sae.io import load_sae
+    from jsae.runs import run_hooks, sae_from_run
 
     hooks = run_hooks(run_dir)
     if not hooks:
@@ -80,7 +97,25 @@ def _load_sae(run_dir, hook):
     hook = hook or hooks[0]
     if hook not in hooks:
         raise FileNotFoundError(f"{run_dir}: no SAE for hook {hook!r}; saved: {', '.join(hooks)}")
-    return load_sae(Path(run_dir) / "saes" / hook)[0], hook
+    return sae_from_run(run_dir, hook)[0], hook
+
+
+def _family_links(args, sae, hook, out):
+    """The --families links of this dictionary (read and checked before any work), or None."""
+    from pathlib import Path
+
+    from jsae.analysis.atlas.family import family_links, parse_family_atlases
+    from jsae.analysis.atlas.stream import AtlasError
+    from jsae.runs import sae_dirname
+
+    atlases = parse_family_atlases(args.family_atlas)
+    if not args.families:
+        if atlases:
+            raise AtlasError("--family-atlas needs --families FAMILIES.json")
+        return None
+    run = Path(args.run_dir)
+    return family_links(args.families, hook=hook, d_sae=sae.spec.d_sae, out=out,
+                        folders=[run / "saes" / sae_dirname(hook), run], atlases=atlases)
 
 
 OWNER = "jsae atlas"  # what jsae.outputs records as the writer of the atlas folder
@@ -188,12 +223,17 @@ def run(args) -> int:
         outputs.claim_folder(args.neuronpedia, "jsae atlas --neuronpedia", overwrite=args.overwrite)
     if args.around and npz.exists() and not args.rebuild:
         sae, hook = _load_sae(args.run_dir, args.hook)
+        links = _family_links(args, sae, hook, out)
         data = load_atlas(npz)
         if data.meta.get("hook") != hook or data.meta.get("d_sae") != sae.spec.d_sae:
             raise AtlasError(f"{npz} is an atlas of {data.meta.get('hook')} with "
                              f"{data.meta.get('d_sae')} features, not of this run's {hook} "
                              f"({sae.spec.d_sae}); use --rebuild or another --out")
         method = "pca" if args.map == "pca" else "umap"
+        if links is not None:
+            from jsae.analysis.atlas.family import attach
+
+            attach(data, links)
         for f in args.around:
             lm = add_local_map(data, sae, f, args.radius, seed=args.seed, method=method)
             print(_describe_local(data, lm))
@@ -207,15 +247,19 @@ def run(args) -> int:
         _load_sae(args.run_dir, None)  # a run without a dictionary: its one-line error first
         plan = layer_plan(args.run_dir)
         extra = [f for f, v in (("--around", args.around), ("--neuronpedia", args.neuronpedia),
-                                ("--explainer", args.explainer)) if v]
+                                ("--explainer", args.explainer), ("--families", args.families),
+                                ("--family-atlas", args.family_atlas))
+                 if v]
         if plan is not None and extra:
             raise AtlasError(f"{' and '.join(extra)} take one dictionary's atlas; {args.run_dir} "
                              "has several layers: add --hook KEY (one of its saes/)")
     cfg = StreamConfig(top_k=args.top_k, window=min(args.window, args.context_length),
                        bands=args.bands, band_samples=args.band_samples)
     state_dir = out / "state"
+    links = None
     if plan is None:
-        sae, _ = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
+        sae, key = _load_sae(args.run_dir, args.hook)  # fail on a run without an SAE before the LM loads
+        links = _family_links(args, sae, key, out)  # a wrong families file: before any work
     owned = outputs.marked_files(out, OWNER)
     if args.fresh and state_dir.exists() and ("state/" in owned or _is_older_atlas(out)):
         import shutil
@@ -243,14 +287,18 @@ def run(args) -> int:
     log(f"loading {args.run_dir} ...")
     from jsae.analysis.run import load_run
 
-    model = load_run(args.run_dir, next(iter(plan.saes)) if plan else args.hook).model
+    model = load_run(args.run_dir, next(iter(plan.saes)) if plan else key).model
     if plan is not None:
         return _run_layers(args, plan, model, cfg, state_dir, texts, cache, out, log)
-    data = atlas(args.run_dir, hook=args.hook, model=model, tokens=args.tokens,
+    data = atlas(args.run_dir, hook=key, model=model, tokens=args.tokens,
                  context_length=args.context_length, cfg=cfg, batch_size=args.batch_size,
                  n_neighbours=args.neighbours, maps=args.map != "none", around=args.around,
                  radius=args.radius, seed=args.seed, state_dir=state_dir, texts=texts,
                  map_method="pca" if args.map == "pca" else "umap", cache=cache)
+    if links is not None:
+        from jsae.analysis.atlas.family import attach
+
+        attach(data, links)
     if args.explainer:
         from jsae.analysis.atlas.explain import ChatClient, explain_atlas
 
@@ -264,6 +312,22 @@ def run(args) -> int:
     from jsae.analysis.atlas.structure import describe, structure
 
     print(describe(structure(data)))
+    if links is not None:
+        print(_describe_family(links))
     for lm in data.local_maps:
         print(_describe_local(data, lm))
     return 0
+
+
+def _describe_family(links) -> str:
+    m = links.meta
+    parts = []
+    if links.parent is not None:
+        parts.append(f"{int((links.parent >= 0).sum())} of its features have a parent in "
+                     f"{m['parent']['name']} ({m['parent']['d_sae']:,} features)")
+    if links.children is not None:
+        parts.append(f"{int((links.children >= 0).any(1).sum())} have children in "
+                     f"{m['children']['name']} ({m['children']['d_sae']:,} features)")
+    linked = [s["name"] for s in (m["parent"], m["children"]) if s and s["href"]]
+    return (f"families from {m['file']} ({m['this']['name']}): " + "; ".join(parts)
+            + (f"; linked to the atlases of {', '.join(linked)}" if linked else ""))

@@ -54,12 +54,12 @@ def layout(directions: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0
 def clusters(xy: np.ndarray, *, min_cluster_size: int | None = None) -> np.ndarray:
     """HDBSCAN cluster id per point (``-1`` = noise)."""
     M = len(xy)
-    if M < 4:
+    mcs = int(min_cluster_size or max(5, min(50, M // 600)))  # ~140 clusters at 9k points
+    if M < max(4, mcs):  # too few points for one cluster (a family's smallest member)
         return np.full(M, -1, np.int64)
     require("sklearn", "atlas", "clustering the atlas map")
     from sklearn.cluster import HDBSCAN
 
-    mcs = int(min_cluster_size or max(5, min(50, M // 600)))  # ~140 clusters at 9k points
     return HDBSCAN(min_cluster_size=mcs, min_samples=min(mcs, 5), copy=True).fit_predict(xy).astype(np.int64)
 
 

@@ -188,6 +188,7 @@ def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
     pairs = {k: (np.asarray(getattr(data, f"{a}_ids")[sl]).astype(np.int64).tolist(),
                  _num(getattr(data, f"{a}_vals")[sl])) for k, a in _PAIRS}
     profile = None if data.layer_profile is None else _num(data.layer_profile[sl])
+    fam = _family_columns(data, sl)
     recs = []
     for j in range(hi - lo):
         bands = [[edges[j][b], edges[j][b + 1], counts[j][b],
@@ -200,8 +201,37 @@ def feature_records(data: AtlasData, lo: int, hi: int) -> list[dict]:
             "hist": hist[j], "top": _examples(top[0][j], top[1][j], top[2][j], top[3][j]),
             "bands": bands, **{k: _pairs(v[0][j], v[1][j]) for k, v in pairs.items()},
             "profile": profile[j] if profile is not None else None,
+            "family": _family_record(fam, j),
         })
     return recs
+
+
+def _family_columns(data: AtlasData, sl: slice) -> dict:
+    """The family links of rows ``sl`` as JSON-ready columns (None where the atlas has none)."""
+    def ids(a):
+        return None if a is None else np.asarray(a[sl]).astype(np.int64).tolist()
+
+    def vals(a):
+        return None if a is None else _num(a[sl])
+
+    return {"fam_parent": ids(data.family_parent), "fam_parent_cos": vals(data.family_parent_cos),
+            "fam_children_ids": ids(data.family_children),
+            "fam_children_vals": vals(data.family_children_cos)}
+
+
+def _family_record(cols: dict, j: int) -> dict | None:
+    """A card's family links: ``parent`` [id (-1: below min_cos), best cosine] in the next
+    smaller dictionary and ``children`` [[ids], [cosines]] in the next larger (either None
+    where there is no such dictionary); None for an atlas without families (atlas.js's
+    ``familyAt`` is the same rule)."""
+    if cols["fam_parent"] is None and cols["fam_children_ids"] is None:
+        return None
+    parent = children = None
+    if cols["fam_parent"] is not None:
+        parent = [cols["fam_parent"][j], cols["fam_parent_cos"][j]]
+    if cols["fam_children_ids"] is not None:
+        children = _pairs(cols["fam_children_ids"][j], cols["fam_children_vals"][j])
+    return {"parent": parent, "children": children}
 
 
 def feature_record(data: AtlasData, row: int) -> dict:
@@ -246,6 +276,7 @@ def shard_payload(data: AtlasData, lo: int, hi: int) -> dict:
         **{f"{k}_ids": ids(getattr(data, f"{a}_ids")) for k, a in _PAIRS},
         **{f"{k}_vals": _num(getattr(data, f"{a}_vals")[sl]) for k, a in _PAIRS},
         "profile": None if data.layer_profile is None else _num(data.layer_profile[sl]),
+        **_family_columns(data, sl),
         "tokens": {str(t): _token_text(data, t) for t in used},
     }
 
@@ -348,6 +379,8 @@ def _index_payload(data: AtlasData, shard_size: int) -> dict:
     xy = np.asarray(data.map_xy, np.float64).reshape(-1, 2)
     meta = {}
     for k, v in data.meta.items():
+        if k == "family":  # its own entry below
+            continue
         if isinstance(v, np.generic):
             v = v.item()
         if isinstance(v, (list, tuple)):  # e.g. a crosscoder's layer_hooks
@@ -367,7 +400,23 @@ def _index_payload(data: AtlasData, shard_size: int) -> dict:
         "hist_edges": _num(data.hist_edges),
         "local_maps": [[int(m.center), float(m.radius), int(len(m.ids))] for m in data.local_maps],
         "has_tokens": True,
+        "family": _family_index(data),
     }
+
+
+def _family_index(data: AtlasData) -> dict | None:
+    """The families meta (the dictionaries, their atlases' hrefs) and every feature's parent
+    (``parents``, for colouring its siblings on the map; None for the smallest dictionary)."""
+    fam = data.meta.get("family")
+    if not isinstance(fam, dict):
+        return None
+    keep = ("name", "d_sae", "href", "most")
+    side = {k: ({x: fam[k][x] for x in keep if x in fam[k]} if isinstance(fam.get(k), dict)
+                else None) for k in ("this", "parent", "children")}
+    parents = (None if data.family_parent is None
+               else np.asarray(data.family_parent).astype(np.int64).tolist())
+    return {**side, "min_cos": fam.get("min_cos"), "file": str(fam.get("file", "")),
+            "parents": parents}
 
 
 def _local_payload(lm) -> dict:
@@ -409,6 +458,22 @@ def check_atlas(data: AtlasData) -> None:
         want[name] = data.band_value.shape + (data.band_tokens.shape[-1],)
     for name in ("cos_ids", "coact_ids", "logit_top_ids", "logit_bottom_ids", "band_value"):
         want[name] = (F,) + tuple(np.shape(getattr(data, name))[1:])
+    fam = data.meta.get("family") if isinstance(data.meta.get("family"), dict) else {}
+    for ids, vals, side in (("family_parent", "family_parent_cos", "parent"),
+                            ("family_children", "family_children_cos", "children")):
+        a = getattr(data, ids)
+        if (a is None) != (getattr(data, vals) is None) or (a is not None) != isinstance(
+                fam.get(side), dict):
+            raise FileFormatError(f"atlas data: {ids}, {vals} and meta family.{side} must be "
+                                  "present together")
+        if a is None:
+            continue
+        want[ids] = (F,) + ((np.shape(a)[1],) if ids == "family_children" else ())
+        want[vals] = want[ids]
+        n = fam[side].get("d_sae")
+        if a.size and (not isinstance(n, int) or a.min() < -1 or a.max() >= n):
+            raise FileFormatError(f"atlas data: {ids} holds ids outside -1..{n}-1 (the "
+                                  f"{side} dictionary's features)")
     for name, shape in want.items():
         got = tuple(np.shape(getattr(data, name)))
         if got != tuple(shape):
@@ -646,6 +711,29 @@ def _pairs_html(pairs, name_of, cls: str) -> str:
                    f'<span class="pval">{_fmt(v)}</span></div>' for i, v in pairs)
 
 
+def family_lines(fam: dict, meta: dict) -> list[str]:
+    """A card's family row as text lines: the parent in the next smaller dictionary and the
+    children in the next larger one (``fam``: a record's ``family``; ``meta``: the atlas's
+    ``meta["family"]``)."""
+    lines = []
+    if fam["parent"] is not None:
+        p, c = fam["parent"]
+        side = meta["parent"]
+        what = (f"#{p} (cos {_fmt(c)})" if p >= 0 else
+                f"none (best cos {_fmt(c)} < {_fmt(meta.get('min_cos'))})")
+        lines.append(f"parent in {side['name']} ({side['d_sae']:,} features): {what}")
+    if fam["children"] is not None:
+        ids, cos = fam["children"]
+        side = meta["children"]
+        what = ", ".join(f"#{i} (cos {_fmt(c)})" for i, c in zip(ids, cos)) or "none"
+        lines.append(f"children in {side['name']} ({side['d_sae']:,} features): {what}")
+    return lines
+
+
+def _family_html(fam: dict, meta: dict) -> str:
+    return "".join(f'<div class="famrow">{html.escape(t)}</div>' for t in family_lines(fam, meta))
+
+
 def card_html(data: AtlasData, feature: int, *, max_examples: int = 10, style: bool = True) -> str:
     """One feature's card as a self-contained HTML fragment (a ``<style>`` block and inline
     styles, no script), e.g. ``IPython.display.HTML(card_html(data, 1838))`` in a notebook."""
@@ -680,6 +768,8 @@ def card_html(data: AtlasData, feature: int, *, max_examples: int = 10, style: b
     parts.append('<div class="stats">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{html.escape(v)}</div></div>'
         for k, v in stats) + "</div>")
+    if rec["family"] is not None:
+        parts.append("<h3>Family across sizes</h3>" + _family_html(rec["family"], data.meta["family"]))
     if rec["profile"] is not None:
         parts.append("<h3>Layer profile</h3>" + _profile_svg(rec["profile"], data.meta.get("layer_hooks")))
     parts.append('<h3>Activation histogram</h3>' + _hist_svg(rec["hist"], _num(data.hist_edges)))

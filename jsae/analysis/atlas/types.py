@@ -84,6 +84,11 @@ class AtlasData:
     local_maps: list[LocalMap] = dataclasses.field(default_factory=list)
     layer_profile: np.ndarray | None = None  # [F, L] a crosscoder's decoder norm per hook
     #                                          (meta["layer_hooks"]), each row summing to 1
+    # feature families across sizes (``--families``; meta["family"] names the dictionaries):
+    family_parent: np.ndarray | None = None  # [F] int64 parent in the next smaller (-1 = none)
+    family_parent_cos: np.ndarray | None = None  # [F] float32 best cosine to the next smaller
+    family_children: np.ndarray | None = None  # [F, C] int64 in the next larger (-1 = empty)
+    family_children_cos: np.ndarray | None = None  # [F, C] float32, most similar first
 
     @property
     def n_features(self) -> int:

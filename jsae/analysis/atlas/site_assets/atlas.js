@@ -6,8 +6,11 @@
  * A site of several layers (PAGE.layers: [[layer, name], ...]) keeps each layer's data in
  * data/L<layer>/ and shows one at a time: index.html#l=LAYER&f=ID; the selector reloads.
  * Keys: "/" search, ← → previous / next feature.
+ * An atlas with families across sizes (jsae atlas --families) shows each card's parent in the
+ * next smaller dictionary and children in the next larger (links to their atlases when known);
+ * its button colours on the map the features that share the card's parent.
  * window.atlas exposes state for tests: ready, pointsDrawn, nPoints, current, cardReady,
- * screenPos(id), open(id).
+ * screenPos(id), open(id), showFamily(id), familyIds.
  */
 (function () {
   "use strict";
@@ -92,6 +95,7 @@
   const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
     "#ff9da7", "#9c755f", "#3b8bc2", "#8cd17d", "#d37295", "#499894", "#f1ce63", "#a0cbe8", "#86bcb6"];
   const GREY = "#c3c8d0";
+  const FAMILY = "#7c3aed"; // a family's features on the map
   const clusterColour = (c) => (c < 0 ? GREY : PALETTE[c % PALETTE.length]);
 
   // ------------------------------------------------------------------ the map
@@ -125,6 +129,7 @@
       this.nOk = this.ok.reduce((a, b) => a + b, 0);
       this.selected = null;
       this.hits = [];
+      this.family = [];
       this.links = [];
       this.hover = null;
       this.buildGrid();
@@ -239,6 +244,16 @@
         for (const i of this.links) { const [x1, y1] = this.toScreen(i); ctx.moveTo(x0, y0); ctx.lineTo(x1, y1); }
         ctx.lineWidth = 1; ctx.strokeStyle = "rgba(215,38,61,0.45)"; ctx.stroke();
         for (const i of this.links) ring(i, "#d7263d", r + 2, 1.2);
+      }
+      if (this.family.length) { // a family's features: filled over their colour and the links
+        ctx.fillStyle = FAMILY;
+        ctx.beginPath();
+        for (const i of this.family) {
+          if (!this.ok[i]) continue;
+          const [sx, sy] = this.toScreen(i);
+          ctx.moveTo(sx + r + 2, sy); ctx.arc(sx, sy, r + 2, 0, 6.2832);
+        }
+        ctx.fill();
       }
       for (const i of this.hits) ring(i, "#111827", r + 3, 1.5);
       if (this.pts.center != null) {
@@ -366,6 +381,7 @@
       this.links = (neighbours || []).map((n) => this.rowOf.get(n)).filter((j) => j != null && this.ok[j]);
       this.draw();
     }
+    setFamily(ids) { this.family = ids.map((id) => this.rowOf.get(id)).filter((i) => i != null); this.draw(); }
     setHits(ids) { this.hits = ids.map((id) => this.rowOf.get(id)).filter((i) => i != null); this.draw(); }
     screenPos(id) {
       const i = this.rowOf.get(id);
@@ -441,7 +457,59 @@
       lt: pairsAt(s.lt_ids[j], s.lt_vals[j]), lb: pairsAt(s.lb_ids[j], s.lb_vals[j]),
       cos: pairsAt(s.cos_ids[j], s.cos_vals[j]), coact: pairsAt(s.coact_ids[j], s.coact_vals[j]),
       profile: s.profile ? s.profile[j] : null,
+      family: familyAt(s, j),
     };
+  }
+  // A card's family links (site.py's _family_record): parent [id (-1: below min_cos), best
+  // cosine] in the next smaller dictionary, children [[ids], [cosines]] in the next larger.
+  function familyAt(s, j) {
+    if (s.fam_parent == null && s.fam_children_ids == null) return null;
+    return {
+      parent: s.fam_parent != null ? [s.fam_parent[j], s.fam_parent_cos[j]] : null,
+      children: s.fam_children_ids != null ? pairsAt(s.fam_children_ids[j], s.fam_children_vals[j]) : null,
+    };
+  }
+  // The features of this atlas that share id's matched parent (id itself when it has none).
+  function familyOf(id) {
+    const F = store.index.family, r = rowOfId.get(id);
+    if (!F || !F.parents || r == null || F.parents[r] < 0) return [id];
+    const p = F.parents[r];
+    return store.index.ids.filter((x, i) => F.parents[i] === p).sort((a, b) => a - b);
+  }
+  function showFamily(id) {
+    atlas.familyIds = familyOf(id);
+    if (atlas.map) atlas.map.setFamily(atlas.familyIds);
+    const note = document.querySelector("#panel .famnote");
+    if (note) note.textContent = `${atlas.familyIds.length} on the map in violet`;
+  }
+  atlas.showFamily = showFamily;
+  function familyLink(side, id) { // to the sibling dictionary's atlas, else its name and the id
+    const text = `${side.name} #${id}`;
+    return side.href ? el("a", { class: "famlink", href: `${side.href}#f=${id}`, "data-fid": String(id), text })
+      : el("span", { class: "famid", text });
+  }
+  function familySection(rec) {
+    const F = store.index.family, fam = rec.family, rows = [];
+    const head = (side, what) => el("span", { class: "k", text: `${what} in ${side.name} (${Number(side.d_sae).toLocaleString("en-US")} features): ` });
+    if (fam.parent && F.parent) {
+      const [p, c] = fam.parent;
+      rows.push(el("div", { class: "famrow parent" }, head(F.parent, "parent"), p >= 0
+        ? [familyLink(F.parent, p), el("span", { class: "muted", text: ` cos ${fmt(c)}` })]
+        : el("span", { class: "muted", text: `none (best cos ${fmt(c)} < ${fmt(F.min_cos)})` })));
+    }
+    if (fam.children && F.children) {
+      const [ids, cos] = fam.children;
+      rows.push(el("div", { class: "famrow children" }, head(F.children, "children"), ids.length
+        ? ids.map((id, j) => el("span", { class: "famkid" }, familyLink(F.children, id), el("span", { class: "muted", text: ` cos ${fmt(cos[j])}` })))
+        : el("span", { class: "muted", text: "none" })));
+    }
+    if (PAGE.kind === "global" && atlas.map && F.parents) {
+      rows.push(el("div", { class: "famrow" }, el("button", { type: "button", class: "ghost famshow", text: "colour its siblings on the map", onclick: () => showFamily(rec.id) }),
+        el("span", { class: "muted famnote" })));
+    }
+    const sec = section("Family across sizes", ...rows);
+    sec.classList.add("family");
+    return sec;
   }
 
   function tokSpan(text, q, anchor, peak) {
@@ -603,6 +671,7 @@
       next != null ? el("a", { class: "ghost next", href: "#f=" + next, text: `#${next} →` }) : null);
     tools.append(step);
     kids.push(tools);
+    if (rec.family && store.index.family) kids.push(familySection(rec));
     if (rec.profile) kids.push(section("Layer profile (share of decoder norm per layer written)", profileChart(rec.profile, ix.meta.layer_hooks)));
     kids.push(section("Activation histogram", histogram(rec.hist, ix.hist_edges, rec.mean)));
     kids.push(el("div", { class: "cols" },
