@@ -265,3 +265,32 @@ def test_browser_family_row_links_to_the_sibling_atlases_and_colours_siblings(fa
         assert page.url.endswith(f"atlas-w4/index.html#f={p}")
         browser.close()
     assert not errors, errors
+
+
+def test_a_moved_families_file_is_matched_by_width_and_a_damaged_atlas_is_refused(fam, tmp_path):
+    from jsae.analysis.atlas.build import load_atlas, save_atlas
+    from jsae.analysis.atlas.family import family_links
+    from jsae.analysis.atlas.types import AtlasError
+    from jsae.errors import FileFormatError
+
+    moved = json.loads(fam["families"].read_text())
+    for m in moved["members"]:  # written on another machine: no path is this run's
+        m["path"] = "/elsewhere/" + m["path"].rsplit("/", 1)[-1]
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    key, folder = member_key(HOOK, "w8"), fam["run"] / "saes" / HOOK / "w8"
+    links = family_links(tmp_path / "moved.json", hook=key, d_sae=8, folders=[folder], out=tmp_path)
+    d = load_atlas(fam["atlases"]["w8"] / "atlas.npz")
+    np.testing.assert_array_equal(links.parent, d.family_parent)
+    np.testing.assert_array_equal(links.children, d.family_children)
+    moved["members"][0]["d_sae"] = moved["levels"][0]["parent_d_sae"] = 8  # two of width 8
+    moved["members"][0]["path"] = "/elsewhere/v8"
+    (tmp_path / "two.json").write_text(json.dumps(moved))
+    with pytest.raises(AtlasError, match="2 of its dictionaries have 8 features"):
+        family_links(tmp_path / "two.json", hook=key, d_sae=8, folders=[folder], out=tmp_path)
+    with pytest.raises(AtlasError, match="not on this atlas's hook"):
+        family_links(fam["families"], hook=member_key("blocks.0.hook_resid_post", "w8"), d_sae=8,
+                     folders=[folder], out=tmp_path)
+    d.meta.pop("family")  # the links without the dictionaries they name
+    save_atlas(d, tmp_path / "bad.npz")
+    with pytest.raises(FileFormatError, match=f"{tmp_path / 'bad.npz'}: family_parent"):
+        load_atlas(tmp_path / "bad.npz")
