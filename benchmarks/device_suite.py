@@ -557,11 +557,12 @@ print(json.dumps(out))
 """
 
 
-def _random_transcoders(model, n: int, active: int, seed: int = 0):
+def random_transcoders(model, n: int, active: int, seed: int = 0, ids=None):
     """One random JumpReLU transcoder per layer (MLP input -> MLP output), as circuit-tracer's
     CPU figure in /work/shared used: speed depends on the shapes and the active count, so each
     layer's threshold is set from the prompt's own MLP inputs to let about ``active`` of its
-    ``n`` features fire per token (trained transcoders' L0)."""
+    ``n`` features fire per token (trained transcoders' L0). ``ids [T]``: the prompt's tokens
+    (default PROMPT's)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -574,7 +575,7 @@ def _random_transcoders(model, n: int, active: int, seed: int = 0):
     # must run the same transcoders on the same activations (with hook_resid_mid here, jsae
     # attributed 1,017 active features where circuit-tracer saw 26)
     hooks = tuple(f"blocks.{i}.mlp.hook_in" for i in range(L))
-    ids = jnp.asarray([model.tokenizer.encode(PROMPT)])
+    ids = jnp.asarray([model.tokenizer.encode(PROMPT)] if ids is None else [list(ids)])
     acts = forward(model.cfg, model.params, ids, capture=hooks).activations
     out = []
     for i in range(L):
@@ -590,7 +591,7 @@ def _random_transcoders(model, n: int, active: int, seed: int = 0):
     return out
 
 
-def _hf_folder(model_path: str, work: Path, ct_python: str) -> str:
+def hf_folder(model_path: str, work: Path, ct_python: str) -> str:
     """An HF folder of the model for circuit-tracer: the folder itself, or the GGUF converted
     by transformers (under circuit-tracer's Python) into ``work``."""
     if Path(model_path).is_dir() and (Path(model_path) / "config.json").is_file():
@@ -621,7 +622,7 @@ def part_attribution(a, clock: Clock) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     model = load(a.model_path)
     n, active = (64, 2) if a.small else (4096, 64)
-    tcs = _random_transcoders(model, n, active)
+    tcs = random_transcoders(model, n, active)
     ct_dir = work / "transcoders"
     save_circuit_tracer(gather(tcs, str(model.name)), ct_dir, owner=OWNER)
     res = {"prompt": PROMPT, "features_per_layer": n, "active_per_token": active, "layers": model.cfg.n_layers,
@@ -664,7 +665,7 @@ def part_attribution(a, clock: Clock) -> dict:
         res["circuit_tracer"] = {"status": "skipped: budget spent"}
     else:
         try:
-            hf_dir = _hf_folder(a.model_path, work, ct_python)
+            hf_dir = hf_folder(a.model_path, work, ct_python)
             r = subprocess.run([ct_python, "-c", _CT_SCRIPT, hf_dir, str(ct_dir), PROMPT, str(2000)],
                                capture_output=True, text=True, timeout=max(clock.left() - 5, 10),
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -238,43 +238,84 @@ def interventions_for(sae: SAE, hook: str, transform: Callable[..., Transform], 
     return {output_hook: transform(sae, *args, reads=hook, **kw)}
 
 
-def _edit_layer(mode: str, keep_error: bool, sae: SAE, features: Array, dirs: Array,
-                values: Array, act: Array, srcs: tuple) -> Array:
-    """Output layer ``j = len(srcs) - 1`` of a causal cross-layer dictionary with ``features``
-    edited. ``srcs``: input hooks ``0..j`` (``[..., d]`` each); the later layers' inputs are zero,
-    harmless because their features never write to layer ``j``. ``dirs [n_f, d]``: each
-    feature's raw write to layer ``j``."""
-    j = len(srcs) - 1
+def _new_codes(mode: str, z: Array, values: Array) -> Array:
+    return jnp.broadcast_to(values, z.shape) if mode == "clamp" else z * values
+
+
+def _write(mode: str, codes: Callable, dirs: Array, values: Array, mask: Array | None,
+           act: Array, srcs: tuple) -> Array:
+    """``act [..., T, d]`` (an output hook) plus ``(new - z) @ dirs``, where ``z = codes(srcs)
+    [..., T, k]`` are the k edited features' codes from the input hooks ``srcs`` of the same
+    forward, ``new`` those codes clamped to / scaled by ``values [k]``, and ``dirs [k, d]``
+    each feature's raw write to this output; only where ``mask [T, k]`` is set (None: at every
+    position)."""
+    z = codes(srcs).astype(jnp.float32)
+    step = _new_codes(mode, z, values) - z
+    if mask is not None:
+        step = jnp.where(mask, step, 0.0)
+    return (act.astype(jnp.float32) + jnp.matmul(step, dirs)).astype(act.dtype)
+
+
+# module-level, one per mode, so the jit cache key is stable (as _clamp above)
+def _write_clamp(*a):
+    return _write("clamp", *a)
+
+
+def _write_scale(*a):
+    return _write("scale", *a)
+
+
+def write_edits(input_hooks: Sequence[str], output_hooks: Sequence[str], targets, codes: Callable,
+                directions: Callable[[int], Array], mode: str, values, mask=None
+                ) -> dict[str, Transform]:
+    """The one mechanism that sets (``mode="clamp"``) or scales (``"scale"``) features of a
+    transcoder set or a cross-layer transcoder in the real model, keeping the error term:
+    `layered_edit` (steering a CLT) and `jsae.circuits.intervene` (checking a graph) both build
+    on it. ``{output_hooks[t]: ReadsHook(input_hooks[:t+1], ..)}`` for each layer ``t`` in
+    ``targets``: there the k edited features' codes ``codes(inputs of layers 0..t) -> [..., T,
+    k]`` come from the same forward (a causal dictionary's features of layer ``l`` read input
+    ``l`` and write outputs ``t >= l``; an input hook comes before its own layer's output) and
+    ``(new - z) @ directions(t)`` is added (``directions(t) [k, d]``: each feature's raw write to
+    output ``t``, zero where it writes nothing there); ``values [k]``; ``mask [T, k]``: where
+    each edit applies (None: every position). ``codes`` and the arrays travel as jit arguments
+    (a `Partial`), so other values or features do not recompile."""
+    fn = {"clamp": _write_clamp, "scale": _write_scale}[mode]
+    v = jnp.asarray(values, jnp.float32)
+    m = None if mask is None else jnp.asarray(mask, bool)
+    return {output_hooks[t]: ReadsHook(tuple(input_hooks[:t + 1]),
+                                       Partial(fn, codes, directions(t), v, m))
+            for t in targets}
+
+
+def _clt_encode(sae: SAE, srcs: tuple) -> Array:
+    """A causal cross-layer dictionary's codes ``[..., d_sae]`` from the input hooks ``0..j``
+    (``srcs``, ``[..., d]`` each); the later layers' inputs are zero, harmless because their
+    features never write to layer ``j``."""
     n_hooks = get_arch(sae.spec.architecture).n_hooks(sae.spec)
     x = jnp.stack([s.astype(jnp.float32) for s in srcs], axis=-2)  # [..., j+1, d]
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, n_hooks - x.shape[-2]), (0, 0)])
-    z = encode(sae, x)
-    z_f = jnp.take(z, features, axis=-1)
-    new = jnp.broadcast_to(values, z_f.shape) if mode == "clamp" else z_f * values
-    if keep_error:
-        return (act.astype(jnp.float32) + jnp.matmul(new - z_f, dirs)).astype(act.dtype)
-    return decode(sae, z.at[..., features].set(new))[..., j, :].astype(act.dtype)
+    return encode(sae, x)
 
 
-# module-level, one per (mode, error term), so the jit cache key is stable (as _clamp above)
-def _layer_clamp(*a):
-    return _edit_layer("clamp", True, *a)
+def _clt_codes(sae: SAE, features: Array, srcs: tuple) -> Array:
+    return jnp.take(_clt_encode(sae, srcs), features, axis=-1)
 
 
-def _layer_clamp_replace(*a):
-    return _edit_layer("clamp", False, *a)
+def _replace_layer(mode: str, sae: SAE, features: Array, values: Array, act: Array,
+                   srcs: tuple) -> Array:
+    """Output layer ``j = len(srcs) - 1`` replaced by the CLT's reconstruction with
+    ``features`` edited (``keep_error=False``)."""
+    z = _clt_encode(sae, srcs)
+    new = _new_codes(mode, jnp.take(z, features, axis=-1), values)
+    return decode(sae, z.at[..., features].set(new))[..., len(srcs) - 1, :].astype(act.dtype)
 
 
-def _layer_scale(*a):
-    return _edit_layer("scale", True, *a)
+def _replace_clamp(*a):
+    return _replace_layer("clamp", *a)
 
 
-def _layer_scale_replace(*a):
-    return _edit_layer("scale", False, *a)
-
-
-_LAYER_EDITS = {("clamp", True): _layer_clamp, ("clamp", False): _layer_clamp_replace,
-                ("scale", True): _layer_scale, ("scale", False): _layer_scale_replace}
+def _replace_scale(*a):
+    return _replace_layer("scale", *a)
 
 
 def layered_edit(sae: SAE, input_hooks: Sequence[str], output_hooks: Sequence[str], mode: str,
@@ -284,7 +325,8 @@ def layered_edit(sae: SAE, input_hooks: Sequence[str], output_hooks: Sequence[st
     layer's and every later output hook). ``{output_hooks[j]: ReadsHook(input_hooks[:j+1], ..)}``
     for every layer ``j`` from the earliest edited feature's on: at each, the codes come from
     the inputs of the same forward and ``(z_edited - z) @ W_dec[:, j]`` is added (the error term
-    kept), or the output is replaced by the edited reconstruction (``keep_error=False``)."""
+    kept: `write_edits`), or the output is replaced by the edited reconstruction
+    (``keep_error=False``)."""
     arch = get_arch(sae.spec.architecture)
     layers = arch.feature_layers(sae.spec)
     n = arch.n_hooks(sae.spec)
@@ -296,12 +338,15 @@ def layered_edit(sae: SAE, input_hooks: Sequence[str], output_hooks: Sequence[st
     f = _as_features(sae, features)
     v = _as_values(values, f.shape[0], "value" if mode == "clamp" else "factor")
     first = int(np.asarray(layers)[np.asarray(f)].min())
-    out = {}
-    for j in range(first, n):
-        dirs = jnp.stack([feature_direction(sae, int(i), layer=j) for i in np.asarray(f)])
-        out[output_hooks[j]] = ReadsHook(tuple(input_hooks[:j + 1]), Partial(
-            _LAYER_EDITS[mode, bool(keep_error)], sae, f, dirs, v))
-    return out
+    if keep_error:
+        def directions(j):
+            return jnp.stack([feature_direction(sae, int(i), layer=j) for i in np.asarray(f)])
+
+        return write_edits(input_hooks, output_hooks, range(first, n),
+                           Partial(_clt_codes, sae, f), directions, mode, v)
+    fn = {"clamp": _replace_clamp, "scale": _replace_scale}[mode]
+    return {output_hooks[j]: ReadsHook(tuple(input_hooks[:j + 1]), Partial(fn, sae, f, v))
+            for j in range(first, n)}
 
 
 def _add(direction, coefficient, x):
@@ -443,5 +488,6 @@ def generate_pair(
 
 __all__ = [
     "ablate", "add", "at_positions", "clamp", "compose", "feature_codes", "feature_direction",
-    "generate", "generate_pair", "interventions_for", "scale", "sub_sae",
+    "generate", "generate_pair", "interventions_for", "layered_edit", "scale", "sub_sae",
+    "write_edits",
 ]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HELPERS = {"toy.py", "machine.py"}  # imported by the scripts, not benchmarks
 SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py", "transcoder_sets.py",  # below
-          "family.py",
+          "family.py", "attribution_memory.py",
           "device_suite.py"}  # its --small (alias --smoke): tests/test_device_suite.py
 RATIO = r"\d+\.\d\dx"
 
@@ -152,4 +152,40 @@ def test_family_smoke():
     assert len(re.findall(r"^family\s+[\d.]+ s\s+[\d,]+ tok/s$", out, re.M)) == 2, out
     assert len(re.findall(r"^2 runs\s+[\d.]+ s\s+[\d,]+ tok/s  \(per run s: [\d.]+, [\d.]+\)$",
                           out, re.M)) == 2, out
+    assert "load average before:" in out and "load average after:" in out, out
+
+
+def test_attribution_memory_smoke(tmp_path):
+    """Peak memory of attribution at two toy prompt lengths, each side in its own process: the
+    JSON has rising token counts, positive peaks and times, jsae's plan sized from its own graph
+    (the dense adjacency is n_nodes^2 float32); circuit-tracer (when $JSAE_CIRCUIT_TRACER_PYTHON
+    is set) attributes the same features, error, token and logit nodes, with ratios; otherwise
+    it says it skipped."""
+    import json
+
+    out = run_smoke("attribution_memory.py", "--json", str(tmp_path / "m.json"))
+    doc = json.loads((tmp_path / "m.json").read_text())
+    rows = doc["rows"]
+    assert [r["tokens"] for r in rows] == [8, 16], rows
+    ct = bool(os.environ.get("JSAE_CIRCUIT_TRACER_PYTHON")) or bool(
+        importlib.util.find_spec("circuit_tracer"))
+    for r in rows:
+        j, c = r["jsae"], r["circuit_tracer"]
+        assert j["status"] == "ok", j
+        assert j["n_pos"] == r["tokens"] and j["active_features"] > 0, j
+        for call in j["calls"]:
+            assert call["peak_rss_mb"] > 0 and call["seconds"] > 0 and call["growth_mb"] > 0, j
+        p = j["plan"]
+        assert p["active_features"] == j["active_features"] and p["n_nodes"] == j["n_nodes"], p
+        assert p["adjacency_bytes"] == 4 * j["n_nodes"] ** 2 and j["plan_mb"] > 0, p
+        if ct:
+            assert c["status"] == "ok", c
+            # the same features, but for one right at a threshold (float32 sums differ)
+            assert abs(c["active_features"] - j["active_features"]) <= 1, (c, j)
+            assert c["n_nodes"] - c["active_features"] == j["n_nodes"] - j["active_features"]
+            assert all(v > 0 for v in r["ratios_circuit_tracer_over_jsae"].values()), r
+        else:
+            assert c["status"].startswith("skipped"), c
+    assert rows[1]["jsae"]["active_features"] > rows[0]["jsae"]["active_features"], rows
+    assert re.search(r"^\| 16 \| \d+ \| \d+ \(\+\d+\) \|", out, re.M), out
     assert "load average before:" in out and "load average after:" in out, out

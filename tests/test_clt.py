@@ -548,13 +548,24 @@ def test_clamping_a_clt_feature_writes_every_later_mlp_output_causally(activatio
     assert sorted(fns) == outs[1:]  # nothing before the feature's own layer
     steered = forward(model.cfg, model.params, toks, interventions=fns, capture=tuple(outs)).logits
 
-    def adds(j):
-        delta = (value - z_f)[..., None] * np.asarray(steering.feature_direction(sae, f, layer=j))
+    def adds(j, new_code):
+        delta = (new_code - z_f)[..., None] * np.asarray(steering.feature_direction(sae, f, layer=j))
         return lambda a: a + jnp.asarray(delta, a.dtype)
 
-    ref = forward(model.cfg, model.params, toks, interventions={outs[j]: adds(j) for j in range(1, L)}).logits
+    ref = forward(model.cfg, model.params, toks,
+                  interventions={outs[j]: adds(j, value) for j in range(1, L)}).logits
     np.testing.assert_allclose(np.asarray(steered), np.asarray(ref), rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(steered) - np.asarray(forward(model.cfg, model.params, toks).logits)).max() > 1e-2
+    # scale (here 3x) and ablate go through the same edit: the code becomes factor x code
+    assert (z_f != 0).any(), "feature f never fires: scaling it would test nothing"
+    for transform, args, factor in ((steering.scale, ([f], 3.0), 3.0), (steering.ablate, ([f],), 0.0)):
+        fns = steering.interventions_for(sae, KEY_JOIN.join(ins), transform, *args,
+                                         output_hook=KEY_JOIN.join(outs))
+        got = forward(model.cfg, model.params, toks, interventions=fns).logits
+        ref = forward(model.cfg, model.params, toks,
+                      interventions={outs[j]: adds(j, factor * z_f) for j in range(1, L)}).logits
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4,
+                                   err_msg=transform.__name__)
 
     replaced = steering.interventions_for(sae, KEY_JOIN.join(ins), steering.clamp, [f], value,
                                           output_hook=KEY_JOIN.join(outs), keep_error=False)

@@ -219,4 +219,32 @@ def attribute(model, saes, prompt, *, outputs: Mapping[str, str] | None = None,
                        "max_logits": max_logits, "logit_prob": logit_prob})
 
 
-__all__ = ["assemble", "attribute", "compute_rows", "prompt_tokens"]
+def memory_plan(model, saes, prompt, *, outputs: Mapping[str, str] | None = None,
+                batch_size: int = 64, max_logits: int = 10, logit_prob: float = 0.95) -> dict:
+    """What `attribute` will hold for ``prompt``, before computing any row (it runs the one
+    forward that finds the active features, and compiles one batch of rows): XLA's memory
+    analysis of the deepest row step (``step_*_bytes``: its temporaries, arguments (the
+    weights and the frozen model) and output, on the device) and the host arrays (the rows of
+    every target over padded sources, then the dense ``[n_nodes, n_nodes]`` float32
+    adjacency), with ``active_features`` and ``n_nodes``."""
+    cfg, params = model.cfg, model.params
+    dic = dicts.load(saes, outputs, model_cfg=cfg)
+    tokens = prompt_tokens(cfg, getattr(model, "tokenizer", None), prompt)
+    fz, info = freeze(cfg, params, dic, tokens, max_logits=max_logits, logit_prob=logit_prob)
+    n, k, T = len(info["activations"]), len(info["logit_tokens"]), len(tokens)
+    mem = _rows_jit.lower(cfg, params, fz, jnp.zeros(batch_size, jnp.int32), fz.n_layers
+                          ).compile().memory_analysis()
+
+    def size(field):  # None where the backend gives no analysis
+        return None if mem is None else int(getattr(mem, field))
+
+    n_src_pad = int(fz.act.shape[0]) + (cfg.n_layers + 1) * T
+    n_nodes = n + (cfg.n_layers + 1) * T + k
+    return {"active_features": n, "n_nodes": n_nodes,
+            "step_temp_bytes": size("temp_size_in_bytes"),
+            "step_argument_bytes": size("argument_size_in_bytes"),
+            "step_output_bytes": size("output_size_in_bytes"),
+            "rows_bytes": 4 * (n + k) * n_src_pad, "adjacency_bytes": 4 * n_nodes * n_nodes}
+
+
+__all__ = ["assemble", "attribute", "compute_rows", "memory_plan", "prompt_tokens"]

@@ -5,6 +5,8 @@ circuit-tracer's ``feature_intervention(..., freeze_attention=False)`` does: at 
 feature writes, its decoder times (value - its current code, recomputed from that forward's own
 MLP input) is added to the MLP output, so the change propagates through attention, norms and
 later MLPs. The MLPs themselves stay the real ones (the transcoders only say what to add).
+The mechanism is steering's (`jsae.steering.write_edits`, which `layered_edit` uses to steer a
+CLT); this module supplies the transcoders' codes and decoder rows in circuit-tracer's form.
 Position 0 (the BOS) has no features, as in attribution: setting one there adds value x decoder.
 """
 
@@ -15,15 +17,17 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from jsae.circuits import dictionaries as dicts
 from jsae.circuits.attribution import prompt_tokens
 from jsae.errors import BadInput
-from jsae.models.transformer import ReadsHook, forward
+from jsae.models.transformer import forward
+from jsae.steering import write_edits
 
 
-def _check(dic: dicts.Dictionaries, T: int, settings) -> dict[int, list]:
-    by_layer: dict[int, list] = {}
+def _check(dic: dicts.Dictionaries, T: int, settings) -> list[tuple[int, int, int, float]]:
+    edits = []
     for key, value in settings.items():
         try:
             layer, feature, pos = (int(v) for v in key)
@@ -36,45 +40,45 @@ def _check(dic: dicts.Dictionaries, T: int, settings) -> dict[int, list]:
             raise BadInput(f"feature {feature} is not in 0..{dic.n_features - 1} (layer {layer})")
         if not 0 <= pos < T:
             raise BadInput(f"position {pos} is not in the prompt's 0..{T - 1}")
-        by_layer.setdefault(layer, []).append((feature, pos, float(value)))
-    return by_layer
+        edits.append((layer, feature, pos, float(value)))
+    return edits
 
 
-def _delta_fn(dic: dicts.Dictionaries, target: int, layers: list[int], by_layer):
-    """``fn(mlp_out, x_ins) -> mlp_out + delta`` for MLP output ``target`` reading the inputs
-    of ``layers`` (the intervened layers writing it)."""
-    writes = dic.writes()
-
-    def fn(out, srcs):
-        if not isinstance(srcs, tuple):
-            srcs = (srcs,)
-        delta = jnp.zeros(out.shape, jnp.float32)
-        for layer, x in zip(layers, srcs):
-            z = dicts.encode(dic, layer, x).at[:, 0].set(0.0)  # [B, T, n]; BOS: none
-            w = int(np.flatnonzero(writes[layer] == target)[0])
-            for feature, pos, value in by_layer[layer]:
-                step = value - z[:, pos, feature]  # [B]
-                row = dic.W_dec[layer, feature, w]  # [d]
-                delta = delta.at[:, pos].add(step[:, None] * row)
-        return (out.astype(jnp.float32) + delta).astype(out.dtype)
-
-    return fn
+def _codes(dic: dicts.Dictionaries, layers: jax.Array, features: jax.Array, srcs: tuple
+           ) -> jax.Array:
+    """The codes ``[B, T, k]`` of edit i's feature ``features[i]`` of layer ``layers[i]`` from
+    the input hooks of layers ``0..j`` (``srcs``, ``[B, T, d]`` each; later layers read zeros,
+    harmless because their features write nothing to layer j). BOS has none."""
+    x = jnp.stack([s.astype(jnp.float32) for s in srcs], axis=-2)  # [B, T, j+1, d]
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, dic.n_layers - x.shape[-2]), (0, 0)])
+    pre = (jnp.einsum("btkd,dk->btk", jnp.take(x, layers, axis=-2),
+                      dic.W_enc[layers, :, features].T) + dic.b_enc[layers, features])
+    z = jnp.where(pre > dic.threshold[layers, features], pre, 0.0)
+    return z.at[:, 0].set(0.0)
 
 
 def intervention_hooks(dic: dicts.Dictionaries, settings: Mapping, n_pos: int) -> dict:
     """``{hook_mlp_out of each layer written: ReadsHook}`` setting the features of
-    ``settings`` ({(layer, feature, position): value})."""
-    by_layer = _check(dic, n_pos, settings)
+    ``settings`` ({(layer, feature, position): value}): `jsae.steering.write_edits` with the
+    transcoders' codes, each edit at its one position."""
+    edits = _check(dic, n_pos, settings)
+    layers, features, pos = (np.asarray([e[i] for e in edits], np.int32) for i in range(3))
+    mask = np.zeros((n_pos, len(edits)), bool)
+    mask[pos, np.arange(len(edits))] = True
     writes = dic.writes()
-    hooks = {}
-    for t in range(dic.n_layers):
-        # a layer's features write its own and later layers only (a CLT's earlier rows are zero,
-        # and its input hook comes after those layers' outputs in the forward)
-        layers = sorted(l for l in by_layer if l <= t and t in writes[l])
-        if layers:
-            srcs = tuple(dic.input_hook(l) for l in layers)
-            hooks[dic.output_hook(t)] = ReadsHook(srcs, _delta_fn(dic, t, layers, by_layer))
-    return hooks
+    # a layer's features write its own and later layers only (a CLT's earlier rows are zero,
+    # and its input hook comes after those layers' outputs in the forward)
+    targets = sorted({int(t) for l in set(layers.tolist()) for t in writes[l] if t >= l})
+
+    def directions(t: int) -> jax.Array:
+        zero = jnp.zeros(dic.W_dec.shape[-1], jnp.float32)
+        return jnp.stack([dic.W_dec[l, f, int(np.flatnonzero(writes[l] == t)[0])]
+                          if t >= l and t in writes[l] else zero for l, f in zip(layers, features)])
+
+    return write_edits([dic.input_hook(l) for l in range(dic.n_layers)],
+                       [dic.output_hook(t) for t in range(dic.n_layers)], targets,
+                       Partial(_codes, dic, jnp.asarray(layers), jnp.asarray(features)),
+                       directions, "clamp", [e[3] for e in edits], mask)
 
 
 def intervene(model, saes, prompt, settings: Mapping, *, outputs: Mapping[str, str] | None = None,
