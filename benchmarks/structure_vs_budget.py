@@ -2,6 +2,7 @@
 dictionary of a run (a family's members too) at every kept checkpoint.
 
     python benchmarks/structure_vs_budget.py runs/scaling_sweep [--json out.json]
+    python benchmarks/structure_vs_budget.py --smoke   # a synthetic 2-member family, trained first
 
 A young dictionary's directions are nearly orthogonal (the quickstart's 10k features after 300k
 tokens: 0.20); neighbours that share a theme have cosines well above that. The atlas's own figure
@@ -30,7 +31,9 @@ def median_nn_cos(sae) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a training run folder (its checkpoints are read)")
+    p.add_argument("run", nargs="?", help="a training run folder (its checkpoints are read)")
+    p.add_argument("--smoke", action="store_true",
+                   help="train a synthetic family of two widths (40 steps) and read it")
     p.add_argument("--json", help="also write the table as JSON")
     a = p.parse_args(argv)
     from machine import print_header
@@ -38,7 +41,9 @@ def main(argv=None) -> int:
     from jsae.runs import run_config, run_hooks, sae_from_run
 
     print_header("structure against training tokens")
-    run = Path(a.run)
+    if a.smoke == bool(a.run):
+        p.error("give a RUN folder or --smoke")
+    run = _smoke_run() if a.smoke else Path(a.run)
     keys = run_hooks(run)
     steps = sorted(int(d.name) for d in (run / "checkpoints").iterdir()
                    if d.name.isdigit() and (d / "meta").exists())  # finished checkpoints
@@ -55,6 +60,22 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _smoke_run() -> Path:
+    """configs/synthetic.yaml as a family of two widths, 40 steps, a checkpoint every 10."""
+    import tempfile
+
+    from jsae import config as config_lib
+    from jsae.runner import run_training
+
+    run = Path(tempfile.mkdtemp(prefix="structure-smoke-")) / "run"
+    cfg = config_lib.load(Path(__file__).resolve().parent.parent / "configs/synthetic.yaml", [
+        f"run_dir={run}", "train.steps=40", "train.batch_size=256", "train.progress=false",
+        "checkpoint.every_steps=10", "checkpoint.keep=10", "eval.tokens=1024",
+        "family=[{name: w256, sae: {d_sae: 256}}, {name: w512, sae: {d_sae: 512}}]"])
+    run_training(cfg, print_fn=lambda s: None)
+    return run
 
 
 if __name__ == "__main__":

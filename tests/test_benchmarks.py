@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HELPERS = {"toy.py", "machine.py"}  # imported by the scripts, not benchmarks
 SMOKED = {"harvest.py", "sae_step.py", "architectures.py", "atlas.py", "transcoder_sets.py",  # below
-          "family.py", "attribution_memory.py",
+          "family.py", "attribution_memory.py", "structure_vs_budget.py",
           "device_suite.py"}  # its --small (alias --smoke): tests/test_device_suite.py
 RATIO = r"\d+\.\d\dx"
 
@@ -153,6 +153,17 @@ def test_family_smoke():
     assert len(re.findall(r"^2 runs\s+[\d.]+ s\s+[\d,]+ tok/s  \(per run s: [\d.]+, [\d.]+\)$",
                           out, re.M)) == 2, out
     assert "load average before:" in out and "load average after:" in out, out
+
+
+def test_structure_vs_budget_smoke():
+    """Every member of a synthetic family at every kept checkpoint, each with a cosine."""
+    out = run_smoke("structure_vs_budget.py")
+    rows = re.findall(r"^synthetic@(w256|w512)\s+([\d,]+) features  step\s+(\d+)\s+([\d,]+) tokens  "
+                      r"median nn cos (\d\.\d+)$", out, re.M)
+    assert sorted((m, int(st)) for m, _, st, _, _ in rows) == [
+        (m, st) for m in ("w256", "w512") for st in (10, 20, 30, 40)], out
+    assert all(0 < float(c) <= 1 and int(t.replace(",", "")) == 256 * int(st)
+               for _, _, st, t, c in rows), out
 
 
 def test_attribution_memory_smoke(tmp_path):
