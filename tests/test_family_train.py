@@ -143,6 +143,18 @@ def test_each_member_equals_the_same_dictionary_trained_alone(family, tmp_path):
     assert float(states["synthetic@w64"].opt_state[1][0].count) == STEPS
 
 
+def test_members_of_different_widths_start_from_independent_directions(tmp_path):
+    """One seed, two widths: no decoder row of the wider member starts as the narrower's row of
+    the same index (JAX's partitionable threefry makes normal(key, (N, d)) a prefix of
+    normal(key, (2N, d)); the width is folded into the init key), so `jsae families` matches
+    what the members learned, not their initialisation."""
+    cfg = from_dict(_raw(tmp_path / "run"))
+    st = _host(Trainer(cfg, make_source(cfg)).init_states())
+    a, b = (np.asarray(st[f"synthetic@{n}"].sae.params["W_dec"]) for n in ("w64", "w128"))
+    cos = np.sum(a * b[:64], 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b[:64], axis=1)
+    assert np.abs(cos).max() < 0.9, np.abs(cos).max()
+
+
 def test_family_folders_metrics_and_checkpoints(family):
     _, run_dir, states, _ = family
     for name, d_sae in (("w64", 64), ("w128", 128)):

@@ -234,6 +234,11 @@ class Trainer:
         states = {}
         for h in self.hooks:
             k_init, k_state = jax.random.split(jax.random.fold_in(key, self.base_index[h]))
+            # The width folded in: with JAX's partitionable threefry, normal(key, (N, d)) is the
+            # first N rows of normal(key, (2N, d)), so dictionaries of different widths from one
+            # seed (a family's members) would start with shared rows and `jsae families` would
+            # match their initialisation, not what they learned.
+            k_init = jax.random.fold_in(k_init, self.specs[h].d_sae)
             t, s = self.targets[h], self.cfg_of(h).sae
             sae = init_sae(
                 k_init, self.specs[h], _gather_sample(_rows(sample, self.inputs[h])),
