@@ -157,6 +157,18 @@ def test_scaling_cli_end_to_end(sweep, tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     text = capsys.readouterr().out
     assert "for 1e+10 FLOPs:" in text and "features" in text
+    # --min-tokens keeps the points at or after it, every other figure from those alone
+    cut = sorted(p["tokens"] for p in doc["points"])[3]
+    assert cli.main(["scaling", *map(str, sweep), "--out", str(tmp_path / "tail"), "--bootstrap",
+                     "0", "--min-tokens", str(int(cut))]) == 0
+    tail = json.loads((tmp_path / "tail" / "scaling.json").read_text())
+    assert tail["points"] == [p for p in doc["points"] if p["tokens"] >= cut]
+    assert tail["min_tokens"] == int(cut) and len(tail["points"]) < len(doc["points"])
+    capsys.readouterr()
+    assert cli.main(["scaling", *map(str, sweep), "--out", str(tmp_path / "none"),
+                     "--min-tokens", "10000000"]) == 2
+    err = capsys.readouterr().err
+    assert "at or after 10,000,000 tokens" in err and not (tmp_path / "none").exists()
     # the SAE folders are members too
     folders = [str(r / "saes" / "synthetic") for r in sweep]
     assert cli.main(["scaling", *folders, "--out", str(tmp_path / "s2"), "--bootstrap", "0"]) == 0

@@ -39,6 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="held-out metric to fit (default fvu; e.g. mse, mse_per_token)")
     p.add_argument("--compute", type=_positive_float, default=None, metavar="FLOPS",
                    help="a training budget in FLOPs: print the recommended size and tokens")
+    p.add_argument("--min-tokens", type=nonneg_int, default=0, metavar="N",
+                   help="fit only points recorded at or after N training tokens (leave out the "
+                   "first steps' transient; default 0: every point)")
     p.add_argument("--bootstrap", type=nonneg_int, default=100,
                    help="bootstrap refits for the exponents' spread (default 100)")
     p.add_argument("--overwrite", action="store_true",
@@ -57,7 +60,8 @@ def run(args) -> int:
     out = Path(args.out)
     outputs.claim_folder(out, OWNER, overwrite=args.overwrite)
     members = read_members(args.runs, args.hook)
-    result = scaling_laws(members, args.metric, compute=args.compute, bootstrap=args.bootstrap)
+    result = scaling_laws(members, args.metric, compute=args.compute, bootstrap=args.bootstrap,
+                          min_tokens=args.min_tokens)
     out.mkdir(parents=True, exist_ok=True)
     jsonsafe.write(out / "scaling.json", result)
     names = ["scaling.json", *scaling_pngs(result, out)]

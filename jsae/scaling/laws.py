@@ -66,21 +66,26 @@ def _affine_flops(members: list[Member]):
 
 
 def scaling_laws(members: list[Member], metric: str = "fvu", *, compute: float | None = None,
-                 bootstrap: int = 100, seed: int = 0) -> dict:
-    """The fits over ``members`` (see the module docstring); BadInput for too few points."""
+                 bootstrap: int = 100, seed: int = 0, min_tokens: float = 0) -> dict:
+    """The fits over ``members`` (see the module docstring); BadInput for too few points.
+    ``min_tokens``: fit only the points recorded at or after that many training tokens (the
+    first steps are a transient, not a power law; the paper fits trained dictionaries)."""
     rows = []
     for m in members:
         for p in member_points(m, metric):
-            rows.append({"member": str(m.path), "d_sae": m.d_sae, **p})
+            if p["tokens"] >= min_tokens:
+                rows.append({"member": str(m.path), "d_sae": m.d_sae, **p})
     if len(rows) < fit.MIN_POINTS:
+        after = f" at or after {min_tokens:,.0f} tokens" if min_tokens else ""
         raise BadInput(f"a scaling fit needs at least {fit.MIN_POINTS} held-out points, the "
-                       f"runs recorded {len(rows)}; record more (eval.at_tokens: 'log:8')")
+                       f"runs recorded {len(rows)}{after}; record more (eval.at_tokens: 'log:8')")
     fpt, (slope, icpt) = _affine_flops(members)
     n = np.asarray([r["d_sae"] for r in rows], np.float64)
     d = np.asarray([r["tokens"] for r in rows], np.float64)
     c = np.asarray([r["flops"] for r in rows], np.float64)
     y = np.asarray([r["value"] for r in rows], np.float64)
     out: dict = {"metric": metric, "hook": members[0].hook, "model": members[0].model,
+                 "min_tokens": min_tokens,
                  "flops_per_token": {"per_feature": slope, "constant": icpt,
                                      "formula": "see jsae/scaling/flops.py"},
                  "members": [{"path": str(m.path), "d_sae": m.d_sae,
