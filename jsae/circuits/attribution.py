@@ -82,32 +82,35 @@ def _rows(cfg, params, fz: Frozen, table, ids, depth: int, n_pos: int):
     f = jnp.minimum(ids, n_pad - 1)
     k = jnp.clip(ids - n_pad, 0, fz.logit_vecs.shape[0] - 1)
     t_layer = jnp.where(is_logit, -1, fz.layer[f])
-    t_in = jax.nn.one_hot(fz.pos[f], T, dtype=jnp.float32)[:, :, None] * fz.enc[f][:, None]
+    # position-major [T, B, d] throughout: attention's transpose contracts over positions
+    t_in = jax.nn.one_hot(fz.pos[f], T, dtype=jnp.float32).T[:, :, None] * fz.enc[f][None]
     _, readout_t = jax.vjp(lambda v: final_readout(cfg, params, fz, v), zero[0])
     g_top = jax.vmap(readout_t)(fz.logit_vecs[k])[0]  # [B, d]
-    g = jnp.zeros((B, T, D), jnp.float32).at[:, T - 1].set(
+    g = jnp.zeros((T, B, D), jnp.float32).at[T - 1].set(
         jnp.where(is_logit[:, None], g_top, 0.0))
+    per_row = functools.partial(jax.vmap, in_axes=1, out_axes=1)
 
     def layer(g, xs):  # the transpose of one block, top down
         l, p, pattern, r1, r1_post, r2, err, skip, pos_l, dec_l = xs
-        g_err = jnp.sum(g * err, -1)  # [B, T]
-        g_write = jnp.sum(jnp.take(g, pos_l, axis=1, mode="fill", fill_value=0.0) * dec_l, -1)
-        g_in = jnp.where((t_layer == l)[:, None, None], t_in, 0.0)  # targets reading here
+        g_err = jnp.sum(g * err[:, None], -1)  # [T, B]
+        g_write = jnp.sum(jnp.take(g, pos_l, axis=0, mode="fill", fill_value=0.0)
+                          * dec_l[:, None], -1)  # [M, B]
+        g_in = jnp.where((t_layer == l)[None, :, None], t_in, 0.0)  # targets reading here
         if skip is not None:
             g_in = g_in + g @ skip.T
         _, mlp_t = jax.vjp(lambda x: mlp_input(cfg, fz, p, r2, x), zero)
-        g = g + jax.vmap(mlp_t)(g_in)[0]
+        g = g + per_row(mlp_t)(g_in)[0]
         _, attn_t = jax.vjp(lambda x: block_attention(cfg, p, pattern, r1, r1_post, x), zero)
-        return g + jax.vmap(attn_t)(g)[0], (g_err, g_write)
+        return g + per_row(attn_t)(g)[0], (g_err, g_write)
 
     xs = (jnp.arange(L), stacked_blocks(cfg, params), fz.patterns, fz.r1, fz.r1_post, fz.r2,
           fz.err, fz.skip, w_pos, w_dec)
-    g, (g_err, g_write) = jax.lax.scan(layer, g, xs, reverse=True)  # [L, B, T], [L, B, M]
-    g_feat = jnp.zeros((B, n_pad), jnp.float32).at[:, w_feat.reshape(-1)].add(
-        jnp.moveaxis(g_write, 0, 1).reshape(B, -1), mode="drop") * fz.act
-    g_err = jnp.pad(jnp.moveaxis(g_err, 0, 1), ((0, 0), (0, L_all - L), (0, T_all - T)))
-    g_emb = jnp.pad(jnp.sum(g * fz.emb, -1), ((0, 0), (0, T_all - T)))  # layers not run,
-    return jnp.concatenate([g_feat, g_err.reshape(B, -1), g_emb], axis=1)  # positions: zero
+    g, (g_err, g_write) = jax.lax.scan(layer, g, xs, reverse=True)  # [L, T, B], [L, M, B]
+    g_feat = jnp.zeros((n_pad, B), jnp.float32).at[w_feat.reshape(-1)].add(
+        g_write.reshape(-1, B), mode="drop").T * fz.act
+    g_err = jnp.pad(jnp.transpose(g_err, (2, 0, 1)), ((0, 0), (0, L_all - L), (0, T_all - T)))
+    g_emb = jnp.pad(jnp.sum(g * fz.emb[:, None], -1).T, ((0, 0), (0, T_all - T)))  # layers,
+    return jnp.concatenate([g_feat, g_err.reshape(B, -1), g_emb], axis=1)  # positions not run
 
 
 _rows_jit = jax.jit(_rows, static_argnums=(0, 5, 6))
