@@ -59,7 +59,7 @@ def write_table(fz: Frozen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return feat, at, rows
 
 
-def _rows(cfg, params, fz: Frozen, table, ids, depth: int, n_pos: int):
+def _rows(cfg, params, fz: Frozen, table, ids, depth, n_pos: int):
     """``[B, n_pad + L*T + T]``: the adjacency rows of targets ``ids [B]`` (``< n_pad``: an
     active feature, else logit target ``id - n_pad``) by one reverse pass through the frozen
     blocks (`frozen_blocks`, an affine map, so each block's transpose is its vjp at zero),
@@ -68,15 +68,15 @@ def _rows(cfg, params, fz: Frozen, table, ids, depth: int, n_pos: int):
     (`write_table`) times its activation, the error vector), then against the embeddings
     below the first block; a target's own cotangent (its encoder row at its layer and
     position, a logit's demeaned unembedding through the final norm) enters where it reads.
-    Only the first ``depth`` layers and ``n_pos`` positions run (targets reading layers
-    < depth at positions < n_pos; all of both for logits): the model is causal, so nothing
-    outside reaches a target, as circuit-tracer starts each backward at its batch's highest
-    layer."""
-    L_all, T_all = fz.n_layers, fz.n_pos
-    fz, params = truncate(fz, params, depth, n_pos)
+    Only the first ``depth`` layers (a traced scalar: the layers above are skipped, not
+    compiled apart) and ``n_pos`` positions (static) run, for targets reading layers < depth
+    at positions < n_pos (all of both for logits): the model is causal, so nothing outside
+    reaches a target, as circuit-tracer starts each backward at its batch's highest layer."""
+    T_all = fz.n_pos
+    fz, params = truncate(fz, params, fz.n_layers, n_pos)
     n_pad, L, T = fz.act.shape[0], fz.n_layers, fz.n_pos
     D, B = fz.emb.shape[-1], ids.shape[0]
-    w_feat, w_pos, w_dec = (a[:depth] for a in table)
+    w_feat, w_pos, w_dec = table
     zero = jnp.zeros((T, D), jnp.float32)
     is_logit = ids >= n_pad
     f = jnp.minimum(ids, n_pad - 1)
@@ -90,7 +90,7 @@ def _rows(cfg, params, fz: Frozen, table, ids, depth: int, n_pos: int):
         jnp.where(is_logit[:, None], g_top, 0.0))
     per_row = functools.partial(jax.vmap, in_axes=1, out_axes=1)
 
-    def layer(g, xs):  # the transpose of one block, top down
+    def block_t(g, xs):  # the transpose of one block
         l, p, pattern, r1, r1_post, r2, err, skip, pos_l, dec_l = xs
         g_err = jnp.sum(g * err[:, None], -1)  # [T, B]
         g_write = jnp.sum(jnp.take(g, pos_l, axis=0, mode="fill", fill_value=0.0)
@@ -103,17 +103,21 @@ def _rows(cfg, params, fz: Frozen, table, ids, depth: int, n_pos: int):
         _, attn_t = jax.vjp(lambda x: block_attention(cfg, p, pattern, r1, r1_post, x), zero)
         return g + per_row(attn_t)(g)[0], (g_err, g_write)
 
+    def layer(g, xs):  # top down; above ``depth`` the gradient is still zero
+        zeros = (jnp.zeros((T, B), jnp.float32), jnp.zeros((xs[-1].shape[0], B), jnp.float32))
+        return jax.lax.cond(xs[0] < depth, block_t, lambda g, _: (g, zeros), g, xs)
+
     xs = (jnp.arange(L), stacked_blocks(cfg, params), fz.patterns, fz.r1, fz.r1_post, fz.r2,
           fz.err, fz.skip, w_pos, w_dec)
     g, (g_err, g_write) = jax.lax.scan(layer, g, xs, reverse=True)  # [L, T, B], [L, M, B]
     g_feat = jnp.zeros((n_pad, B), jnp.float32).at[w_feat.reshape(-1)].add(
         g_write.reshape(-1, B), mode="drop").T * fz.act
-    g_err = jnp.pad(jnp.transpose(g_err, (2, 0, 1)), ((0, 0), (0, L_all - L), (0, T_all - T)))
-    g_emb = jnp.pad(jnp.sum(g * fz.emb[:, None], -1).T, ((0, 0), (0, T_all - T)))  # layers,
+    g_err = jnp.pad(jnp.transpose(g_err, (2, 0, 1)), ((0, 0), (0, 0), (0, T_all - T)))
+    g_emb = jnp.pad(jnp.sum(g * fz.emb[:, None], -1).T, ((0, 0), (0, T_all - T)))
     return jnp.concatenate([g_feat, g_err.reshape(B, -1), g_emb], axis=1)  # positions not run
 
 
-_rows_jit = jax.jit(_rows, static_argnums=(0, 5, 6))
+_rows_jit = jax.jit(_rows, static_argnums=(0, 6))
 
 
 def _sharded_rows(mesh):
@@ -122,7 +126,7 @@ def _sharded_rows(mesh):
 
     split = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
     rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(_rows, static_argnums=(0, 5, 6), in_shardings=(rep, rep, rep, split),
+    return jax.jit(_rows, static_argnums=(0, 6), in_shardings=(rep, rep, rep, split, rep),
                    out_shardings=split)
 
 
@@ -163,12 +167,12 @@ POS_STEP_MIN = 32
 def extent(layer: np.ndarray, pos: np.ndarray, chunk: np.ndarray, n_pad: int, n_layers: int,
            n_pos: int) -> tuple[int, int]:
     """(layers, positions) a batch of targets ``chunk`` needs: its highest layer read + 1 and
-    highest position + 1 (all of both with a logit), each rounded up to a quarter of the model
-    or of the prompt (positions in steps of at least `POS_STEP_MIN`), so at most 16 compiled
-    variants. ``layer``, ``pos``: the active features' [n_pad] on the host."""
+    highest position + 1 (all of both with a logit), the positions rounded up to a quarter of
+    the prompt (in steps of at least `POS_STEP_MIN`): at most 4 compiled variants (the depth
+    is traced). ``layer``, ``pos``: the active features' [n_pad] on the host."""
     if (chunk >= n_pad).any():
         return n_layers, n_pos
-    depth = _round_up(int(layer[chunk].max()) + 1, n_layers, 4)
+    depth = int(layer[chunk].max()) + 1
     return depth, _round_up(int(pos[chunk].max()) + 1, n_pos, 4, POS_STEP_MIN)
 
 
@@ -196,7 +200,7 @@ def compute_rows(cfg, params, fz: Frozen, n_features: int, n_logits: int, *, bat
             batch = np.zeros(batch_size, np.int32)  # padded with target 0; its rows dropped
             batch[:len(chunk)] = chunk
             depth, n_pos = extent(layer, pos, chunk, n_pad, fz.n_layers, fz.n_pos)
-            rows = run(cfg, params, fz, table, jnp.asarray(batch), depth, n_pos)
+            rows = run(cfg, params, fz, table, jnp.asarray(batch), np.int32(depth), n_pos)
             out.append(np.asarray(jax.device_get(rows))[:len(chunk)])
             update(min(start + batch_size, total), total)
     finally:
@@ -303,7 +307,7 @@ def memory_plan(model, saes, prompt, *, outputs: Mapping[str, str] | None = None
     n, k, T = len(info["activations"]), len(info["logit_tokens"]), len(tokens)
     table = tuple(jnp.asarray(a) for a in write_table(fz))
     mem = _rows_jit.lower(cfg, params, fz, table, jnp.zeros(batch_size, jnp.int32),
-                          fz.n_layers, fz.n_pos).compile().memory_analysis()
+                          np.int32(fz.n_layers), fz.n_pos).compile().memory_analysis()
 
     def size(field):  # None where the backend gives no analysis
         return None if mem is None else int(getattr(mem, field))
