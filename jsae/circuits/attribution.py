@@ -2,11 +2,15 @@
 computed a batch of target rows at a time.
 
 A target (an active feature's pre-activation or a logit target's demeaned logit) gets its row
-by one vector-Jacobian product of `frozen_forward` with respect to the source coefficients;
-``jax.vmap`` runs a batch of targets at once, jitted, with the same shapes every batch (the
-targets padded to ``batch_size``), so a prompt compiles once. With a ``mesh``, the targets of
-a batch are split over its devices (the frozen model replicated): long prompts spread their
-rows over chips and the result is the same.
+``d target / d c_s`` from one reverse pass through the frozen blocks (`_rows`): its cotangent
+enters where it reads, and each source's entry is the gradient at the residual it writes,
+against its vector (as circuit-tracer's backward hooks read it). A batch of targets runs at
+once, jitted, the targets padded to ``batch_size``; targets go in circuit-tracer's feature
+order (layer, then position), so a batch reads few layers and positions and runs only that
+prefix of the model (the layers above skipped at run time, the positions cut to one of at most
+four compiled prefix lengths). With a ``mesh``, the targets of a batch are split over its
+devices (the frozen model replicated): long prompts spread their rows over chips and the
+result is the same.
 
 Rows are circuit-tracer's: ``adjacency[t, s]`` for sources s in node order ``[features, error
 nodes (layer-major), tokens]``, logit nodes as sources have zero columns, error and token
