@@ -126,9 +126,11 @@ def frozen_attention(cfg: TransformerConfig, a, h: Array, pattern: Array) -> Arr
     v = jnp.einsum("td,dkh->tkh", h.astype(f32), a["v"].astype(f32))
     if cfg.qkv_bias:
         v = v + a["bv"].astype(f32)
-    v = jnp.repeat(v, cfg.n_heads // cfg.n_kv_heads, axis=1)  # head h reads kv head h // G
-    o = jnp.einsum("hts,shk->thk", pattern, v)
-    out = jnp.einsum("thk,hkd->td", o, a["o"].astype(f32))
+    T, K = pattern.shape[-1], cfg.n_kv_heads
+    # head h = k * G + g reads kv head k: grouped, so that the transpose is one matrix product
+    # per kv head (a repeated v's transpose was a slow reduction on CPUs)
+    o = jnp.einsum("kgts,skh->tkgh", pattern.reshape(K, -1, T, T), v)
+    out = jnp.einsum("thk,hkd->td", o.reshape(T, cfg.n_heads, -1), a["o"].astype(f32))
     if cfg.out_bias:
         out = out + a["bo"].astype(f32)
     return out
@@ -295,7 +297,7 @@ def freeze(cfg: TransformerConfig, params, dic: Dictionaries, tokens, *, max_log
 # ---- the frozen forward -----------------------------------------------------------------------
 
 
-def _stacked_blocks(cfg: TransformerConfig, params) -> dict:
+def stacked_blocks(cfg: TransformerConfig, params) -> dict:
     """The weights the frozen blocks use (norms, V and O), stacked over layers ``[L, ...]``."""
     keep = {"ln1", "ln2", "ln1_post"}
     attn = {"v", "o", "bv", "bo"}
@@ -308,34 +310,64 @@ def _stacked_blocks(cfg: TransformerConfig, params) -> dict:
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[pick(b) for b in params["blocks"]])
 
 
+def source_writes(fz: Frozen, c_feat: Array, c_err: Array) -> Array:
+    """``[L, T, d]`` what the replaced MLPs add to the residual: every feature's ``c_s a_s
+    W_dec_s`` at the layers it writes, every error node's ``c err[l, p]`` and the constants."""
+    L, T = fz.n_layers, fz.n_pos
+    D = fz.emb.shape[-1]
+    w = (c_feat * fz.act)[:, None, None] * fz.dec  # [n, W, d]
+    # writes beyond the layers and positions held (a truncated model, `truncate`) are dropped
+    m = jnp.zeros((L * T, D), jnp.float32).at[fz.write.reshape(-1)].add(w.reshape(-1, D),
+                                                                       mode="drop")
+    return m.reshape(L, T, D) + c_err[..., None] * fz.err + fz.mlp_const
+
+
+def frozen_blocks(cfg: TransformerConfig, params, fz: Frozen, x: Array, m: Array
+                  ) -> tuple[Array, Array]:
+    """(the transcoders' inputs ``x_in [L, T, d]``, the final normed residual of the last
+    position ``h [d]``) of the frozen blocks from the embedding ``x [T, d]`` and the MLPs'
+    writes ``m [L, T, d]`` (`source_writes`): an affine map of (x, m)."""
+
+    def layer(x, xs):  # one block, its weights and frozen scales sliced by lax.scan
+        p, pattern, r1, r1_post, r2, m_l, skip = xs
+        x = x + block_attention(cfg, p, pattern, r1, r1_post, x)
+        x_in = mlp_input(cfg, fz, p, r2, x)
+        out = m_l if skip is None else m_l + x_in @ skip
+        return x + out, x_in
+
+    xs = (stacked_blocks(cfg, params), fz.patterns, fz.r1, fz.r1_post, fz.r2, m, fz.skip)
+    x, x_ins = jax.lax.scan(layer, x, xs)  # one compiled block, whatever the depth
+    return x_ins, final_readout(cfg, params, fz, x[-1])
+
+
+def block_attention(cfg: TransformerConfig, p, pattern: Array, r1: Array, r1_post: Array,
+                    x: Array) -> Array:
+    """What one frozen block's attention adds to the residual ``x [T, d]`` (its post-norm
+    included): affine in ``x``."""
+    a = frozen_attention(cfg, p["attn"], frozen_norm(cfg, p["ln1"], x, r1), pattern)
+    if cfg.post_norms:
+        a = frozen_norm(cfg, p["ln1_post"], a, r1_post)
+    return a
+
+
+def final_readout(cfg: TransformerConfig, params, fz: Frozen, x_last: Array) -> Array:
+    """``h [d]``: the final norm (scale frozen) of the last position's residual ``x_last``."""
+    return frozen_norm(cfg, params["final_norm"], x_last, fz.r_final[-1])
+
+
+def mlp_input(cfg: TransformerConfig, fz: Frozen, p, r2: Array, x: Array) -> Array:
+    """What the transcoders read (``fz.site_in``) from the residual ``x`` of one block (its
+    weights ``p``, ln2's frozen scale ``r2``)."""
+    return _mlp_input(cfg, fz.site_in, p["ln2"], x, r2)
+
+
 def frozen_states(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
                   c_emb: Array) -> tuple[Array, Array]:
     """(the transcoders' inputs ``x_in [L, T, d]``, the final normed residual of the last
     position ``h [d]``) of the frozen model with the sources scaled by ``c_feat [n_pad]``,
     ``c_err [L, T]``, ``c_emb [T]``: what every target reads (module docstring)."""
-    L, T = fz.n_layers, fz.n_pos
-    D = fz.emb.shape[-1]
     x = fz.x0_const + c_emb[:, None] * fz.emb
-    w = (c_feat * fz.act)[:, None, None] * fz.dec  # [n, W, d]
-    # writes beyond the layers held (a truncated model, `truncate`) are dropped
-    m = jnp.zeros((L * T, D), jnp.float32).at[fz.write.reshape(-1)].add(w.reshape(-1, D),
-                                                                       mode="drop")
-    m = m.reshape(L, T, D) + c_err[..., None] * fz.err + fz.mlp_const
-
-    def layer(x, xs):  # one block, its weights and frozen scales sliced by lax.scan
-        p, pattern, r1, r1_post, r2, m_l, skip = xs
-        a = frozen_attention(cfg, p["attn"], frozen_norm(cfg, p["ln1"], x, r1), pattern)
-        if cfg.post_norms:
-            a = frozen_norm(cfg, p["ln1_post"], a, r1_post)
-        x = x + a
-        x_in = _mlp_input(cfg, fz.site_in, p["ln2"], x, r2)
-        out = m_l if skip is None else m_l + x_in @ skip
-        return x + out, x_in
-
-    xs = (_stacked_blocks(cfg, params), fz.patterns, fz.r1, fz.r1_post, fz.r2, m, fz.skip)
-    x, x_ins = jax.lax.scan(layer, x, xs)  # one compiled block, whatever the depth
-    h = frozen_norm(cfg, params["final_norm"], x[-1], fz.r_final[-1])
-    return x_ins, h
+    return frozen_blocks(cfg, params, fz, x, source_writes(fz, c_feat, c_err))
 
 
 def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_err: Array,
@@ -349,12 +381,20 @@ def frozen_forward(cfg: TransformerConfig, params, fz: Frozen, c_feat: Array, c_
     return (pre, logit, x_in) if return_inputs else (pre, logit)
 
 
-def truncate(fz: Frozen, params, depth: int) -> tuple[Frozen, dict]:
-    """The frozen model of the first ``depth`` layers only (and their params): enough for
-    targets reading layers < depth (its final norm is then meaningless)."""
-    cut = {k: getattr(fz, k)[:depth] for k in ("patterns", "r1", "r1_post", "r2", "err",
-                                              "mlp_const")}
+def truncate(fz: Frozen, params, depth: int, n_pos: int | None = None) -> tuple[Frozen, dict]:
+    """The frozen model of the first ``depth`` layers and the first ``n_pos`` positions only
+    (and their params): enough for targets reading layers < depth at positions < n_pos, as the
+    model is causal (its final norm then reads position ``n_pos - 1``, meaningful for logits
+    only when n_pos is the whole prompt). Feature writes outside are dropped."""
+    T = fz.n_pos
+    P = T if n_pos is None else n_pos
+    cut = {k: getattr(fz, k)[:depth, :P] for k in ("r1", "r1_post", "r2", "err", "mlp_const")}
+    cut["patterns"] = fz.patterns[:depth, :, :P, :P]
+    cut.update(r_final=fz.r_final[:P], emb=fz.emb[:P], x0_const=fz.x0_const[:P])
     cut["skip"] = None if fz.skip is None else fz.skip[:depth]
+    if P != T:  # the flat layer * T + pos of each write, for the shorter T
+        lay, pos = fz.write // T, fz.write % T
+        cut["write"] = jnp.where(pos < P, lay * P + pos, depth * P).astype(fz.write.dtype)
     return fz.replace(**cut), {**params, "blocks": params["blocks"][:depth]}
 
 
@@ -364,7 +404,7 @@ def ones_like_sources(fz: Frozen):
             jnp.ones(fz.emb.shape[:1], jnp.float32))
 
 
-__all__ = ["Frozen", "attention_patterns", "freeze", "frozen_attention", "frozen_forward",
-           "frozen_states", "logit_vectors", "truncate",
-           "frozen_norm", "logit_targets", "ones_like_sources", "token_embeddings",
-           "unembedding"]
+__all__ = ["Frozen", "attention_patterns", "block_attention", "final_readout", "freeze",
+           "frozen_attention", "frozen_blocks", "frozen_forward", "frozen_norm", "frozen_states",
+           "logit_targets", "logit_vectors", "mlp_input", "ones_like_sources", "source_writes",
+           "stacked_blocks", "token_embeddings", "truncate", "unembedding"]
