@@ -57,7 +57,7 @@ build_circuit_tracer() {
   "$PY" -m venv "$CT" && echo "$TORCH_PIN" > "$CT/pin.txt" \
     && { "$CT/bin/python" -c "import torch" 2>/dev/null || install_torch "$CT/bin/python"; } \
     && "$CT/bin/pip" install -q -c "$CT/pin.txt" "circuit-tracer==0.5.0" "nnsight==0.6.3" \
-       "transformers<=4.57.3"
+       "transformers<=4.57.3" "gguf>=0.10.0"  # gguf: transformers reads Gemma 3 270M's GGUF
 }
 # Google's `gemma` library for the parity tests: its normal install resolves for ages and pulls
 # TensorFlow, so it goes in --no-deps with pinned pieces (tests/test_gemma_lib.py explains).
