@@ -98,7 +98,8 @@ def test_bad_groups_are_a_clear_error():
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulated devices")
 def test_meshes_match_single_device():
     def train(data, model):
-        cfg = from_dict({
+        cfg = from_dict({  # seed 1: no latent within float error of the batch threshold
+            "seed": 1,           # (see tests/test_parallel.py::_cfg)
             "data": {"source": "synthetic", "d_in": 16, "n_features": 64, "active_per_sample": 3},
             "sae": {"architecture": "matryoshka", "d_sae": 128, "k": 4, "dead_after_tokens": 2048,
                     "matryoshka_groups": [16, 64]},

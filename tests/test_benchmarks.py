@@ -167,19 +167,17 @@ def test_structure_vs_budget_smoke():
 
 
 def test_attribution_memory_smoke(tmp_path):
-    """Peak memory of attribution at two toy prompt lengths, each side in its own process: the
+    """Peak memory of attribution at two toy prompt lengths, in its own process per call: the
     JSON has rising token counts, positive peaks and times, jsae's plan sized from its own graph
-    (the dense adjacency is n_nodes^2 float32); circuit-tracer (when $JSAE_CIRCUIT_TRACER_PYTHON
-    is set) attributes the same features, error, token and logit nodes, with ratios; otherwise
-    it says it skipped."""
+    (the dense adjacency is n_nodes^2 float32); the circuit-tracer side says it was skipped."""
     import json
 
-    out = run_smoke("attribution_memory.py", "--json", str(tmp_path / "m.json"))
+    # jsae's side only: circuit-tracer's four processes doubled this test's time (CI's budget),
+    # and its graphs are checked against jsae's in tests/test_attribution.py
+    out = run_smoke("attribution_memory.py", "--json", str(tmp_path / "m.json"), "--no-circuit-tracer")
     doc = json.loads((tmp_path / "m.json").read_text())
     rows = doc["rows"]
     assert [r["tokens"] for r in rows] == [8, 16], rows
-    ct = bool(os.environ.get("JSAE_CIRCUIT_TRACER_PYTHON")) or bool(
-        importlib.util.find_spec("circuit_tracer"))
     for r in rows:
         j, c = r["jsae"], r["circuit_tracer"]
         assert j["status"] == "ok", j
@@ -189,14 +187,7 @@ def test_attribution_memory_smoke(tmp_path):
         p = j["plan"]
         assert p["active_features"] == j["active_features"] and p["n_nodes"] == j["n_nodes"], p
         assert p["adjacency_bytes"] == 4 * j["n_nodes"] ** 2 and j["plan_mb"] > 0, p
-        if ct:
-            assert c["status"] == "ok", c
-            # the same features, but for one right at a threshold (float32 sums differ)
-            assert abs(c["active_features"] - j["active_features"]) <= 1, (c, j)
-            assert c["n_nodes"] - c["active_features"] == j["n_nodes"] - j["active_features"]
-            assert all(v > 0 for v in r["ratios_circuit_tracer_over_jsae"].values()), r
-        else:
-            assert c["status"].startswith("skipped"), c
+        assert c["status"].startswith("skipped"), c
     assert rows[1]["jsae"]["active_features"] > rows[0]["jsae"]["active_features"], rows
     assert re.search(r"^\| 16 \| \d+ \| \d+ \(\+\d+\) \|", out, re.M), out
     assert "load average before:" in out and "load average after:" in out, out

@@ -16,7 +16,11 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulate
 
 
 def _cfg(arch):
+    # seed 1: the meshes sum in other orders, so a latent within float error of BatchTopK's batch
+    # threshold can be picked on one mesh and not another; seed 0's init (the width is folded into
+    # the init key) has such a near-tie within these 6 steps, seed 1's none
     return from_dict({
+        "seed": 1,
         "data": {"source": "synthetic", "d_in": 16, "n_features": 64, "active_per_sample": 3},
         "sae": sae_section({"architecture": arch, "d_sae": 128, "k": 4,
                             "dead_after_tokens": 2048, "l1_coef": 1.0}),
