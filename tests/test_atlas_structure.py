@@ -21,3 +21,11 @@ def test_structure_counts_live_neighbours_and_content_named_clusters():
     assert (s["clusters"], s["content_clusters"]) == (6, 2)
     assert "6 clusters, 2 named by a content word" in describe(s)
     assert is_content_word("Paris") and not is_content_word("which") and not is_content_word("▁x")
+
+
+def test_without_sklearn_the_figures_still_print(monkeypatch):
+    """An atlas built with --map none needs no sklearn: its structure line must not fail."""
+    monkeypatch.setattr("jsae.analysis.atlas.structure._function_words", lambda: None)
+    s = structure(random_atlas_data(n_features=20, seed=1))
+    assert s["content_clusters"] is None and s["median_nn_cos"] is not None
+    assert describe(s).endswith("clusters") and "content" not in describe(s)

@@ -7,7 +7,8 @@ what they are about. :func:`structure` measures both from an :class:`AtlasData`:
 - ``median_nn_cos``: the median, over live features, of the decoder cosine to the nearest other
   feature (the atlas's first decoder neighbour);
 - ``clusters`` and ``content_clusters``: the map's clusters, and those whose label's leading word
-  is a content word (alphabetic, three letters or more, not an English function word);
+  is a content word (alphabetic, three letters or more, not an English function word; None
+  without scikit-learn, whose stop-word list this uses);
 - ``live``: features that fired in the atlas pass.
 """
 
@@ -20,12 +21,13 @@ import numpy as np
 from jsae.analysis.atlas.types import AtlasData
 
 
-def _function_words() -> frozenset[str]:
-    from jsae.errors import require
-
-    require("sklearn", "atlas", "telling content words from function words")
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS  # 318 words, a kept list
-
+def _function_words() -> frozenset[str] | None:
+    """scikit-learn's English stop words (318, a kept list); None without the atlas extra (an
+    atlas built with ``--map none`` needs no sklearn, and its figures must not fail at the end)."""
+    try:
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    except ImportError:
+        return None
     return frozenset(ENGLISH_STOP_WORDS)
 
 
@@ -33,6 +35,10 @@ def is_content_word(word: str, function_words: frozenset[str] | None = None) -> 
     """An alphabetic word of three letters or more that is not an English function word."""
     w = word.strip().lower()
     stop = _function_words() if function_words is None else function_words
+    if stop is None:
+        from jsae.errors import require
+
+        require("sklearn", "atlas", "telling content words from function words")
     return len(w) >= 3 and w.isalpha() and w not in stop
 
 
@@ -51,16 +57,17 @@ def structure(data: AtlasData) -> dict:
         nn = nn[np.isfinite(nn) & (data.cos_ids[live, 0] >= 0)]
     stop = _function_words()
     labels = list(data.cluster_labels.values())
-    content = sum(1 for lab in labels
-                  if (ws := label_words(lab)) and is_content_word(ws[0], stop))
+    content = None if stop is None else sum(
+        1 for lab in labels if (ws := label_words(lab)) and is_content_word(ws[0], stop))
     return {"live": int(live.sum()),
             "median_nn_cos": float(np.median(nn)) if len(nn) else None,
             "clusters": len(labels), "content_clusters": content,
-            "content_share": content / len(labels) if labels else None}
+            "content_share": content / len(labels) if labels and content is not None else None}
 
 
 def describe(s: dict) -> str:
     """One line: the structure figures of :func:`structure`."""
     cos = "n/a" if s["median_nn_cos"] is None else f"{s['median_nn_cos']:.3f}"
-    return (f"structure: median nearest-neighbour decoder cosine {cos}; {s['clusters']} clusters, "
-            f"{s['content_clusters']} named by a content word")
+    named = ("" if s["content_clusters"] is None else
+             f", {s['content_clusters']} named by a content word")
+    return f"structure: median nearest-neighbour decoder cosine {cos}; {s['clusters']} clusters{named}"
