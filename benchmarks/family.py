@@ -4,6 +4,7 @@
     python benchmarks/family.py --widths 1024,4096,16384 --steps 6 --batch 1024
     python benchmarks/family.py --no-cache        # only from text; --no-text: only the cache
     python benchmarks/family.py --smoke           # a toy random Gemma 3, every path, seconds
+    python benchmarks/family.py --sets            # families of transcoder sets (every layer)
 
 A family (`configs/family.yaml`: the config key ``family``) trains one dictionary per width from
 the same batches: the LM runs once per batch (or the cache is read once) and every member's
@@ -84,12 +85,33 @@ def family_config(args, extra: list[str]):
     return config_lib.from_dict(raw)
 
 
+def set_family_config(args, extra: list[str]):
+    """configs/transcoder_family.yaml at the benchmark's sizes: its members (three sets of
+    per-layer transcoders of every layer), from text or a cache."""
+    import yaml
+
+    from jsae import config as config_lib
+
+    raw = config_lib.apply_overrides(
+        yaml.safe_load((ROOT / "configs" / "transcoder_family.yaml").read_text()),
+        [f"run_dir={args.tmp}/unused", f"train.batch_size={args.batch}",
+         f"train.steps={args.steps + 1}", "train.tokens=null",
+         f"model.batch_size={args.lm_batch}", f"model.dtype={args.dtype}",
+         f"data.context_length={args.context}", f"data.shuffle_buffer={args.batch}",
+         f"sae.init_sample={args.batch}", "checkpoint.enabled=false",
+         "mesh.data=1", "mesh.model=1", *extra])
+    return config_lib.from_dict(raw)
+
+
 def compare(args, cfg, lm, label: str) -> float:
     from jsae.config import member_config
 
     n = len(cfg.family)
-    print(f"\n== {label}: one pass feeding {n} dictionaries vs {n} runs ==")
-    print(f"TopK k {args.k}, widths {', '.join(m.name for m in cfg.family)}; train batch "
+    unit = "transcoder sets" if cfg.sae.layers is not None else "dictionaries"
+    print(f"\n== {label}: one pass feeding {n} {unit} vs {n} runs ==")
+    what = (f"{cfg.sae.architecture} sets of every layer" if cfg.sae.layers is not None
+            else f"TopK k {args.k}")
+    print(f"{what}, members {', '.join(m.name for m in cfg.family)}; train batch "
           f"{args.batch} rows, {args.steps} timed steps per contender (each dictionary trains "
           f"on {args.steps * args.batch} rows in both)", flush=True)
     one = Contender(cfg, lm)  # one contender alive at a time
@@ -123,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lm-batch", type=int, default=8, help="LM sequences per forward")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--sets", action="store_true",
+                    help="families of transcoder sets (configs/transcoder_family.yaml's members, "
+                    "every layer's MLP) instead of SAEs at one layer (--widths, --layer, --k unused)")
     ap.add_argument("--no-text", action="store_true", help="skip the comparison from text")
     ap.add_argument("--no-cache", action="store_true", help="skip the comparison from a cache")
     ap.add_argument("--smoke", action="store_true",
@@ -143,7 +168,8 @@ def main(argv=None) -> int:
     lm = M.load(args.model, dtype=args.dtype)
     print(f"model {lm.name}: layer {args.layer}, d_model {lm.cfg.d_model}, dtype {args.dtype}",
           flush=True)
-    cfg = family_config(args, data_sets)
+    make = set_family_config if args.sets else family_config
+    cfg = make(args, data_sets)
     if not args.no_text:
         compare(args, cfg, lm, "from text")
     if not args.no_cache:
@@ -155,7 +181,7 @@ def main(argv=None) -> int:
         harvest_to_cache(cfg, cache, need, model=lm, eval_tokens=args.batch, progress=False)
         print(f"\ncache of {need:,} rows harvested in {time.perf_counter() - t0:.1f} s (not "
               "timed below)")
-        cached = family_config(args, [*data_sets, "data.source=cache", f"data.path={cache}"])
+        cached = make(args, [*data_sets, "data.source=cache", f"data.path={cache}"])
         compare(args, cached, lm, "from a cache")
     print(f"\nload average after: {load_avg()}")
     return 0

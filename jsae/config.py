@@ -399,9 +399,6 @@ def _check_family(cfg: RunConfig) -> None:
     """Member names unique, each member's config possible (`member_config`)."""
     if cfg.family is None:
         return
-    if cfg.sae.layers is not None:
-        raise ConfigError("config key 'family': a transcoder set (sae.layers) trains one "
-                          "dictionary per layer already; train one set per run")
     seen: dict[str, int] = {}
     for i, m in enumerate(cfg.family):
         if m.name in seen:

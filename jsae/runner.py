@@ -69,7 +69,8 @@ def check_heldout(cfg: RunConfig, source) -> None:
 
 def _train(cfg: RunConfig, run: Run, print_fn) -> dict:
     if cfg.family:
-        print_fn(f"jsae train: a family of {len(cfg.family)} dictionaries from one pass: "
+        what = "transcoder sets" if cfg.sae.layers is not None else "dictionaries"
+        print_fn(f"jsae train: a family of {len(cfg.family)} {what} from one pass: "
                  + ", ".join(m.name for m in cfg.family))
     print_fn(
         f"jsae train: {cfg.sae.architecture} SAE on {cfg.data.source} data, "

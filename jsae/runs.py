@@ -10,7 +10,8 @@ What ``jsae train`` writes (``jsae.train.rundir`` guards the writing)::
                                 ``<hook>@<name>``, metadata ``family_member`` the name
     RUN/saes/set.json               a set (``sae.layers``): its layers and, per layer, the
                                 dictionary key and its two hooks (`read_set`); a cross-layer
-                                transcoder is one key, its input hooks joined with '+'
+                                transcoder is one key, its input hooks joined with '+'; a
+                                family of sets: one record, ``family`` its members' names
     RUN/checkpoints/<step>/         Orbax checkpoints (``jsae.train.checkpoint``)
 
 Export, evaluation, analysis and the CLI commands all open runs through this module, so a run
@@ -163,9 +164,13 @@ def write_set_record(run_dir: str | Path, record: dict) -> None:
     jsonsafe.write(Path(run_dir) / "saes" / SET_RECORD, record)
 
 
-def read_set(run_dir: str | Path) -> dict | None:
+def read_set(run_dir: str | Path, member: str | None = None) -> dict | None:
     """The run's ``saes/set.json`` (checked), or None when the run is not a set: ``layers``
-    [int], ``dictionaries`` [key], ``per_layer`` [{layer, key, input_hook, output_hook}]."""
+    [int], ``dictionaries`` [key], ``per_layer`` [{layer, key, input_hook, output_hook}].
+
+    A family of sets (``family``: the members' names) is read one member at a time: ``member``
+    names it, and its keys are the record's ``<key>@<member>``; one line (`BadInput`) when
+    it is not given or not a member."""
     from jsae import validate as v
 
     f = Path(run_dir) / "saes" / SET_RECORD
@@ -182,7 +187,40 @@ def read_set(run_dir: str | Path) -> dict | None:
             for p, L in zip(per, layers)):
         raise v.bad(f, "field 'per_layer'", "does not list each layer's key, input_hook and "
                     "output_hook in the order of 'layers'")
-    return rec
+    family = rec.get("family")
+    if family is None:
+        check_member(run_dir, member, [])
+        return rec
+    if not isinstance(family, list) or not all(isinstance(n, str) and n for n in family):
+        raise v.bad(f, "field 'family'", f"is {family!r}; expected the members' names")
+    check_member(run_dir, member, family)
+    return {**rec, "member": member,
+            "dictionaries": [member_key(k, member) for k in rec["dictionaries"]],
+            "per_layer": [{**p, "key": member_key(p["key"], member)} for p in per]}
+
+
+def check_member(run_dir: str | Path, member: str | None, family: list[str]) -> None:
+    """One line (`BadInput`) unless ``member`` picks one of ``family`` (the run's members'
+    names; [] when the run is not a family, where ``member`` must be None)."""
+    from jsae.errors import BadInput
+
+    if not family and member is not None:
+        raise BadInput(f"--member {member!r}: {run_dir} is not a family (no config key 'family')")
+    if family and member is None:
+        raise BadInput(f"{run_dir} holds a family ({', '.join(family)}); name one member "
+                       "with --member NAME")
+    if family and member not in family:
+        raise BadInput(f"--member {member!r}: {run_dir} has no such member; its family: "
+                       f"{', '.join(family)}")
+
+
+def member_hooks(run_dir: str | Path, member: str | None) -> list[str]:
+    """The run's keys (`run_hooks`) of family member ``member``, or of the whole run when it is
+    not a family and ``member`` is None; one line otherwise (a family needs a member)."""
+    hooks = run_hooks(run_dir)
+    names = list(dict.fromkeys(n for n in (split_member(h)[1] for h in hooks) if n))
+    check_member(run_dir, member, names)
+    return [h for h in hooks if split_member(h)[1] == member]
 
 
 def output_hooks(run_dir: str | Path) -> dict[str, str]:
@@ -274,7 +312,8 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 __all__ = [
     "KEY_JOIN", "MEMBER_JOIN", "SET_RECORD", "member_key", "split_member", "input_hooks",
     "is_run", "latest_step", "stack_hooks", "model_section",
-    "output_hook", "output_hooks", "read_set", "run_config", "write_set_record",
+    "output_hook", "output_hooks", "read_set", "check_member", "member_hooks", "run_config",
+    "write_set_record",
     "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",
 ]

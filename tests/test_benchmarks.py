@@ -155,6 +155,16 @@ def test_family_smoke():
     assert "load average before:" in out and "load average after:" in out, out
 
 
+def test_family_of_transcoder_sets_smoke():
+    """configs/transcoder_family.yaml's three sets (every layer of the toy) from one LM pass,
+    then one run per set."""
+    out = run_smoke("family.py", "--sets", "--no-cache")
+    assert "== from text: one pass feeding 3 transcoder sets vs 3 runs ==" in out, out
+    assert "sets of every layer, members t640, t1280, t2560" in out, out
+    assert re.search(rf"^ratio family / separate runs tokens_per_s \(from text\): {RATIO}$",
+                     out, re.M), out
+
+
 def test_structure_vs_budget_smoke():
     """Every member of a synthetic family at every kept checkpoint, each with a cosine."""
     out = run_smoke("structure_vs_budget.py")

@@ -122,13 +122,20 @@ def from_saes(saes: Mapping[str, SAE], outputs: Mapping[str, str] | None = None,
                         site_in=c.site_in, cross_layer=False)
 
 
-def from_path(path: str | Path, *, model_cfg=None) -> Dictionaries:
-    """A jsae run folder (a transcoder set or a CLT) or a circuit-tracer folder."""
-    from jsae.runs import is_run, output_hooks, saes_from_run
+def from_path(path: str | Path, *, model_cfg=None, member: str | None = None) -> Dictionaries:
+    """A jsae run folder (a transcoder set or a CLT; of a family of them, ``member``'s) or a
+    circuit-tracer folder."""
+    from jsae.runs import is_run, member_hooks, output_hook, sae_from_run, split_member
 
     path = Path(path)
     if is_run(path):
-        return from_saes(saes_from_run(path), output_hooks(path), model_cfg=model_cfg)
+        keys = {split_member(k)[0]: k for k in member_hooks(path, member)}
+        return from_saes({b: sae_from_run(path, k)[0] for b, k in keys.items()},
+                         {b: output_hook(path, k) or b for b, k in keys.items()},
+                         model_cfg=model_cfg)
+    if member is not None:
+        raise BadInput(f"--member {member!r}: {path} is not a jsae run (a family's members are "
+                       "a run's)")
     if (path / "config.yaml").exists():
         from jsae.export.circuit_tracer import load_circuit_tracer
 
@@ -138,13 +145,14 @@ def from_path(path: str | Path, *, model_cfg=None) -> Dictionaries:
                    "(config.yaml + safetensors)")
 
 
-def load(saes_or_path, outputs: Mapping[str, str] | None = None, *, model_cfg=None
-         ) -> Dictionaries:
-    """`Dictionaries` as they are, from a path, or from a mapping of SAEs."""
+def load(saes_or_path, outputs: Mapping[str, str] | None = None, *, model_cfg=None,
+         member: str | None = None) -> Dictionaries:
+    """`Dictionaries` as they are, from a path (a family run's ``member``), or from a mapping
+    of SAEs."""
     if isinstance(saes_or_path, Dictionaries):
         return saes_or_path
     if isinstance(saes_or_path, (str, Path)):
-        return from_path(saes_or_path, model_cfg=model_cfg)
+        return from_path(saes_or_path, model_cfg=model_cfg, member=member)
     return from_saes(saes_or_path, outputs, model_cfg=model_cfg)
 
 

@@ -25,6 +25,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hook", help="hook point, or a family member's key HOOK@NAME (default: "
                    "the run's first hook; on a set or a cross-layer transcoder, every layer in "
                    "one site with a layer selector)")
+    p.add_argument("--member", metavar="NAME",
+                   help="of a family of transcoder sets or cross-layer transcoders: the member "
+                   "whose layers to atlas (default --out: RUN_DIR/atlas-NAME)")
     p.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to scan (default 200000)")
     p.add_argument("--text", action="append", default=[], metavar="GLOB",
                    help="read the corpus from these .txt/.jsonl files (repeatable; default: the "
@@ -77,7 +80,7 @@ def _paths(args):
 
     from jsae.runs import split_member
 
-    member = split_member(args.hook)[1] if args.hook else None
+    member = split_member(args.hook)[1] if args.hook else args.member
     default = "atlas" if member is None else f"atlas-{member}"  # members do not share one
     out = Path(args.out) if args.out else Path(args.run_dir) / default
     return out, out / "atlas.npz"
@@ -215,6 +218,9 @@ def run(args) -> int:
     from jsae.analysis.atlas.stream import AtlasError, StreamConfig
     from jsae.analysis.cli_utils import log
 
+    if args.member and args.hook:
+        raise AtlasError("give --hook HOOK@NAME (one dictionary) or --member NAME (a member's "
+                         "layers), not both")
     out, npz = _paths(args)
     if args.tokens <= 0:
         raise AtlasError(f"--tokens must be positive, got {args.tokens}")
@@ -245,11 +251,15 @@ def run(args) -> int:
         from jsae.analysis.atlas.layers import layer_plan
 
         _load_sae(args.run_dir, None)  # a run without a dictionary: its one-line error first
-        plan = layer_plan(args.run_dir)
+        plan = layer_plan(args.run_dir, args.member)
         extra = [f for f, v in (("--around", args.around), ("--neuronpedia", args.neuronpedia),
                                 ("--explainer", args.explainer), ("--families", args.families),
                                 ("--family-atlas", args.family_atlas))
                  if v]
+        if plan is None and args.member:
+            raise AtlasError(f"--member {args.member!r}: {args.run_dir} is not a family of "
+                             "transcoder sets or cross-layer transcoders; a member of a family "
+                             "of SAEs is --hook HOOK@NAME")
         if plan is not None and extra:
             raise AtlasError(f"{' and '.join(extra)} take one dictionary's atlas; {args.run_dir} "
                              "has several layers: add --hook KEY (one of its saes/)")

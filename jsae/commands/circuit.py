@@ -84,8 +84,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "position POS (negative: from the end) and print the change in the top "
                    "logits (repeatable; all at once)")
     p.add_argument("--atlas", metavar="DIR",
-                   help="the run's atlas (`jsae atlas`; default RUN/atlas when it exists): "
+                   help="the run's atlas (`jsae atlas`; default RUN/atlas, a member's RUN/atlas-NAME, "
+                   "when it exists): "
                    "feature labels, detail files and card links")
+    p.add_argument("--member", metavar="NAME",
+                   help="of a run that trained a family of transcoder sets or cross-layer "
+                   "transcoders: the member whose graph to compute")
     p.add_argument("--model", help="the model to load (default: the run's or the folder's)")
     p.add_argument("--slug", type=_slug, default="graph",
                    help="the graph's name and file name (default graph)")
@@ -100,24 +104,28 @@ def add_parser(sub) -> argparse.ArgumentParser:
 # ---- the dictionaries and the model
 
 
-def load_dictionaries(path: Path):
-    """(key -> SAE, key -> output hook or None, recorded model name or None) of a run or a
-    circuit-tracer folder."""
+def load_dictionaries(path: Path, member: str | None = None):
+    """(key -> SAE, key -> output hook or None, recorded model name or None) of a run (of a
+    family: ``member``'s, keyed by its hooks) or a circuit-tracer folder."""
     from jsae import runs
     from jsae.errors import BadInput
 
     if runs.is_run(path):
         saes, outs = {}, {}
-        for h in runs.run_hooks(path):
+        for h in runs.member_hooks(path, member):
             sae, info = runs.sae_from_run(path, h)
-            saes[h] = sae
-            outs[h] = runs.output_hook(path, h) or info.get("hook_name_out")
+            base = runs.split_member(h)[0]
+            saes[base] = sae
+            outs[base] = runs.output_hook(path, h) or info.get("hook_name_out")
             recorded = info.get("model_name")
         try:
             mcfg = runs.model_section(path)
         except FileNotFoundError:
             mcfg = {}
         return saes, outs, mcfg.get("path") or mcfg.get("name") or recorded
+    if member is not None:
+        raise BadInput(f"--member {member!r}: {path} is not a jsae run (a family's members are "
+                       "a run's)")
     if (path / "config.yaml").is_file():
         from jsae.export.circuit_tracer import load_circuit_tracer
 
@@ -246,7 +254,7 @@ def run(args) -> int:
     if not args.prompt.strip():
         raise BadInput("--prompt is empty")
     path = Path(args.run)
-    saes, outs, recorded = load_dictionaries(path)
+    saes, outs, recorded = load_dictionaries(path, args.member)
     name = args.model or recorded
     if not name:
         raise BadInput(f"{path}: no model named in its config; give --model")
@@ -268,7 +276,8 @@ def run(args) -> int:
         raise BadInput("--prompt has no token after BOS")
     target = target_id(tok, args.target, cfg.vocab_size) if args.target is not None else None
     interventions = resolve_interventions(args.intervene, cfg.n_layers, per_layer, len(tokens))
-    atlas_dir = Path(args.atlas) if args.atlas else (path / "atlas" if (path / "atlas").is_dir() else None)
+    default = path / ("atlas" if args.member is None else f"atlas-{args.member}")  # `jsae atlas`'s
+    atlas_dir = Path(args.atlas) if args.atlas else (default if default.is_dir() else None)
     atlas = None
     if atlas_dir is not None:
         from jsae.circuits.files import read_atlases

@@ -6,7 +6,8 @@ say). Prints a table and writes ``eval.json``, ``feature_density.png`` and per-h
 arrays (default folder: ``PATH/eval/``). On a run holding a transcoder set or a cross-layer
 transcoder it evaluates the replacement model (every MLP replaced at once, and each alone: CE
 recovered, KL, top-1 agreement, residual explained, FVU and L0 per layer;
-`jsae.evals.replacement`), printed as a second table and written under ``replacement``.
+`jsae.evals.replacement`), printed as a second table and written under ``replacement``; on
+a family of them, each member's replacement model, under ``replacement.members.<name>``.
 """
 
 from __future__ import annotations

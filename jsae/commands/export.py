@@ -26,6 +26,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                      "circuit-tracer", "gemmascope2"])
     p.add_argument("--hook", action="append", default=None,
                    help="hook to export (repeatable; default: all)")
+    p.add_argument("--member", metavar="NAME",
+                   help="a family member's dictionaries only (of a family of transcoder sets, "
+                   "what circuit-tracer and gemmascope2 export: one member at a time)")
     p.add_argument("--step", type=nonneg_int, default=None, help="export this checkpoint step")
     p.add_argument("--overwrite", action="store_true",
                    help="write into OUT although it holds other files (only the exported files "
@@ -37,6 +40,6 @@ def run(args) -> int:
     from jsae.export import export_run
 
     for path in export_run(args.run_dir, args.out, format=args.format, hooks=args.hook,
-                           step=args.step, overwrite=args.overwrite):
+                           step=args.step, overwrite=args.overwrite, member=args.member):
         print(f"wrote {path}")
     return 0

@@ -629,12 +629,22 @@ def evaluate_path(
                        downstream_tokens=ds_tokens, progress=print_fn is not None)
         from jsae.evals.replacement import is_replacement, replacement_metrics
 
-        # a transcoder set / multi-hook transcoder: every MLP spliced at once, and each alone
-        replace = kind == "run" and downstream and is_replacement(saes, targets)
+        from jsae.runs import split_member
+
+        # a transcoder set / multi-hook transcoder: every MLP spliced at once, and each alone;
+        # a family of them: each member's replacement model, under its name
+        groups: dict = {}
+        for k in saes:
+            base = split_member(k)[0]
+            g = groups.setdefault(split_member(k)[1], ({}, {}))
+            g[0][base], g[1][base] = saes[k], split_member(targets[k])[0]
+        replace = kind == "run" and downstream and all(
+            is_replacement(*g) for g in groups.values())
         result = ev.evaluate(saes, downstream=downstream and not replace, targets=targets)
         if replace:
-            extra["replacement"] = replacement_metrics(ev, saes, targets,
-                                                       progress=print_fn is not None)
+            reps = {name: replacement_metrics(ev, *g, progress=print_fn is not None)
+                    for name, g in groups.items()}
+            extra["replacement"] = reps[None] if None in reps else {"members": reps}
         info.update(model=getattr(model, "name", None), dataset=cfg.data.dataset,
                     context_length=int(tokens.shape[1]), contexts=int(tokens.shape[0]),
                     exclude_bos=cfg.data.exclude_bos)
@@ -646,7 +656,9 @@ def evaluate_path(
         if "replacement" in extra:
             from jsae.evals.replacement import format_replacement_table
 
-            print_fn(format_replacement_table(extra["replacement"]))
+            rep = extra["replacement"]
+            for name, r in (rep["members"].items() if "members" in rep else [(None, rep)]):
+                print_fn((f"member {name}:\n" if name else "") + format_replacement_table(r))
         print_fn(f"wrote {files['json']}" + (f" and {files['plot']}" if "plot" in files else ""))
     return {"info": info, "tokens": result.n_tokens, "metrics": result.metrics, **extra,
             "files": files}

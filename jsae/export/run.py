@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jsae.runs import is_run, run_config, run_hooks, sae_dirname, sae_from_run, split_member
+from jsae.runs import (is_run, member_hooks, run_config, run_hooks, sae_dirname, sae_from_run,
+                       split_member)
 from jsae.sae.core import SAE
 
 FORMATS = ("saelens", "gemmascope", "jsae", "circuit-tracer", "gemmascope2")
@@ -60,16 +61,18 @@ def _save_circuit(format: str, saes: list, out: Path, model_name: str | None) ->
     from jsae.export.circuits import gather
     from jsae.export.gemmascope2 import save_gemmascope2
 
-    c = gather([(h, info.get("hook_name_out"), sae) for h, sae, info in saes], model_name)
+    c = gather([(split_member(h)[0], info.get("hook_name_out"), sae) for h, sae, info in saes],
+               model_name)  # a family member's transcoders under their hooks
     save = save_circuit_tracer if format == "circuit-tracer" else save_gemmascope2
     return save(c, out, owner=EXPORT)
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
                hooks: list[str] | None = None, step: int | None = None,
-               overwrite: bool = False) -> list[Path]:
+               overwrite: bool = False, member: str | None = None) -> list[Path]:
     """Write the run's SAEs in ``format``; one hook -> ``out``, several -> ``out/<hook>``
-    (circuit-tracer and gemmascope2: every layer's transcoder, or the CLT, in ``out``).
+    (circuit-tracer and gemmascope2: every layer's transcoder, or the CLT, in ``out``; of a
+    family of them, ``member``'s: such a run is exported a member at a time).
     ``run_dir`` may also be a circuit-tracer or Gemma Scope 2 folder, converted.
 
     ``out`` follows `jsae.outputs`' rule (new, empty, an earlier export, or ``overwrite``;
@@ -88,6 +91,14 @@ def export_run(run_dir: str | Path, out: str | Path, *, format: str = "saelens",
         cfg, available = run_config(run_dir), run_hooks(run_dir)
     else:
         cfg, available = {"model": {"name": imported[1].get("model_name")}}, list(imported[0])
+    if member is not None and hooks:
+        raise BadInput("give --hook (dictionaries by key) or --member (a family member's), "
+                       "not both")
+    if imported is None and (member is not None or (format in CIRCUIT_FORMATS and not hooks)):
+        hooks = member_hooks(run_dir, member)  # a family's circuit export: one member's set
+    elif member is not None:
+        raise BadInput(f"--member {member!r}: {run_dir} is not a jsae run (a family's members "
+                       "are a run's)")
     hooks = hooks or available
     unknown = [h for h in hooks if h not in available]
     if unknown:

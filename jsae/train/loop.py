@@ -444,12 +444,18 @@ class Trainer:
                     raise
                 if on_metrics is not None:
                     on_metrics(done, flat)
-                if self.family:  # each member's figures on the one line
-                    one = len(self.members[self.family[0]]) == 1  # one hook: the name says it
+                if self.family:  # each member's figures on the one line (a set's: means
+                    #               over its layers, each layer's are in metrics.csv)
+                    n = len(self.members[self.family[0]])
+
+                    def avg(keys, x):
+                        return sum(float(m[k][x]) for k in keys) / len(keys)
+
                     bar.set_postfix_str(" | ".join(
-                        f"{split_member(h)[1] if one else h}: fvu {float(m[h]['fvu']):.3f} l0 "
-                        f"{float(m[h]['l0']):.1f} dead {float(m[h]['dead_frac']):.2f}"
-                        for h in self.hooks) + f" | tok/s {tok_s:,.0f}")
+                        f"{name}: fvu {avg(keys, 'fvu'):.3f} l0 {avg(keys, 'l0'):.1f} dead "
+                        f"{avg(keys, 'dead_frac'):.2f}" for name, keys in self.members.items())
+                        + (f" (means of {n} dictionaries)" if n > 1 else "")
+                        + f" | tok/s {tok_s:,.0f}")
                 else:
                     h0 = m[self.hooks[0]]
                     bar.set_postfix(
@@ -502,15 +508,22 @@ class Trainer:
 
     def set_record(self) -> dict[str, Any] | None:
         """``saes/set.json`` of a set (``sae.layers``): its layers and, per layer, the
-        dictionary key and the hooks it reads and writes; None for any other run."""
+        dictionary key and the hooks it reads and writes; a family of sets: the keys of its
+        hooks, the members' names (``family``) and architectures; None for any other run."""
         if self.cfg.sae.layers is None:
             return None
-        keys = {L: h for h in self.hooks for L in self.layers[h]}
+        first = self.members[next(iter(self.members))]  # a family's members share the layout
+        bases = [split_member(h)[0] for h in first]
+        keys = {L: b for h, b in zip(first, bases) for L in self.layers[h]}
         per_layer = [{"layer": template_layer(self.cfg.sae.input_hook, i), "input_hook": i,
                       "output_hook": o} for i, o in transcoder_pairs(self.cfg, self.source_hooks)]
-        return {"architecture": self.cfg.sae.architecture, "model_name": self.cfg.model.name,
-                "layers": [p["layer"] for p in per_layer], "dictionaries": list(self.hooks),
-                "per_layer": [{**p, "key": keys[p["layer"]]} for p in per_layer]}
+        out = {"architecture": self.cfg.sae.architecture, "model_name": self.cfg.model.name,
+               "layers": [p["layer"] for p in per_layer], "dictionaries": bases,
+               "per_layer": [{**p, "key": keys[p["layer"]]} for p in per_layer]}
+        if self.family:  # one set per member: its keys are these keys @ its name (`read_set`)
+            out["family"] = self.family
+            out["architectures"] = {n: c.sae.architecture for n, c in self.member_cfgs.items()}
+        return out
 
     def _template(self) -> States:
         """Abstract states (shapes, dtypes, shardings) for restoring a checkpoint."""

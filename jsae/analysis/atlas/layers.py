@@ -40,6 +40,7 @@ class LayerPlan:
 
     saes: dict
     layers: list[tuple[int, str, str, np.ndarray | None]]  # (layer, input hook, key, rows)
+    member: str | None = None  # a family's member, whose set it is
 
 
 def _layer_of(hook: str, default: int) -> int:
@@ -47,14 +48,16 @@ def _layer_of(hook: str, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
-def layer_plan(run_dir) -> LayerPlan | None:
-    """The layers of ``run_dir`` when it replaces several (a set of several dictionaries, or
-    one dictionary whose latents read one layer each); None for any other run."""
-    from jsae.runs import input_hooks, read_set, run_hooks, sae_from_run
+def layer_plan(run_dir, member: str | None = None) -> LayerPlan | None:
+    """The layers of ``run_dir`` (of a family of sets: member ``member``'s) when it replaces
+    several (a set of several dictionaries, or one dictionary whose latents read one layer
+    each); None for any other run."""
+    from jsae.runs import input_hooks, member_hooks, read_set, run_hooks, sae_from_run
     from jsae.sae.archs import get_arch
 
-    rec = read_set(run_dir)
-    keys = list(rec["dictionaries"]) if rec else run_hooks(run_dir)
+    rec = read_set(run_dir, member)
+    keys = list(rec["dictionaries"]) if rec else (
+        run_hooks(run_dir) if member is None else member_hooks(run_dir, member))
     if len(keys) > 1 and rec:
         saes = {k: sae_from_run(run_dir, k)[0] for k in keys}
         d_ins = {int(s.spec.d_in) for s in saes.values()}
@@ -62,7 +65,7 @@ def layer_plan(run_dir) -> LayerPlan | None:
             raise AtlasError(f"{run_dir}: the set's layers disagree in d_in ({sorted(d_ins)}); "
                              "atlas one with --hook")
         return LayerPlan(saes, [(int(p["layer"]), p["input_hook"], p["key"], None)
-                                for p in rec["per_layer"]])
+                                for p in rec["per_layer"]], member)
     if len(keys) != 1:
         return None
     sae = sae_from_run(run_dir, keys[0])[0]
@@ -73,7 +76,7 @@ def layer_plan(run_dir) -> LayerPlan | None:
     named = {p["input_hook"]: int(p["layer"]) for p in (rec or {}).get("per_layer", [])}
     return LayerPlan({keys[0]: sae}, [
         (named.get(h, _layer_of(h, i)), h, keys[0], np.flatnonzero(groups == i))
-        for i, h in enumerate(hooks)])
+        for i, h in enumerate(hooks)], member)
 
 
 def subset(data: AtlasData, rows: np.ndarray, meta: dict | None = None) -> AtlasData:
@@ -118,7 +121,7 @@ def layer_atlases(run_dir, *, model=None, tokens: int = 200_000, context_length:
                       state_dir=state_dir, progress=progress)
     base = {"run": str(run_dir), "model": str(getattr(model, "name", "")),
             "source": f"cache {cache}" if cache is not None else "text", "map_method": map_method}
-    rec = read_set(run_dir) or {}
+    rec = read_set(run_dir, plan.member) or {}
     outs = [p["output_hook"] for p in rec.get("per_layer", [])]
     whole = {}
     out = []
