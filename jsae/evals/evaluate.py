@@ -628,7 +628,6 @@ def evaluate_path(
                        batch_size=batch_size or cfg.eval.batch_size,
                        downstream_tokens=ds_tokens, progress=print_fn is not None)
         from jsae.evals.replacement import is_replacement, replacement_metrics
-
         from jsae.runs import split_member
 
         # a transcoder set / multi-hook transcoder: every MLP spliced at once, and each alone;

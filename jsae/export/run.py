@@ -6,8 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from jsae.runs import (is_run, member_hooks, run_config, run_hooks, sae_dirname, sae_from_run,
-                       split_member)
+from jsae.runs import (
+    is_run,
+    member_hooks,
+    run_config,
+    run_hooks,
+    sae_dirname,
+    sae_from_run,
+    split_member,
+)
 from jsae.sae.core import SAE
 
 FORMATS = ("saelens", "gemmascope", "jsae", "circuit-tracer", "gemmascope2")

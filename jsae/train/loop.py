@@ -448,7 +448,7 @@ class Trainer:
                     #               over its layers, each layer's are in metrics.csv)
                     n = len(self.members[self.family[0]])
 
-                    def avg(keys, x):
+                    def avg(keys, x, m=m):
                         return sum(float(m[k][x]) for k in keys) / len(keys)
 
                     bar.set_postfix_str(" | ".join(
