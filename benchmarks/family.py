@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     args.tmp, args.model, data_sets = toy.model_or_toy(args.model, "jsae-familybench-")
     print_header(hardware())
     lm = M.load(args.model, dtype=args.dtype)
-    print(f"model {lm.name}: layer {args.layer}, d_model {lm.cfg.d_model}, dtype {args.dtype}",
-          flush=True)
+    where = "every layer's MLP" if args.sets else f"layer {args.layer}"
+    print(f"model {lm.name}: {where}, d_model {lm.cfg.d_model}, dtype {args.dtype}", flush=True)
     make = set_family_config if args.sets else family_config
     cfg = make(args, data_sets)
     if not args.no_text:
