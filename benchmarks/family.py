@@ -20,8 +20,8 @@ timed) only the read is shared, so the ratio there shows what remains: the SAE s
 themselves, which a family does not make cheaper.
 
 ``--smoke`` runs every path on a toy random Gemma 3 (benchmarks/toy.py), two small widths,
-batch 64, one step: a test that the benchmark still works (tests/test_benchmarks.py), not a
-measurement.
+batch 64, one step, then (without ``--sets``) the family of transcoder sets from text: a test
+that the benchmark still works (tests/test_benchmarks.py), not a measurement.
 """
 
 from __future__ import annotations
@@ -183,6 +183,8 @@ def main(argv=None) -> int:
               "timed below)")
         cached = make(args, [*data_sets, "data.source=cache", f"data.path={cache}"])
         compare(args, cached, lm, "from a cache")
+    if args.smoke and not args.sets and not args.no_text:  # every path: the sets' too
+        compare(args, set_family_config(args, data_sets), lm, "sets from text")
     print(f"\nload average after: {load_avg()}")
     return 0
 

@@ -143,26 +143,21 @@ def test_transcoder_sets_smoke():
 
 def test_family_smoke():
     """A toy family of two widths from one LM pass, then one run per width; the same from a
-    cache harvested first."""
+    cache harvested first; then configs/transcoder_family.yaml's three sets (every layer of the
+    toy) from one LM pass against one run per set."""
     out = run_smoke("family.py")
     for label in ("from text", "from a cache"):
         assert f"== {label}: one pass feeding 2 dictionaries vs 2 runs ==" in out, out
         assert re.search(rf"^ratio family / separate runs tokens_per_s \({label}\): {RATIO}$",
                          out, re.M), out
-    assert len(re.findall(r"^family\s+[\d.]+ s\s+[\d,]+ tok/s$", out, re.M)) == 2, out
+    assert len(re.findall(r"^family\s+[\d.]+ s\s+[\d,]+ tok/s$", out, re.M)) == 3, out
     assert len(re.findall(r"^2 runs\s+[\d.]+ s\s+[\d,]+ tok/s  \(per run s: [\d.]+, [\d.]+\)$",
                           out, re.M)) == 2, out
-    assert "load average before:" in out and "load average after:" in out, out
-
-
-def test_family_of_transcoder_sets_smoke():
-    """configs/transcoder_family.yaml's three sets (every layer of the toy) from one LM pass,
-    then one run per set."""
-    out = run_smoke("family.py", "--sets", "--no-cache")
-    assert "== from text: one pass feeding 3 transcoder sets vs 3 runs ==" in out, out
+    assert "== sets from text: one pass feeding 3 transcoder sets vs 3 runs ==" in out, out
     assert "sets of every layer, members t640, t1280, t2560" in out, out
-    assert re.search(rf"^ratio family / separate runs tokens_per_s \(from text\): {RATIO}$",
+    assert re.search(rf"^ratio family / separate runs tokens_per_s \(sets from text\): {RATIO}$",
                      out, re.M), out
+    assert "load average before:" in out and "load average after:" in out, out
 
 
 def test_structure_vs_budget_smoke():
