@@ -223,6 +223,19 @@ def member_hooks(run_dir: str | Path, member: str | None) -> list[str]:
     return [h for h in hooks if split_member(h)[1] == member]
 
 
+def member_saes(run_dir: str | Path, member: str | None = None
+                ) -> tuple[dict[str, SAE], dict[str, str], dict[str, dict]]:
+    """The dictionaries of the run (of a family: ``member``'s, `member_hooks`) keyed by their
+    hooks' keys (a member's without ``@name``): each SAE and info as `sae_from_run` reads them,
+    and the hook each reconstructs (its own key for an SAE)."""
+    saes, outs, infos = {}, {}, {}
+    for k in member_hooks(run_dir, member):
+        base = split_member(k)[0]
+        saes[base], infos[base] = sae_from_run(run_dir, k)
+        outs[base] = output_hook(run_dir, k) or infos[base].get("hook_name_out") or base
+    return saes, outs, infos
+
+
 def output_hooks(run_dir: str | Path) -> dict[str, str]:
     """hook -> the hook its dictionary reconstructs (itself for an SAE), for every run hook."""
     return {h: output_hook(run_dir, h) or h for h in run_hooks(run_dir)}
@@ -312,7 +325,8 @@ def saes_from_run(run_dir: str | Path) -> dict[str, SAE]:
 __all__ = [
     "KEY_JOIN", "MEMBER_JOIN", "SET_RECORD", "member_key", "split_member", "input_hooks",
     "is_run", "latest_step", "stack_hooks", "model_section",
-    "output_hook", "output_hooks", "read_set", "check_member", "member_hooks", "run_config",
+    "output_hook", "output_hooks", "read_set", "check_member", "member_hooks", "member_saes",
+    "run_config",
     "write_set_record",
     "run_hooks", "sae_dirname",
     "sae_from_checkpoint", "sae_from_run", "saes_from_run", "saved_hooks",

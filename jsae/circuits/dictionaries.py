@@ -125,14 +125,12 @@ def from_saes(saes: Mapping[str, SAE], outputs: Mapping[str, str] | None = None,
 def from_path(path: str | Path, *, model_cfg=None, member: str | None = None) -> Dictionaries:
     """A jsae run folder (a transcoder set or a CLT; of a family of them, ``member``'s) or a
     circuit-tracer folder."""
-    from jsae.runs import is_run, member_hooks, output_hook, sae_from_run, split_member
+    from jsae.runs import is_run, member_saes
 
     path = Path(path)
     if is_run(path):
-        keys = {split_member(k)[0]: k for k in member_hooks(path, member)}
-        return from_saes({b: sae_from_run(path, k)[0] for b, k in keys.items()},
-                         {b: output_hook(path, k) or b for b, k in keys.items()},
-                         model_cfg=model_cfg)
+        saes, outs, _ = member_saes(path, member)
+        return from_saes(saes, outs, model_cfg=model_cfg)
     if member is not None:
         raise BadInput(f"--member {member!r}: {path} is not a jsae run (a family's members are "
                        "a run's)")

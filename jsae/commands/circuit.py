@@ -111,13 +111,8 @@ def load_dictionaries(path: Path, member: str | None = None):
     from jsae.errors import BadInput
 
     if runs.is_run(path):
-        saes, outs = {}, {}
-        for h in runs.member_hooks(path, member):
-            sae, info = runs.sae_from_run(path, h)
-            base = runs.split_member(h)[0]
-            saes[base] = sae
-            outs[base] = runs.output_hook(path, h) or info.get("hook_name_out")
-            recorded = info.get("model_name")
+        saes, outs, infos = runs.member_saes(path, member)
+        recorded = next(reversed(infos.values())).get("model_name")
         try:
             mcfg = runs.model_section(path)
         except FileNotFoundError:
